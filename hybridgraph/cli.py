@@ -1,0 +1,150 @@
+"""Command line: hybridgraph generate | serve | status | bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny",
+                   help="preset (tiny, llama-2-7b, tinyllama-1.1b, mistral-7b, llama-3.1-8b) "
+                        "or a local HF model directory")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--mode", default="auto", choices=["auto", "eager", "jit", "graph", "hybrid"],
+                   help="auto: hybrid on CUDA, eager on CPU")
+    p.add_argument("--backend", default="compile", choices=["compile", "torchscript", "eager"],
+                   help="JIT backend of the dynamic ops in jit/hybrid modes")
+    p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default 2048)")
+    p.add_argument("--max-batch", type=int, default=1)
+    p.add_argument("--coverage", default="pow2", help="prefill graphs: exact | every:N | pow2 | a,b,c")
+    p.add_argument("--capture", default="ahead", choices=["ahead", "on-demand", "background", "none"])
+    p.add_argument("--max-graphs", type=int, default=None)
+    p.add_argument("--max-graph-bytes", type=int, default=None)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _engine_from_args(args: argparse.Namespace):
+    from hybridgraph.engine import Engine
+
+    return Engine.load(args.model, device=args.device, dtype=args.dtype, mode=args.mode,
+                       backend=args.backend, max_batch=args.max_batch,
+                       max_seq_len=args.max_seq_len, coverage=args.coverage,
+                       capture=args.capture, max_graphs=args.max_graphs,
+                       max_graph_bytes=args.max_graph_bytes, progress=True)
+
+
+def _prompt_ids(args: argparse.Namespace, tokenizer) -> list[int]:
+    if args.prompt_ids is not None:
+        try:
+            return [int(x) for x in args.prompt_ids.replace(",", " ").split()]
+        except ValueError:
+            raise SystemExit("error: --prompt-ids takes integers separated by commas or spaces") from None
+    return tokenizer.encode(args.prompt)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from hybridgraph.engine import RequestError, SamplingParams
+
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    if args.server:
+        from hybridgraph.server.client import Client
+
+        with Client(args.server) as client:
+            ids = ([int(x) for x in args.prompt_ids.replace(",", " ").split()]
+                   if args.prompt_ids is not None else None)
+            reply = client.generate(prompt_ids=ids, text=None if ids else args.prompt,
+                                    max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, top_k=args.top_k,
+                                    top_p=args.top_p, seed=args.seed)
+        print(reply.get("text", ""))
+        print(f"tokens: {reply['tokens']}")
+        print(f"TTFT {reply['ttft_ms']:.2f} ms, server latency {reply['latency_ms']:.2f} ms")
+        return 0
+    engine = _engine_from_args(args)
+    ids = _prompt_ids(args, engine.tokenizer)
+    try:
+        res = engine.generate(ids, args.max_new_tokens, sampling)
+    except RequestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(engine.tokenizer.decode(res.tokens))
+    print(f"[{engine.config.name} {engine.mode} on {engine.device}] prompt {len(ids)} tokens, "
+          f"{len(res.tokens)} new ({res.finish_reason}); TTFT {res.ttft_ms:.2f} ms, "
+          f"decode {res.decode_ms_per_token:.2f} ms/token, {res.tokens_per_s:.1f} tokens/s")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from hybridgraph.server.server import serve_main
+
+    return serve_main(args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from hybridgraph.server.client import Client
+
+    with Client(args.server) as client:
+        print(json.dumps(client.status(), indent=2))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from hybridgraph.bench.run import bench_main
+
+    return bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hybridgraph", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate from a prompt, locally or through a server")
+    _add_model_args(g)
+    _add_sampling_args(g)
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default="Hello, my name is")
+    src.add_argument("--prompt-ids", default=None, help="token ids, e.g. '1,450,4996'")
+    g.add_argument("--server", default=None, help="a server's socket path (skips loading)")
+    g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="serve a model over a Unix socket")
+    _add_model_args(s)
+    s.add_argument("--socket", required=True)
+    s.add_argument("--max-frame-bytes", type=int, default=1 << 20)
+    s.set_defaults(func=cmd_serve)
+
+    st = sub.add_parser("status", help="ask a server for its status")
+    st.add_argument("--server", required=True)
+    st.set_defaults(func=cmd_status)
+
+    b = sub.add_parser("bench", help="run benchmarks (see hybridgraph.bench)")
+    b.add_argument("suite", nargs="?", default="all")
+    b.add_argument("--model", default="llama-2-7b")
+    b.add_argument("--dtype", default="float16")
+    b.add_argument("--out", default=None)
+    b.add_argument("--quick", action="store_true", help="tiny model, few runs (CPU smoke test)")
+    b.add_argument("--runs", type=int, default=None)
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Runtime layer: graph capture and cache, dynamic ops, step buffers."""

@@ -1,0 +1,149 @@
+"""The dynamic part of a step: fitting inputs to a captured shape, and sampling.
+
+Everything here is a pure tensor function with sampling parameters held as tensors, so
+the same code runs eager, under torch.compile, under TorchScript, or captured inside a
+CUDA graph. Randomness is counter-based (a hash of seed, position and token id), not a
+generator's state: the same seed gives the same tokens in every mode and backend, and a
+graph replay needs no generator bookkeeping.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("compile", "torchscript", "eager")
+
+
+
+# ----------------------------------------------------------------------------- buckets
+
+def pow2_buckets(lo: int, hi: int) -> list[int]:
+    """Powers of two from lo up to and including the first one >= hi (capped at hi)."""
+    out, b = [], max(1, lo)
+    while b < hi:
+        out.append(b)
+        b *= 2
+    out.append(hi)
+    return sorted(set(out))
+
+
+def choose_bucket(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= n. Buckets must be sorted ascending."""
+    i = bisect.bisect_left(buckets, n)
+    if i == len(buckets):
+        raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+    return buckets[i]
+
+
+# ------------------------------------------------------------------------ preprocessing
+
+def fit_to_bucket(ids: Tensor, lengths: Tensor, rows: int, cols: int, pad_id: int,
+                  ) -> tuple[Tensor, Tensor]:
+    """Right-pad (or left-truncate) ragged prompts [B, L] to [rows, cols].
+
+    Rows beyond B are one-token dummy prompts. A prompt longer than cols keeps its last
+    cols tokens. Returns the padded ids and each row's last real index.
+    """
+    b, width = ids.shape[0], ids.shape[1]
+    col = torch.arange(cols, device=ids.device)[None, :]
+    start = torch.clamp(lengths - cols, min=0)
+    taken = ids.gather(1, torch.clamp(col + start[:, None], max=width - 1))
+    kept = torch.clamp(lengths, max=cols)
+    taken = torch.where(col < kept[:, None], taken, torch.full_like(taken, pad_id))
+    out = torch.full((rows, cols), pad_id, dtype=ids.dtype, device=ids.device)
+    out[:b] = taken
+    last = torch.zeros(rows, dtype=torch.int64, device=ids.device)
+    last[:b] = kept.to(torch.int64) - 1
+    return out, last
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def _mix32(x: Tensor) -> Tensor:
+    # A 32-bit integer hash done in int64 with multipliers < 2^27, so nothing overflows.
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seed: Tensor, counter: Tensor, vocab: int) -> Tensor:
+    """U(0, 1) of shape [B, vocab], a pure function of (seed[b], counter[b], token id)."""
+    s = _mix32((seed ^ (seed >> 32)) & 0xFFFFFFFF)
+    c = _mix32((s ^ (counter & 0xFFFFFFFF)) & 0xFFFFFFFF)
+    tok = torch.arange(vocab, device=seed.device, dtype=torch.int64)
+    h = _mix32(c[:, None] ^ _mix32(tok)[None, :])
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+
+
+def greedy(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seed: Tensor,
+           counter: Tensor) -> Tensor:
+    """Argmax; the parameters are taken so every sampler has one signature."""
+    return torch.argmax(logits, dim=-1)
+
+
+def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seed: Tensor,
+           counter: Tensor) -> Tensor:
+    """Per-row sampling: temperature 0 is greedy; top_k 0 and top_p 1 switch those off.
+
+    Gumbel-max over the kept tokens: argmax(logits / T - log(-log(u))) is a draw from
+    softmax(logits / T) restricted to them.
+    """
+    vocab = logits.shape[-1]
+    scaled = logits / torch.clamp(temperature, min=1e-6)[:, None]
+    sorted_logits, sorted_idx = torch.sort(scaled, dim=-1, descending=True, stable=True)
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
+    drop = ranks >= k[:, None]
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    # Drop a token once the more likely ones already cover top_p (the first always stays).
+    drop = drop | ((torch.cumsum(probs, dim=-1) - probs) > top_p[:, None])
+    gumbel = -torch.log(-torch.log(uniform_noise(seed, counter, vocab)))
+    score = sorted_logits.masked_fill(drop, float("-inf")) + gumbel.gather(1, sorted_idx)
+    drawn = sorted_idx.gather(1, torch.argmax(score, dim=-1, keepdim=True))[:, 0]
+    return torch.where(temperature > 0, drawn, torch.argmax(logits, dim=-1))
+
+
+Sampler = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class DynamicOps:
+    """The dynamic ops under one backend."""
+
+    backend: str
+    greedy: Sampler
+    sample: Sampler
+    fit_to_bucket: Callable[..., tuple[Tensor, Tensor]]
+
+    def sampler(self, kind: str) -> Sampler:
+        return self.greedy if kind == "greedy" else self.sample
+
+
+_CACHE: dict[str, DynamicOps] = {}
+
+
+def dynamic_ops(backend: str = "compile") -> DynamicOps:
+    """The sampling and preprocessing functions compiled by `backend` (built once)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown dynamic backend {backend!r}; choose from {BACKENDS}")
+    if backend not in _CACHE:
+        if backend == "eager":
+            ops = DynamicOps("eager", greedy, sample, fit_to_bucket)
+        elif backend == "torchscript":
+            ops = DynamicOps("torchscript", torch.jit.script(greedy), torch.jit.script(sample),
+                             torch.jit.script(fit_to_bucket))
+        else:
+            # dynamic=False: one specialised kernel per batch bucket, nothing symbolic
+            # to guard at replay time; fullgraph so a graph break is an error, not a slowdown.
+            ops = DynamicOps("compile",
+                             torch.compile(greedy, dynamic=False, fullgraph=True),
+                             torch.compile(sample, dynamic=False, fullgraph=True),
+                             # prompt widths vary per request: symbolic shapes, one kernel
+                             torch.compile(fit_to_bucket, dynamic=True, fullgraph=True))
+        _CACHE[backend] = ops
+    return _CACHE[backend]

@@ -1,0 +1,216 @@
+"""GraphCache: CUDA graphs of the step, captured into one shared pool, kept under limits.
+
+Two halves. `GraphPolicy` is plain Python (keys, LRU order, limits, bucket lookup,
+stats) so CI tests it without a GPU. `GraphCache` drives CUDA capture and replay with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class GraphKey(NamedTuple):
+    phase: str     # "prefill" | "decode"
+    batch: int     # batch bucket
+    length: int    # prompt-length bucket (prefill) or attention window (decode)
+    sampler: str   # "greedy" | "sample" when sampling is inside the graph, else "none"
+
+
+# ------------------------------------------------------------------------- coverage
+
+def parse_coverage(spec: str, max_len: int) -> list[int]:
+    """Prefill lengths that get graphs: exact | every:N | pow2 | list:a,b,c (or "a,b,c")."""
+    spec = spec.strip()
+    if spec == "exact":
+        lengths = list(range(1, max_len + 1))
+    elif spec.startswith("every:"):
+        n = int(spec.split(":", 1)[1])
+        if n < 1:
+            raise ValueError("every:N needs N >= 1")
+        lengths = list(range(n, max_len + 1, n))
+    elif spec == "pow2":
+        lengths, b = [], 1
+        while b < max_len:
+            lengths.append(b)
+            b *= 2
+    else:
+        body = spec.split(":", 1)[1] if spec.startswith("list:") else spec
+        try:
+            lengths = [int(x) for x in body.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"bad coverage {spec!r}: use exact, every:N, pow2 or a,b,c") from None
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"bad coverage {spec!r}: lengths must be >= 1")
+    # The largest length is always covered, so every prompt that fits has a bucket.
+    return sorted({x for x in lengths if x <= max_len} | {max_len})
+
+
+# --------------------------------------------------------------------------- policy
+
+@dataclass
+class GraphStats:
+    captures: int = 0
+    capture_failures: int = 0
+    evictions: int = 0
+    hits: int = 0
+    misses: int = 0
+    fallbacks: int = 0          # steps run eagerly because no graph served them
+    bytes_held: int = 0
+    capture_ms: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class GraphPolicy:
+    """LRU order and limits over graph keys; knows nothing about CUDA."""
+
+    max_graphs: int | None = None
+    max_bytes: int | None = None
+    entries: OrderedDict[GraphKey, int] = field(default_factory=OrderedDict)  # key -> bytes
+    stats: GraphStats = field(default_factory=GraphStats)
+
+    def lookup(self, key: GraphKey) -> GraphKey | None:
+        """The key itself if held, else the nearest larger length of the same kind."""
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            self.stats.hits += 1
+            return key
+        self.stats.misses += 1
+        larger = [k for k in self.entries
+                  if k[:2] == key[:2] and k.sampler == key.sampler and k.length > key.length]
+        if larger:
+            best = min(larger, key=lambda k: k.length)
+            self.entries.move_to_end(best)
+            return best
+        return None
+
+    def fits(self, nbytes: int) -> bool:
+        return self.max_bytes is None or nbytes <= self.max_bytes
+
+    def victims(self, incoming_bytes: int = 0) -> list[GraphKey]:
+        """Least recently used keys to drop so one more graph of incoming_bytes fits."""
+        out: list[GraphKey] = []
+        count, total = len(self.entries), self.stats.bytes_held
+        for k, nbytes in self.entries.items():
+            over_count = self.max_graphs is not None and count + 1 > self.max_graphs
+            over_bytes = self.max_bytes is not None and total + incoming_bytes > self.max_bytes
+            if not (over_count or over_bytes):
+                break
+            out.append(k)
+            count -= 1
+            total -= nbytes
+        return out
+
+    def add(self, key: GraphKey, nbytes: int) -> None:
+        self.entries[key] = nbytes
+        self.stats.bytes_held += nbytes
+
+    def remove(self, key: GraphKey) -> None:
+        self.stats.bytes_held -= self.entries.pop(key)
+        self.stats.evictions += 1
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+@dataclass
+class CapturedGraph:
+    graph: torch.cuda.CUDAGraph
+    output: Any                 # whatever the captured function returned (static tensors)
+    nbytes: int
+
+
+class GraphCache:
+    """Capture, replay and evict CUDA graphs of step functions under the policy's limits."""
+
+    def __init__(self, max_graphs: int | None = None, max_bytes: int | None = None,
+                 shared_pool: bool = True, warmup_iters: int = 2) -> None:
+        self.policy = GraphPolicy(max_graphs, max_bytes)
+        self.graphs: dict[GraphKey, CapturedGraph] = {}
+        self.shared_pool = shared_pool
+        self.pool = torch.cuda.graph_pool_handle() if shared_pool else None
+        self.warmup_iters = warmup_iters
+
+    @property
+    def stats(self) -> GraphStats:
+        return self.policy.stats
+
+    def lookup(self, key: GraphKey) -> CapturedGraph | None:
+        found = self.policy.lookup(key)
+        return None if found is None else self.graphs[found]
+
+    def lookup_key(self, key: GraphKey) -> GraphKey | None:
+        return self.policy.lookup(key)
+
+    def __contains__(self, key: GraphKey) -> bool:
+        return key in self.graphs
+
+    def evict(self, key: GraphKey) -> None:
+        self.graphs.pop(key)
+        self.policy.remove(key)
+
+    def clear(self) -> None:
+        for key in list(self.graphs):
+            self.evict(key)
+
+    def capture(self, key: GraphKey, fn: Callable[[], Any],
+                prepare: Callable[[], None] | None = None) -> CapturedGraph | None:
+        """Warm fn up on a side stream, then capture it. Returns None (and counts a
+        failure) when capture fails or the graph cannot fit the byte budget.
+
+        prepare() runs before each warm-up call: callers use it to restore state that
+        fn mutates, so capturing never changes what a request computes.
+        """
+        if key in self.graphs:
+            return self.graphs[key]
+        t0 = time.perf_counter()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_reserved()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup_iters):
+                    if prepare is not None:
+                        prepare()
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            if prepare is not None:
+                prepare()
+            graph = torch.cuda.CUDAGraph()
+            pool = self.pool if self.shared_pool else torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=pool):
+                output = fn()
+            torch.cuda.synchronize()
+        except Exception as e:  # OOM, an op that can't be captured: serve eagerly instead
+            self.stats.capture_failures += 1
+            log.warning("capture of %s failed, serving it eagerly: %s", key, e)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            return None
+        nbytes = max(0, torch.cuda.memory_reserved() - before)
+        entry = CapturedGraph(graph, output, nbytes)
+        if not self.policy.fits(nbytes):
+            self.stats.capture_failures += 1
+            log.warning("graph %s needs %d bytes, over the budget of %d", key, nbytes,
+                        self.policy.max_bytes)
+            del entry, graph, output
+            torch.cuda.empty_cache()
+            return None
+        for victim in self.policy.victims(nbytes):
+            self.evict(victim)
+        self.graphs[key] = entry
+        self.policy.add(key, nbytes)
+        self.stats.captures += 1
+        self.stats.capture_ms += (time.perf_counter() - t0) * 1e3
+        return entry

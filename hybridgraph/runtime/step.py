@@ -1,0 +1,69 @@
+"""The two step functions and the static buffers they read and write.
+
+A step reads only `StepBuffers` and writes its result back into them, so the very same
+function runs eagerly or is captured once and replayed: the buffers' addresses never
+change. Sizes are fixed once for (max_batch, max_seq); a step on batch bucket b uses
+rows [:b].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hybridgraph.model.llama import Transformer
+from hybridgraph.runtime.dynamic import Sampler
+
+
+class StepBuffers:
+    def __init__(self, max_batch: int, max_seq: int, device: torch.device) -> None:
+        i64 = dict(dtype=torch.int64, device=device)
+        f32 = dict(dtype=torch.float32, device=device)
+        self.prompt_ids = torch.zeros(max_batch, max_seq, **i64)
+        self.last_idx = torch.zeros(max_batch, **i64)    # last real prompt index per row
+        self.ids = torch.zeros(max_batch, **i64)         # the newest token of each row
+        self.pos = torch.zeros(max_batch, **i64)         # its position
+        self.temperature = torch.zeros(max_batch, **f32)
+        self.top_k = torch.zeros(max_batch, **i64)
+        self.top_p = torch.ones(max_batch, **f32)
+        self.seed = torch.zeros(max_batch, **i64)
+
+    def snapshot(self) -> tuple[Tensor, Tensor]:
+        return self.ids.clone(), self.pos.clone()
+
+    def restore(self, snap: tuple[Tensor, Tensor]) -> None:
+        self.ids.copy_(snap[0])
+        self.pos.copy_(snap[1])
+
+
+class Steps:
+    """Forward and finish halves of prefill and decode over one model and its buffers.
+
+    `forward_*` is the static part (the transformer); `finish_*` samples and advances the
+    state (the dynamic part). Modes differ only in which halves are graph-captured.
+    """
+
+    def __init__(self, model: Transformer, bufs: StepBuffers) -> None:
+        self.model, self.bufs = model, bufs
+
+    def forward_prefill(self, b: int, t: int) -> Tensor:
+        return self.model.prefill(self.bufs.prompt_ids[:b, :t], self.bufs.last_idx[:b])
+
+    def forward_decode(self, b: int, window: int) -> Tensor:
+        return self.model.decode(self.bufs.ids[:b], self.bufs.pos[:b], window)
+
+    def _sample(self, sampler: Sampler, logits: Tensor, b: int, new_pos: Tensor) -> Tensor:
+        s = self.bufs
+        # The counter is the new token's position: a request's draws depend on its seed
+        # and where it is, never on which mode or graph computed them.
+        return sampler(logits, s.temperature[:b], s.top_k[:b], s.top_p[:b], s.seed[:b], new_pos)
+
+    def finish_prefill(self, logits: Tensor, b: int, sampler: Sampler) -> None:
+        new_pos = self.bufs.last_idx[:b] + 1
+        self.bufs.ids[:b].copy_(self._sample(sampler, logits, b, new_pos))
+        self.bufs.pos[:b].copy_(new_pos)
+
+    def finish_decode(self, logits: Tensor, b: int, sampler: Sampler) -> None:
+        new_pos = self.bufs.pos[:b] + 1
+        self.bufs.ids[:b].copy_(self._sample(sampler, logits, b, new_pos))
+        self.bufs.pos[:b].copy_(new_pos)

@@ -9,6 +9,8 @@ from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+LLAMA3_SCALING_FIELDS = ("factor", "low_freq_factor", "high_freq_factor",
+                         "original_max_position_embeddings")
 
 
 class ConfigError(ValueError):
@@ -65,6 +67,16 @@ class ModelConfig:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("llama3", "default", None):
                 raise ConfigError(f"rope_scaling type {kind!r} is not supported (only llama3)")
+            # Checked here, not when the RoPE table is built: a KeyError deep inside
+            # setup_caches would not say which config field is wrong.
+            for key in LLAMA3_SCALING_FIELDS if kind != "default" else ():
+                value = self.rope_scaling.get(key)
+                if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                    raise ConfigError(f"rope_scaling.{key} must be a positive number, "
+                                      f"got {value!r}")
+            if kind != "default" and (self.rope_scaling["high_freq_factor"]
+                                      <= self.rope_scaling["low_freq_factor"]):
+                raise ConfigError("rope_scaling.high_freq_factor must exceed low_freq_factor")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,12 +93,14 @@ class ModelConfig:
                               f"{', '.join(SUPPORTED_ARCHITECTURES)}")
         if not archs and model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(f"unsupported model_type {model_type!r}")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            # SwiGLU with silu is all the decoder implements; another activation would load
+            # and run, silently computing a different function.
+            raise ConfigError(f"hidden_act {act!r} is not supported (only silu)")
         try:
             heads = d["num_attention_heads"]
             hidden = d["hidden_size"]
-            head_dim = d.get("head_dim")
-            if head_dim not in (None, hidden // heads):
-                raise ConfigError(f"head_dim {head_dim} != hidden_size / num_attention_heads")
             eos = d.get("eos_token_id", 2)
             eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
             # transformers < 5 writes rope_theta + rope_scaling; 5.x one rope_parameters map.
@@ -95,6 +109,17 @@ class ModelConfig:
             scaling = d.get("rope_scaling") or (rope if rope.get("rope_type") else None)
             if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
                 scaling = None
+            if scaling is not None:
+                # rope_parameters also carries rope_theta; dropping it makes a 5.x config
+                # equal the same model's 4.x config (theta has its own field).
+                scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
+            max_pos = d.get("max_position_embeddings", 4096)
+            window = d.get("sliding_window")
+            if isinstance(window, int) and isinstance(max_pos, int) and 0 < window < max_pos:
+                # Mistral v0.1's sliding window is not implemented; up to the window's
+                # length full causal attention is exactly the same function, so the
+                # sequence length is capped there instead of silently diverging past it.
+                max_pos = window
             cfg = cls(
                 vocab_size=d["vocab_size"],
                 hidden_size=hidden,
@@ -106,16 +131,23 @@ class ModelConfig:
                 rope_theta=float(theta),
                 rope_scaling=scaling,
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                max_position_embeddings=d.get("max_position_embeddings", 4096),
+                max_position_embeddings=max_pos,
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_ids=eos_ids,
                 name=name,
             )
         except KeyError as e:
             raise ConfigError(f"config.json is missing the field {e.args[0]!r}") from None
-        except (TypeError, AttributeError) as e:
+        except (TypeError, AttributeError, ValueError) as e:
             raise ConfigError(f"config.json has a field of the wrong type: {e}") from None
-        return cfg.validate()
+        cfg.validate()
+        # After validate(), so a non-integer head count is reported by name, not as a
+        # TypeError from the division.
+        head_dim = d.get("head_dim")
+        if head_dim is not None and head_dim != cfg.head_dim:
+            raise ConfigError(f"head_dim {head_dim!r} != hidden_size / num_attention_heads "
+                              f"({cfg.head_dim}); only that head size is supported")
+        return cfg
 
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:

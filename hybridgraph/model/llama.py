@@ -61,7 +61,7 @@ def rope_inv_freq(config: ModelConfig) -> Tensor:
     # float32 like the reference implementation, so float32 runs agree to rounding.
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
     s = config.rope_scaling
-    if s is None:
+    if s is None or s.get("rope_type", s.get("type")) == "default":
         return inv_freq
     # llama3: long wavelengths are slowed by `factor`, short ones kept, a smooth ramp between.
     factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny model configs and HF reference checkpoints with identical weights.
+
+Everything is small enough for a 2-core CPU: the reference is a real transformers
+`LlamaForCausalLM`, saved with `save_pretrained` and read back by our own loader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from hybridgraph.model.config import ModelConfig
+
+# head_dim 16; vocab large enough that a greedy/sampled token is not trivially predictable.
+TINY = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2,
+                   num_heads=4, num_kv_heads=2, max_position_embeddings=256, name="test-tiny")
+
+# original_max_position_embeddings small enough that, at test lengths, every regime of
+# the llama3 schedule (kept, ramped, slowed-down wavelengths) is exercised.
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+VARIANTS: dict[str, ModelConfig] = {
+    "multi-head": replace(TINY, num_kv_heads=4),
+    "gqa": TINY,
+    "llama3-rope": replace(TINY, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING),
+    "tied": replace(TINY, tie_word_embeddings=True),
+}
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Weights large enough to give peaked, position-dependent logits; norm weights away
+    from 1 so a norm loaded into the wrong slot shows."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * noise)
+            else:
+                p.copy_(0.15 * noise)
+
+
+def make_hf_checkpoint(config: ModelConfig, directory: Path, seed: int = 0,
+                       **save_kwargs: Any):
+    """A random HF LlamaForCausalLM of `config`, saved to `directory`; returns the model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = LlamaForCausalLM(LlamaConfig(**config.to_hf_dict())).float().eval()
+    randomize_(hf, seed)
+    hf.save_pretrained(directory, **save_kwargs)
+    return hf
+
+
+@pytest.fixture(scope="session")
+def gqa_checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    """(directory, HF model) of the GQA variant; shared by loader, tokenizer and engine tests."""
+    directory = tmp_path_factory.mktemp("gqa")
+    return directory, make_hf_checkpoint(VARIANTS["gqa"], directory, seed=1)
+
+
+def rel_max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())

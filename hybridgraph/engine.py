@@ -155,7 +155,8 @@ class Engine:
         rather than inside some request's TTFT."""
         for b in self.batch_buckets:
             for temp in (0.0, 1.0):
-                self.generate_batch([[1, 2]] * b, 2, [SamplingParams(temp, seed=0)] * b)
+                for p in ([1], [1, 2]):  # torch.compile specialises size-1 dims
+                    self.generate_batch([p] * b, 2, [SamplingParams(temp, seed=0)] * b)
         self.requests_served = 0
 
     @classmethod

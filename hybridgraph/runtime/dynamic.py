@@ -80,6 +80,18 @@ def uniform_noise(seed: Tensor, counter: Tensor, vocab: int) -> Tensor:
     return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
 
 
+@torch.library.custom_op("hybridgraph::cumsum_last", mutates_args=())
+def cumsum_last(x: Tensor) -> Tensor:
+    """cumsum over the last dim, kept opaque to Inductor: for one row of a large vocab it
+    picks a split-scan kernel that cannot fuse with the reductions around it (NYI)."""
+    return torch.cumsum(x, dim=-1)
+
+
+@cumsum_last.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
 def greedy(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seed: Tensor,
            counter: Tensor) -> Tensor:
     """Argmax; the parameters are taken so every sampler has one signature."""
@@ -101,7 +113,7 @@ def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, se
     drop = ranks >= k[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     # Drop a token once the more likely ones already cover top_p (the first always stays).
-    drop = drop | ((torch.cumsum(probs, dim=-1) - probs) > top_p[:, None])
+    drop = drop | ((torch.ops.hybridgraph.cumsum_last(probs) - probs) > top_p[:, None])
     gumbel = -torch.log(-torch.log(uniform_noise(seed, counter, vocab)))
     score = sorted_logits.masked_fill(drop, float("-inf")) + gumbel.gather(1, sorted_idx)
     drawn = sorted_idx.gather(1, torch.argmax(score, dim=-1, keepdim=True))[:, 0]

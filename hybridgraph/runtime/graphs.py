@@ -140,6 +140,9 @@ class GraphCache:
         self.shared_pool = shared_pool
         self.pool = torch.cuda.graph_pool_handle() if shared_pool else None
         self.warmup_iters = warmup_iters
+        # One stream for every warm-up and capture: libraries cache per-stream state (the
+        # cuBLAS workspace), and a fresh stream per capture would leak one per graph.
+        self.stream = torch.cuda.Stream()
 
     @property
     def stats(self) -> GraphStats:
@@ -160,8 +163,12 @@ class GraphCache:
         self.policy.remove(key)
 
     def clear(self) -> None:
+        """Evict every graph; with none left, the shared pool is dropped too, so
+        torch.cuda.empty_cache() can hand all of its memory back."""
         for key in list(self.graphs):
             self.evict(key)
+        if self.shared_pool:
+            self.pool = torch.cuda.graph_pool_handle()
 
     def capture(self, key: GraphKey, fn: Callable[[], Any],
                 prepare: Callable[[], None] | None = None) -> CapturedGraph | None:
@@ -173,11 +180,13 @@ class GraphCache:
         """
         if key in self.graphs:
             return self.graphs[key]
+        for victim in self.policy.victims(0):  # make room under max_graphs before capturing
+            self.evict(victim)
         t0 = time.perf_counter()
         torch.cuda.synchronize()
         before = torch.cuda.memory_reserved()
         try:
-            side = torch.cuda.Stream()
+            side = self.stream
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(self.warmup_iters):
@@ -187,9 +196,12 @@ class GraphCache:
             torch.cuda.current_stream().wait_stream(side)
             if prepare is not None:
                 prepare()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            allocated = torch.cuda.memory_allocated()
             graph = torch.cuda.CUDAGraph()
             pool = self.pool if self.shared_pool else torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, stream=side):
                 output = fn()
             torch.cuda.synchronize()
         except Exception as e:  # OOM, an op that can't be captured: serve eagerly instead
@@ -198,17 +210,21 @@ class GraphCache:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             return None
+        # Two measurements: the graph's own working set (what it needs wherever it lives)
+        # decides whether it can fit the budget at all; what the pool grew by is what
+        # holding it costs, and a shared pool grows by less as graphs reuse its blocks.
+        footprint = torch.cuda.max_memory_allocated() - allocated
         nbytes = max(0, torch.cuda.memory_reserved() - before)
-        entry = CapturedGraph(graph, output, nbytes)
-        if not self.policy.fits(nbytes):
+        if not self.policy.fits(footprint):
             self.stats.capture_failures += 1
-            log.warning("graph %s needs %d bytes, over the budget of %d", key, nbytes,
+            log.warning("graph %s needs %d bytes, over the budget of %d", key, footprint,
                         self.policy.max_bytes)
-            del entry, graph, output
+            del graph, output
             torch.cuda.empty_cache()
             return None
         for victim in self.policy.victims(nbytes):
             self.evict(victim)
+        entry = CapturedGraph(graph, output, nbytes)
         self.graphs[key] = entry
         self.policy.add(key, nbytes)
         self.stats.captures += 1

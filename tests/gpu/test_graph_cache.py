@@ -1,0 +1,79 @@
+"""Issue 4 on the GPU: memory comes back, budgets, background capture, the rolling run."""
+
+import gc
+
+import pytest
+import torch
+
+from hybridgraph.engine import Engine
+from hybridgraph.model.tokenizer import ByteTokenizer
+
+from .conftest import SMALL, needs_cuda, small_model
+
+pytestmark = [pytest.mark.gpu, needs_cuda]
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, SMALL.vocab_size, (n,), generator=g).tolist()
+
+
+def test_memory_comes_back_after_eviction():
+    model = small_model()
+    for shared in (True, False):
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        e = Engine(model, ByteTokenizer(), mode="graph", max_seq_len=1024, capture="none",
+                   shared_pool=shared)
+        base = torch.cuda.memory_reserved()
+        e.capture_ahead([128, 256, 512, 1024])
+        held = torch.cuda.memory_reserved() - base
+        assert held > 0 and e.graphs.stats.bytes_held > 0
+        e.graphs.clear()
+        gc.collect()
+        torch.cuda.empty_cache()
+        after = torch.cuda.memory_reserved() - base
+        assert after <= 0.05 * held, (shared, held, after)
+        assert e.graphs.stats.bytes_held == 0 and e.graphs.stats.evictions == 4
+
+
+def test_budget_too_small_for_any_graph_runs_eagerly_and_correctly():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = small_model()
+    eager = Engine(model, ByteTokenizer(), mode="eager", max_seq_len=512)
+    tiny = Engine(model, ByteTokenizer(), mode="hybrid", max_seq_len=512, max_graph_bytes=1)
+    assert len(tiny.graphs.graphs) == 0
+    assert tiny.graphs.stats.capture_failures > 0
+    for n in (4, 50, 130):
+        assert tiny.generate(prompt(n, n), 12, stop_ids=[]).tokens == \
+            eager.generate(prompt(n, n), 12, stop_ids=[]).tokens
+    assert tiny.graphs.stats.fallbacks > 0
+
+
+def test_background_capture_switches_in_without_changing_results():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    e = Engine(small_model(), ByteTokenizer(), mode="hybrid", max_seq_len=512,
+               coverage="exact", capture="background")
+    p = prompt(77, 1)
+    first = e.generate(p, 16, stop_ids=[]).tokens
+    assert e.graphs.stats.fallbacks > 0 and e.pending
+    while e.pending:
+        e.run_pending_captures(budget_s=10)
+    before = e.graphs.stats.fallbacks
+    second = e.generate(p, 16, stop_ids=[]).tokens
+    assert second == first
+    assert e.graphs.stats.fallbacks == before  # served entirely by graphs now
+
+
+def test_rolling_cache_of_20_graphs_over_500_distinct_lengths():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = small_model()
+    eager = Engine(model, ByteTokenizer(), mode="eager", max_seq_len=1024)
+    rolling = Engine(model, ByteTokenizer(), mode="hybrid", max_seq_len=1024, coverage="exact",
+                     capture="on-demand", max_graphs=20)
+    for n in range(1, 501):
+        p = prompt(n, n)
+        assert rolling.generate(p, 2, stop_ids=[]).tokens == eager.generate(p, 2, stop_ids=[]).tokens, n
+        assert len(rolling.graphs.graphs) <= 20
+    assert rolling.graphs.stats.evictions > 400

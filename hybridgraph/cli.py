@@ -55,23 +55,32 @@ def _prompt_ids(args: argparse.Namespace, tokenizer) -> list[int]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.server:
+        # Before any engine import: a client process never loads torch.
+        from hybridgraph.server.client import Client, ServerError
+
+        ids = ([int(x) for x in args.prompt_ids.replace(",", " ").split()]
+               if args.prompt_ids is not None else None)
+        try:
+            with Client(args.server) as client:
+                reply = client.generate(prompt_ids=ids, text=None if ids else args.prompt,
+                                        max_new_tokens=args.max_new_tokens,
+                                        temperature=args.temperature, top_k=args.top_k,
+                                        top_p=args.top_p, seed=args.seed)
+        except ServerError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            print(f"error: cannot reach a server at {args.server}: {e}", file=sys.stderr)
+            return 1
+        print(reply.get("text") or "")
+        print(f"tokens: {reply['tokens']}")
+        print(f"TTFT {reply['ttft_ms']:.2f} ms, server latency {reply['latency_ms']:.2f} ms "
+              f"({reply.get('finish_reason')})")
+        return 0
     from hybridgraph.engine import RequestError, SamplingParams
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    if args.server:
-        from hybridgraph.server.client import Client
-
-        with Client(args.server) as client:
-            ids = ([int(x) for x in args.prompt_ids.replace(",", " ").split()]
-                   if args.prompt_ids is not None else None)
-            reply = client.generate(prompt_ids=ids, text=None if ids else args.prompt,
-                                    max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature, top_k=args.top_k,
-                                    top_p=args.top_p, seed=args.seed)
-        print(reply.get("text", ""))
-        print(f"tokens: {reply['tokens']}")
-        print(f"TTFT {reply['ttft_ms']:.2f} ms, server latency {reply['latency_ms']:.2f} ms")
-        return 0
     engine = _engine_from_args(args)
     ids = _prompt_ids(args, engine.tokenizer)
     try:
@@ -95,8 +104,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from hybridgraph.server.client import Client
 
-    with Client(args.server) as client:
-        print(json.dumps(client.status(), indent=2))
+    try:
+        with Client(args.server, timeout=30) as client:
+            print(json.dumps(client.status(), indent=2))
+    except OSError as e:
+        print(f"error: cannot reach a server at {args.server}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -122,7 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a model over a Unix socket")
     _add_model_args(s)
     s.add_argument("--socket", required=True)
-    s.add_argument("--max-frame-bytes", type=int, default=1 << 20)
+    s.add_argument("--max-frame-bytes", type=int, default=1 << 20,
+                   help="refuse request frames larger than this, before reading them")
+    s.add_argument("--drain-s", type=float, default=10.0,
+                   help="on SIGTERM or shutdown, let in-flight requests finish for this "
+                        "long, then cancel them")
     s.set_defaults(func=cmd_serve)
 
     st = sub.add_parser("status", help="ask a server for its status")

@@ -300,12 +300,12 @@ class Server:
         def on_token(row: int, token: int) -> bool | None:
             if not job.t_first:
                 job.t_first = time.perf_counter()
-            if job.cancelled:
-                return False
+            # Streamed even when cancelled: the engine keeps this token in the result,
+            # and a stream must match its result.
             if req.stream:
                 loop.call_soon_threadsafe(self._send_token, job, token, job.n_tokens)
             job.n_tokens += 1
-            return None
+            return False if job.cancelled else None
 
         try:
             res = self.engine.generate(job.prompt_ids, req.max_new_tokens, _sampling(req),

@@ -134,7 +134,9 @@ class Engine:
         self.max_seq_len = min(max_seq_len or 2048, self.config.max_position_embeddings)
         model.setup_caches(max_batch, self.max_seq_len)
         self.bufs = StepBuffers(max_batch, self.max_seq_len, self.device)
-        self.steps = Steps(model, self.bufs)
+        # hybrid with the compile backend: the forward is JIT-compiled too, then captured.
+        self.steps = Steps(model, self.bufs,
+                           compile_forward=mode == "hybrid" and self.ops.backend == "compile")
         self.reader = _Reader(max_batch, self.device)
         self.batch_buckets = pow2_buckets(1, max_batch)
         self.windows = pow2_buckets(min(256, self.max_seq_len), self.max_seq_len)
@@ -350,11 +352,20 @@ class Engine:
         return lambda: steps.finish_decode(steps.forward_decode(b, n), b, sampler)
 
     def _capture(self, key: GraphKey) -> Any:
+        """Capture without disturbing a request in flight: warm-ups run on a snapshot of the
+        step state, restored before the capture and after it."""
         assert self.graphs is not None
-        snap = self.bufs.snapshot()
+        bufs, snap = self.bufs, self.bufs.snapshot()
+
+        def prepare() -> None:
+            bufs.restore(snap)
+            if key.phase == "prefill":  # a stale last index may lie past this bucket
+                bufs.last_idx.clamp_(max=key.length - 1)
+
         with torch.inference_mode():
-            return self.graphs.capture(key, self._graph_fn(key),
-                                       prepare=lambda: self.bufs.restore(snap))
+            entry = self.graphs.capture(key, self._graph_fn(key), prepare=prepare)
+        bufs.restore(snap)
+        return entry
 
     def graph_keys(self, lengths: Sequence[int] | None = None) -> list[GraphKey]:
         """Every graph the coverage strategy asks for, largest first (one shared pool)."""

@@ -28,12 +28,13 @@ class StepBuffers:
         self.top_p = torch.ones(max_batch, **f32)
         self.seed = torch.zeros(max_batch, **i64)
 
-    def snapshot(self) -> tuple[Tensor, Tensor]:
-        return self.ids.clone(), self.pos.clone()
+    def snapshot(self) -> tuple[Tensor, ...]:
+        return self.ids.clone(), self.pos.clone(), self.last_idx.clone()
 
-    def restore(self, snap: tuple[Tensor, Tensor]) -> None:
+    def restore(self, snap: tuple[Tensor, ...]) -> None:
         self.ids.copy_(snap[0])
         self.pos.copy_(snap[1])
+        self.last_idx.copy_(snap[2])
 
 
 class Steps:
@@ -43,14 +44,22 @@ class Steps:
     state (the dynamic part). Modes differ only in which halves are graph-captured.
     """
 
-    def __init__(self, model: Transformer, bufs: StepBuffers) -> None:
+    def __init__(self, model: Transformer, bufs: StepBuffers, compile_forward: bool = False,
+                 ) -> None:
         self.model, self.bufs = model, bufs
+        self.prefill_fn, self.decode_fn = model.prefill, model.decode
+        if compile_forward:
+            # Inductor fuses the norms, RoPE, SwiGLU and attention glue into a few kernels
+            # per layer; captured in a graph, that is most of the gap to the bandwidth floor.
+            # dynamic=True: one compilation serves every bucket shape.
+            self.prefill_fn = torch.compile(model.prefill, dynamic=True, fullgraph=True)
+            self.decode_fn = torch.compile(model.decode, dynamic=True, fullgraph=True)
 
     def forward_prefill(self, b: int, t: int) -> Tensor:
-        return self.model.prefill(self.bufs.prompt_ids[:b, :t], self.bufs.last_idx[:b])
+        return self.prefill_fn(self.bufs.prompt_ids[:b, :t], self.bufs.last_idx[:b])
 
     def forward_decode(self, b: int, window: int) -> Tensor:
-        return self.model.decode(self.bufs.ids[:b], self.bufs.pos[:b], window)
+        return self.decode_fn(self.bufs.ids[:b], self.bufs.pos[:b], window)
 
     def _sample(self, sampler: Sampler, logits: Tensor, b: int, new_pos: Tensor) -> Tensor:
         s = self.bufs

@@ -1,0 +1,116 @@
+"""Suites about what the speed costs and how far it scales: coverage, batch, cost."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from hybridgraph.bench.config import BenchConfig
+from hybridgraph.bench.engines import Engines, free_memory
+from hybridgraph.bench.table import Table, make_prompt, summarize
+
+log = logging.getLogger(__name__)
+MIB = 1 << 20
+
+
+def coverage_suite(cfg: BenchConfig, engines: Engines) -> list[Table]:
+    """Per strategy: graphs held, their measured bytes, and TTFT over every prompt length
+    1..coverage_max_len (a length without its own graph is padded to a larger one)."""
+    t = Table("coverage", f"Coverage strategies (hybrid, TTFT over prompt lengths "
+                          f"1-{cfg.coverage_max_len}, {cfg.coverage_runs} runs each)",
+              ["strategy", "pool", "prefill_graphs", "graphs_held", "graph_mib", "build_s",
+               "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms"])
+    lengths = list(range(1, cfg.coverage_max_len + 1))
+    plans = [(s, True) for s in cfg.coverage_strategies] + [(cfg.pool_strategy, False)]
+    for strategy, shared in plans:
+        engines.release()
+        t0 = time.perf_counter()
+        engine = engines.get("hybrid", coverage=strategy, shared_pool=shared)
+        build_s = time.perf_counter() - t0
+        assert engine.graphs is not None
+        stats = engine.stats()["graphs"]
+        prefill = sum(1 for k in engine.graphs.graphs if k.phase == "prefill")
+        vocab = engine.config.vocab_size
+        samples: list[float] = []
+        desc = f"coverage {strategy} {'shared' if shared else 'per-graph'}"
+        with tqdm(total=len(lengths) * (cfg.coverage_runs + 1), desc=desc, unit="run") as bar:
+            for n in lengths:
+                samples += ttft_runs(engine, make_prompt(n, vocab), cfg.coverage_runs)
+                bar.update(cfg.coverage_runs + 1)
+        s = summarize(samples)
+        t.add(strategy, "shared" if shared else "per-graph", prefill, stats["held"],
+              stats["bytes_held"] / MIB, build_s, s["mean"], s["median"], s["p99"])
+    engines.release()
+    t.notes.append("graph_mib: engine.stats()['graphs']['bytes_held'] (measured pool growth and "
+                   "static buffers), prefill and decode graphs together. build_s: engine "
+                   "construction (capture of every graph, plus JIT warm-up).")
+    return [t]
+
+
+def ttft_runs(engine, prompt: list[int], runs: int) -> list[float]:
+    engine.generate(prompt, 1, stop_ids=[])   # first use of this length: not timed
+    return [engine.generate(prompt, 1, stop_ids=[]).ttft_ms for _ in range(runs)]
+
+
+def batch_suite(cfg: BenchConfig, engines: Engines) -> list[Table]:
+    t = Table("batch", f"Throughput: {cfg.batch_prompt}-token prompts, {cfg.batch_new} new "
+                       f"tokens per row ({cfg.batch_runs} runs, median)",
+              ["mode", "batch", "runs", "median_s", "tokens_per_s", "ttft_ms", "ms_per_step"])
+    max_batch = max(cfg.batch_sizes)
+    for mode in cfg.modes:
+        engines.release()
+        # Graphs only for the one prompt length used: the capture time goes to `cost`.
+        engine = engines.get(mode, max_batch=max_batch, max_seq_len=cfg.batch_max_seq_len,
+                             coverage=str(cfg.batch_prompt))
+        vocab = engine.config.vocab_size
+        with tqdm(total=len(cfg.batch_sizes) * cfg.batch_runs, desc=f"batch {mode}",
+                  unit="run") as bar:
+            for b in cfg.batch_sizes:
+                prompts = [make_prompt(cfg.batch_prompt, vocab, seed=r) for r in range(b)]
+                engine.generate_batch(prompts, cfg.batch_new, stop_ids=[])
+                secs, ttft, step = [], [], []
+                for _ in range(cfg.batch_runs):
+                    t0 = time.perf_counter()
+                    res = engine.generate_batch(prompts, cfg.batch_new, stop_ids=[])
+                    secs.append(time.perf_counter() - t0)
+                    ttft.append(res[0].ttft_ms)
+                    step.append(res[0].decode_ms_per_token)
+                    bar.update(1)
+                s = float(np.median(secs))
+                t.add(mode, b, cfg.batch_runs, s, b * cfg.batch_new / s, float(np.median(ttft)),
+                      float(np.median(step)))
+    engines.release()
+    t.notes.append("tokens_per_s: batch x new tokens / wall time of generate_batch (prompt on "
+                   "the host -> last tokens on the host).")
+    return [t]
+
+
+def cost_suite(cfg: BenchConfig) -> list[Table]:
+    t = Table("cost", "Start-up cost per mode (fresh process each): model loaded -> ready",
+              ["mode", "ready_s", "first_token_s", "load_s", "weights_mib", "peak_mib",
+               "extra_mib", "graphs", "graph_mib"])
+    kind = ""
+    for mode in tqdm(cfg.modes, desc="cost", unit="mode"):
+        free_memory()
+        cmd = [sys.executable, "-m", "hybridgraph.bench.cost_child", "--model", cfg.model,
+               "--device", cfg.device, "--dtype", cfg.dtype, "--mode", mode,
+               "--max-seq-len", str(cfg.max_seq_len)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if out.returncode != 0:
+            raise RuntimeError(f"cost child for {mode} failed:\n{out.stderr[-3000:]}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        kind = r["peak_kind"]
+        t.add(mode, r["ready_s"], r["first_token_s"], r["load_s"], r["weights_bytes"] / MIB,
+              r["peak_bytes"] / MIB, (r["peak_bytes"] - r["weights_bytes"]) / MIB, r["graphs"],
+              r["graph_bytes"] / MIB)
+    t.notes.append("ready_s: Engine construction (warm-up, JIT compilation, graph capture) after "
+                   "the weights are in memory; first_token_s adds the first 10-token request. "
+                   f"peak_mib: {kind} (weights included); extra_mib = peak - weights. "
+                   "torch.compile's on-disk caches are left as found, as a restart would.")
+    return [t]

@@ -1,0 +1,81 @@
+"""How much each suite measures: a full GPU run, or `--quick` (tiny model on the CPU).
+
+Full defaults keep `bench all` for llama-2-7b under about 8 minutes on one H100; the
+biggest items are the peers (a compile), the cost children and the exact coverage.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+import torch
+
+from hybridgraph.engine import MODES
+
+
+@dataclass
+class BenchConfig:
+    model: str = "llama-2-7b"
+    device: str = "cuda"
+    dtype: str = "float16"
+    quick: bool = False
+    max_seq_len: int = 512                 # room for a 500-token prompt and 10 + 397 decode
+    ttft_lengths: list[int] = field(default_factory=lambda: [10] + list(range(50, 501, 50)))
+    ttft_runs: int = 20
+    warmup: int = 3
+    decode_prompt: int = 10
+    decode_new: int = 397
+    decode_runs: int = 5
+    decode_ranges: list[tuple[int, int]] = field(default_factory=lambda: [
+        (10, 50), (51, 100), (101, 200), (201, 300), (301, 400), (401, 407)])
+    p99_lengths: list[int] = field(default_factory=lambda: [10, 100, 250, 500])
+    p99_runs: int = 100
+    ablation_lengths: list[int] = field(default_factory=lambda: [10, 100, 250, 500])
+    ablation_new: int = 128
+    ablation_decode_runs: int = 3
+    coverage_strategies: list[str] = field(default_factory=lambda: ["exact", "every:10", "pow2"])
+    coverage_max_len: int = 500
+    coverage_runs: int = 2
+    pool_strategy: str = "every:10"        # shared pool vs one pool per graph
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    batch_prompt: int = 32
+    batch_new: int = 32
+    batch_runs: int = 3
+    batch_max_seq_len: int = 128
+    peer_runs: int = 10
+    peer_decode_runs: int = 2
+    ipc_requests: int = 1000
+    modes: list[str] = field(default_factory=list)
+
+    @property
+    def default_mode(self) -> str:
+        return "hybrid" if "hybrid" in self.modes else "eager"
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+def from_args(args: argparse.Namespace) -> BenchConfig:
+    device = getattr(args, "device", "auto") or "auto"
+    if args.quick:
+        # Tiny model, CPU, float32, few runs: a smoke run of every suite in ~1-2 minutes.
+        cfg = BenchConfig(model="tiny", device="cpu", dtype="float32", quick=True,
+                          ttft_lengths=[10, 50, 100], ttft_runs=5, warmup=1, decode_runs=2,
+                          p99_lengths=[10, 100], p99_runs=100, ablation_lengths=[10, 100],
+                          ablation_new=32, ablation_decode_runs=2,
+                          coverage_strategies=["every:10", "pow2"], coverage_max_len=64,
+                          coverage_runs=1, batch_sizes=[1, 4], batch_runs=2, peer_runs=3,
+                          peer_decode_runs=1, ipc_requests=200)
+    else:
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = args.dtype if device.startswith("cuda") or args.dtype == "float32" else "float32"
+        cfg = BenchConfig(model=args.model, device=device, dtype=dtype)
+    if args.runs is not None:
+        cfg.ttft_runs = args.runs
+    cuda = cfg.device.startswith("cuda")
+    # graph and hybrid replay CUDA graphs: they exist only where CUDA does.
+    cfg.modes = [m for m in MODES if cuda or m in ("eager", "jit")]
+    return cfg

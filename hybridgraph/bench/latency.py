@@ -1,0 +1,142 @@
+"""Latency suites over the Engine API: ttft, decode, p99, ablation.
+
+Every number comes from the engine's own host-side timings (`GenerationResult`), which
+stop the clock only once a token id is on the host, so no extra device sync is needed.
+Generation ignores stop tokens (stop_ids=[]) so every run produces the same count.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from hybridgraph.bench.config import BenchConfig
+from hybridgraph.bench.engines import Engines
+from hybridgraph.bench.hw import floor_frac
+from hybridgraph.bench.table import Table, make_prompt, summarize
+from hybridgraph.engine import Engine
+
+
+def ttft_samples(engine: Engine, prompt: list[int], runs: int, warmup: int,
+                 bar: Any = None) -> list[float]:
+    for _ in range(warmup):
+        engine.generate(prompt, 1, stop_ids=[])
+    out = []
+    for _ in range(runs):
+        out.append(engine.generate(prompt, 1, stop_ids=[]).ttft_ms)
+        if bar is not None:
+            bar.update(1)
+    return out
+
+
+def decode_samples(engine: Engine, prompt: list[int], new: int, runs: int,
+                   warmup: int = 1) -> list[list[float]]:
+    """Per-token latencies (ms) of every token after the first, one list per run."""
+    for _ in range(warmup):
+        engine.generate(prompt, min(new, 16), stop_ids=[])
+    out = []
+    for _ in tqdm(range(runs), desc=f"decode {engine.mode}", unit="run", leave=False):
+        out.append(engine.generate(prompt, new, stop_ids=[]).token_ms)
+    return out
+
+
+def ttft_suite(cfg: BenchConfig, engines: Engines) -> list[Table]:
+    engine = engines.get(cfg.default_mode)
+    vocab = engine.config.vocab_size
+    t = Table("ttft", f"TTFT by prompt length (hybridgraph {engine.mode}, {cfg.ttft_runs} runs "
+                      f"each after {cfg.warmup} warm-up)",
+              ["system", "prompt_len", "runs", "median_ms", "mean_ms", "std_ms", "p99_ms",
+               "min_ms"])
+    with tqdm(total=len(cfg.ttft_lengths) * cfg.ttft_runs, desc="ttft", unit="run") as bar:
+        for n in cfg.ttft_lengths:
+            s = summarize(ttft_samples(engine, make_prompt(n, vocab), cfg.ttft_runs,
+                                       cfg.warmup, bar))
+            t.add(f"hybridgraph-{engine.mode}", n, s["n"], s["median"], s["mean"], s["std"],
+                  s["p99"], s["min"])
+    t.notes.append("TTFT: prompt ids on the host -> first token id on the host.")
+    return [t]
+
+
+def decode_suite(cfg: BenchConfig, engines: Engines, floor_ms: float) -> list[Table]:
+    engine = engines.get(cfg.default_mode)
+    prompt = make_prompt(cfg.decode_prompt, engine.config.vocab_size)
+    runs = decode_samples(engine, prompt, cfg.decode_new, cfg.decode_runs)
+    lat = np.asarray(runs, dtype=np.float64)            # [runs, tokens]
+    # token_ms[i] is token i+1; the context once it exists is prompt + i + 2 tokens.
+    context = cfg.decode_prompt + 2 + np.arange(lat.shape[1])
+    system = f"hybridgraph-{engine.mode}"
+    t = Table("decode", f"Decode latency by context ({system}, prompt {cfg.decode_prompt}, "
+                        f"{cfg.decode_new} new tokens, {cfg.decode_runs} runs pooled)",
+              ["system", "context", "count", "mean_ms", "std_ms", "p99_ms", "tokens_per_s",
+               "floor_ms", "floor_frac"])
+    for lo, hi in cfg.decode_ranges:
+        sel = (context >= lo) & (context <= hi)
+        if not sel.any():
+            continue
+        s = summarize(lat[:, sel].ravel())
+        t.add(system, f"{lo}-{hi}", int(sel.sum()), s["mean"], s["std"], s["p99"],
+              1e3 / s["mean"], floor_ms, floor_frac(s["mean"], floor_ms))
+    s = summarize(lat.ravel())
+    t.add(system, "all", lat.shape[1], s["mean"], s["std"], s["p99"], 1e3 / s["mean"],
+          floor_ms, floor_frac(s["mean"], floor_ms))
+    t.notes.append("count: tokens per run in the range. floor_ms: weight bytes read per token / "
+                   "measured copy bandwidth; floor_frac = floor_ms / mean_ms (1.0 = at the floor).")
+    per_token = Table("decode_tokens", f"Per-token decode latency vs context ({system})",
+                      ["system", "context", "median_ms", "min_ms", "max_ms"])
+    for j, c in enumerate(context):
+        col = lat[:, j]
+        per_token.add(system, int(c), float(np.median(col)), float(col.min()), float(col.max()))
+    return [t, per_token]
+
+
+def p99_suite(cfg: BenchConfig, engines: Engines) -> list[Table]:
+    engine = engines.get(cfg.default_mode)
+    vocab = engine.config.vocab_size
+    t = Table("p99", f"TTFT tail over {cfg.p99_runs} runs per prompt length "
+                     f"(hybridgraph {engine.mode})",
+              ["system", "prompt_len", "runs", "median_ms", "p90_ms", "p99_ms", "max_ms",
+               "p99_over_median"])
+    with tqdm(total=len(cfg.p99_lengths) * cfg.p99_runs, desc="p99", unit="run") as bar:
+        for n in cfg.p99_lengths:
+            s = summarize(ttft_samples(engine, make_prompt(n, vocab), cfg.p99_runs,
+                                       cfg.warmup, bar))
+            t.add(f"hybridgraph-{engine.mode}", n, s["n"], s["median"], s["p90"], s["p99"],
+                  s["max"], s["p99"] / s["median"])
+    return [t]
+
+
+def ablation_suite(cfg: BenchConfig, engines: Engines, floor_ms: float) -> list[Table]:
+    ttft = Table("ablation_ttft", f"Ablation: TTFT per mode ({cfg.ttft_runs} runs each)",
+                 ["mode", "prompt_len", "runs", "median_ms", "mean_ms", "std_ms", "p99_ms"])
+    dec = Table("ablation_decode", f"Ablation: decode per mode (prompt {cfg.decode_prompt}, "
+                                   f"{cfg.ablation_new} new tokens, "
+                                   f"{cfg.ablation_decode_runs} runs)",
+                ["mode", "tokens", "ms_per_token", "std_ms", "p99_ms", "tokens_per_s",
+                 "floor_ms", "floor_frac"])
+    # The engine already built for the default mode goes first, so it is not rebuilt.
+    modes = sorted(cfg.modes, key=lambda m: m != cfg.default_mode)
+    for mode in modes:
+        engine = engines.get(mode)
+        vocab = engine.config.vocab_size
+        with tqdm(total=len(cfg.ablation_lengths) * cfg.ttft_runs, desc=f"ablation {mode}",
+                  unit="run") as bar:
+            for n in cfg.ablation_lengths:
+                s = summarize(ttft_samples(engine, make_prompt(n, vocab), cfg.ttft_runs,
+                                           cfg.warmup, bar))
+                ttft.add(mode, n, s["n"], s["median"], s["mean"], s["std"], s["p99"])
+        runs = decode_samples(engine, make_prompt(cfg.decode_prompt, vocab), cfg.ablation_new,
+                              cfg.ablation_decode_runs)
+        per_run = [float(np.mean(r)) for r in runs]
+        pooled = summarize([x for r in runs for x in r])
+        ms = float(np.median(per_run))
+        dec.add(mode, len(runs[0]), ms, pooled["std"], pooled["p99"], 1e3 / ms, floor_ms,
+                floor_frac(ms, floor_ms))
+    dec.notes.append("ms_per_token: median over runs of each run's mean per-token latency.")
+    if not cfg.is_cuda:
+        note = ("graph and hybrid modes replay CUDA graphs and were skipped: "
+                "this run has no CUDA device.")
+        ttft.notes.append(note)
+        dec.notes.append(note)
+    return [ttft, dec]

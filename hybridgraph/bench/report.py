@@ -1,0 +1,203 @@
+"""Writes what a run measured: a CSV per table, meta.json, and SUMMARY.md (the tables,
+the headline, and plainly where hybridgraph is slower than a peer). Plots: plots.py."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from hybridgraph.bench.table import Results, Table
+
+LONG_TABLES = ("decode_tokens",)
+META_KEYS = ("device", "driver", "cuda", "torch", "triton", "transformers", "dtype",
+             "model_shape", "copy_bandwidth_gbs", "matmul_tflops", "matmul_dtype",
+             "weight_bytes_per_token", "decode_floor_ms", "date")
+
+
+def fmt(v: Any) -> str:
+    if isinstance(v, bool) or not isinstance(v, float):
+        return str(v)
+    if math.isnan(v) or math.isinf(v):
+        return str(v)
+    a = abs(v)
+    return f"{v:.1f}" if a >= 100 else f"{v:.2f}" if a >= 1 else f"{v:.3g}"
+
+
+def meta_lines(meta: dict[str, Any]) -> list[str]:
+    return [f"{k}: {fmt(meta[k])}" for k in META_KEYS if k in meta]
+
+
+def write_csv(table: Table, meta: dict[str, Any], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        f.write(f"# hybridgraph benchmark: {table.title}\n")
+        for line in meta_lines(meta):
+            f.write(f"# {line}\n")
+        for note in table.notes:
+            f.write(f"# note: {note}\n")
+        w = csv.writer(f)
+        w.writerow(table.columns)
+        for row in table.rows:
+            w.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+
+
+def read_csv(path: Path) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """(metadata from the comment header, rows): the inverse of write_csv."""
+    meta: dict[str, str] = {}
+    body = []
+    for line in path.read_text().splitlines():
+        if line.startswith("# "):
+            key, _, value = line[2:].partition(": ")
+            meta.setdefault(key, value)
+        else:
+            body.append(line)
+    return meta, list(csv.DictReader(body))
+
+
+def markdown(table: Table) -> str:
+    out = [f"### {table.title}", "", "| " + " | ".join(table.columns) + " |",
+           "|" + "---|" * len(table.columns)]
+    out += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in table.rows]
+    out += [""] + [f"_{n}_  " for n in table.notes]
+    return "\n".join(out) + "\n"
+
+
+def _ours(res: Results) -> tuple[str | None, dict[int, float], float | None]:
+    """hybridgraph's default-mode system name, TTFT median by length, decode ms/token."""
+    name, ttft, dec = None, {}, None
+    if "ttft" in res.tables:
+        for r in res.tables["ttft"].records():
+            name = r["system"]
+            ttft[r["prompt_len"]] = r["median_ms"]
+    if "decode" in res.tables:
+        for r in res.tables["decode"].records():
+            if r["context"] == "all":
+                name, dec = r["system"], r["mean_ms"]
+    return name, ttft, dec
+
+
+def _peers(res: Results) -> dict[str, tuple[dict[int, float], float | None]]:
+    peers: dict[str, tuple[dict[int, float], float | None]] = {}
+    if "peers_ttft" in res.tables:
+        for r in res.tables["peers_ttft"].records():
+            peers.setdefault(r["system"], ({}, None))[0][r["prompt_len"]] = r["median_ms"]
+    if "peers_decode" in res.tables:
+        for r in res.tables["peers_decode"].records():
+            ttft, _ = peers.get(r["system"], ({}, None))
+            peers[r["system"]] = (ttft, r["ms_per_token"])
+    return peers
+
+
+def _ablation(res: Results) -> dict[str, tuple[dict[int, float], float | None]]:
+    modes: dict[str, tuple[dict[int, float], float | None]] = {}
+    if "ablation_ttft" in res.tables:
+        for r in res.tables["ablation_ttft"].records():
+            modes.setdefault(r["mode"], ({}, None))[0][r["prompt_len"]] = r["median_ms"]
+    if "ablation_decode" in res.tables:
+        for r in res.tables["ablation_decode"].records():
+            modes[r["mode"]] = (modes.get(r["mode"], ({}, None))[0], r["ms_per_token"])
+    return modes
+
+
+def headline(res: Results) -> Table | None:
+    name, ttft, dec = _ours(res)
+    if name is None:
+        return None
+    lengths = sorted(ttft)
+    lo, hi = (lengths[0], lengths[-1]) if lengths else (None, None)
+    floor = res.meta["decode_floor_ms"]
+    t = Table("headline", "Headline: TTFT and decode per system (medians; decode = mean ms/token)",
+              ["system", f"ttft_{lo}_ms", f"ttft_{hi}_ms", "decode_ms_per_token", "tokens_per_s",
+               "floor_frac"])
+    nan = math.nan
+
+    def row(system: str, tt: dict[int, float], d: float | None) -> None:
+        d = nan if d is None else d
+        t.add(system, tt.get(lo, nan), tt.get(hi, nan), d, 1e3 / d if d > 0 else nan,
+              floor / d if d > 0 else nan)
+
+    row(name, ttft, dec)
+    for mode, (tt, d) in _ablation(res).items():
+        if f"hybridgraph-{mode}" != name:
+            row(f"hybridgraph-{mode}", tt, d)
+    for system, (tt, d) in _peers(res).items():
+        row(system, tt, d)
+    return t
+
+
+def slower_than_peers(res: Results) -> list[str]:
+    """Every place the numbers show hybridgraph slower than a peer, in words."""
+    name, ttft, dec = _ours(res)
+    lines = []
+    for system, (tt, d) in _peers(res).items():
+        slow = [n for n in sorted(tt) if n in ttft and ttft[n] > tt[n]]
+        if slow:
+            worst = max(slow, key=lambda n: ttft[n] / tt[n])
+            lines.append(f"- TTFT: {name} is slower than {system} at {len(slow)} of "
+                         f"{len(set(tt) & set(ttft))} prompt lengths ({', '.join(map(str, slow))}); "
+                         f"worst at {worst} tokens: {fmt(ttft[worst])} ms vs {fmt(tt[worst])} ms "
+                         f"({ttft[worst] / tt[worst]:.2f}x).")
+        if dec is not None and d is not None and dec > d:
+            lines.append(f"- Decode: {name} is slower than {system}: {fmt(dec)} ms/token vs "
+                         f"{fmt(d)} ms/token ({dec / d:.2f}x).")
+    if "ablation_decode" in res.tables:
+        best = min((d for _, d in _peers(res).values() if d is not None), default=None)
+        for r in res.tables["ablation_decode"].records():
+            if best is not None and r["ms_per_token"] > best:
+                lines.append(f"- Ablation: mode {r['mode']} decodes at {fmt(r['ms_per_token'])} "
+                             f"ms/token, slower than the fastest peer ({fmt(best)} ms/token).")
+    return lines
+
+
+def write_summary(res: Results, out: Path, files: list[str],
+                  timings: dict[str, float]) -> None:
+    m = res.meta
+    parts = [f"# hybridgraph benchmarks: {m['model']} ({m['dtype']}) on {m['device']}", "",
+             "## Setup", "", "| | |", "|---|---|"]
+    parts += [f"| {k} | {fmt(m[k])} |" for k in META_KEYS if k in m]
+    parts += ["", f"Decode floor: {fmt(m['decode_floor_ms'])} ms/token = "
+                  f"{m['weight_bytes_per_token'] / 1e6:.1f} MB of weights read per token / "
+                  f"{fmt(m['copy_bandwidth_gbs'])} GB/s copy bandwidth measured in this run. "
+                  "floor_frac = floor / measured (1.0 = at the floor).", ""]
+    head = headline(res)
+    if head is not None:
+        parts += ["## Headline", "", markdown(head)]
+    parts += ["## Where hybridgraph is slower than a peer", ""]
+    if not _peers(res):
+        parts += ["Peers were not measured in this run.", ""]
+    else:
+        slow = slower_than_peers(res)
+        parts += (slow or ["Nowhere in these measurements."]) + [""]
+    # The per-token table has a row per token: it lives in its CSV and the decode plot.
+    parts += ["## Tables", ""] + [markdown(t) for t in res.tables.values()
+                                  if t.name not in LONG_TABLES]
+    if res.skipped:
+        parts += ["## Skipped", ""] + [f"- **{k}**: {v}" for k, v in res.skipped.items()] + [""]
+    if timings:
+        parts += ["## Suite wall times", "", "| suite | seconds |", "|---|---|"]
+        parts += [f"| {k} | {v:.1f} |" for k, v in timings.items()] + [""]
+    parts += ["## Files", ""] + [f"- `{f}`" for f in files] + [""]
+    (out / "SUMMARY.md").write_text("\n".join(parts))
+
+
+def write_all(res: Results, out: Path, timings: dict[str, float]) -> list[str]:
+    """Every file of the run into `out`; returns their names."""
+    from hybridgraph.bench.plots import write_plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    tables = dict(res.tables)
+    head = headline(res)
+    if head is not None:
+        tables["headline"] = head
+    for name, table in tables.items():
+        write_csv(table, res.meta, out / f"{name}.csv")
+        files.append(f"{name}.csv")
+    files += write_plots(res, out)
+    (out / "meta.json").write_text(json.dumps({**res.meta, "skipped": res.skipped,
+                                               "suite_seconds": timings}, indent=2))
+    files.append("meta.json")
+    write_summary(res, out, files, timings)
+    return files + ["SUMMARY.md"]

@@ -259,7 +259,7 @@ def test_second_server_on_live_socket_is_refused(server: ServerProcess,
 
 
 def test_unusable_socket_paths_are_refused(sockdir: str) -> None:
-    from hybridgraph.server.server import ServeError, check_socket_path
+    from hybridgraph.server.sockets import ServeError, check_socket_path
 
     plain = os.path.join(sockdir, "plain")
     with open(plain, "w") as f:

@@ -17,8 +17,6 @@ import logging
 import os
 import queue
 import signal
-import socket
-import stat
 import sys
 import threading
 import time
@@ -45,15 +43,11 @@ from hybridgraph.server.protocol import (
     frame_length,
     parse_request,
 )
+from hybridgraph.server.sockets import ServeError, bind_socket, check_socket_path
 
 log = logging.getLogger("hybridgraph.server")
 
-MAX_SOCKET_PATH_BYTES = 107  # sun_path is 108 bytes including the terminating NUL
 IDLE_CAPTURE_BUDGET_S = 0.05  # short, so a request arriving mid-capture waits little
-
-
-class ServeError(Exception):
-    """The server can't start (bad or busy socket path)."""
 
 
 class Connection:
@@ -187,7 +181,16 @@ class Server:
                                                        f"{len(e.partial)} of {n} bytes",
                                             fatal=True) from None
                     t_recv = time.perf_counter()
-                    self._dispatch(conn, decode_body(body), t_recv)
+                    msg = decode_body(body)
+                    try:
+                        self._dispatch(conn, msg, t_recv)
+                    except ProtocolError:
+                        raise
+                    except Exception as e:  # a bug here must not cost this or other clients
+                        log.exception("request failed on the loop")
+                        rid = msg.get("request_id")
+                        conn.send(error_reply(rid if isinstance(rid, int | str) else None,
+                                              INTERNAL, f"{type(e).__name__}: {e}"))
                 except ProtocolError as e:
                     self._refuse(conn, e)
                     if e.fatal:
@@ -357,52 +360,6 @@ def _field(req: GenerateRequest, engine_field: str) -> str:
     if engine_field == "prompt":
         return "prompt_ids" if req.prompt_ids is not None else "text"
     return engine_field
-
-
-# ----------------------------------------------------------------------------- socket
-
-def check_socket_path(path: str) -> None:
-    """Refuse a path we can't or mustn't use; remove a stale socket a dead server left."""
-    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
-        raise ServeError(f"socket path is {len(os.fsencode(path))} bytes; AF_UNIX allows at "
-                         f"most {MAX_SOCKET_PATH_BYTES}: {path}")
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ServeError(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(2.0)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)  # nobody listens: a dead server's leftover
-        log.info("removed stale socket %s", path)
-        return
-    except OSError as e:  # a full backlog or a timeout means someone is there
-        raise ServeError(f"socket {path} is in use or unreachable ({e}); refusing to "
-                         f"replace it") from None
-    finally:
-        probe.close()
-    raise ServeError(f"another server is already listening on {path}")
-
-
-def bind_socket(path: str) -> socket.socket:
-    check_socket_path(path)  # again: the model load took a while
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)  # created 0600, with no window where others could connect
-    try:
-        sock.bind(path)
-    except OSError as e:
-        sock.close()
-        raise ServeError(f"cannot bind {path}: {e}") from None
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock
 
 
 def serve_main(args: argparse.Namespace) -> int:

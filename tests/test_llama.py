@@ -72,8 +72,8 @@ def test_right_padding_gives_the_same_last_logits(
 def test_step_by_step_decode_equals_full_forward(
         pair: tuple[Transformer, torch.nn.Module, str]) -> None:
     ours, hf, _ = pair
-    # Two rows at different positions (prompts of 3 and 9 tokens), as a ragged batch decodes.
-    total, starts = 40, [3, 9]
+    # Two rows at different positions (prompts of 1 and 9 tokens), as a ragged batch decodes.
+    total, starts = 40, [1, 9]
     seqs = _ids(2, total, ours.config.vocab_size, seed=2)
     want = hf(seqs).logits
     prompt = seqs[:, :max(starts)].clone()
@@ -97,6 +97,15 @@ def test_decode_window_only_needs_to_exceed_position(
     ours.prefill(seq[:, :16], torch.tensor([15]))
     got = ours.decode(seq[:, 16], torch.tensor([16]), 17)
     assert rel_max_diff(got[0], hf(seq).logits[0, 16]) <= TOL
+
+
+@torch.inference_mode()
+def test_decode_at_the_last_cache_position(pair: tuple[Transformer, torch.nn.Module, str]) -> None:
+    ours, hf, _ = pair
+    seq = _ids(1, MAX_SEQ, ours.config.vocab_size, seed=6)
+    ours.prefill(seq[:, :-1], torch.tensor([MAX_SEQ - 2]))
+    got = ours.decode(seq[:, -1], torch.tensor([MAX_SEQ - 1]), MAX_SEQ)
+    assert rel_max_diff(got[0], hf(seq).logits[0, -1]) <= TOL
 
 
 @torch.inference_mode()

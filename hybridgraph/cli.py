@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="float16")
     b.add_argument("--out", default=None)
     b.add_argument("--quick", action="store_true", help="tiny model, few runs (CPU smoke test)")
-    b.add_argument("--runs", type=int, default=None, help="TTFT runs per prompt length")
+    b.add_argument("--runs", type=int, default=None)
     b.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
     b.set_defaults(func=cmd_bench)
     return parser

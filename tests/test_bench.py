@@ -139,3 +139,16 @@ def test_slower_than_peer_is_computed_not_assumed() -> None:
     assert len(lines) == 2
     assert "TTFT" in lines[0] and "hf-static" in lines[0] and "2.00x" in lines[0]
     assert "Decode" in lines[1] and "1.12x" in lines[1]
+
+
+def test_slower_than_peer_covers_other_modes() -> None:
+    res = _results(5.0, 6.0, 9.0, 8.0)
+    at = Table("ablation_ttft", "", ["mode", "prompt_len", "median_ms"])
+    at.add("hybrid", 10, 5.0)
+    at.add("eager", 10, 20.0)
+    ad = Table("ablation_decode", "", ["mode", "ms_per_token"])
+    ad.add("hybrid", 6.0)
+    ad.add("eager", 30.0)
+    res.add(at, ad)
+    lines = slower_than_peers(res)
+    assert len(lines) == 2 and all("hybridgraph-eager" in line for line in lines)

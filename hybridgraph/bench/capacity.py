@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from hybridgraph.bench.config import BenchConfig
 from hybridgraph.bench.engines import Engines, free_memory
+from hybridgraph.bench.hw import floor_frac
 from hybridgraph.bench.table import Table, make_prompt, summarize
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,11 @@ def ttft_runs(engine, prompt: list[int], runs: int) -> list[float]:
     return [engine.generate(prompt, 1, stop_ids=[]).ttft_ms for _ in range(runs)]
 
 
-def batch_suite(cfg: BenchConfig, engines: Engines) -> list[Table]:
+def batch_suite(cfg: BenchConfig, engines: Engines, floor_ms: float) -> list[Table]:
     t = Table("batch", f"Throughput: {cfg.batch_prompt}-token prompts, {cfg.batch_new} new "
                        f"tokens per row ({cfg.batch_runs} runs, median)",
-              ["mode", "batch", "runs", "median_s", "tokens_per_s", "ttft_ms", "ms_per_step"])
+              ["mode", "batch", "runs", "median_s", "tokens_per_s", "ttft_ms", "ms_per_step",
+               "floor_frac"])
     max_batch = max(cfg.batch_sizes)
     for mode in cfg.modes:
         engines.release()
@@ -82,12 +84,13 @@ def batch_suite(cfg: BenchConfig, engines: Engines) -> list[Table]:
                     ttft.append(res[0].ttft_ms)
                     step.append(res[0].decode_ms_per_token)
                     bar.update(1)
-                s = float(np.median(secs))
+                s, ms = float(np.median(secs)), float(np.median(step))
                 t.add(mode, b, cfg.batch_runs, s, b * cfg.batch_new / s, float(np.median(ttft)),
-                      float(np.median(step)))
+                      ms, floor_frac(ms, floor_ms))
     engines.release()
     t.notes.append("tokens_per_s: batch x new tokens / wall time of generate_batch (prompt on "
-                   "the host -> last tokens on the host).")
+                   "the host -> last tokens on the host). A decode step reads the weights once "
+                   "for the whole batch: floor_frac = weight-read floor / ms_per_step.")
     return [t]
 
 

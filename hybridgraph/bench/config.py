@@ -36,7 +36,7 @@ class BenchConfig:
     ablation_decode_runs: int = 3
     coverage_strategies: list[str] = field(default_factory=lambda: ["exact", "every:10", "pow2"])
     coverage_max_len: int = 500
-    coverage_runs: int = 2
+    coverage_runs: int = 1                 # timed runs per length, after one untimed
     pool_strategy: str = "every:10"        # shared pool vs one pool per graph
     batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
     batch_prompt: int = 32

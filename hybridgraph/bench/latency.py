@@ -84,10 +84,12 @@ def decode_suite(cfg: BenchConfig, engines: Engines, floor_ms: float) -> list[Ta
     t.notes.append("count: tokens per run in the range. floor_ms: weight bytes read per token / "
                    "measured copy bandwidth; floor_frac = floor_ms / mean_ms (1.0 = at the floor).")
     per_token = Table("decode_tokens", f"Per-token decode latency vs context ({system})",
-                      ["system", "context", "median_ms", "min_ms", "max_ms"])
+                      ["system", "context", "median_ms", "min_ms", "max_ms", "floor_frac"])
     for j, c in enumerate(context):
         col = lat[:, j]
-        per_token.add(system, int(c), float(np.median(col)), float(col.min()), float(col.max()))
+        med = float(np.median(col))
+        per_token.add(system, int(c), med, float(col.min()), float(col.max()),
+                      floor_frac(med, floor_ms))
     return [t, per_token]
 
 

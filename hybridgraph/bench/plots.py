@@ -17,7 +17,7 @@ from hybridgraph.bench.table import Results  # noqa: E402
 
 
 def _footer(meta: dict[str, Any]) -> str:
-    return (f"{meta['model_shape']} | {meta['dtype']} | {meta['device']} | driver {meta['driver']}"
+    return (f"{meta['model_shape']} | {meta['dtype']}\n{meta['device']} | driver {meta['driver']}"
             f" | torch {meta['torch']} | triton {meta['triton']}\ncopy bandwidth "
             f"{meta['copy_bandwidth_gbs']:.1f} GB/s, matmul {meta['matmul_tflops']:.1f} TFLOP/s "
             f"({meta['matmul_dtype']}), measured in this run | {meta['date']}")
@@ -26,7 +26,7 @@ def _footer(meta: dict[str, Any]) -> str:
 def _save(fig: Any, res: Results, out: Path, name: str, title: str) -> str:
     fig.suptitle(title)
     fig.text(0.01, 0.005, _footer(res.meta), fontsize=6, va="bottom", family="monospace")
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     meta = {"Title": title, "Software": "hybridgraph bench",
             "Description": json.dumps({k: res.meta[k] for k in sorted(res.meta)})}
     fig.savefig(out / name, dpi=120, metadata=meta)

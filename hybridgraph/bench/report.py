@@ -128,26 +128,26 @@ def headline(res: Results) -> Table | None:
 
 
 def slower_than_peers(res: Results) -> list[str]:
-    """Every place the numbers show hybridgraph slower than a peer, in words."""
+    """Every place the numbers show a hybridgraph mode slower than a peer, in words: the
+    default mode's full TTFT curve and decode, then each other ablation mode."""
     name, ttft, dec = _ours(res)
+    systems = [(name, ttft, dec)] if name is not None else []
+    systems += [(f"hybridgraph-{m}", tt, d) for m, (tt, d) in _ablation(res).items()
+                if f"hybridgraph-{m}" != name]
     lines = []
-    for system, (tt, d) in _peers(res).items():
-        slow = [n for n in sorted(tt) if n in ttft and ttft[n] > tt[n]]
-        if slow:
-            worst = max(slow, key=lambda n: ttft[n] / tt[n])
-            lines.append(f"- TTFT: {name} is slower than {system} at {len(slow)} of "
-                         f"{len(set(tt) & set(ttft))} prompt lengths ({', '.join(map(str, slow))}); "
-                         f"worst at {worst} tokens: {fmt(ttft[worst])} ms vs {fmt(tt[worst])} ms "
-                         f"({ttft[worst] / tt[worst]:.2f}x).")
-        if dec is not None and d is not None and dec > d:
-            lines.append(f"- Decode: {name} is slower than {system}: {fmt(dec)} ms/token vs "
-                         f"{fmt(d)} ms/token ({dec / d:.2f}x).")
-    if "ablation_decode" in res.tables:
-        best = min((d for _, d in _peers(res).values() if d is not None), default=None)
-        for r in res.tables["ablation_decode"].records():
-            if best is not None and r["ms_per_token"] > best:
-                lines.append(f"- Ablation: mode {r['mode']} decodes at {fmt(r['ms_per_token'])} "
-                             f"ms/token, slower than the fastest peer ({fmt(best)} ms/token).")
+    for ours, o_tt, o_dec in systems:
+        for peer, (tt, d) in _peers(res).items():
+            common = sorted(set(tt) & set(o_tt))
+            slow = [n for n in common if o_tt[n] > tt[n]]
+            if slow:
+                worst = max(slow, key=lambda n: o_tt[n] / tt[n])
+                lines.append(f"- TTFT: {ours} is slower than {peer} at {len(slow)} of "
+                             f"{len(common)} prompt lengths ({', '.join(map(str, slow))}); worst "
+                             f"at {worst} tokens: {fmt(o_tt[worst])} ms vs {fmt(tt[worst])} ms "
+                             f"({o_tt[worst] / tt[worst]:.2f}x).")
+            if o_dec is not None and d is not None and o_dec > d:
+                lines.append(f"- Decode: {ours} is slower than {peer}: {fmt(o_dec)} ms/token "
+                             f"vs {fmt(d)} ms/token ({o_dec / d:.2f}x).")
     return lines
 
 

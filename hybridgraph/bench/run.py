@@ -54,7 +54,7 @@ def _suite_fns(cfg: BenchConfig, engines: Engines,
         "ablation": lambda: ablation_suite(cfg, engines, floor_ms),
         "coverage": lambda: coverage_suite(cfg, engines),
         "ipc": lambda: ipc_suite(cfg),
-        "batch": lambda: batch_suite(cfg, engines),
+        "batch": lambda: batch_suite(cfg, engines, floor_ms),
         "cost": lambda: cost_suite(cfg),
         "peers": lambda: peers_suite(cfg, floor_ms),
     }
@@ -91,10 +91,11 @@ def run_suites(cfg: BenchConfig, names: list[str], res: Results) -> tuple[dict[s
 
 
 def bench_main(args: argparse.Namespace) -> int:
-    suite = args.suite
-    if suite != "all" and suite not in SUITES:
-        print(f"error: unknown suite {suite!r}; choose from all, {', '.join(SUITES)}",
-              file=sys.stderr)
+    names = list(SUITES) if args.suite == "all" else args.suite.split(",")
+    unknown = [n for n in names if n not in SUITES]
+    if unknown:
+        print(f"error: unknown suite {', '.join(unknown)}; choose from all, {', '.join(SUITES)} "
+              "(several: comma-separated)", file=sys.stderr)
         return 2
     cfg = from_args(args)
     if cfg.is_cuda and not torch.cuda.is_available():
@@ -109,7 +110,7 @@ def bench_main(args: argparse.Namespace) -> int:
           f"{meta['matmul_tflops']:.2f} TFLOP/s; decode floor {meta['decode_floor_ms']:.3g} "
           f"ms/token", file=sys.stderr, flush=True)
     res = Results(meta)
-    timings, failures = run_suites(cfg, list(SUITES) if suite == "all" else [suite], res)
+    timings, failures = run_suites(cfg, names, res)
     timings["total"] = time.perf_counter() - t_start
     out = Path(args.out) if args.out else default_out(cfg, meta)
     files = write_all(res, out, timings)

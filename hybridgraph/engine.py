@@ -112,6 +112,10 @@ class _Reader:
 
 
 class Engine:
+    """Serves one model. It allocates the model's KV cache and captures graphs over it, so
+    a model belongs to one live Engine at a time: a second Engine over the same model
+    replaces the cache under the first one's graphs."""
+
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, mode: str = "auto",
                  backend: str = "compile", max_batch: int = 1, max_seq_len: int | None = None,
                  coverage: str = "pow2", capture: str = "ahead", max_graphs: int | None = None,

@@ -150,6 +150,7 @@ def dynamic_ops(backend: str = "compile") -> DynamicOps:
             ops = DynamicOps("torchscript", torch.jit.script(greedy), torch.jit.script(sample),
                              torch.jit.script(fit_to_bucket))
         else:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             # dynamic=False: one specialised kernel per batch bucket, nothing symbolic
             # to guard at replay time; fullgraph so a graph break is an error, not a slowdown.
             ops = DynamicOps("compile",

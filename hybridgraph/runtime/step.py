@@ -51,7 +51,9 @@ class Steps:
         if compile_forward:
             # Inductor fuses the norms, RoPE, SwiGLU and attention glue into a few kernels
             # per layer; captured in a graph, that is most of the gap to the bandwidth floor.
-            # dynamic=True: one compilation serves every bucket shape.
+            # dynamic=True: one compilation serves every bucket shape. Each new model
+            # instance still costs a recompile of the same code object, so lift the limit.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.prefill_fn = torch.compile(model.prefill, dynamic=True, fullgraph=True)
             self.decode_fn = torch.compile(model.decode, dynamic=True, fullgraph=True)
 

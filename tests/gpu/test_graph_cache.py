@@ -21,28 +21,32 @@ def prompt(n: int, seed: int) -> list[int]:
 def test_memory_comes_back_after_eviction():
     model = small_model()
     for shared in (True, False):
-        gc.collect()
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
         e = Engine(model, ByteTokenizer(), mode="graph", max_seq_len=1024, capture="none",
                    shared_pool=shared)
-        base = torch.cuda.memory_reserved()
-        e.capture_ahead([128, 256, 512, 1024])
-        held = torch.cuda.memory_reserved() - base
-        assert held > 0 and e.graphs.stats.bytes_held > 0
+        # One capture first: the capture stream's library state (cuBLAS workspace) is made
+        # once per cache and stays; what must come back is everything graphs hold.
+        e.capture_ahead([64])
         e.graphs.clear()
         gc.collect()
         torch.cuda.empty_cache()
-        after = torch.cuda.memory_reserved() - base
-        assert after <= 0.05 * held, (shared, held, after)
-        assert e.graphs.stats.bytes_held == 0 and e.graphs.stats.evictions == 4
+        base = torch.cuda.memory_reserved()
+        for _ in range(3):  # and it must come back every time: no leak per cycle
+            e.capture_ahead([128, 256, 512, 1024])
+            held = torch.cuda.memory_reserved() - base
+            assert held > 0 and e.graphs.stats.bytes_held > 0
+            e.graphs.clear()
+            gc.collect()
+            torch.cuda.empty_cache()
+            after = torch.cuda.memory_reserved() - base
+            assert after <= 0.05 * held, (shared, held, after)
+            assert e.graphs.stats.bytes_held == 0
 
 
 def test_budget_too_small_for_any_graph_runs_eagerly_and_correctly():
     torch.backends.cuda.matmul.allow_tf32 = False
-    model = small_model()
-    eager = Engine(model, ByteTokenizer(), mode="eager", max_seq_len=512)
-    tiny = Engine(model, ByteTokenizer(), mode="hybrid", max_seq_len=512, max_graph_bytes=1)
+    eager = Engine(small_model(), ByteTokenizer(), mode="eager", max_seq_len=512)
+    tiny = Engine(small_model(), ByteTokenizer(), mode="hybrid", max_seq_len=512,
+                  max_graph_bytes=1)
     assert len(tiny.graphs.graphs) == 0
     assert tiny.graphs.stats.capture_failures > 0
     for n in (4, 50, 130):
@@ -68,9 +72,9 @@ def test_background_capture_switches_in_without_changing_results():
 
 def test_rolling_cache_of_20_graphs_over_500_distinct_lengths():
     torch.backends.cuda.matmul.allow_tf32 = False
-    model = small_model()
-    eager = Engine(model, ByteTokenizer(), mode="eager", max_seq_len=1024)
-    rolling = Engine(model, ByteTokenizer(), mode="hybrid", max_seq_len=1024, coverage="exact",
+    eager = Engine(small_model(), ByteTokenizer(), mode="eager", max_seq_len=1024)
+    rolling = Engine(small_model(), ByteTokenizer(), mode="hybrid", max_seq_len=1024,
+                     coverage="exact",
                      capture="on-demand", max_graphs=20)
     for n in range(1, 501):
         p = prompt(n, n)

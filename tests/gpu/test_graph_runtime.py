@@ -110,10 +110,11 @@ def test_modes_agree_within_dtype_tolerance(dtype):
         eager = e.model.prefill(torch.tensor([ids], device="cuda"),
                                 torch.tensor([36], device="cuda"))[0]
     assert rel_err(e.graphs.graphs[key].output[0], eager) < tol
-    # And whole generations: the hybrid engine and an eager one over the same weights.
-    ref = Engine(e.model, ByteTokenizer(), mode="eager", max_seq_len=512)
-    a = ref.generate(ids, 8, stop_ids=[]).tokens
+    # And whole generations: the hybrid engine and an eager one over identical weights
+    # (a separate model: an Engine owns its model's KV cache).
     b = e.generate(ids, 8, stop_ids=[]).tokens
+    ref = Engine(small_model(dtype), ByteTokenizer(), mode="eager", max_seq_len=512)
+    a = ref.generate(ids, 8, stop_ids=[]).tokens
     assert a[:4] == b[:4]  # near-ties may flip later tokens in half precision
 
 
@@ -184,10 +185,9 @@ def test_top_k_and_top_p_hold_inside_a_graph():
 def test_seeded_sampling_is_the_same_in_every_mode():
     from hybridgraph.model.tokenizer import ByteTokenizer
     torch.backends.cuda.matmul.allow_tf32 = False
-    model = small_model()
     params = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=99)
     runs = {}
     for mode in ("eager", "hybrid", "graph", "jit"):
-        e = Engine(model, ByteTokenizer(), mode=mode, max_seq_len=256)
+        e = Engine(small_model(), ByteTokenizer(), mode=mode, max_seq_len=256)
         runs[mode] = e.generate(prompt(9, 9), 30, params, stop_ids=[]).tokens
     assert runs["hybrid"] == runs["eager"] == runs["graph"] == runs["jit"]

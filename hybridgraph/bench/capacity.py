@@ -15,6 +15,7 @@ from hybridgraph.bench.config import BenchConfig
 from hybridgraph.bench.engines import Engines, free_memory
 from hybridgraph.bench.hw import floor_frac
 from hybridgraph.bench.table import Table, make_prompt, summarize
+from hybridgraph.engine import Engine
 
 log = logging.getLogger(__name__)
 MIB = 1 << 20
@@ -54,7 +55,7 @@ def coverage_suite(cfg: BenchConfig, engines: Engines) -> list[Table]:
     return [t]
 
 
-def ttft_runs(engine, prompt: list[int], runs: int) -> list[float]:
+def ttft_runs(engine: Engine, prompt: list[int], runs: int) -> list[float]:
     engine.generate(prompt, 1, stop_ids=[])   # first use of this length: not timed
     return [engine.generate(prompt, 1, stop_ids=[]).ttft_ms for _ in range(runs)]
 

@@ -110,11 +110,11 @@ def plot_coverage(res: Results, out: Path) -> str | None:
     if "coverage" not in res.tables:
         return None
     fig, ax = plt.subplots(figsize=(7, 5))
-    for r in res.tables["coverage"].records():
+    for i, r in enumerate(res.tables["coverage"].records()):
         label = f"{r['strategy']} ({r['pool']} pool)"
-        ax.scatter(r["graph_mib"], r["mean_ttft_ms"], marker="o")
-        ax.scatter(r["graph_mib"], r["p99_ttft_ms"], marker="^", alpha=0.5)
-        ax.annotate(label, (r["graph_mib"], r["mean_ttft_ms"]), fontsize=7)
+        ax.scatter(r["graph_mib"], r["mean_ttft_ms"], marker="o", color=f"C{i}", label=label)
+        ax.scatter(r["graph_mib"], r["p99_ttft_ms"], marker="^", alpha=0.5, color=f"C{i}")
+    ax.legend(fontsize=7)
     ax.set(xlabel="graph memory (MiB)", ylabel="TTFT over lengths (ms): o mean, ^ P99",
            xscale="log")
     ax.grid(True, alpha=0.3)
@@ -125,10 +125,13 @@ def plot_batch(res: Results, out: Path) -> str | None:
     if "batch" not in res.tables:
         return None
     fig, ax = plt.subplots(figsize=(7, 5))
-    for mode, (xs, ys) in _series(res.tables["batch"].records(), "mode", "batch",
-                                  "tokens_per_s").items():
+    series = _series(res.tables["batch"].records(), "mode", "batch", "tokens_per_s")
+    for mode, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", label=mode)
-    ax.set(xlabel="batch", ylabel="tokens/s", xscale="log", yscale="log")
+    ax.set(xlabel="batch", ylabel="tokens/s", yscale="log")
+    ax.set_xscale("log", base=2)
+    sizes = sorted({x for xs, _ in series.values() for x in xs})
+    ax.set_xticks(sizes, [str(x) for x in sizes])
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, res, out, "batch.png", "Batch throughput")

@@ -132,10 +132,15 @@ class Engine:
             raise ValueError(f"mode {mode!r} needs a CUDA device; use eager or jit on {self.device}")
         if capture not in CAPTURE_MODES:
             raise ValueError(f"unknown capture mode {capture!r}; choose from {CAPTURE_MODES}")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 2):
+            raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
         self.mode, self.capture_mode = mode, capture
         self.ops = dynamic_ops(backend if mode in ("jit", "hybrid") else "eager")
         self.max_batch = max_batch
-        self.max_seq_len = min(max_seq_len or 2048, self.config.max_position_embeddings)
+        self.max_seq_len = min(max_seq_len if max_seq_len is not None else 2048,
+                               self.config.max_position_embeddings)
         model.setup_caches(max_batch, self.max_seq_len)
         self.bufs = StepBuffers(max_batch, self.max_seq_len, self.device)
         # hybrid with the compile backend: the forward is JIT-compiled too, then captured.

@@ -91,9 +91,6 @@ def _exit_code(argv: list[str]) -> int:
         return 1
 
 
-@pytest.mark.xfail(strict=True, reason="cli: a LoadError / engine ValueError (bad --model path, "
-                                       "--mode graph on CPU) escapes main() as a traceback "
-                                       "instead of an 'error: ...' line and exit status")
 @pytest.mark.parametrize("flags", [["--model", "/nonexistent/model"], ["--mode", "graph"]])
 def test_bad_model_or_mode_is_a_clean_error(flags: list[str],
                                             capsys: pytest.CaptureFixture[str]) -> None:

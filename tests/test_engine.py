@@ -276,10 +276,6 @@ def test_load_from_a_directory(gqa_checkpoint) -> None:
     assert len(engine.generate([1, 5, 9], 6, stop_ids=[]).tokens) == 6
 
 
-@pytest.mark.xfail(strict=True, reason="Engine.__init__ does not validate its sizes: "
-                                       "max_seq_len=0 silently becomes 2048, a negative one "
-                                       "fails inside torch.zeros, max_batch=0 builds an engine "
-                                       "that refuses every request")
 @pytest.mark.parametrize("sizes", [{"max_seq_len": 0}, {"max_seq_len": -5}, {"max_batch": 0}],
                          ids=["seq0", "seq-5", "batch0"])
 def test_bad_engine_sizes_raise_clear_errors(sizes: dict[str, int]) -> None:

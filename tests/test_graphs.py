@@ -93,8 +93,6 @@ def test_add_remove_and_stats() -> None:
     assert policy.stats.as_dict()["bytes_held"] == 500
 
 
-@pytest.mark.xfail(strict=True, reason="GraphPolicy.add of a held key adds its bytes again "
-                                       "and leaves its LRU position unchanged")
 def test_re_adding_a_key_replaces_it() -> None:
     policy = filled([prefill(1), prefill(2)], nbytes=100)
     policy.add(prefill(1), 300)
@@ -172,9 +170,6 @@ def test_bad_coverage_raises(spec: str) -> None:
         parse_coverage(spec, 64)
 
 
-@pytest.mark.xfail(strict=True, reason="parse_coverage('every:x') raises int()'s "
-                                       "'invalid literal' error, which names neither the "
-                                       "coverage spec nor the accepted forms")
 def test_bad_every_names_the_spec() -> None:
     with pytest.raises(ValueError, match="every:x"):
         parse_coverage("every:x", 64)

@@ -33,9 +33,12 @@ def parse_coverage(spec: str, max_len: int) -> list[int]:
     if spec == "exact":
         lengths = list(range(1, max_len + 1))
     elif spec.startswith("every:"):
-        n = int(spec.split(":", 1)[1])
+        try:
+            n = int(spec.split(":", 1)[1])
+        except ValueError:
+            n = 0
         if n < 1:
-            raise ValueError("every:N needs N >= 1")
+            raise ValueError(f"bad coverage {spec!r}: every:N needs an integer N >= 1")
         lengths = list(range(n, max_len + 1, n))
     elif spec == "pow2":
         lengths, b = [], 1
@@ -113,8 +116,9 @@ class GraphPolicy:
         return out
 
     def add(self, key: GraphKey, nbytes: int) -> None:
+        """Hold key (replacing it if held) as the most recently used."""
+        self.stats.bytes_held += nbytes - self.entries.pop(key, 0)
         self.entries[key] = nbytes
-        self.stats.bytes_held += nbytes
 
     def remove(self, key: GraphKey) -> None:
         self.stats.bytes_held -= self.entries.pop(key)

@@ -9,6 +9,7 @@ position of every request.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -192,26 +193,29 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", emb.sin().to(p.dtype), persistent=False)
         self.max_batch, self.max_seq = max_batch, max_seq
 
-    def prefill(self, ids: Tensor, last_idx: Tensor | None = None) -> Tensor:
+    def prefill(self, ids: Tensor, last_idx: Tensor | None = None,
+                block: Callable[..., Tensor] = Block.prefill) -> Tensor:
         """ids: [B, T] right-padded prompts written to cache rows 0..B-1, positions 0..T-1.
 
         Returns float32 logits of the token at last_idx[b] of each row ([B, V]), or of
-        every position ([B, T, V]) when last_idx is None.
+        every position ([B, T, V]) when last_idx is None. `block` runs one layer (the
+        runtime passes a compiled Block.prefill: every layer shares one compilation).
         """
         t = ids.shape[1]
         cos, sin = self.rope_cos[None, :t], self.rope_sin[None, :t]
         x = self.tok_embeddings(ids)
         for layer, cache in zip(self.layers, self.caches, strict=True):
-            x = layer.prefill(x, cos, sin, cache)
+            x = block(layer, x, cos, sin, cache)
         if last_idx is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last_idx]
         return self.output(self.norm(x)).float()
 
-    def decode(self, ids: Tensor, pos: Tensor, window: int) -> Tensor:
+    def decode(self, ids: Tensor, pos: Tensor, window: int,
+               block: Callable[..., Tensor] = Block.decode) -> Tensor:
         """ids, pos: [B]; token ids[b] sits at position pos[b] of row b. The keys seen are
         cache[:, :, :window], so window must exceed every pos. Returns [B, V] float32."""
         cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]
         x = self.tok_embeddings(ids)[:, None]
         for layer, cache in zip(self.layers, self.caches, strict=True):
-            x = layer.decode(x, cos, sin, cache, pos, window)
+            x = block(layer, x, cos, sin, cache, pos, window)
         return self.output(self.norm(x[:, 0])).float()

@@ -8,10 +8,12 @@ rows [:b].
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from hybridgraph.model.llama import Transformer
+from hybridgraph.model.llama import Block, Transformer
 from hybridgraph.runtime.dynamic import Sampler
 
 
@@ -37,31 +39,46 @@ class StepBuffers:
         self.last_idx.copy_(snap[2])
 
 
+_COMPILED_BLOCKS: dict[str, Callable[..., Tensor]] = {}
+
+
+def compiled_blocks() -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+    """Block.prefill and Block.decode under torch.compile, built once per process.
+
+    Compiling one block rather than the whole model: every layer has the same code and
+    shapes, so all of them share one compilation and start-up doesn't grow with depth.
+    Inductor fuses each block's norms, RoPE, SwiGLU and attention glue into a few kernels;
+    captured in a graph, that is most of the gap to the bandwidth floor. dynamic=True:
+    one compilation serves every bucket shape.
+    """
+    if not _COMPILED_BLOCKS:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _COMPILED_BLOCKS["prefill"] = torch.compile(Block.prefill, dynamic=True, fullgraph=True)
+        _COMPILED_BLOCKS["decode"] = torch.compile(Block.decode, dynamic=True, fullgraph=True)
+    return _COMPILED_BLOCKS["prefill"], _COMPILED_BLOCKS["decode"]
+
+
 class Steps:
     """Forward and finish halves of prefill and decode over one model and its buffers.
 
     `forward_*` is the static part (the transformer); `finish_*` samples and advances the
-    state (the dynamic part). Modes differ only in which halves are graph-captured.
+    state (the dynamic part). Modes differ only in which halves are graph-captured, and
+    whether the forward's blocks are compiled.
     """
 
     def __init__(self, model: Transformer, bufs: StepBuffers, compile_forward: bool = False,
                  ) -> None:
         self.model, self.bufs = model, bufs
-        self.prefill_fn, self.decode_fn = model.prefill, model.decode
-        if compile_forward:
-            # Inductor fuses the norms, RoPE, SwiGLU and attention glue into a few kernels
-            # per layer; captured in a graph, that is most of the gap to the bandwidth floor.
-            # dynamic=True: one compilation serves every bucket shape. Each new model
-            # instance still costs a recompile of the same code object, so lift the limit.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.prefill_fn = torch.compile(model.prefill, dynamic=True, fullgraph=True)
-            self.decode_fn = torch.compile(model.decode, dynamic=True, fullgraph=True)
+        self.prefill_block, self.decode_block = (
+            compiled_blocks() if compile_forward else (Block.prefill, Block.decode))
 
     def forward_prefill(self, b: int, t: int) -> Tensor:
-        return self.prefill_fn(self.bufs.prompt_ids[:b, :t], self.bufs.last_idx[:b])
+        return self.model.prefill(self.bufs.prompt_ids[:b, :t], self.bufs.last_idx[:b],
+                                  block=self.prefill_block)
 
     def forward_decode(self, b: int, window: int) -> Tensor:
-        return self.decode_fn(self.bufs.ids[:b], self.bufs.pos[:b], window)
+        return self.model.decode(self.bufs.ids[:b], self.bufs.pos[:b], window,
+                                 block=self.decode_block)
 
     def _sample(self, sampler: Sampler, logits: Tensor, b: int, new_pos: Tensor) -> Tensor:
         s = self.bufs

@@ -6,9 +6,9 @@
 | graph  | CUDA-graph replay    | eager                                        |
 | hybrid | CUDA-graph replay    | JIT-compiled, sampling captured in decode    |
 
-The decode loop runs one step ahead of the host: step i+1 is launched before token i is
-read back, so the GPU never waits for Python between tokens. A stop costs at most one
-wasted step, whose writes land past the request's last position.
+On CUDA the decode loop runs one step ahead of the host: step i+1 is launched before
+token i is read back, so the GPU never waits for Python between tokens. A stop costs at
+most one wasted step, whose writes land past the request's last position.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,90 +24,19 @@ import torch
 from hybridgraph.model.llama import Transformer
 from hybridgraph.model.loader import load_model
 from hybridgraph.model.tokenizer import Tokenizer
+from hybridgraph.request import GenerationResult, RequestError, SamplingParams, TokenCallback
 from hybridgraph.runtime.dynamic import choose_bucket, dynamic_ops, pow2_buckets
 from hybridgraph.runtime.graphs import GraphCache, GraphKey, parse_coverage
-from hybridgraph.runtime.step import StepBuffers, Steps
+from hybridgraph.runtime.step import StepBuffers, Steps, TokenReader
 
 log = logging.getLogger(__name__)
+
+__all__ = ["DTYPES", "MODES", "Engine", "GenerationResult", "RequestError", "SamplingParams"]
 
 MODES = ("eager", "jit", "graph", "hybrid")
 CAPTURE_MODES = ("ahead", "on-demand", "background", "none")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PAD_ID = 0
-
-
-class RequestError(ValueError):
-    """A request the engine refuses; `field` names the offending input."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0   # 0 is greedy
-    top_k: int = 0             # 0 keeps every token
-    top_p: float = 1.0         # 1 keeps every token
-    seed: int | None = None    # None draws one; the same seed gives the same tokens
-
-    def validate(self) -> SamplingParams:
-        if not isinstance(self.temperature, int | float) or not self.temperature >= 0:
-            raise RequestError("temperature", f"must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise RequestError("top_k", f"must be an integer >= 0, got {self.top_k!r}")
-        if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
-            raise RequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
-                                      or not 0 <= self.seed < 2**63):
-            raise RequestError("seed", f"must be an integer in [0, 2^63), got {self.seed!r}")
-        return self
-
-
-@dataclass
-class GenerationResult:
-    tokens: list[int]
-    prompt_len: int
-    ttft_ms: float                 # prompt ids on the host -> first token id on the host
-    token_ms: list[float] = field(default_factory=list)  # each later token's latency
-    finish_reason: str = "length"  # "stop" | "length" | "cancelled"
-
-    @property
-    def decode_ms_per_token(self) -> float:
-        return sum(self.token_ms) / len(self.token_ms) if self.token_ms else float("nan")
-
-    @property
-    def total_ms(self) -> float:
-        return self.ttft_ms + sum(self.token_ms)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return 1e3 * len(self.tokens) / self.total_ms if self.total_ms > 0 else float("nan")
-
-
-# Called with (row, token); returning False cancels the request.
-TokenCallback = Callable[[int, int], bool | None]
-
-
-class _Reader:
-    """Copies a step's tokens to the host without blocking, to be read one step later."""
-
-    def __init__(self, max_batch: int, device: torch.device, slots: int = 4) -> None:
-        self.cuda = device.type == "cuda"
-        self.host = torch.zeros(slots, max_batch, dtype=torch.int64, pin_memory=self.cuda)
-        self.events = [torch.cuda.Event() for _ in range(slots)] if self.cuda else []
-
-    def push(self, i: int, ids: torch.Tensor) -> None:
-        slot = i % self.host.shape[0]
-        self.host[slot, :ids.shape[0]].copy_(ids, non_blocking=True)
-        if self.cuda:
-            self.events[slot].record()
-
-    def read(self, i: int, n: int) -> list[int]:
-        slot = i % self.host.shape[0]
-        if self.cuda:
-            self.events[slot].synchronize()
-        return self.host[slot, :n].tolist()
 
 
 class Engine:
@@ -146,7 +74,7 @@ class Engine:
         # hybrid with the compile backend: the forward is JIT-compiled too, then captured.
         self.steps = Steps(model, self.bufs,
                            compile_forward=mode == "hybrid" and self.ops.backend == "compile")
-        self.reader = _Reader(max_batch, self.device)
+        self.reader = TokenReader(max_batch, self.device)
         self.batch_buckets = pow2_buckets(1, max_batch)
         self.windows = pow2_buckets(min(256, self.max_seq_len), self.max_seq_len)
         self.coverage = coverage
@@ -246,12 +174,20 @@ class Engine:
 
         results = [GenerationResult([], lengths[r], 0.0) for r in range(n)]
         live = list(range(n))
+        # Look ahead only where launches are asynchronous (CUDA): on the CPU a launch *is*
+        # the computation, and running it early would bill it to the previous token.
+        pipelined = self.device.type == "cuda"
+
+        def launch(step: int) -> None:  # decode step `step` produces token `step`
+            self._decode(b, max_pos + step, kind)
+            self.reader.push(step, self.bufs.ids[:n])
+
         t_prev = t_start
         for i in range(max_new):
-            if i >= 1 and i + 1 < max_new:
-                # Look ahead: launch the next step before reading this one's tokens.
-                self._decode(b, max_pos + i + 1, kind)
-                self.reader.push(i + 1, self.bufs.ids[:n])
+            # After token 0 (TTFT) the pipeline runs one step ahead of the host.
+            ahead = pipelined and i >= 1 and i + 1 < max_new
+            if ahead:
+                launch(i + 1)
             tokens = self.reader.read(i, n)
             now = time.perf_counter()
             for r in list(live):
@@ -271,10 +207,8 @@ class Engine:
             t_prev = now
             if not live:
                 break
-            if i == 0 and max_new > 1:
-                # After the first token is out (TTFT), start the pipeline.
-                self._decode(b, max_pos + 1, kind)
-                self.reader.push(1, self.bufs.ids[:n])
+            if not ahead and i + 1 < max_new:
+                launch(i + 1)
         return results
 
     def _load_sampling(self, sampling: list[SamplingParams], b: int) -> None:

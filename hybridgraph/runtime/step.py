@@ -95,3 +95,24 @@ class Steps:
         new_pos = self.bufs.pos[:b] + 1
         self.bufs.ids[:b].copy_(self._sample(sampler, logits, b, new_pos))
         self.bufs.pos[:b].copy_(new_pos)
+
+
+class TokenReader:
+    """Copies a step's tokens to the host without blocking, to be read one step later."""
+
+    def __init__(self, max_batch: int, device: torch.device, slots: int = 4) -> None:
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros(slots, max_batch, dtype=torch.int64, pin_memory=self.cuda)
+        self.events = [torch.cuda.Event() for _ in range(slots)] if self.cuda else []
+
+    def push(self, i: int, ids: torch.Tensor) -> None:
+        slot = i % self.host.shape[0]
+        self.host[slot, :ids.shape[0]].copy_(ids, non_blocking=True)
+        if self.cuda:
+            self.events[slot].record()
+
+    def read(self, i: int, n: int) -> list[int]:
+        slot = i % self.host.shape[0]
+        if self.cuda:
+            self.events[slot].synchronize()
+        return self.host[slot, :n].tolist()

@@ -9,37 +9,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from hybridgraph.bench.hw import copy_bandwidth
+from hybridgraph.bench.table import make_prompt, summarize
 from hybridgraph.engine import DTYPES, Engine
 from hybridgraph.model.loader import load_model
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
-
-
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a large device-to-device copy."""
-    a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(10):
-        start.record()
-        b.copy_(a)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del a, b
-    return 2 * (2 << 30) / statistics.median(times)
 
 
 def main() -> None:
@@ -51,13 +29,11 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(torch.device("cuda"))
     model, tok = load_model(args.model, "cuda", DTYPES[args.dtype])
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     floor_ms = weight_bytes / bw * 1e3
-    gen = torch.Generator().manual_seed(0)
-    prompts = {n: torch.randint(3, model.config.vocab_size, (n,), generator=gen).tolist()
-               for n in (10, 500)}
+    prompts = {n: make_prompt(n, model.config.vocab_size) for n in (10, 500)}
     rows = []
     for mode in args.modes.split(","):
         gc.collect()
@@ -69,16 +45,15 @@ def main() -> None:
         for n, p in prompts.items():
             for _ in range(3):
                 engine.generate(p, 1)
-            ttft = [engine.generate(p, 1).ttft_ms for _ in range(args.runs)]
-            row[f"ttft{n}_median_ms"] = statistics.median(ttft)
-            row[f"ttft{n}_p99_ms"] = pct(ttft, 0.99)
+            ttft = summarize([engine.generate(p, 1).ttft_ms for _ in range(args.runs)])
+            row[f"ttft{n}_median_ms"], row[f"ttft{n}_p99_ms"] = ttft["median"], ttft["p99"]
         engine.generate(prompts[10], 129, stop_ids=[])
         per_token = []
         for _ in range(5):
             per_token += engine.generate(prompts[10], 129, stop_ids=[]).token_ms
-        row["decode_median_ms"] = statistics.median(per_token)
-        row["decode_mean_ms"] = statistics.fmean(per_token)
-        row["decode_p99_ms"] = pct(per_token, 0.99)
+        dec = summarize(per_token)
+        row["decode_median_ms"], row["decode_mean_ms"] = dec["median"], dec["mean"]
+        row["decode_p99_ms"] = dec["p99"]
         row["decode_floor_fraction"] = floor_ms / row["decode_median_ms"]
         row["graphs"] = engine.stats().get("graphs", {}).get("held", 0)
         rows.append(row)

@@ -272,7 +272,7 @@ class Engine:
 
     def _find_graph(self, key: GraphKey) -> GraphKey | None:
         assert self.graphs is not None
-        found = self.graphs.lookup_key(key)  # a larger bucket serves too: padding is masked
+        found = self.graphs.lookup(key)  # a larger bucket serves too: padding is masked
         if found is not None:
             return found
         if self.capture_mode == "on-demand":

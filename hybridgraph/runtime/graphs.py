@@ -152,11 +152,8 @@ class GraphCache:
     def stats(self) -> GraphStats:
         return self.policy.stats
 
-    def lookup(self, key: GraphKey) -> CapturedGraph | None:
-        found = self.policy.lookup(key)
-        return None if found is None else self.graphs[found]
-
-    def lookup_key(self, key: GraphKey) -> GraphKey | None:
+    def lookup(self, key: GraphKey) -> GraphKey | None:
+        """The held key that serves `key` (itself, or a larger length), counted in stats."""
         return self.policy.lookup(key)
 
     def __contains__(self, key: GraphKey) -> bool:

@@ -141,6 +141,7 @@ class GraphCache:
                  shared_pool: bool = True, warmup_iters: int = 2) -> None:
         self.policy = GraphPolicy(max_graphs, max_bytes)
         self.graphs: dict[GraphKey, CapturedGraph] = {}
+        self.failed: set[GraphKey] = set()  # not retried: each try costs warm-ups and time
         self.shared_pool = shared_pool
         self.pool = torch.cuda.graph_pool_handle() if shared_pool else None
         self.warmup_iters = warmup_iters
@@ -168,6 +169,7 @@ class GraphCache:
         torch.cuda.empty_cache() can hand all of its memory back."""
         for key in list(self.graphs):
             self.evict(key)
+        self.failed.clear()
         if self.shared_pool:
             self.pool = torch.cuda.graph_pool_handle()
 
@@ -181,6 +183,8 @@ class GraphCache:
         """
         if key in self.graphs:
             return self.graphs[key]
+        if key in self.failed:
+            return None
         for victim in self.policy.victims(0):  # make room under max_graphs before capturing
             self.evict(victim)
         t0 = time.perf_counter()
@@ -207,6 +211,7 @@ class GraphCache:
             torch.cuda.synchronize()
         except Exception as e:  # OOM, an op that can't be captured: serve eagerly instead
             self.stats.capture_failures += 1
+            self.failed.add(key)
             log.warning("capture of %s failed, serving it eagerly: %s", key, e)
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
@@ -218,6 +223,7 @@ class GraphCache:
         nbytes = max(0, torch.cuda.memory_reserved() - before)
         if not self.policy.fits(footprint):
             self.stats.capture_failures += 1
+            self.failed.add(key)
             log.warning("graph %s needs %d bytes, over the budget of %d", key, footprint,
                         self.policy.max_bytes)
             del graph, output

@@ -81,3 +81,31 @@ def test_rolling_cache_of_20_graphs_over_500_distinct_lengths():
         assert rolling.generate(p, 2, stop_ids=[]).tokens == eager.generate(p, 2, stop_ids=[]).tokens, n
         assert len(rolling.graphs.graphs) <= 20
     assert rolling.graphs.stats.evictions > 400
+
+
+def test_a_failed_capture_falls_back_to_eager_and_later_replays_stay_right():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    eager = Engine(small_model(), ByteTokenizer(), mode="eager", max_seq_len=512)
+    e = Engine(small_model(), ByteTokenizer(), mode="hybrid", max_seq_len=512,
+               coverage="16,64,128", capture="on-demand")
+    real_graph_fn = e._graph_fn
+
+    def faulty(key):
+        fn = real_graph_fn(key)
+        if key.phase == "prefill" and key.length == 64:
+            def syncs():  # a host sync cannot be captured: this capture must fail
+                out = fn()
+                out.sum().item()
+                return out
+            return syncs
+        return fn
+
+    e._graph_fn = faulty  # fault injection, the one place a fake is allowed
+    failures = e.graphs.stats.capture_failures
+    p = prompt(40, 4)  # bucket 64: its capture fails, the request runs eagerly
+    assert e.generate(p, 10, stop_ids=[]).tokens == eager.generate(p, 10, stop_ids=[]).tokens
+    assert e.graphs.stats.capture_failures == failures + 1
+    for n in (9, 100, 40):  # graphs captured after the failure replay correctly
+        q = prompt(n, n)
+        assert e.generate(q, 10, stop_ids=[]).tokens == eager.generate(q, 10, stop_ids=[]).tokens
+    assert e.graphs.stats.capture_failures == failures + 1  # a failed key is not retried

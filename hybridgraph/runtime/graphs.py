@@ -134,6 +134,17 @@ class CapturedGraph:
     nbytes: int
 
 
+def _stop_routing_to_pool(pool: Any) -> None:
+    """A capture that raised can leave the caching allocator sending this thread's
+    allocations into the graph's pool, and every later capture then refuses to start
+    ("already recording to mempool_id"). End that routing, as torch's own pool contexts
+    do on exit; if torch already ended it, there is nothing to do."""
+    try:
+        torch.cuda.memory._cuda_endAllocateToPool(torch.cuda.current_device(), pool)
+    except RuntimeError:
+        pass
+
+
 class GraphCache:
     """Capture, replay and evict CUDA graphs of step functions under the policy's limits."""
 
@@ -190,6 +201,7 @@ class GraphCache:
         t0 = time.perf_counter()
         torch.cuda.synchronize()
         before = torch.cuda.memory_reserved()
+        pool = self.pool if self.shared_pool else torch.cuda.graph_pool_handle()
         try:
             side = self.stream
             side.wait_stream(torch.cuda.current_stream())
@@ -205,7 +217,6 @@ class GraphCache:
             torch.cuda.reset_peak_memory_stats()
             allocated = torch.cuda.memory_allocated()
             graph = torch.cuda.CUDAGraph()
-            pool = self.pool if self.shared_pool else torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=pool, stream=side):
                 output = fn()
             torch.cuda.synchronize()
@@ -213,6 +224,7 @@ class GraphCache:
             self.stats.capture_failures += 1
             self.failed.add(key)
             log.warning("capture of %s failed, serving it eagerly: %s", key, e)
+            _stop_routing_to_pool(pool)
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             return None

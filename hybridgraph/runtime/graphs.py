@@ -134,17 +134,6 @@ class CapturedGraph:
     nbytes: int
 
 
-def _stop_routing_to_pool(pool: Any) -> None:
-    """A capture that raised can leave the caching allocator sending this thread's
-    allocations into the graph's pool, and every later capture then refuses to start
-    ("already recording to mempool_id"). End that routing, as torch's own pool contexts
-    do on exit; if torch already ended it, there is nothing to do."""
-    try:
-        torch.cuda.memory._cuda_endAllocateToPool(torch.cuda.current_device(), pool)
-    except RuntimeError:
-        pass
-
-
 class GraphCache:
     """Capture, replay and evict CUDA graphs of step functions under the policy's limits."""
 
@@ -224,7 +213,13 @@ class GraphCache:
             self.stats.capture_failures += 1
             self.failed.add(key)
             log.warning("capture of %s failed, serving it eagerly: %s", key, e)
-            _stop_routing_to_pool(pool)
+            # A capture that raised leaves the caching allocator routing this stream's
+            # allocations into its pool, and that pool then refuses every later capture
+            # ("already recording to mempool_id", seen on torch 2.11). Abandon both: later
+            # graphs go to a fresh pool on a fresh stream; graphs already held are intact.
+            self.stream = torch.cuda.Stream()
+            if self.shared_pool:
+                self.pool = torch.cuda.graph_pool_handle()
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             return None

@@ -8,6 +8,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from hybridgraph.server.protocol import DEFAULT_MAX_FRAME_BYTES
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny",
@@ -135,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a model over a Unix socket")
     _add_model_args(s)
     s.add_argument("--socket", required=True)
-    s.add_argument("--max-frame-bytes", type=int, default=1 << 20,
+    s.add_argument("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES,
                    help="refuse request frames larger than this, before reading them")
     s.add_argument("--drain-s", type=float, default=10.0,
                    help="on SIGTERM or shutdown, let in-flight requests finish for this "

@@ -319,9 +319,21 @@ class Engine:
                  for n in (lengths if lengths is not None else self.prefill_lengths)]
         return sorted(keys, key=lambda k: (k.batch * k.length, k.phase), reverse=True)
 
+    def check_capture_lengths(self, lengths: Sequence[int]) -> None:
+        """A capture request may only name prompt lengths this engine can serve: a graph
+        for a longer one would be picked as a "larger bucket" that no buffer can hold."""
+        if not lengths:
+            raise RequestError("lengths", "must name at least one prompt length")
+        for n in lengths:
+            if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n < self.max_seq_len:
+                raise RequestError("lengths", f"{n!r} is not a prompt length in "
+                                              f"[1, {self.max_seq_len - 1}]")
+
     def capture_ahead(self, lengths: Sequence[int] | None = None, progress: bool = False) -> int:
         """Capture the graphs for `lengths` (default: the coverage strategy). Returns how many
         graphs are held afterwards."""
+        if lengths is not None:
+            self.check_capture_lengths(lengths)
         if self.graphs is None:
             return 0
         keys = [k for k in self.graph_keys(lengths) if k not in self.graphs]

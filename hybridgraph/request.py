@@ -24,8 +24,9 @@ class SamplingParams:
     def validate(self) -> SamplingParams:
         if not isinstance(self.temperature, int | float) or not self.temperature >= 0:
             raise RequestError("temperature", f"must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise RequestError("top_k", f"must be an integer >= 0, got {self.top_k!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) \
+                or not 0 <= self.top_k < 2**31:
+            raise RequestError("top_k", f"must be an integer in [0, 2^31), got {self.top_k!r}")
         if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
             raise RequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)

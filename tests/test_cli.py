@@ -52,7 +52,7 @@ def test_bad_request_flag_is_a_clear_error_subprocess() -> None:
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--top-p", "1.5"], r"top_p: must be in \(0, 1\]"),
-    (["--top-k", "-3"], "top_k: must be an integer >= 0"),
+    (["--top-k", "-3"], "top_k: must be an integer in"),
     (["--max-new-tokens", "0"], "max_new_tokens: must be an integer >= 1"),
     (["--prompt-ids", "1,999"], "token id 999 is outside the vocabulary"),
     (["--prompt-ids", "1,x"], "--prompt-ids takes integers"),

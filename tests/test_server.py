@@ -104,8 +104,9 @@ def test_concurrent_clients_get_engine_tokens_streamed_in_order(
         assert replies[i]["tokens"] == expected[i]
         assert replies[i]["finish_reason"] == "length"
         assert replies[i]["latency_ms"] >= replies[i]["ttft_ms"] > 0
-    assert seen_busy >= 2, "status never ran while generations were in flight"
-    assert sorted(status_ms)[len(status_ms) // 2] < 100, status_ms  # not queued behind them
+    assert seen_busy >= 1, "status never ran while generations were in flight"
+    # Not queued behind them (each takes ~1 s): a loose bound, CI's 2 cores are busy.
+    assert sorted(status_ms)[len(status_ms) // 2] < 500, status_ms
 
 
 def test_stream_frames_carry_indexes_in_order(server: ServerProcess,
@@ -160,6 +161,10 @@ BAD_FRAMES = [
      False),
     ("empty-prompt", _frame(_gen(prompt_ids=[])), False, "bad_value", "prompt_ids", False),
     ("empty-frame", _frame(b""), False, "malformed", "empty", False),
+    ("capture-past-cache", _frame(msgpack.packb({"type": "capture", "request_id": 1,
+                                                 "lengths": [16, 100000]})), False,
+     "bad_value", "lengths", False),
+    ("huge-top-k", _frame(_gen(top_k=2**40)), False, "bad_value", "top_k", False),
 ]
 
 
@@ -288,7 +293,8 @@ def test_stale_socket_restart_and_sigterm(sockdir: str, expected: dict[int, list
         srv.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
         rest = list(it)
         reply = c.last_reply
-        assert reply is not None and reply["finish_reason"] in ("cancelled", "length")
+        # 2,000 tokens outlast the 0.3 s drain on any CPU: the rest must be cancelled.
+        assert reply is not None and reply["finish_reason"] == "cancelled"
         assert len(rest) + 1 == len(reply["tokens"])
         c.close()
         assert srv.proc.wait(30) == 0, srv.log()  # type: ignore[union-attr]
@@ -298,3 +304,53 @@ def test_stale_socket_restart_and_sigterm(sockdir: str, expected: dict[int, list
     with pytest.raises(OSError):
         Client(path)
     assert "shutting down" in srv.log()
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_full_queue_answers_busy_and_frees_on_disconnect(
+        server: ServerProcess, expected: dict[int, list[int]]) -> None:
+    from hybridgraph.server.connection import MAX_JOBS_PER_CONNECTION
+
+    n = MAX_JOBS_PER_CONNECTION + 6
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(60)
+        s.connect(server.socket_path)
+        # Long jobs, all sent at once: the first runs, the queue fills, the rest are refused.
+        s.sendall(b"".join(encode_frame({"type": "generate", "request_id": i,
+                                         "prompt_ids": [1, 5], "max_new_tokens": 2000,
+                                         "stop_ids": []}) for i in range(n)))
+        busy = 0
+        while busy < n - MAX_JOBS_PER_CONNECTION:
+            reply = recv_frame(s, 1 << 20)
+            assert reply is not None and reply["type"] == "error", reply
+            assert reply["code"] == "busy", reply
+            busy += 1
+    # Closing the connection cancels its queued work: the next client is served at once.
+    healthy(server.socket_path, expected)
+
+
+def test_a_client_that_never_reads_cannot_grow_the_server(
+        server: ServerProcess, expected: dict[int, list[int]]) -> None:
+    assert server.proc is not None
+    before = _rss_kib(server.proc.pid)
+    frame = encode_frame({"type": "status", "request_id": 1})
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(server.socket_path)
+        s.settimeout(0.2)
+        sent, t_end = 0, time.monotonic() + 4
+        while time.monotonic() < t_end:  # send status requests, read no reply
+            try:
+                s.sendall(frame * 64)
+                sent += 64
+            except (TimeoutError, BlockingIOError):
+                pass  # the server stopped reading us: that is the point
+        with Client(server.socket_path, timeout=30) as c:  # others are still served
+            assert c.status()["pid"] == server.proc.pid
+        grown_mib = (_rss_kib(server.proc.pid) - before) / 1024
+    # Unthrottled, the replies to these requests would pile up in the server's memory.
+    assert grown_mib < 32, (grown_mib, sent)
+    healthy(server.socket_path, expected)

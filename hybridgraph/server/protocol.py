@@ -49,6 +49,7 @@ BAD_VALUE = "bad_value"
 UNKNOWN_TYPE = "unknown_type"
 DUPLICATE_ID = "duplicate_request_id"
 SHUTTING_DOWN = "shutting_down"
+BUSY = "busy"                         # the queue is full: try again later
 INTERNAL = "internal"
 
 

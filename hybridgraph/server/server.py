@@ -23,8 +23,16 @@ import time
 from typing import Any
 
 from hybridgraph.engine import Engine, RequestError, SamplingParams
+from hybridgraph.server.connection import (
+    MAX_JOBS_PER_CONNECTION,
+    MAX_QUEUED_JOBS,
+    Connection,
+    Job,
+)
 from hybridgraph.server.protocol import (
     BAD_VALUE,
+    BUSY,
+    DEFAULT_MAX_FRAME_BYTES,
     DUPLICATE_ID,
     HEADER,
     INTERNAL,
@@ -38,7 +46,6 @@ from hybridgraph.server.protocol import (
     ShutdownRequest,
     StatusRequest,
     decode_body,
-    encode_frame,
     error_reply,
     frame_length,
     parse_request,
@@ -50,39 +57,9 @@ log = logging.getLogger("hybridgraph.server")
 IDLE_CAPTURE_BUDGET_S = 0.05  # short, so a request arriving mid-capture waits little
 
 
-class Connection:
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
-        self.jobs: dict[RequestId, Job] = {}
-        self.open = True
-
-    def send(self, msg: dict[str, Any]) -> None:
-        if not self.open or self.writer.is_closing():
-            return
-        self.writer.write(encode_frame(msg))
-
-    def drop(self) -> int:
-        """The peer is gone: cancel its work. Returns how many jobs were cancelled."""
-        self.open = False
-        for job in self.jobs.values():
-            job.cancelled = True
-        return len(self.jobs)
-
-
-class Job:
-    __slots__ = ("req", "conn", "prompt_ids", "t_recv", "t_start", "t_first", "n_tokens",
-                 "cancelled")
-
-    def __init__(self, req: GenerateRequest | CaptureRequest, conn: Connection,
-                 prompt_ids: list[int] | None, t_recv: float) -> None:
-        self.req, self.conn, self.prompt_ids = req, conn, prompt_ids
-        self.t_recv, self.t_start, self.t_first = t_recv, 0.0, 0.0
-        self.n_tokens = 0
-        self.cancelled = False  # set on the loop, read by the worker's token callback
-
-
 class Server:
-    def __init__(self, engine: Engine, socket_path: str, max_frame_bytes: int = 1 << 20,
+    def __init__(self, engine: Engine, socket_path: str,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  drain_s: float = 10.0) -> None:
         self.engine, self.path = engine, socket_path
         self.max_frame_bytes, self.drain_s = max_frame_bytes, drain_s
@@ -184,6 +161,9 @@ class Server:
                     msg = decode_body(body)
                     try:
                         self._dispatch(conn, msg, t_recv)
+                        # Read this client's next request only once its replies are out:
+                        # a client that sends without reading slows only itself.
+                        await writer.drain()
                     except ProtocolError:
                         raise
                     except Exception as e:  # a bug here must not cost this or other clients
@@ -226,13 +206,23 @@ class Server:
             if rid in conn.jobs:
                 raise ProtocolError(DUPLICATE_ID, f"request_id {rid!r} is already in flight on "
                                                   f"this connection", "request_id", rid)
-            prompt = self._admit(req) if isinstance(req, GenerateRequest) else None
+            if len(conn.jobs) >= MAX_JOBS_PER_CONNECTION or self.jobs.qsize() >= MAX_QUEUED_JOBS:
+                raise ProtocolError(BUSY, f"too many requests queued ({len(conn.jobs)} on this "
+                                          f"connection, {self.jobs.qsize()} in all); retry later",
+                                    None, rid)
+            prompt = self._admit(req)
             job = Job(req, conn, prompt, t_recv)
             conn.jobs[rid] = job
             self.jobs.put(job)
 
-    def _admit(self, req: GenerateRequest) -> list[int]:
+    def _admit(self, req: GenerateRequest | CaptureRequest) -> list[int] | None:
         """Refuse a bad request now, rather than after it waited in the queue."""
+        if isinstance(req, CaptureRequest):
+            try:
+                self.engine.check_capture_lengths(req.lengths)
+            except RequestError as e:
+                raise ProtocolError(BAD_VALUE, str(e), "lengths", req.request_id) from None
+            return None
         try:
             ids = req.prompt_ids if req.prompt_ids is not None else \
                 self.engine.tokenizer.encode(req.text or "")

@@ -185,6 +185,15 @@ def test_measure_ipc(server: ServerProcess) -> None:
     assert m["ipc_median_ms"] > 0 and m["ipc_p99_ms"] >= m["ipc_median_ms"]
 
 
+def test_a_timed_out_client_closes_rather_than_misreading_later(server: ServerProcess) -> None:
+    c = Client(server.socket_path, timeout=0.05)
+    with pytest.raises(TimeoutError):  # a 1,500-token generation outlasts 50 ms
+        c.generate(prompt_ids=[1, 9], max_new_tokens=1500, stop_ids=[])
+    with pytest.raises(OSError):  # closed: the late reply can't be mistaken for another's
+        c.status()
+
+
+
 def test_shutdown_request_stops_server(server: ServerProcess) -> None:
     with Client(server.socket_path) as c:
         c.shutdown()

@@ -30,6 +30,7 @@ def coverage_suite(cfg: BenchConfig, engines: Engines) -> list[Table]:
                "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms"])
     lengths = list(range(1, cfg.coverage_max_len + 1))
     plans = [(s, True) for s in cfg.coverage_strategies] + [(cfg.pool_strategy, False)]
+    engines.model()  # load the weights first: build_s times the engine, not the load
     for strategy, shared in plans:
         engines.release()
         t0 = time.perf_counter()

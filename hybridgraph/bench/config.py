@@ -32,7 +32,6 @@ class BenchConfig:
     p99_lengths: list[int] = field(default_factory=lambda: [10, 100, 250, 500])
     p99_runs: int = 100
     ablation_lengths: list[int] = field(default_factory=lambda: [10, 100, 250, 500])
-    ablation_new: int = 128
     ablation_decode_runs: int = 3
     coverage_strategies: list[str] = field(default_factory=lambda: ["exact", "every:10", "pow2"])
     coverage_max_len: int = 500
@@ -64,7 +63,7 @@ def from_args(args: argparse.Namespace) -> BenchConfig:
         cfg = BenchConfig(model="tiny", device="cpu", dtype="float32", quick=True,
                           ttft_lengths=[10, 50, 100], ttft_runs=5, warmup=1, decode_runs=2,
                           p99_lengths=[10, 100], p99_runs=100, ablation_lengths=[10, 100],
-                          ablation_new=32, ablation_decode_runs=2,
+                          ablation_decode_runs=2,
                           coverage_strategies=["every:10", "pow2"], coverage_max_len=64,
                           coverage_runs=1, batch_sizes=[1, 4], batch_runs=2, peer_runs=3,
                           peer_decode_runs=1, ipc_requests=200)

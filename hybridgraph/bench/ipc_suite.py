@@ -37,7 +37,9 @@ def ipc_suite(cfg: BenchConfig) -> list[Table]:
             try:
                 r: dict[str, Any] = dict(measure_ipc(srv.socket_path, cfg.ipc_requests))
             except Exception as e:  # the server's log explains more than the client's error
-                raise SuiteUnavailable(f"measure_ipc failed: {type(e).__name__}: {e}") from e
+                # A failed measurement is a failure (FAILED in the summary), not a skip.
+                raise RuntimeError(f"measure_ipc failed: {type(e).__name__}: {e}\n"
+                                   f"{srv.log()[-2000:]}") from e
     n = int(r.pop("n", cfg.ipc_requests))
     t = Table("ipc", f"IPC overhead: {n} one-token requests through a server process "
                      f"({'hybrid' if cfg.is_cuda else 'eager'} engine)",

@@ -113,7 +113,7 @@ def ablation_suite(cfg: BenchConfig, engines: Engines, floor_ms: float) -> list[
     ttft = Table("ablation_ttft", f"Ablation: TTFT per mode ({cfg.ttft_runs} runs each)",
                  ["mode", "prompt_len", "runs", "median_ms", "mean_ms", "std_ms", "p99_ms"])
     dec = Table("ablation_decode", f"Ablation: decode per mode (prompt {cfg.decode_prompt}, "
-                                   f"{cfg.ablation_new} new tokens, "
+                                   f"{cfg.decode_new} new tokens, "
                                    f"{cfg.ablation_decode_runs} runs)",
                 ["mode", "tokens", "ms_per_token", "std_ms", "p99_ms", "tokens_per_s",
                  "floor_ms", "floor_frac"])
@@ -128,7 +128,7 @@ def ablation_suite(cfg: BenchConfig, engines: Engines, floor_ms: float) -> list[
                 s = summarize(ttft_samples(engine, make_prompt(n, vocab), cfg.ttft_runs,
                                            cfg.warmup, bar))
                 ttft.add(mode, n, s["n"], s["median"], s["mean"], s["std"], s["p99"])
-        runs = decode_samples(engine, make_prompt(cfg.decode_prompt, vocab), cfg.ablation_new,
+        runs = decode_samples(engine, make_prompt(cfg.decode_prompt, vocab), cfg.decode_new,
                               cfg.ablation_decode_runs)
         per_run = [float(np.mean(r)) for r in runs]
         pooled = summarize([x for r in runs for x in r])

@@ -104,7 +104,13 @@ class Client:
         if held:
             return held.popleft()
         while True:
-            msg = recv_frame(self.sock, self.max_frame_bytes)
+            try:
+                msg = recv_frame(self.sock, self.max_frame_bytes)
+            except OSError:
+                # A timeout or error mid-frame leaves the byte stream out of step: this
+                # connection can't be trusted again, so close it rather than misread later.
+                self.close()
+                raise
             if msg is None:
                 raise ConnectionError("the server closed the connection")
             mrid = msg.get("request_id")

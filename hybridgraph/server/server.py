@@ -118,9 +118,15 @@ class Server:
         while self._in_flight() and self.loop.time() < deadline:
             await asyncio.sleep(0.01)
         self.jobs.put(None)
-        for conn in list(self.conns):
-            conn.writer.close()  # flushes what is buffered first
-        await asyncio.sleep(0)
+        conns = list(self.conns)
+        for conn in conns:
+            conn.writer.close()  # flushes what is buffered first...
+        # ...which takes the loop a few turns: let final replies reach their clients.
+        try:
+            await asyncio.wait_for(asyncio.gather(*(c.writer.wait_closed() for c in conns),
+                                                  return_exceptions=True), timeout=2.0)
+        except TimeoutError:
+            pass  # a client that reads nothing must not keep the server from exiting
         self.done.set()
 
     def _unlink(self) -> None:

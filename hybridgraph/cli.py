@@ -47,13 +47,19 @@ def _engine_from_args(args: argparse.Namespace):
                        max_graph_bytes=args.max_graph_bytes, progress=True)
 
 
+def _given_ids(args: argparse.Namespace) -> list[int] | None:
+    """--prompt-ids parsed, or None when the prompt is text."""
+    if args.prompt_ids is None:
+        return None
+    try:
+        return [int(x) for x in args.prompt_ids.replace(",", " ").split()]
+    except ValueError:
+        raise SystemExit("error: --prompt-ids takes integers separated by commas or spaces") from None
+
+
 def _prompt_ids(args: argparse.Namespace, tokenizer) -> list[int]:
-    if args.prompt_ids is not None:
-        try:
-            return [int(x) for x in args.prompt_ids.replace(",", " ").split()]
-        except ValueError:
-            raise SystemExit("error: --prompt-ids takes integers separated by commas or spaces") from None
-    return tokenizer.encode(args.prompt)
+    ids = _given_ids(args)
+    return ids if ids is not None else tokenizer.encode(args.prompt)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -61,11 +67,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         # Before any engine import: a client process never loads torch.
         from hybridgraph.server.client import Client, ServerError
 
-        ids = ([int(x) for x in args.prompt_ids.replace(",", " ").split()]
-               if args.prompt_ids is not None else None)
+        ids = _given_ids(args)
         try:
             with Client(args.server) as client:
-                reply = client.generate(prompt_ids=ids, text=None if ids else args.prompt,
+                reply = client.generate(prompt_ids=ids, text=args.prompt if ids is None else None,
                                         max_new_tokens=args.max_new_tokens,
                                         temperature=args.temperature, top_k=args.top_k,
                                         top_p=args.top_p, seed=args.seed)

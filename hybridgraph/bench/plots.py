@@ -76,7 +76,7 @@ def plot_decode(res: Results, out: Path) -> str | None:
     if "peers_decode" in t:
         for r in t["peers_decode"].records():
             ax.axhline(r["ms_per_token"], linestyle="-.", color="gray", alpha=0.8)
-            ax.annotate(f"{r['system']} (mean)", (ax.get_xlim()[0], r["ms_per_token"]),
+            ax.annotate(f"{r['system']} (from generate totals)", (ax.get_xlim()[0], r["ms_per_token"]),
                         fontsize=7, va="bottom")
     ax.set(xlabel="context (tokens)", ylabel="decode latency (ms/token)", yscale="log")
     ax.grid(True, which="both", alpha=0.3)

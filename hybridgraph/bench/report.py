@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from hybridgraph.bench.hw import floor_frac
 from hybridgraph.bench.table import Results, Table
 
 LONG_TABLES = ("decode_tokens",)
@@ -116,7 +117,7 @@ def headline(res: Results) -> Table | None:
     def row(system: str, tt: dict[int, float], d: float | None) -> None:
         d = nan if d is None else d
         t.add(system, tt.get(lo, nan), tt.get(hi, nan), d, 1e3 / d if d > 0 else nan,
-              floor / d if d > 0 else nan)
+              floor_frac(d, floor))
 
     row(name, ttft, dec)
     for mode, (tt, d) in _ablation(res).items():

@@ -25,10 +25,6 @@ class Table:
             raise ValueError(f"{self.name}: {len(values)} values for {len(self.columns)} columns")
         self.rows.append(list(values))
 
-    def column(self, name: str) -> list[Any]:
-        i = self.columns.index(name)
-        return [r[i] for r in self.rows]
-
     def records(self) -> list[dict[str, Any]]:
         return [dict(zip(self.columns, r, strict=True)) for r in self.rows]
 

@@ -21,7 +21,8 @@ def prompt(n: int, seed: int) -> list[int]:
 def test_memory_comes_back_after_eviction():
     model = small_model()
     for shared in (True, False):
-        e = Engine(model, ByteTokenizer(), mode="graph", max_seq_len=1024, capture="none",
+        # max_seq_len 1025: the longest prompt a cache of n positions takes is n - 1.
+        e = Engine(model, ByteTokenizer(), mode="graph", max_seq_len=1025, capture="none",
                    shared_pool=shared)
         # One capture first: the capture stream's library state (cuBLAS workspace) is made
         # once per cache and stays; what must come back is everything graphs hold.

@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from hybridgraph.engine_config import EngineConfig
 from hybridgraph.server.protocol import DEFAULT_MAX_FRAME_BYTES
 
 
@@ -15,18 +16,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny",
                    help="preset (tiny, llama-2-7b, tinyllama-1.1b, mistral-7b, llama-3.1-8b) "
                         "or a local HF model directory")
-    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--mode", default="auto", choices=["auto", "eager", "jit", "graph", "hybrid"],
-                   help="auto: hybrid on CUDA, eager on CPU")
-    p.add_argument("--backend", default="compile", choices=["compile", "torchscript", "eager"],
-                   help="JIT backend of the dynamic ops in jit/hybrid modes")
-    p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default 2048)")
-    p.add_argument("--max-batch", type=int, default=1)
-    p.add_argument("--coverage", default="pow2", help="prefill graphs: exact | every:N | pow2 | a,b,c")
-    p.add_argument("--capture", default="ahead", choices=["ahead", "on-demand", "background", "none"])
-    p.add_argument("--max-graphs", type=int, default=None)
-    p.add_argument("--max-graph-bytes", type=int, default=None)
+    EngineConfig.add_args(p)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -40,11 +30,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 def _engine_from_args(args: argparse.Namespace):
     from hybridgraph.engine import Engine
 
-    return Engine.load(args.model, device=args.device, dtype=args.dtype, mode=args.mode,
-                       backend=args.backend, max_batch=args.max_batch,
-                       max_seq_len=args.max_seq_len, coverage=args.coverage,
-                       capture=args.capture, max_graphs=args.max_graphs,
-                       max_graph_bytes=args.max_graph_bytes, progress=True)
+    return Engine.load(args.model, config=EngineConfig.from_args(args, progress=True))
 
 
 def _given_ids(args: argparse.Namespace) -> list[int] | None:

@@ -1,10 +1,7 @@
-"""Engine: prefill + decode loop over the model, in one of four modes.
+"""Engine: prefill + decode loop over the model, in one of four modes (runtime/modes.py).
 
-| mode   | forward              | preprocessing + sampling                     |
-| eager  | eager PyTorch        | eager                                        |
-| jit    | eager PyTorch        | JIT-compiled                                 |
-| graph  | CUDA-graph replay    | eager                                        |
-| hybrid | CUDA-graph replay    | JIT-compiled, sampling captured in decode    |
+Graphs belong to the runner (runtime/runner.py): the engine asks it to plan a step, fills
+the step buffers to the planned shape, and has it run the step, replayed or eager.
 
 On CUDA the decode loop runs one step ahead of the host: step i+1 is launched before
 token i is read back, so the GPU never waits for Python between tokens. A stop costs at
@@ -13,80 +10,74 @@ most one wasted step, whose writes land past the request's last position.
 
 from __future__ import annotations
 
-import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 
+from hybridgraph.engine_config import DTYPE_NAMES, EngineConfig
 from hybridgraph.model.llama import Transformer
 from hybridgraph.model.loader import load_model
 from hybridgraph.model.tokenizer import Tokenizer
 from hybridgraph.request import GenerationResult, RequestError, SamplingParams, TokenCallback
 from hybridgraph.runtime.dynamic import choose_bucket, dynamic_ops, pow2_buckets
 from hybridgraph.runtime.graphs import GraphCache, GraphKey, parse_coverage
+from hybridgraph.runtime.modes import MODES, auto_mode, capture_policy, mode_spec
+from hybridgraph.runtime.runner import GraphRunner
 from hybridgraph.runtime.step import StepBuffers, Steps, TokenReader
 
-log = logging.getLogger(__name__)
+__all__ = ["DTYPES", "MODES", "Engine", "EngineConfig", "GenerationResult", "RequestError",
+           "SamplingParams"]
 
-__all__ = ["DTYPES", "MODES", "Engine", "GenerationResult", "RequestError", "SamplingParams"]
-
-MODES = ("eager", "jit", "graph", "hybrid")
-CAPTURE_MODES = ("ahead", "on-demand", "background", "none")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 PAD_ID = 0
 
 
 class Engine:
     """Serves one model. It allocates the model's KV cache and captures graphs over it, so
     a model belongs to one live Engine at a time: a second Engine over the same model
-    replaces the cache under the first one's graphs."""
+    replaces the cache under the first one's graphs.
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, mode: str = "auto",
-                 backend: str = "compile", max_batch: int = 1, max_seq_len: int | None = None,
-                 coverage: str = "pow2", capture: str = "ahead", max_graphs: int | None = None,
-                 max_graph_bytes: int | None = None, shared_pool: bool = True,
-                 progress: bool = False) -> None:
+    Options come as an EngineConfig, or as its fields by keyword (which build one).
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer,
+                 config: EngineConfig | None = None, **options: Any) -> None:
+        cfg = replace(config or EngineConfig(), **options)
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.device = model.tok_embeddings.weight.device
         self.dtype = model.tok_embeddings.weight.dtype
-        if mode == "auto":
-            mode = "hybrid" if self.device.type == "cuda" else "eager"
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
-        if mode in ("graph", "hybrid") and self.device.type != "cuda":
-            raise ValueError(f"mode {mode!r} needs a CUDA device; use eager or jit on {self.device}")
-        if capture not in CAPTURE_MODES:
-            raise ValueError(f"unknown capture mode {capture!r}; choose from {CAPTURE_MODES}")
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
-        if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 2):
-            raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
-        self.mode, self.capture_mode = mode, capture
-        self.ops = dynamic_ops(backend if mode in ("jit", "hybrid") else "eager")
-        self.max_batch = max_batch
-        self.max_seq_len = min(max_seq_len if max_seq_len is not None else 2048,
+        self.mode = auto_mode(self.device.type) if cfg.mode == "auto" else cfg.mode
+        self.spec = mode_spec(self.mode)
+        if self.spec.needs_cuda and self.device.type != "cuda":
+            raise ValueError(f"mode {self.mode!r} needs a CUDA device; use eager or jit on "
+                             f"{self.device}")
+        self.engine_config = cfg = replace(cfg, mode=self.mode)
+        self.ops = dynamic_ops(cfg.backend if self.spec.jit_ops else "eager")
+        self.max_batch = cfg.max_batch
+        self.max_seq_len = min(cfg.max_seq_len if cfg.max_seq_len is not None else 2048,
                                self.config.max_position_embeddings)
-        model.setup_caches(max_batch, self.max_seq_len)
-        self.bufs = StepBuffers(max_batch, self.max_seq_len, self.device)
-        # hybrid with the compile backend: the forward is JIT-compiled too, then captured.
-        self.steps = Steps(model, self.bufs,
-                           compile_forward=mode == "hybrid" and self.ops.backend == "compile")
-        self.reader = TokenReader(max_batch, self.device)
-        self.batch_buckets = pow2_buckets(1, max_batch)
-        self.windows = pow2_buckets(min(256, self.max_seq_len), self.max_seq_len)
-        self.coverage = coverage
-        self.prefill_lengths = parse_coverage(coverage, self.max_seq_len)
-        self.graphs: GraphCache | None = None
-        self.pending: set[GraphKey] = set()   # captures deferred to idle time
+        model.setup_caches(self.max_batch, self.max_seq_len)
+        self.bufs = StepBuffers(self.max_batch, self.max_seq_len, self.device)
+        # With the compile backend, a compiled-forward mode (hybrid) compiles the blocks too.
+        self.steps = Steps(model, self.bufs, compile_forward=self.spec.compiled_forward
+                           and self.ops.backend == "compile")
+        self.reader = TokenReader(self.max_batch, self.device)
+        self.batch_buckets = pow2_buckets(1, self.max_batch)
+        self.runner = GraphRunner(
+            self.steps, self.ops, self.spec, capture_policy(cfg.capture),
+            batch_buckets=self.batch_buckets,
+            windows=pow2_buckets(min(256, self.max_seq_len), self.max_seq_len),
+            prefill_lengths=parse_coverage(cfg.coverage, self.max_seq_len),
+            max_graphs=cfg.max_graphs, max_graph_bytes=cfg.max_graph_bytes,
+            shared_pool=cfg.shared_pool)
         self.requests_served = 0
-        if mode in ("graph", "hybrid"):
-            self.graphs = GraphCache(max_graphs, max_graph_bytes, shared_pool)
-            if capture == "ahead":
-                self.capture_ahead(progress=progress)
-        if mode != "eager":
+        if self.runner.policy.ahead:
+            self.runner.capture_ahead(progress=cfg.progress)
+        if self.spec.jit_ops or self.spec.uses_graphs:
             self.warmup()
 
     def warmup(self) -> None:
@@ -99,17 +90,42 @@ class Engine:
         self.requests_served = 0
 
     @classmethod
-    def load(cls, model: str, device: str = "auto", dtype: str = "auto", seed: int = 0,
-             **kwargs: Any) -> Engine:
-        """A preset name or local HF directory -> a ready Engine."""
+    def load(cls, model: str, device: str | None = None, dtype: str | None = None,
+             seed: int | None = None, config: EngineConfig | None = None,
+             **options: Any) -> Engine:
+        """A preset name or local HF directory -> a ready Engine. device, dtype and seed
+        (of a random preset's weights), where given, win over the config's."""
+        cfg = replace(config or EngineConfig(), **options)
+        given = {"device": device, "dtype": dtype, "weights_seed": seed}
+        cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
+        device = cfg.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = cfg.dtype
         if dtype == "auto":
             dtype = "float16" if device.startswith("cuda") else "float32"
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-        m, tok = load_model(model, device, DTYPES[dtype], seed=seed)
-        return cls(m, tok, **kwargs)
+        m, tok = load_model(model, device, DTYPES[dtype], seed=cfg.weights_seed)
+        return cls(m, tok, cfg)
+
+    # ---------------------------------------------------------------- graph access
+
+    @property
+    def graphs(self) -> GraphCache | None:
+        """The runner's graph store, for inspection (None in modes without graphs)."""
+        return self.runner.cache
+
+    @property
+    def pending(self) -> set[GraphKey]:
+        """Graphs that steps missed, waiting for `run_pending_captures`."""
+        return self.runner.pending
+
+    @property
+    def capture_mode(self) -> str:
+        return self.engine_config.capture
+
+    @property
+    def coverage(self) -> str:
+        return self.engine_config.coverage
 
     # ------------------------------------------------------------------ validation
 
@@ -226,15 +242,11 @@ class Engine:
 
     def _prefill(self, prompts: Sequence[Sequence[int]], lengths: list[int], b: int,
                  kind: str) -> None:
-        """Fit prompts to a shape, run the forward (replayed or eager), sample token 0."""
-        longest = max(lengths)
-        entry, t = None, longest
-        if self.graphs is not None:
-            want = GraphKey("prefill", b, choose_bucket(longest, self.prefill_lengths), "none")
-            found = self._find_graph(want)
-            if found is not None:
-                entry, t = self.graphs.graphs[found], found.length
-        host = torch.full((len(prompts), longest), PAD_ID, dtype=torch.int64)
+        """Fit prompts to the planned shape, run the forward (replayed or eager), sample
+        token 0."""
+        plan = self.runner.plan("prefill", b, max(lengths), kind)
+        t = plan.length
+        host = torch.full((len(prompts), max(lengths)), PAD_ID, dtype=torch.int64)
         for r, p in enumerate(prompts):
             host[r, :len(p)] = torch.tensor(p, dtype=torch.int64)
         ids = host.to(self.device, non_blocking=True)
@@ -242,82 +254,13 @@ class Engine:
         padded, last = self.ops.fit_to_bucket(ids, lens, b, t, PAD_ID)
         self.bufs.prompt_ids[:b, :t].copy_(padded)
         self.bufs.last_idx[:b].copy_(last)
-        if entry is not None:
-            entry.graph.replay()
-            logits = entry.output
-        else:
-            logits = self.steps.forward_prefill(b, t)
-        self.steps.finish_prefill(logits, b, self.ops.sampler(kind))
+        self.runner.run(plan)
 
     def _decode(self, b: int, max_pos: int, kind: str) -> None:
         """One decode step for rows [:b]; the newest token of any row sits at <= max_pos."""
-        if self.graphs is None:
-            logits = self.steps.forward_decode(b, max_pos + 1)
-            self.steps.finish_decode(logits, b, self.ops.sampler(kind))
-            return
-        window = choose_bucket(max_pos + 1, self.windows)
-        key = self._decode_key(b, window, kind)
-        found = self._find_graph(key)
-        if found is None:
-            logits = self.steps.forward_decode(b, window)
-            self.steps.finish_decode(logits, b, self.ops.sampler(kind))
-            return
-        entry = self.graphs.graphs[found]
-        entry.graph.replay()
-        if self.mode == "graph":
-            self.steps.finish_decode(entry.output, b, self.ops.sampler(kind))
-
-    def _decode_key(self, b: int, window: int, kind: str) -> GraphKey:
-        return GraphKey("decode", b, window, kind if self.mode == "hybrid" else "none")
-
-    def _find_graph(self, key: GraphKey) -> GraphKey | None:
-        assert self.graphs is not None
-        found = self.graphs.lookup(key)  # a larger bucket serves too: padding is masked
-        if found is not None:
-            return found
-        if self.capture_mode == "on-demand":
-            if self._capture(key) is not None:
-                return key
-        elif self.capture_mode == "background":
-            self.pending.add(key)
-        self.graphs.stats.fallbacks += 1
-        return None
+        self.runner.run(self.runner.plan("decode", b, max_pos + 1, kind))
 
     # --------------------------------------------------------------------- capture
-
-    def _graph_fn(self, key: GraphKey) -> Callable[[], Any]:
-        steps, b, n = self.steps, key.batch, key.length
-        if key.phase == "prefill":
-            return lambda: steps.forward_prefill(b, n)
-        if self.mode == "graph":
-            return lambda: steps.forward_decode(b, n)
-        sampler = self.ops.sampler(key.sampler)
-        return lambda: steps.finish_decode(steps.forward_decode(b, n), b, sampler)
-
-    def _capture(self, key: GraphKey) -> Any:
-        """Capture without disturbing a request in flight: warm-ups run on a snapshot of the
-        step state, restored before the capture and after it."""
-        assert self.graphs is not None
-        bufs, snap = self.bufs, self.bufs.snapshot()
-
-        def prepare() -> None:
-            bufs.restore(snap)
-            if key.phase == "prefill":  # a stale last index may lie past this bucket
-                bufs.last_idx.clamp_(max=key.length - 1)
-
-        with torch.inference_mode():
-            entry = self.graphs.capture(key, self._graph_fn(key), prepare=prepare)
-        bufs.restore(snap)
-        return entry
-
-    def graph_keys(self, lengths: Sequence[int] | None = None) -> list[GraphKey]:
-        """Every graph the coverage strategy asks for, largest first (one shared pool)."""
-        samplers = ("greedy", "sample") if self.mode == "hybrid" else ("none",)
-        keys = [GraphKey("decode", b, w, s) for b in self.batch_buckets for w in self.windows
-                for s in samplers]
-        keys += [GraphKey("prefill", b, n, "none") for b in self.batch_buckets
-                 for n in (lengths if lengths is not None else self.prefill_lengths)]
-        return sorted(keys, key=lambda k: (k.batch * k.length, k.phase), reverse=True)
 
     def check_capture_lengths(self, lengths: Sequence[int]) -> None:
         """A capture request may only name prompt lengths this engine can serve: a graph
@@ -334,27 +277,11 @@ class Engine:
         graphs are held afterwards."""
         if lengths is not None:
             self.check_capture_lengths(lengths)
-        if self.graphs is None:
-            return 0
-        keys = [k for k in self.graph_keys(lengths) if k not in self.graphs]
-        if lengths is not None:
-            keys = [k for k in keys if k.phase == "prefill"]
-        if progress:
-            from tqdm import tqdm
-            keys = tqdm(keys, desc="capturing graphs", unit="graph")
-        for key in keys:
-            self._capture(key)
-        return len(self.graphs.graphs)
+        return self.runner.capture_ahead(lengths, progress)
 
     def run_pending_captures(self, budget_s: float = 0.5) -> int:
         """Capture graphs that requests missed, for up to budget_s (call when idle)."""
-        done, t0 = 0, time.perf_counter()
-        while self.pending and time.perf_counter() - t0 < budget_s:
-            key = self.pending.pop()
-            if self.graphs is not None and key not in self.graphs:
-                self._capture(key)
-                done += 1
-        return done
+        return self.runner.capture_pending(budget_s)
 
     # ----------------------------------------------------------------------- status
 
@@ -365,9 +292,9 @@ class Engine:
             "max_batch": self.max_batch, "max_seq_len": self.max_seq_len,
             "coverage": self.coverage, "requests_served": self.requests_served,
         }
-        if self.graphs is not None:
-            out["graphs"] = {"held": len(self.graphs.graphs), "pending": len(self.pending),
-                             **self.graphs.stats.as_dict()}
+        graphs = self.runner.stats()
+        if graphs is not None:
+            out["graphs"] = graphs
         if self.device.type == "cuda":
             out["gpu_memory"] = {"allocated": torch.cuda.memory_allocated(self.device),
                                  "reserved": torch.cuda.memory_reserved(self.device),

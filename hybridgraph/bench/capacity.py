@@ -36,9 +36,8 @@ def coverage_suite(cfg: BenchConfig, engines: Engines) -> list[Table]:
         t0 = time.perf_counter()
         engine = engines.get("hybrid", coverage=strategy, shared_pool=shared)
         build_s = time.perf_counter() - t0
-        assert engine.graphs is not None
         stats = engine.stats()["graphs"]
-        prefill = sum(1 for k in engine.graphs.graphs if k.phase == "prefill")
+        prefill = sum(1 for k in engine.runner.held_keys() if k.phase == "prefill")
         vocab = engine.config.vocab_size
         samples: list[float] = []
         desc = f"coverage {strategy} {'shared' if shared else 'per-graph'}"

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hybridgraph.engine import MODES
+from hybridgraph.engine_config import EngineConfig
+from hybridgraph.runtime.modes import MODE_SPECS
 
 
 @dataclass
@@ -55,6 +56,12 @@ class BenchConfig:
     def is_cuda(self) -> bool:
         return self.device.startswith("cuda")
 
+    def engine_config(self, mode: str, **options: object) -> EngineConfig:
+        """The config of an engine this run builds: its device, dtype and max_seq_len unless
+        `options` say otherwise, with a capture progress bar."""
+        base = {"max_seq_len": self.max_seq_len, "progress": True, **options}
+        return EngineConfig(mode=mode, device=self.device, dtype=self.dtype, **base)
+
 
 def from_args(args: argparse.Namespace) -> BenchConfig:
     device = getattr(args, "device", "auto") or "auto"
@@ -75,6 +82,6 @@ def from_args(args: argparse.Namespace) -> BenchConfig:
     if args.runs is not None:
         cfg.ttft_runs = args.runs
     cuda = cfg.device.startswith("cuda")
-    # graph and hybrid replay CUDA graphs: they exist only where CUDA does.
-    cfg.modes = [m for m in MODES if cuda or m in ("eager", "jit")]
+    # Modes that replay CUDA graphs exist only where CUDA does.
+    cfg.modes = [name for name, spec in MODE_SPECS.items() if cuda or not spec.needs_cuda]
     return cfg

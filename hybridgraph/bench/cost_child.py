@@ -12,7 +12,7 @@ import time
 import torch
 
 from hybridgraph.bench.table import make_prompt
-from hybridgraph.engine import DTYPES, Engine
+from hybridgraph.engine import DTYPES, Engine, EngineConfig
 from hybridgraph.model.loader import load_model
 
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t1 = time.perf_counter()
-    engine = Engine(model, tok, mode=args.mode, max_seq_len=args.max_seq_len)
+    engine = Engine(model, tok, EngineConfig(mode=args.mode, max_seq_len=args.max_seq_len))
     _sync(device)
     ready_s = time.perf_counter() - t1
     res = engine.generate(make_prompt(10, engine.config.vocab_size), 1, stop_ids=[])

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from hybridgraph.bench.config import BenchConfig
-from hybridgraph.engine import DTYPES, Engine
+from hybridgraph.engine import DTYPES, Engine, EngineConfig
 from hybridgraph.model.loader import load_model
 from hybridgraph.model.tokenizer import Tokenizer
 
@@ -34,7 +34,7 @@ class Engines:
         self._model: Any = None
         self._tokenizer: Tokenizer | None = None
         self._engine: Engine | None = None
-        self._key: tuple[Any, ...] | None = None
+        self._key: EngineConfig | None = None
 
     def model(self) -> tuple[Any, Tokenizer]:
         if self._model is None:
@@ -42,18 +42,17 @@ class Engines:
         assert self._tokenizer is not None
         return self._model, self._tokenizer
 
-    def get(self, mode: str, **kwargs: Any) -> Engine:
-        """An engine in `mode` with max_seq_len from the config unless given; kwargs as
-        Engine's. The same request twice returns the same engine (no rebuild)."""
-        kwargs.setdefault("max_seq_len", self.cfg.max_seq_len)
-        key = (mode, tuple(sorted(kwargs.items())))
-        if self._engine is not None and self._key == key:
+    def get(self, mode: str, **options: Any) -> Engine:
+        """An engine in `mode` (options: EngineConfig fields over BenchConfig.engine_config).
+        The same request twice returns the same engine (no rebuild)."""
+        config = self.cfg.engine_config(mode, **options)
+        if self._engine is not None and self._key == config:
             return self._engine
         self.release()
         model, tok = self.model()
-        log.info("building %s engine %s", mode, kwargs)
-        self._engine = Engine(model, tok, mode=mode, progress=True, **kwargs)
-        self._key = key
+        log.info("building %s engine %s", mode, options)
+        self._engine = Engine(model, tok, config)
+        self._key = config
         return self._engine
 
     def release(self) -> None:

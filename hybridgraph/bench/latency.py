@@ -116,7 +116,7 @@ def ablation_suite(cfg: BenchConfig, engines: Engines, floor_ms: float) -> list[
                                    f"{cfg.decode_new} new tokens, "
                                    f"{cfg.ablation_decode_runs} runs)",
                 ["mode", "tokens", "ms_per_token", "std_ms", "p99_ms", "tokens_per_s",
-                 "floor_ms", "floor_frac"])
+                 "floor_ms", "floor_frac", "graphs"])
     # The engine already built for the default mode goes first, so it is not rebuilt.
     modes = sorted(cfg.modes, key=lambda m: m != cfg.default_mode)
     for mode in modes:
@@ -133,9 +133,13 @@ def ablation_suite(cfg: BenchConfig, engines: Engines, floor_ms: float) -> list[
         per_run = [float(np.mean(r)) for r in runs]
         pooled = summarize([x for r in runs for x in r])
         ms = float(np.median(per_run))
+        graphs = engine.stats().get("graphs", {}).get("held", 0)
         dec.add(mode, len(runs[0]), ms, pooled["std"], pooled["p99"], 1e3 / ms, floor_ms,
-                floor_frac(ms, floor_ms))
-    dec.notes.append("ms_per_token: median over runs of each run's mean per-token latency.")
+                floor_frac(ms, floor_ms), graphs)
+    dec.notes.append("ms_per_token: median over runs of each run's mean per-token latency. "
+                     "floor_ms: the run's decode floor (weight bytes read per token / measured "
+                     "copy bandwidth). graphs: CUDA graphs the mode's engine held. Start-up "
+                     "cost per mode, in a fresh process each: the cost suite.")
     if not cfg.is_cuda:
         note = ("graph and hybrid modes replay CUDA graphs and were skipped: "
                 "this run has no CUDA device.")

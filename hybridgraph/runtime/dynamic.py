@@ -16,9 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-BACKENDS = ("compile", "torchscript", "eager")
-
-
+from hybridgraph.runtime.modes import BACKENDS
 
 # ----------------------------------------------------------------------------- buckets
 

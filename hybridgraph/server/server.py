@@ -365,11 +365,9 @@ def serve_main(args: argparse.Namespace) -> int:
     except ServeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, mode=args.mode,
-                         backend=args.backend, max_batch=args.max_batch,
-                         max_seq_len=args.max_seq_len, coverage=args.coverage,
-                         capture=args.capture, max_graphs=args.max_graphs,
-                         max_graph_bytes=args.max_graph_bytes, progress=True)
+    from hybridgraph.engine_config import EngineConfig
+
+    engine = Engine.load(args.model, config=EngineConfig.from_args(args, progress=True))
     server = Server(engine, args.socket, args.max_frame_bytes,
                     getattr(args, "drain_s", 10.0))
     try:

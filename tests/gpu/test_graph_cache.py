@@ -89,10 +89,10 @@ def test_a_failed_capture_falls_back_to_eager_and_later_replays_stay_right():
     eager = Engine(small_model(), ByteTokenizer(), mode="eager", max_seq_len=512)
     e = Engine(small_model(), ByteTokenizer(), mode="hybrid", max_seq_len=512,
                coverage="16,64,128", capture="on-demand")
-    real_graph_fn = e._graph_fn
+    real_step_fn = e.runner.step_fn
 
     def faulty(key):
-        fn = real_graph_fn(key)
+        fn = real_step_fn(key)
         if key.phase == "prefill" and key.length == 64:
             def syncs():  # a host sync cannot be captured: this capture must fail
                 out = fn()
@@ -101,7 +101,7 @@ def test_a_failed_capture_falls_back_to_eager_and_later_replays_stay_right():
             return syncs
         return fn
 
-    e._graph_fn = faulty  # fault injection, the one place a fake is allowed
+    e.runner.step_fn = faulty  # fault injection, the one place a fake is allowed
     failures = e.graphs.stats.capture_failures
     p = prompt(40, 4)  # bucket 64: its capture fails, the request runs eagerly
     assert e.generate(p, 10, stop_ids=[]).tokens == eager.generate(p, 10, stop_ids=[]).tokens

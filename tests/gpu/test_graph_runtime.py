@@ -35,7 +35,7 @@ def test_prefill_replay_matches_eager_across_buckets(graph_engine):
     e = graph_engine
     for length in (1, 5, 16, 40, 100, 300):
         ids = prompt(length, length)
-        bucket = min(b for b in e.prefill_lengths if b >= length)
+        bucket = min(b for b in e.runner.prefill_lengths if b >= length)
         key = GraphKey("prefill", 1, bucket, "none")
         assert key in e.graphs
         e.bufs.prompt_ids[0].zero_()

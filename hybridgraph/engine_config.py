@@ -1,0 +1,86 @@
+"""EngineConfig: every option of an Engine in one typed, validated value.
+
+The CLI (generate, serve), the server's `serve_main` and the benchmarks all build engines
+from it; `add_args` is the one place its command-line flags are defined and `from_args`
+the one place they are read back. No torch import here: the CLI's parser is built without
+loading torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from typing import Any
+
+from hybridgraph.runtime.modes import BACKENDS, CAPTURE_MODES, MODES, mode_spec
+
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    mode: str = "auto"                 # auto: hybrid on CUDA, eager elsewhere
+    backend: str = "compile"           # JIT backend of the dynamic ops (jit, hybrid)
+    max_batch: int = 1
+    max_seq_len: int | None = None     # KV cache positions; None: 2048, capped by the model
+    coverage: str = "pow2"             # prefill lengths that get graphs
+    capture: str = "ahead"             # when graphs are captured (runtime.modes.CAPTURE_POLICIES)
+    max_graphs: int | None = None
+    # Graph memory budget in bytes. None: in graph modes, a fraction of the GPU memory free
+    # once weights and KV cache are in (runtime.runner.GRAPH_MEMORY_FRACTION).
+    max_graph_bytes: int | None = None
+    shared_pool: bool = True           # all graphs capture into one memory pool
+    progress: bool = False             # a progress bar while capturing ahead
+    # Only Engine.load reads these three: where the weights go, and random presets' seed.
+    device: str = "auto"               # auto: cuda if present, else cpu
+    dtype: str = "auto"                # auto: float16 on CUDA, float32 elsewhere
+    weights_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode != "auto":
+            mode_spec(self.mode)  # raises, naming the choices
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown dynamic backend {self.backend!r}; choose from {BACKENDS}")
+        if self.capture not in CAPTURE_MODES:
+            raise ValueError(f"unknown capture mode {self.capture!r}; "
+                             f"choose from {CAPTURE_MODES}")
+        if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPE_NAMES)}")
+        _check_int("max_batch", self.max_batch, 1)
+        _check_int("max_seq_len", self.max_seq_len, 2, optional=True)
+        _check_int("max_graphs", self.max_graphs, 1, optional=True)
+        _check_int("max_graph_bytes", self.max_graph_bytes, 1, optional=True)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> EngineConfig:
+        """The config from a namespace parsed with `add_args` (fields it lacks keep their
+        defaults); `overrides` win over both."""
+        given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**{**given, **overrides})
+
+    @staticmethod
+    def add_args(p: argparse.ArgumentParser) -> None:
+        """The engine's command-line flags (every field but progress and weights_seed)."""
+        p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
+        p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES])
+        p.add_argument("--mode", default="auto", choices=["auto", *MODES],
+                       help="auto: hybrid on CUDA, eager on CPU")
+        p.add_argument("--backend", default="compile", choices=list(BACKENDS),
+                       help="JIT backend of the dynamic ops in jit/hybrid modes")
+        p.add_argument("--max-seq-len", type=int, default=None,
+                       help="KV cache length (default 2048)")
+        p.add_argument("--max-batch", type=int, default=1)
+        p.add_argument("--coverage", default="pow2",
+                       help="prefill graphs: exact | every:N | pow2 | a,b,c")
+        p.add_argument("--capture", default="ahead", choices=list(CAPTURE_MODES))
+        p.add_argument("--max-graphs", type=int, default=None)
+        p.add_argument("--max-graph-bytes", type=int, default=None,
+                       help="graph memory budget (default: half the GPU memory free after "
+                            "the weights and KV cache)")
+
+
+def _check_int(name: str, value: Any, low: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")

@@ -1,0 +1,105 @@
+"""EngineConfig: flags in one place, from_args, validation naming the field; the mode and
+capture tables; the same config building engines for the CLI, the server and the bench."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from hybridgraph.bench.config import from_args as bench_from_args
+from hybridgraph.cli import build_parser
+from hybridgraph.engine import Engine
+from hybridgraph.engine_config import EngineConfig
+from hybridgraph.model.loader import load_model
+from hybridgraph.runtime.modes import CAPTURE_POLICIES, MODE_SPECS, MODES, mode_spec
+
+
+def test_cli_flags_become_the_config() -> None:
+    args = build_parser().parse_args([
+        "generate", "--mode", "jit", "--backend", "torchscript", "--max-batch", "4",
+        "--max-seq-len", "128", "--coverage", "every:8", "--capture", "on-demand",
+        "--max-graphs", "9", "--max-graph-bytes", "1000", "--device", "cpu",
+        "--dtype", "bfloat16", "--seed", "7"])
+    cfg = EngineConfig.from_args(args, progress=True)
+    assert cfg == EngineConfig(mode="jit", backend="torchscript", max_batch=4, max_seq_len=128,
+                               coverage="every:8", capture="on-demand", max_graphs=9,
+                               max_graph_bytes=1000, device="cpu", dtype="bfloat16",
+                               progress=True)
+    assert cfg.weights_seed == 0   # --seed is the sampling seed, not the weights'
+
+
+def test_serve_takes_the_same_flags() -> None:
+    gen = build_parser().parse_args(["generate"])
+    serve = build_parser().parse_args(["serve", "--socket", "/tmp/x.sock"])
+    assert EngineConfig.from_args(gen) == EngineConfig.from_args(serve) == EngineConfig()
+
+
+def test_a_namespace_without_some_fields_keeps_their_defaults() -> None:
+    cfg = EngineConfig.from_args(argparse.Namespace(mode="eager", unrelated=1))
+    assert cfg == EngineConfig(mode="eager")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"mode": "turbo"}, "unknown mode 'turbo'"),
+    ({"backend": "tvm"}, "unknown dynamic backend 'tvm'"),
+    ({"capture": "later"}, "unknown capture mode 'later'"),
+    ({"dtype": "float64"}, "unknown dtype 'float64'"),
+    ({"max_batch": 0}, "max_batch must be an integer >= 1, got 0"),
+    ({"max_batch": True}, "max_batch must be an integer"),
+    ({"max_seq_len": 1}, "max_seq_len must be an integer >= 2, got 1"),
+    ({"max_graphs": 0}, "max_graphs must be an integer >= 1"),
+    ({"max_graph_bytes": -5}, "max_graph_bytes must be an integer >= 1"),
+    ({"max_graph_bytes": 1.5}, "max_graph_bytes must be an integer"),
+])
+def test_bad_values_name_the_field(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**change)
+    with pytest.raises(ValueError, match=message):
+        replace(EngineConfig(), **change)   # a copy is validated too
+
+
+def test_mode_table() -> None:
+    assert MODES == ("eager", "jit", "graph", "hybrid")
+    assert [m for m in MODES if mode_spec(m).uses_graphs] == ["graph", "hybrid"]
+    assert [m for m in MODES if mode_spec(m).jit_ops] == ["jit", "hybrid"]
+    assert [m for m in MODES if mode_spec(m).sampling_in_graph] == ["hybrid"]
+    assert all(s.needs_cuda == s.uses_graphs for s in MODE_SPECS.values())
+    with pytest.raises(ValueError, match="unknown mode 'x'"):
+        mode_spec("x")
+
+
+def test_capture_table() -> None:
+    assert [c for c, p in CAPTURE_POLICIES.items() if p.ahead] == ["ahead"]
+    assert {c: p.on_miss for c, p in CAPTURE_POLICIES.items()} == {
+        "ahead": "eager", "on-demand": "capture", "background": "defer", "none": "eager"}
+
+
+def test_engine_takes_a_config_or_its_fields() -> None:
+    model, tok = load_model("tiny", "cpu", seed=0)
+    cfg = EngineConfig(mode="jit", backend="eager", max_seq_len=64)
+    a = Engine(model, tok, cfg)
+    assert (a.mode, a.ops.backend, a.max_seq_len) == ("jit", "eager", 64)
+    assert a.engine_config == cfg
+    b = Engine(model, tok, cfg, max_batch=2)   # keywords override the config's fields
+    assert (b.mode, b.max_batch) == ("jit", 2)
+    c = Engine(model, tok, max_seq_len=64)     # auto mode resolves by device, and is recorded
+    assert c.mode == c.engine_config.mode == "eager"
+
+
+def test_load_takes_a_config() -> None:
+    engine = Engine.load("tiny", config=EngineConfig(device="cpu", max_seq_len=32))
+    assert (str(engine.device), engine.max_seq_len) == ("cpu", 32)
+    assert engine.engine_config.dtype == "auto"
+    assert str(engine.dtype) == "torch.float32"
+
+
+def test_bench_builds_engines_from_the_config() -> None:
+    cfg = bench_from_args(argparse.Namespace(quick=True, runs=None, device="auto",
+                                             model="tiny", dtype="float32"))
+    assert cfg.modes == ["eager", "jit"]   # no CUDA here: no graph modes
+    ec = cfg.engine_config("jit", coverage="8")
+    assert ec == EngineConfig(mode="jit", device="cpu", dtype="float32",
+                              max_seq_len=cfg.max_seq_len, coverage="8", progress=True)

@@ -1,0 +1,171 @@
+"""GraphRunner on the CPU: keys, lookup with larger-bucket fallback, the miss policies,
+capture pending, and that replayed and eager steps give the eager engine's tokens.
+
+CUDA graphs need a GPU, so a stand-in store "captures" a step by keeping its function and
+"replays" it into the first call's output tensors: the runner's own logic (which graph,
+which shape, what a miss does, what runs after the graph) is what is under test here. The
+real capture and replay are tested in tests/gpu/.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from hybridgraph.engine import Engine
+from hybridgraph.model.loader import load_model
+from hybridgraph.runtime.graphs import CapturedGraph, GraphKey, GraphPolicy, GraphStats
+from hybridgraph.runtime.modes import CAPTURE_POLICIES, MODE_SPECS
+from hybridgraph.runtime.runner import GraphRunner
+
+MAX_SEQ = 64
+PROMPTS = [[1, 72, 101, 108, 108, 111], [1] + list(range(40, 60)), [1, 9]]
+
+
+class ReplayedFn:
+    """Stands in for a CUDA graph: replay re-runs the function into the same output."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn, self.output = fn, fn()
+
+    def replay(self) -> None:
+        out = self.fn()
+        if out is not None:
+            self.output.copy_(out)
+
+
+class StandInCache:
+    """GraphCache's interface over the real GraphPolicy, without CUDA."""
+
+    def __init__(self, fail: set[GraphKey] | None = None) -> None:
+        self.policy = GraphPolicy()
+        self.graphs: dict[GraphKey, CapturedGraph] = {}
+        self.fail = fail or set()
+
+    @property
+    def stats(self) -> GraphStats:
+        return self.policy.stats
+
+    def lookup(self, key: GraphKey) -> GraphKey | None:
+        return self.policy.lookup(key)
+
+    def __contains__(self, key: GraphKey) -> bool:
+        return key in self.graphs
+
+    def capture(self, key: GraphKey, fn: Callable[[], Any],
+                prepare: Callable[[], None] | None = None) -> CapturedGraph | None:
+        if key in self.fail:
+            self.stats.capture_failures += 1
+            return None
+        if prepare is not None:
+            prepare()
+        graph = ReplayedFn(fn)
+        self.graphs[key] = entry = CapturedGraph(graph, graph.output, 1)  # type: ignore[arg-type]
+        self.policy.add(key, 1)
+        self.stats.captures += 1
+        return entry
+
+
+def engine_with_runner(mode: str, capture: str, cache: StandInCache,
+                       coverage: list[int] | None = None) -> Engine:
+    """An eager CPU engine whose runner acts as `mode`'s, over the stand-in store."""
+    model, tok = load_model("tiny", "cpu", seed=0)
+    engine = Engine(model, tok, mode="eager", max_batch=4, max_seq_len=MAX_SEQ)
+    old = engine.runner
+    engine.runner = GraphRunner(engine.steps, engine.ops, MODE_SPECS[mode],
+                                CAPTURE_POLICIES[capture], batch_buckets=old.batch_buckets,
+                                windows=[16, 32, MAX_SEQ],
+                                prefill_lengths=coverage or old.prefill_lengths,
+                                cache=cache)  # type: ignore[arg-type]
+    return engine
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[list[int]]:
+    model, tok = load_model("tiny", "cpu", seed=0)
+    engine = Engine(model, tok, mode="eager", max_batch=4, max_seq_len=MAX_SEQ)
+    return [r.tokens for r in engine.generate_batch(PROMPTS, 20, stop_ids=[])]
+
+
+def test_keys_bucket_and_name_the_sampler_only_inside_graphs() -> None:
+    hybrid = engine_with_runner("hybrid", "none", StandInCache()).runner
+    graph = engine_with_runner("graph", "none", StandInCache()).runner
+    assert hybrid.key("prefill", 2, 5, "sample") == GraphKey("prefill", 2, 8, "none")
+    assert hybrid.key("decode", 1, 17, "sample") == GraphKey("decode", 1, 32, "sample")
+    assert graph.key("decode", 1, 17, "sample") == GraphKey("decode", 1, 32, "none")
+    keys = hybrid.keys([8])
+    assert {k.sampler for k in keys if k.phase == "decode"} == {"greedy", "sample"}
+    assert {k.length for k in keys if k.phase == "prefill"} == {8}
+    assert [k.batch * k.length for k in keys] == sorted((k.batch * k.length for k in keys),
+                                                        reverse=True)
+
+
+def test_no_graphs_means_exact_shapes() -> None:
+    model, tok = load_model("tiny", "cpu", seed=0)
+    runner = Engine(model, tok, mode="eager", max_seq_len=MAX_SEQ).runner
+    assert runner.cache is None and runner.stats() is None
+    plan = runner.plan("decode", 1, 17, "greedy")
+    assert (plan.served, plan.length) == (None, 17)
+    assert runner.capture_ahead() == 0
+
+
+@pytest.mark.parametrize("mode", ["graph", "hybrid"])
+def test_replayed_steps_give_the_eager_tokens(mode: str, reference: list[list[int]]) -> None:
+    cache = StandInCache()
+    engine = engine_with_runner(mode, "on-demand", cache)
+    out = [r.tokens for r in engine.generate_batch(PROMPTS, 20, stop_ids=[])]
+    assert out == reference
+    assert cache.stats.captures > 0 and cache.stats.fallbacks == 0
+    before = cache.stats.captures
+    assert [r.tokens for r in engine.generate_batch(PROMPTS, 20, stop_ids=[])] == reference
+    assert cache.stats.captures == before and cache.stats.hits > 0   # all replays now
+
+
+def test_a_larger_bucket_serves_and_the_prompt_is_padded_to_it(
+        reference: list[list[int]]) -> None:
+    cache = StandInCache()
+    engine = engine_with_runner("hybrid", "none", cache, coverage=[4, 8, 32, MAX_SEQ])
+    engine.runner.capture(GraphKey("prefill", 1, 32, "none"))
+    plan = engine.runner.plan("prefill", 1, 6, "greedy")
+    assert plan.key == GraphKey("prefill", 1, 8, "none")     # 6's own bucket: not held
+    assert (plan.served, plan.length) == (GraphKey("prefill", 1, 32, "none"), 32)
+    assert engine.generate(PROMPTS[0], 20, stop_ids=[]).tokens == reference[0]
+
+
+def test_background_defers_the_capture_and_runs_eagerly(reference: list[list[int]]) -> None:
+    cache = StandInCache()
+    engine = engine_with_runner("hybrid", "background", cache)
+    plan = engine.runner.plan("decode", 1, 17, "greedy")
+    assert plan.served is None and plan.length == 32          # eager at the window's shape
+    assert GraphKey("decode", 1, 32, "greedy") in engine.pending
+    assert cache.stats.fallbacks == 1 and cache.stats.captures == 0
+    engine.pending.clear()
+    assert engine.generate(PROMPTS[0], 20, stop_ids=[]).tokens == reference[0]
+    assert cache.stats.captures == 0 and engine.pending
+    while engine.pending:
+        engine.run_pending_captures(budget_s=10)
+    fallbacks = cache.stats.fallbacks
+    assert engine.generate(PROMPTS[0], 20, stop_ids=[]).tokens == reference[0]
+    assert cache.stats.fallbacks == fallbacks                 # served by graphs now
+
+
+def test_a_failed_capture_runs_eagerly_at_the_prompts_own_length(
+        reference: list[list[int]]) -> None:
+    bad = GraphKey("prefill", 1, 8, "none")
+    cache = StandInCache(fail={bad})
+    engine = engine_with_runner("graph", "on-demand", cache)
+    plan = engine.runner.plan("prefill", 1, 6, "greedy")
+    assert (plan.key, plan.served, plan.length) == (bad, None, 6)
+    assert cache.stats.capture_failures == 1 and cache.stats.fallbacks == 1
+    assert engine.generate(PROMPTS[0], 20, stop_ids=[]).tokens == reference[0]
+
+
+def test_stats_report_the_store() -> None:
+    cache = StandInCache()
+    engine = engine_with_runner("hybrid", "on-demand", cache)
+    engine.generate(PROMPTS[2], 4, stop_ids=[])
+    graphs = engine.stats()["graphs"]
+    assert graphs["held"] == len(cache.graphs) > 0
+    assert graphs["captures"] == cache.stats.captures and graphs["pending"] == 0

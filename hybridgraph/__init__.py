@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Client", "AsyncClient", "Engine", "SamplingParams", "GenerationResult"]
+__all__ = ["Client", "AsyncClient", "Engine", "EngineConfig", "SamplingParams",
+           "GenerationResult"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so `import hybridgraph` stays cheap and a client never imports the model layer.
-    if name in ("Engine", "SamplingParams", "GenerationResult"):
+    if name in ("Engine", "EngineConfig", "SamplingParams", "GenerationResult"):
         from hybridgraph import engine
 
         return getattr(engine, name)

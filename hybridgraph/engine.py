@@ -26,7 +26,7 @@ from hybridgraph.request import GenerationResult, RequestError, SamplingParams, 
 from hybridgraph.runtime.dynamic import choose_bucket, dynamic_ops, pow2_buckets
 from hybridgraph.runtime.graphs import GraphCache, GraphKey, parse_coverage
 from hybridgraph.runtime.modes import MODES, auto_mode, capture_policy, mode_spec
-from hybridgraph.runtime.runner import GraphRunner
+from hybridgraph.runtime.runner import GraphRunner, decode_windows
 from hybridgraph.runtime.step import StepBuffers, Steps, TokenReader
 
 __all__ = ["DTYPES", "MODES", "Engine", "EngineConfig", "GenerationResult", "RequestError",
@@ -70,7 +70,7 @@ class Engine:
         self.runner = GraphRunner(
             self.steps, self.ops, self.spec, capture_policy(cfg.capture),
             batch_buckets=self.batch_buckets,
-            windows=pow2_buckets(min(256, self.max_seq_len), self.max_seq_len),
+            windows=decode_windows(self.max_seq_len),
             prefill_lengths=parse_coverage(cfg.coverage, self.max_seq_len),
             max_graphs=cfg.max_graphs, max_graph_bytes=cfg.max_graph_bytes,
             shared_pool=cfg.shared_pool)

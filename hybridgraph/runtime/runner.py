@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from hybridgraph.runtime.dynamic import DynamicOps, choose_bucket
+from hybridgraph.runtime.dynamic import DynamicOps, choose_bucket, pow2_buckets
 from hybridgraph.runtime.graphs import CapturedGraph, GraphCache, GraphKey
 from hybridgraph.runtime.modes import CapturePolicy, ModeSpec
 from hybridgraph.runtime.step import Steps
@@ -33,6 +33,13 @@ GRAPH_MEMORY_FRACTION = 0.5
 def default_graph_bytes(device: torch.device) -> int:
     free, _total = torch.cuda.mem_get_info(device)
     return max(1, int(free * GRAPH_MEMORY_FRACTION))
+
+
+def decode_windows(max_seq_len: int) -> list[int]:
+    """Attention windows that decode graphs are keyed by: powers of two from 256 (or the
+    cache length, if smaller) up to the cache length, so a step past position 256 reads
+    at most twice the keys it needs, not the whole cache."""
+    return pow2_buckets(min(256, max_seq_len), max_seq_len)
 
 
 class StepPlan(NamedTuple):

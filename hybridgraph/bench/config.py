@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hybridgraph.engine_config import EngineConfig
-from hybridgraph.runtime.modes import MODE_SPECS
+from hybridgraph.runtime.modes import MODE_SPECS, auto_mode
 
 
 @dataclass
@@ -50,7 +50,8 @@ class BenchConfig:
 
     @property
     def default_mode(self) -> str:
-        return "hybrid" if "hybrid" in self.modes else "eager"
+        """The mode `--mode auto` picks on this run's device."""
+        return auto_mode("cuda" if self.is_cuda else "cpu")
 
     @property
     def is_cuda(self) -> bool:

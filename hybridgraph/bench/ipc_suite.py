@@ -42,7 +42,7 @@ def ipc_suite(cfg: BenchConfig) -> list[Table]:
                                    f"{srv.log()[-2000:]}") from e
     n = int(r.pop("n", cfg.ipc_requests))
     t = Table("ipc", f"IPC overhead: {n} one-token requests through a server process "
-                     f"({'hybrid' if cfg.is_cuda else 'eager'} engine)",
+                     f"({cfg.default_mode} engine)",
               ["metric", "median_ms", "p99_ms"])
     # measure_ipc reports <what>_median_ms / <what>_p99_ms pairs; keep any it adds later.
     for what in dict.fromkeys(k.rsplit("_", 2)[0] for k in r if k.endswith("_median_ms")):

@@ -13,12 +13,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
 
 from hybridgraph.engine import Engine
 from hybridgraph.model.loader import load_model
 from hybridgraph.runtime.graphs import CapturedGraph, GraphKey, GraphPolicy, GraphStats
 from hybridgraph.runtime.modes import CAPTURE_POLICIES, MODE_SPECS
-from hybridgraph.runtime.runner import GraphRunner
+from hybridgraph.runtime.runner import GRAPH_MEMORY_FRACTION, GraphRunner, default_graph_bytes
 
 MAX_SEQ = 64
 PROMPTS = [[1, 72, 101, 108, 108, 111], [1] + list(range(40, 60)), [1, 9]]
@@ -169,3 +170,11 @@ def test_stats_report_the_store() -> None:
     graphs = engine.stats()["graphs"]
     assert graphs["held"] == len(cache.graphs) > 0
     assert graphs["captures"] == cache.stats.captures and graphs["pending"] == 0
+
+
+def test_default_graph_budget_is_a_fraction_of_free_memory(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 << 30, 80 << 30))
+    assert default_graph_bytes(torch.device("cuda")) == int(GRAPH_MEMORY_FRACTION * (8 << 30))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 80 << 30))
+    assert default_graph_bytes(torch.device("cuda")) == 1   # a budget, never "no limit"

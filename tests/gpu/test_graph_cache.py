@@ -7,6 +7,7 @@ import torch
 
 from hybridgraph.engine import Engine
 from hybridgraph.model.tokenizer import ByteTokenizer
+from hybridgraph.runtime.runner import GRAPH_MEMORY_FRACTION
 
 from .conftest import SMALL, needs_cuda, small_model
 
@@ -110,3 +111,15 @@ def test_a_failed_capture_falls_back_to_eager_and_later_replays_stay_right():
         q = prompt(n, n)
         assert e.generate(q, 10, stop_ids=[]).tokens == eager.generate(q, 10, stop_ids=[]).tokens
     assert e.graphs.stats.capture_failures == failures + 1  # a failed key is not retried
+
+
+def test_default_budget_is_a_fraction_of_free_memory():
+    e = Engine(small_model(), ByteTokenizer(), mode="graph", max_seq_len=256, capture="none")
+    free, _ = torch.cuda.mem_get_info()
+    budget = e.stats()["graphs"]["max_bytes"]
+    # Measured at construction, after the weights and KV cache: free memory has hardly
+    # moved since (no graphs captured), so the budget is about that fraction of it now.
+    assert 0.9 * GRAPH_MEMORY_FRACTION * free <= budget <= 1.1 * GRAPH_MEMORY_FRACTION * free
+    given = Engine(small_model(), ByteTokenizer(), mode="graph", max_seq_len=256,
+                   capture="none", max_graph_bytes=12345)
+    assert given.stats()["graphs"]["max_bytes"] == 12345

@@ -8,6 +8,7 @@ rows [:b].
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -15,6 +16,10 @@ from torch import Tensor
 
 from hybridgraph.model.llama import Block, Transformer
 from hybridgraph.runtime.dynamic import Sampler
+
+log = logging.getLogger(__name__)
+
+KERNELS = ("inductor", "triton")
 
 
 class StepBuffers:
@@ -64,19 +69,41 @@ class Steps:
     `forward_*` is the static part (the transformer); `finish_*` samples and advances the
     state (the dynamic part). Modes differ only in which halves are graph-captured, and
     whether the forward's blocks are compiled.
+
+    kernels="triton" runs the decode blocks on the Triton kernels (model/fast_decode.py)
+    when they pass their self-check on this device, else falls back to the blocks above and
+    logs why; `self.kernels` is what runs, `self.kernels_reason` why. `plan` (a
+    KernelPlan) picks projections and PDL; None takes the default.
     """
 
     def __init__(self, model: Transformer, bufs: StepBuffers, compile_forward: bool = False,
-                 ) -> None:
+                 kernels: str = "inductor", plan: object | None = None) -> None:
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
         self.model, self.bufs = model, bufs
         self.prefill_block, self.decode_block = (
             compiled_blocks() if compile_forward else (Block.prefill, Block.decode))
+        self.kernels, self.kernels_reason = "inductor", "asked for"
+        self.fast = None  # the TritonDecode in use, if any
+        if kernels == "triton":
+            from hybridgraph.model.fast_decode import triton_decode
+
+            fast, reason = triton_decode(model, bufs.ids.shape[0], plan)  # type: ignore[arg-type]
+            self.kernels_reason = reason
+            if fast is None:
+                log.warning("Triton decode kernels not used, decoding with the %s blocks: %s",
+                            "compiled" if compile_forward else "eager", reason)
+            else:
+                self.fast, self.decode_block, self.kernels = fast, fast.block, "triton"
+                log.info("decoding with the Triton kernels: %s", reason)
 
     def forward_prefill(self, b: int, t: int) -> Tensor:
         return self.model.prefill(self.bufs.prompt_ids[:b, :t], self.bufs.last_idx[:b],
                                   block=self.prefill_block)
 
     def forward_decode(self, b: int, window: int) -> Tensor:
+        if self.fast is not None:
+            return self.fast.forward(self.bufs.ids[:b], self.bufs.pos[:b], window)
         return self.model.decode(self.bufs.ids[:b], self.bufs.pos[:b], window,
                                  block=self.decode_block)
 

@@ -1,0 +1,133 @@
+"""Flash-decoding attention over the KV cache: one launch, split over keys, GQA grouped.
+
+Program (b, kv head, split) multiplies the REP query heads that share one kv head by the
+split's keys (so each key and value is read once, not REP times), with an online softmax
+in float32. Keys past pos[b] are neither read nor counted: a short sequence in a large
+window bucket reads only its own keys. The split that finishes a (b, kv head) last
+combines the splits' partial (max, sum, output) in split order and writes the result
+(workspace.py), so there is no second launch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from hybridgraph.kernels.workspace import Workspace
+
+
+@triton.jit
+def decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, ws_ptr, cnt_ptr,
+                            scale, WINDOW, KV_HEADS, MAX_SEQ, CHUNK,
+                            REP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                            BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+                            SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
+    bk = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bk // KV_HEADS
+    kvh = bk % KV_HEADS
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    dt = kc_ptr.dtype.element_ty
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, D_PAD)
+    offs_t = tl.arange(0, BLOCK_T)
+    mask_r = offs_r < REP
+    mask_d = offs_d < D
+    heads_d = KV_HEADS * REP * D
+    q_rows = q_ptr + b * heads_d + (kvh * REP + offs_r)[:, None] * D + offs_d[None, :]
+    q = tl.load(q_rows, mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+    pos = tl.load(pos_ptr + b)
+    start = split * CHUNK
+    end = tl.minimum(tl.minimum(start + CHUNK, pos + 1), WINDOW)
+    base = (b.to(tl.int64) * KV_HEADS + kvh) * MAX_SEQ * D
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, D_PAD], dtype=tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        t = t0 + offs_t
+        tm = t < end
+        kv_off = base + t[:, None] * D + offs_d[None, :]
+        kv_mask = tm[:, None] & mask_d[None, :]
+        k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0)
+        # Scores rounded to the model dtype first, as the model's fp16 matmul does.
+        s = tl.dot(q, tl.trans(k)).to(dt).to(tl.float32) * scale
+        s = tl.where(tm[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
+        m_i = m_new
+    out_rows = out_ptr + b * heads_d + (kvh * REP + offs_r)[:, None] * D + offs_d[None, :]
+    out_mask = mask_r[:, None] & mask_d[None, :]
+    if SPLITS == 1:
+        tl.store(out_rows, (acc / l_i[:, None]).to(dt), mask=out_mask)
+    else:
+        size = BLOCK_R * (D_PAD + 2)
+        offs_acc = offs_r[:, None] * D_PAD + offs_d[None, :]
+        mine = ws_ptr + (bk * SPLITS + split).to(tl.int64) * size
+        tl.store(mine + offs_acc, acc)
+        tl.store(mine + BLOCK_R * D_PAD + offs_r, m_i)
+        tl.store(mine + BLOCK_R * (D_PAD + 1) + offs_r, l_i)
+        tl.debug_barrier()  # every thread's partial is stored before the counter moves
+        done = tl.atomic_add(cnt_ptr + bk, 1, sem="acq_rel")
+        if done == SPLITS - 1:
+            m_all = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+            l_all = tl.zeros([BLOCK_R], dtype=tl.float32)
+            o_all = tl.zeros([BLOCK_R, D_PAD], dtype=tl.float32)
+            for j in range(SPLITS):
+                part = ws_ptr + (bk * SPLITS + j).to(tl.int64) * size
+                a_j = tl.load(part + offs_acc, cache_modifier=".cg")
+                m_j = tl.load(part + BLOCK_R * D_PAD + offs_r, cache_modifier=".cg")
+                l_j = tl.load(part + BLOCK_R * (D_PAD + 1) + offs_r, cache_modifier=".cg")
+                m_new = tl.maximum(m_all, m_j)  # split 0 always holds key 0: finite after j=0
+                c_old = tl.exp(m_all - m_new)
+                c_j = tl.exp(m_j - m_new)
+                l_all = l_all * c_old + l_j * c_j
+                o_all = o_all * c_old[:, None] + a_j * c_j[:, None]
+                m_all = m_new
+            tl.store(cnt_ptr + bk, 0)
+            tl.store(out_rows, (o_all / l_all[:, None]).to(dt), mask=out_mask)
+
+
+def attention_splits(batch: int, kv_heads: int, window: int, block_t: int,
+                     sms: int = 132) -> int:
+    """Splits over keys so the grid covers the GPU about twice, each at least one tile."""
+    splits = 1
+    while batch * kv_heads * splits < 2 * sms and window // (splits * 2) >= block_t:
+        splits *= 2
+    return splits
+
+
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, window: int,
+                     out: Tensor, ws: Workspace, *, block_t: int = 64, splits: int | None = None,
+                     num_warps: int = 4, pdl: bool = False) -> Tensor:
+    """q, out: [B, H*D] (model dtype); caches [max_batch, KV, max_seq, D]; pos: [B]."""
+    b = q.shape[0]
+    kv, max_seq, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    rep = q.shape[1] // (kv * d)
+    if rep * kv * d != q.shape[1]:
+        raise ValueError(f"decode_attention: q width {q.shape[1]} is not a multiple of "
+                         f"kv_heads * head_dim = {kv * d}")
+    if window > max_seq:
+        raise ValueError(f"decode_attention: window {window} exceeds the cache ({max_seq})")
+    splits = splits or attention_splits(b, kv, window, block_t)
+    chunk = triton.cdiv(triton.cdiv(window, splits), block_t) * block_t
+    splits = triton.cdiv(window, chunk)
+    block_r = max(16, triton.next_power_of_2(rep))
+    d_pad = max(16, triton.next_power_of_2(d))
+    if splits > 1:
+        ws.check(b * kv * splits * block_r * (d_pad + 2), b * kv, "decode_attention")
+    extra = {"launch_pdl": True} if pdl else {}
+    decode_attention_kernel[(b * kv, splits)](
+        q, k_cache, v_cache, pos, out, ws.partials, ws.counters,
+        1.0 / math.sqrt(d), window, kv, max_seq, chunk,
+        REP=rep, D=d, D_PAD=d_pad, BLOCK_R=block_r, BLOCK_T=block_t, SPLITS=splits,
+        USE_PDL=pdl, num_warps=num_warps, **extra)
+    return out

@@ -1,0 +1,323 @@
+"""Weight-streaming GEMV for 1-16 rows with fused prologue and epilogues.
+
+y[b, n] = sum_k x[b, k] * W[n, k], W row-major [N, K] (an nn.Linear weight). The rows
+are padded to 16 and multiplied on the tensor cores: at decode sizes the weights are the
+only traffic that matters, and tl.dot lets Triton pipeline them through shared memory.
+
+Each program owns two row sets of HALF rows, A and B, whose pairing is what the epilogue
+needs: a RoPE pair (d, d + D/2) of one head, a gate row and its up row, or simply two
+neighbouring half-tiles. Programs are also split over K (SPLIT_K); the split that
+finishes a tile last sums the float32 partials (fixed order: deterministic) and runs the
+epilogue, so split-K costs no second launch (see workspace.py).
+
+Prologue NORM: RMSNorm folded into the product, y = rstd * (W @ (norm_w * x)): the sum of
+squares is gathered in the main loop (and across splits by the reduce), so x is read once.
+(The rounding differs from the model's — x * norm_w is rounded, not x * rstd — by well
+under the dtype's tolerance; only a residual stream near the fp16 limit would overflow.)
+Epilogues:
+  EPI_PLAIN  out = y                               (out width N)
+  EPI_RESID  out = residual + y                    (the O and down projections)
+  EPI_SILU   out = silu(y[:, :I]) * y[:, I:]       (the fused gate/up projection, width I)
+  EPI_ROPE   q -> out with RoPE; k -> k cache with RoPE at pos[b]; v -> v cache at pos[b]
+Roundings follow the model's PyTorch code (each intermediate the model keeps in the model
+dtype is rounded to it here too), so the kernel matches it to the last bits, not just
+to a float32 reference.
+
+USE_PDL (Hopper programmatic dependent launch): the program first asks the L2 to prefetch
+the start of its weight slice (weights never change, so this may overlap the previous
+kernel), lets the next kernel launch, and only then waits for the previous kernel's writes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from hybridgraph.kernels.workspace import Workspace
+
+EPI_PLAIN, EPI_RESID, EPI_SILU, EPI_ROPE = 0, 1, 2, 3
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    # One prefetch per 128-byte line; the asm's dummy output keeps it from being dropped.
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b, mask_a, mask_b,
+              out_ptr, stride_out, res_ptr, stride_res, cos_ptr, sin_ptr, pos_ptr,
+              kc_ptr, vc_ptr, HEADS, KV_HEADS, MAX_SEQ, D_HALF,
+              EPI: tl.constexpr, HALF: tl.constexpr):
+    dt = out_ptr.dtype.element_ty
+    ma = mask_bb[:, None] & mask_a[None, :]
+    mb = mask_bb[:, None] & mask_b[None, :]
+    if EPI == 0:
+        tl.store(out_ptr + offs_b[:, None] * stride_out + rows_a[None, :], acc_a.to(dt), mask=ma)
+        tl.store(out_ptr + offs_b[:, None] * stride_out + rows_b[None, :], acc_b.to(dt), mask=mb)
+    elif EPI == 1:
+        ra = tl.load(res_ptr + offs_b[:, None] * stride_res + rows_a[None, :], mask=ma)
+        rb = tl.load(res_ptr + offs_b[:, None] * stride_res + rows_b[None, :], mask=mb)
+        tl.store(out_ptr + offs_b[:, None] * stride_out + rows_a[None, :],
+                 ra + acc_a.to(dt), mask=ma)
+        tl.store(out_ptr + offs_b[:, None] * stride_out + rows_b[None, :],
+                 rb + acc_b.to(dt), mask=mb)
+    elif EPI == 2:
+        g = acc_a.to(dt).to(tl.float32)
+        s = (g * tl.sigmoid(g)).to(dt).to(tl.float32)
+        h = (s * acc_b.to(dt).to(tl.float32)).to(dt)
+        tl.store(out_ptr + offs_b[:, None] * stride_out + rows_a[None, :], h, mask=ma)
+    else:
+        chunks = D_HALF // HALF
+        head = tile // chunks
+        col_a = (tile % chunks) * HALF + offs_h
+        a = acc_a.to(dt)
+        b = acc_b.to(dt)
+        d = 2 * D_HALF
+        if head < HEADS + KV_HEADS:
+            rope_a = offs_b[:, None] * d + col_a[None, :]
+            ca = tl.load(cos_ptr + rope_a, mask=ma)
+            sa = tl.load(sin_ptr + rope_a, mask=ma)
+            cb = tl.load(cos_ptr + rope_a + D_HALF, mask=ma)
+            sb = tl.load(sin_ptr + rope_a + D_HALF, mask=ma)
+            oa = a * ca + (-b) * sa
+            ob = b * cb + a * sb
+        else:
+            oa = a
+            ob = b
+        if head < HEADS:
+            dst = out_ptr + offs_b[:, None] * stride_out + head * d + col_a[None, :]
+            tl.store(dst, oa, mask=ma)
+            tl.store(dst + D_HALF, ob, mask=ma)
+        else:
+            pos = tl.load(pos_ptr + offs_b, mask=mask_bb, other=0)
+            kvh = (head - HEADS) % KV_HEADS
+            row = ((offs_b.to(tl.int64) * KV_HEADS + kvh) * MAX_SEQ + pos) * d
+            if head < HEADS + KV_HEADS:
+                dst = kc_ptr + row[:, None] + col_a[None, :]
+            else:
+                dst = vc_ptr + row[:, None] + col_a[None, :]
+            tl.store(dst, oa, mask=ma)
+            tl.store(dst + D_HALF, ob, mask=ma)
+
+
+@triton.jit
+def _rows(tile, offs_h, N, D_HALF, EPI: tl.constexpr, HALF: tl.constexpr):
+    """The two row sets of a tile, and which of their rows exist."""
+    if EPI == 2:  # gate rows and their up rows, N = I
+        rows_a = tile * HALF + offs_h
+        rows_b = rows_a + N
+        mask_a = rows_a < N
+        mask_b = mask_a
+    elif EPI == 3:  # the two halves of one head's RoPE pairs
+        chunks = D_HALF // HALF
+        rows_a = (tile // chunks) * (2 * D_HALF) + (tile % chunks) * HALF + offs_h
+        rows_b = rows_a + D_HALF
+        mask_a = offs_h < HALF
+        mask_b = mask_a
+    else:
+        rows_a = tile * (2 * HALF) + offs_h
+        rows_b = rows_a + HALF
+        mask_a = rows_a < N
+        mask_b = rows_b < N
+    return rows_a, rows_b, mask_a, mask_b
+
+
+@triton.jit
+def gemv_kernel(x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
+                cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, ws_ptr, cnt_ptr,
+                B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out, stride_res,
+                HEADS, KV_HEADS, MAX_SEQ, D_HALF,
+                NORM: tl.constexpr, EPI: tl.constexpr, SPLIT_K: tl.constexpr,
+                BLOCK_B: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr,
+                PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
+    # Work items (tile, split) are dealt round-robin over the programs: a grid smaller
+    # than the item count makes the kernel persistent, which evens out the last wave.
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs_h = tl.arange(0, HALF)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_b = tl.arange(0, BLOCK_B)
+    mask_bb = offs_b < B
+    size = BLOCK_B * HALF
+    item_floats = 2 * size + BLOCK_B
+    offs2 = offs_b[:, None] * HALF + offs_h[None, :]
+
+    if USE_PDL:
+        if PREFETCH > 0:  # the first item's weights: they never change, so no wait needed
+            rows_a, rows_b, mask_a, mask_b = _rows(pid // SPLIT_K, offs_h, N, D_HALF, EPI, HALF)
+            k0 = (pid % SPLIT_K) * K_SPLIT
+            lines = k0 + tl.arange(0, PREFETCH)[None, :] * 64
+            ok = (pid < TILES * SPLIT_K) & (lines < K)
+            _prefetch_l2(tl.where(mask_a[:, None] & ok,
+                                  w_ptr + rows_a.to(tl.int64)[:, None] * K + lines, w_ptr))
+            _prefetch_l2(tl.where(mask_b[:, None] & ok,
+                                  w_ptr + rows_b.to(tl.int64)[:, None] * K + lines, w_ptr))
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+
+    for item in range(pid, TILES * SPLIT_K, nprog):
+        tile = item // SPLIT_K
+        split = item % SPLIT_K
+        rows_a, rows_b, mask_a, mask_b = _rows(tile, offs_h, N, D_HALF, EPI, HALF)
+        wa_ptrs = w_ptr + rows_a.to(tl.int64)[:, None] * K + offs_k[None, :]
+        wb_ptrs = w_ptr + rows_b.to(tl.int64)[:, None] * K + offs_k[None, :]
+        k_start = split * K_SPLIT
+        k_end = tl.minimum(k_start + K_SPLIT, K)
+        acc_a = tl.zeros([BLOCK_B, HALF], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_B, HALF], dtype=tl.float32)
+        ss = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for k in range(k_start, k_end, BLOCK_K):
+            km = (k + offs_k) < k_end
+            xt = tl.load(x_ptr + offs_b[:, None] * stride_x + (k + offs_k)[None, :],
+                         mask=mask_bb[:, None] & km[None, :], other=0.0)
+            if NORM:
+                # RMSNorm folded in: y = rstd * (W @ (norm_w * x)), rstd from the sum of
+                # squares gathered here, so no extra pass over x.
+                xf = xt.to(tl.float32)
+                ss += tl.sum(xf * xf, axis=1)
+                nw = tl.load(normw_ptr + k + offs_k, mask=km, other=0.0)
+                xt = (xf * nw.to(tl.float32)[None, :]).to(xt.dtype)
+            wa = tl.load(wa_ptrs + k, mask=mask_a[:, None] & km[None, :], other=0.0)
+            wb = tl.load(wb_ptrs + k, mask=mask_b[:, None] & km[None, :], other=0.0)
+            acc_a = tl.dot(xt, tl.trans(wa), acc_a)
+            acc_b = tl.dot(xt, tl.trans(wb), acc_b)
+
+        if SPLIT_K == 1:
+            if NORM:
+                rstd = tl.rsqrt(ss / K + eps)
+                acc_a = acc_a * rstd[:, None]
+                acc_b = acc_b * rstd[:, None]
+            _epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b, mask_a,
+                      mask_b, out_ptr, stride_out, res_ptr, stride_res, cos_ptr, sin_ptr,
+                      pos_ptr, kc_ptr, vc_ptr, HEADS, KV_HEADS, MAX_SEQ, D_HALF, EPI, HALF)
+        else:
+            mine = ws_ptr + item * item_floats
+            tl.store(mine + offs2, acc_a)
+            tl.store(mine + size + offs2, acc_b)
+            tl.store(mine + 2 * size + offs_b, ss)
+            tl.debug_barrier()  # every thread's partial is stored before the counter moves
+            done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+            if done == SPLIT_K - 1:  # the last split of this tile: reduce, in split order
+                acc_a = tl.zeros([BLOCK_B, HALF], dtype=tl.float32)
+                acc_b = tl.zeros([BLOCK_B, HALF], dtype=tl.float32)
+                ss = tl.zeros([BLOCK_B], dtype=tl.float32)
+                for s in range(SPLIT_K):
+                    part = ws_ptr + (tile * SPLIT_K + s) * item_floats
+                    acc_a += tl.load(part + offs2, cache_modifier=".cg")
+                    acc_b += tl.load(part + size + offs2, cache_modifier=".cg")
+                    ss += tl.load(part + 2 * size + offs_b, cache_modifier=".cg")
+                tl.store(cnt_ptr + tile, 0)
+                if NORM:
+                    rstd = tl.rsqrt(ss / K + eps)
+                    acc_a = acc_a * rstd[:, None]
+                    acc_b = acc_b * rstd[:, None]
+                _epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b,
+                          mask_a, mask_b, out_ptr, stride_out, res_ptr, stride_res, cos_ptr,
+                          sin_ptr, pos_ptr, kc_ptr, vc_ptr, HEADS, KV_HEADS, MAX_SEQ, D_HALF,
+                          EPI, HALF)
+
+
+# ------------------------------------------------------------------------------ launch
+
+class GemvConfig(NamedTuple):
+    half: int = 32         # rows per row set (a program owns 2 * half rows)
+    block_k: int = 256
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    prefetch: int = 4      # 128-byte lines per weight row prefetched before the PDL wait
+    programs: int = 0      # grid size; 0: one program per (tile, split), else persistent
+
+
+def default_config(tiles: int, k: int, sms: int = 132) -> GemvConfig:
+    """Split K while the grid stays under half the GPU's SMs (and each split keeps >= 512
+    of K): the best split at every llama-2-7b and llama-3.2-1b shape on an H100 (KERNELS.md)."""
+    split = 1
+    while tiles * split * 2 <= sms and k // (split * 2) >= 512:
+        split *= 2
+    return GemvConfig(split_k=split)
+
+
+def n_tiles(epi: int, n: int, half: int, d_half: int) -> int:
+    if epi == EPI_SILU:
+        return triton.cdiv(n, half)
+    if epi == EPI_ROPE:
+        return (n // (2 * d_half)) * (d_half // half)
+    return triton.cdiv(n, 2 * half)
+
+
+def workspace_floats(tiles: int, split: int, half: int, block_b: int = 16) -> int:
+    """Partial floats a split launch needs: per (tile, split) two accumulators and the
+    rows' sums of squares."""
+    return tiles * split * (2 * block_b * half + block_b) if split > 1 else 0
+
+
+def rope_half(d_half: int, half: int) -> int:
+    """The row-set size for a RoPE epilogue: a power of two dividing D/2, <= half."""
+    return min(half, d_half & -d_half)
+
+
+def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
+         epi: int = EPI_PLAIN, norm_w: Tensor | None = None, eps: float = 1e-5,
+         residual: Tensor | None = None, rope: RopeArgs | None = None,
+         pdl: bool = False) -> Tensor:
+    """out = epilogue((norm(x) if norm_w else x) @ w.T). x: [B, K] (B <= 16), w: [N, K].
+
+    EPI_SILU: w is the fused gate/up weight [2I, K] and out [B, I]. EPI_ROPE: w is wqkv,
+    out receives q [B, H*D] and rope's caches receive k and v at rope.pos.
+    """
+    b, k = x.shape
+    n = w.shape[0] // 2 if epi == EPI_SILU else w.shape[0]
+    if b > 16:
+        raise ValueError(f"gemv serves at most 16 rows, got {b}")
+    if w.shape[1] != k or x.stride(1) != 1 or not w.is_contiguous():
+        raise ValueError(f"gemv: x {tuple(x.shape)} and w {tuple(w.shape)} do not match")
+    half = cfg.half
+    d_half = heads = kv_heads = max_seq = 1
+    if epi == EPI_ROPE:
+        if rope is None:
+            raise ValueError("gemv: EPI_ROPE needs rope arguments")
+        heads, kv_heads = rope.heads, rope.kv_heads
+        d_half = rope.k_cache.shape[-1] // 2
+        max_seq = rope.k_cache.shape[2]
+        half = rope_half(d_half, half)
+    if half < 16:
+        raise ValueError(f"gemv: row sets of {half} rows are too small for tl.dot (>= 16)")
+    tiles = n_tiles(epi, n, half, d_half)
+    k_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    split = triton.cdiv(k, k_split)
+    block_b = 16
+    if split > 1:
+        ws.check(workspace_floats(tiles, split, half), tiles, "gemv")
+    dummy = out
+    r = rope
+    args = (x, w, norm_w if norm_w is not None else w, out,
+            residual if residual is not None else dummy,
+            r.cos if r else dummy, r.sin if r else dummy, r.pos if r else ws.counters,
+            r.k_cache if r else dummy, r.v_cache if r else dummy, ws.partials, ws.counters,
+            b, n, k, k_split, tiles, eps, x.stride(0), out.stride(0),
+            residual.stride(0) if residual is not None else 0,
+            heads, kv_heads, max_seq, d_half)
+    extra = {"launch_pdl": True} if pdl else {}
+    items = tiles * split
+    grid = min(items, cfg.programs) if cfg.programs > 0 else items
+    gemv_kernel[(grid,)](
+        *args, NORM=norm_w is not None, EPI=epi, SPLIT_K=split, BLOCK_B=block_b, HALF=half,
+        BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, USE_PDL=pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
+    return out
+
+
+class RopeArgs(NamedTuple):
+    cos: Tensor        # [B, D] at each row's position, model dtype
+    sin: Tensor
+    pos: Tensor        # [B] int64
+    k_cache: Tensor    # [max_batch, KV, max_seq, D]
+    v_cache: Tensor
+    heads: int
+    kv_heads: int

@@ -1,0 +1,129 @@
+"""Fused elementwise kernels around a library (cuBLAS) projection.
+
+Used where a projection stays on cuBLAS (gemv.py fuses the same work into its own
+prologue/epilogue): each replaces a chain of PyTorch kernels by one launch.
+  add_rmsnorm   x + residual and RMSNorm of the sum, both written (one read of each row)
+  rope_kv       split q/k/v, RoPE on q and k, k and v written into the cache at pos[b]
+  silu_mul      silu(gate) * up of the fused gate/up output
+Roundings follow the model's PyTorch code, as in gemv.py.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, sum_ptr, out_ptr, N, eps,
+                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    row = tl.program_id(0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + row * N + offs, mask=mask, other=0.0)
+    if HAS_RES:
+        x = x + tl.load(res_ptr + row * N + offs, mask=mask, other=0.0)
+        tl.store(sum_ptr + row * N + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / N + eps)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    y = (w.to(tl.float32) * (xf * rstd).to(x.dtype).to(tl.float32)).to(x.dtype)
+    tl.store(out_ptr + row * N + offs, y, mask=mask)
+
+
+def add_rmsnorm(x: Tensor, weight: Tensor, eps: float, out: Tensor,
+                residual: Tensor | None = None, sum_out: Tensor | None = None,
+                pdl: bool = False) -> Tensor:
+    """out = rmsnorm(x + residual); sum_out receives x + residual. Rows: x.shape[0]."""
+    b, n = x.shape
+    if residual is not None and sum_out is None:
+        raise ValueError("add_rmsnorm: a residual needs sum_out for the sum")
+    extra = {"launch_pdl": True} if pdl else {}
+    _add_rmsnorm_kernel[(b,)](
+        x, residual if residual is not None else x, weight,
+        sum_out if sum_out is not None else out, out, n, eps,
+        HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n), USE_PDL=pdl,
+        num_warps=8 if n >= 4096 else 4, **extra)
+    return out
+
+
+@triton.jit
+def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
+                    HEADS, KV_HEADS, MAX_SEQ, D_HALF: tl.constexpr, BLOCK: tl.constexpr,
+                    USE_PDL: tl.constexpr):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    d = 2 * D_HALF
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D_HALF
+    src = qkv_ptr + b * (HEADS + 2 * KV_HEADS) * d + head * d + offs
+    a = tl.load(src, mask=mask)
+    c = tl.load(src + D_HALF, mask=mask)
+    if head < HEADS + KV_HEADS:
+        ca = tl.load(cos_ptr + b * d + offs, mask=mask)
+        sa = tl.load(sin_ptr + b * d + offs, mask=mask)
+        cb = tl.load(cos_ptr + b * d + D_HALF + offs, mask=mask)
+        sb = tl.load(sin_ptr + b * d + D_HALF + offs, mask=mask)
+        oa = a * ca + (-c) * sa
+        ob = c * cb + a * sb
+    else:
+        oa = a
+        ob = c
+    if head < HEADS:
+        dst = q_ptr + b * HEADS * d + head * d + offs
+    else:
+        pos = tl.load(pos_ptr + b)
+        kvh = (head - HEADS) % KV_HEADS
+        row = ((b.to(tl.int64) * KV_HEADS + kvh) * MAX_SEQ + pos) * d
+        if head < HEADS + KV_HEADS:
+            dst = kc_ptr + row + offs
+        else:
+            dst = vc_ptr + row + offs
+    tl.store(dst, oa, mask=mask)
+    tl.store(dst + D_HALF, ob, mask=mask)
+
+
+def rope_kv(qkv: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, k_cache: Tensor,
+            v_cache: Tensor, q_out: Tensor, heads: int, kv_heads: int,
+            pdl: bool = False) -> Tensor:
+    """qkv: [B, (H + 2KV) * D] -> q_out [B, H*D] (RoPE'd); k (RoPE'd), v into the caches."""
+    b = qkv.shape[0]
+    d_half = k_cache.shape[-1] // 2
+    extra = {"launch_pdl": True} if pdl else {}
+    _rope_kv_kernel[(b, heads + 2 * kv_heads)](
+        qkv, cos, sin, pos, q_out, k_cache, v_cache, heads, kv_heads, k_cache.shape[2],
+        D_HALF=d_half, BLOCK=triton.next_power_of_2(d_half), USE_PDL=pdl, num_warps=1,
+        **extra)
+    return q_out
+
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, out_ptr, N, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    b = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    mask = offs < N
+    g = tl.load(gu_ptr + b * 2 * N + offs, mask=mask).to(tl.float32)
+    u = tl.load(gu_ptr + b * 2 * N + N + offs, mask=mask)
+    s = (g * tl.sigmoid(g)).to(u.dtype)
+    tl.store(out_ptr + b * N + offs, (s.to(tl.float32) * u.to(tl.float32)).to(u.dtype),
+             mask=mask)
+
+
+def silu_mul(gate_up: Tensor, out: Tensor, pdl: bool = False) -> Tensor:
+    """gate_up: [B, 2I] (gate columns first) -> out [B, I] = silu(gate) * up."""
+    b, n = gate_up.shape[0], gate_up.shape[1] // 2
+    block = 1024
+    extra = {"launch_pdl": True} if pdl else {}
+    _silu_mul_kernel[(b, triton.cdiv(n, block))](gate_up, out, n, BLOCK=block, USE_PDL=pdl,
+                                                  num_warps=4, **extra)
+    return out

@@ -1,0 +1,105 @@
+"""May the Triton decode kernels run here? Import, device and a small numerical check.
+
+`check_kernels` answers (ok, reason): Triton imports, the device is a CUDA GPU, and every
+kernel, run once on small random inputs of the model dtype, matches its float32 reference
+within that dtype's tolerance. Programmatic dependent launch is asked for separately
+(`pdl_supported`): it needs Hopper (sm_90) or newer. The answer is cached per
+(device, dtype, pdl): the check costs a few compilations, once per process.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hybridgraph.kernels import triton_import_error
+
+# ‖out − ref‖ / ‖ref‖ bounds against a float32 reference, per model dtype: fp16 and bf16
+# operands with float32 accumulation land near 2^-11 and 2^-8 of the norm.
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-4}
+
+_CACHE: dict[tuple[str, torch.dtype, bool], tuple[bool, str]] = {}
+
+
+def pdl_supported(device: torch.device) -> bool:
+    return (device.type == "cuda" and torch.cuda.is_available()
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def check_kernels(device: torch.device, dtype: torch.dtype, pdl: bool = False,
+                  ) -> tuple[bool, str]:
+    """(True, "ok") when the kernel path may run on device in dtype, else (False, why)."""
+    device = torch.device(device)
+    key = (str(device), dtype, pdl)
+    if key not in _CACHE:
+        _CACHE[key] = _check(device, dtype, pdl)
+    return _CACHE[key]
+
+
+def _check(device: torch.device, dtype: torch.dtype, pdl: bool) -> tuple[bool, str]:
+    err = triton_import_error()
+    if err is not None:
+        return False, err
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False, f"the Triton kernels need a CUDA GPU (device is {device})"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False, f"the Triton kernels serve float16 and bfloat16, not {dtype}"
+    if pdl and not pdl_supported(device):
+        return False, "programmatic dependent launch needs sm_90 or newer"
+    try:
+        worst, name = _numerics(device, dtype, pdl)
+    except Exception as e:  # a compile or launch error: the kernels cannot run here
+        return False, f"a Triton kernel failed to run: {type(e).__name__}: {e}"
+    if not worst <= TOLERANCE[dtype]:
+        return False, f"{name} differs from its reference by {worst:.2e} (> {TOLERANCE[dtype]})"
+    return True, "ok"
+
+
+def _numerics(device: torch.device, dtype: torch.dtype, pdl: bool) -> tuple[float, str]:
+    """The worst relative error over one run of each kernel, and which kernel gave it."""
+    from hybridgraph.kernels import attention, gemv, glue
+    from hybridgraph.kernels import reference as ref
+    from hybridgraph.kernels.workspace import Workspace
+
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+    b, k, heads, kv, d, seq = 3, 256, 4, 2, 64, 256
+    ws = Workspace(1 << 20, 4096, device)
+    x, nw = rnd(b, k), 1 + rnd(k, scale=0.2)
+    errs: dict[str, float] = {}
+    cfg = gemv.GemvConfig(half=16, block_k=64, split_k=2)
+    wqkv = rnd((heads + 2 * kv) * d, k, scale=0.05)
+    kc, vc = rnd(b, kv, seq, d), rnd(b, kv, seq, d)
+    pos = torch.tensor([0, 100, seq - 1], device=device)
+    ang = torch.rand(b, d // 2, generator=g, device=device) * 6
+    cos, sin = ang.cos().repeat(1, 2).to(dtype), ang.sin().repeat(1, 2).to(dtype)
+    q = torch.empty(b, heads * d, device=device, dtype=dtype)
+    gemv.gemv(x, wqkv, q, ws, cfg, epi=gemv.EPI_ROPE, norm_w=nw,
+              rope=gemv.RopeArgs(cos, sin, pos, kc, vc, heads, kv), pdl=pdl)
+    q_ref, k_ref, v_ref = ref.qkv_rope_ref(x, wqkv, cos, sin, heads, kv, nw)
+    rows = torch.arange(b, device=device)
+    errs["gemv rope q"] = ref.rel_err(q, q_ref)
+    errs["gemv rope k"] = ref.rel_err(kc[rows, :, pos], k_ref)
+    errs["gemv rope v"] = ref.rel_err(vc[rows, :, pos], v_ref)
+    w13 = rnd(2 * 96, k, scale=0.05)
+    h = torch.empty(b, 96, device=device, dtype=dtype)
+    gemv.gemv(x, w13, h, ws, cfg, epi=gemv.EPI_SILU, norm_w=nw, pdl=pdl)
+    errs["gemv silu"] = ref.rel_err(h, ref.swiglu_ref(x, w13, nw))
+    w2, res = rnd(k, 96, scale=0.05), rnd(b, k)
+    y = torch.empty(b, k, device=device, dtype=dtype)
+    gemv.gemv(h, w2, y, ws, gemv.GemvConfig(half=16, block_k=32), epi=gemv.EPI_RESID,
+              residual=res, pdl=pdl)
+    errs["gemv resid"] = ref.rel_err(y, ref.gemv_ref(h, w2, residual=res))
+    o = torch.empty_like(q)
+    attention.decode_attention(q, kc, vc, pos, seq, o, ws, block_t=32, pdl=pdl)
+    errs["attention"] = ref.rel_err(o, ref.decode_attention_ref(q, kc, vc, pos, seq))
+    xn, xs = torch.empty_like(x), torch.empty_like(x)
+    glue.add_rmsnorm(x, nw, 1e-5, xn, residual=res[:, :k], sum_out=xs, pdl=pdl)
+    errs["add_rmsnorm"] = ref.rel_err(xn, ref.rmsnorm_ref(x.float() + res.float(), nw, 1e-5))
+    torch.cuda.synchronize(device)
+    if int(ws.counters.abs().sum()) != 0:
+        return float("inf"), "split counters (not reset)"
+    name = max(errs, key=lambda n: errs[n])
+    return errs[name], name

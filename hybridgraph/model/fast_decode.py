@@ -1,0 +1,179 @@
+"""The decode block on the Triton kernels: a drop-in for `Block.decode`, ~5 launches a layer.
+
+With every projection on the Triton GEMV, one layer is five launches:
+  1. QKV GEMV: RMSNorm in; RoPE out, k and v written into the cache at pos
+  2. flash-decoding attention (split over keys, combined in the same launch)
+  3. O GEMV: + residual out
+  4. gate/up GEMV: RMSNorm in; silu(gate) * up out
+  5. down GEMV: + residual out
+A projection may instead stay on cuBLAS (`KernelPlan`), with the elementwise work around
+it fused into one Triton kernel (glue.py): the plan is whichever measured faster
+(docs/KERNELS.md). Every intermediate is rounded to the model dtype where the PyTorch
+block rounds it, so the two blocks agree to fp16/bf16 rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hybridgraph.model.llama import Block, KVCache, Transformer
+
+PROJECTIONS = ("qkv", "wo", "w13", "w2", "head")
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """Which projections run on the Triton GEMV (the rest on cuBLAS), and whether the
+    kernels use programmatic dependent launch."""
+
+    gemv: tuple[str, ...] = PROJECTIONS
+    pdl: bool = False
+    block_t: int = 64                       # keys per attention tile
+    configs: dict[str, object] = field(default_factory=dict)  # projection -> GemvConfig
+
+    def __post_init__(self) -> None:
+        unknown = set(self.gemv) - set(PROJECTIONS)
+        if unknown:
+            raise ValueError(f"KernelPlan.gemv: unknown projections {sorted(unknown)}; "
+                             f"known: {', '.join(PROJECTIONS)}")
+
+
+class TritonDecode:
+    """Decode blocks of one model on the Triton kernels; `block` has Block.decode's
+    signature, so Transformer.decode and the graph runtime use it unchanged."""
+
+    def __init__(self, model: Transformer, max_batch: int, plan: KernelPlan | None = None,
+                 ) -> None:
+        from hybridgraph.kernels import attention, gemv
+        from hybridgraph.kernels.workspace import Workspace
+
+        self._gemv, self._attn = gemv, attention
+        self.model, self.plan = model, plan or KernelPlan()
+        cfg = model.config
+        if max_batch > 16:
+            raise ValueError(f"max_batch {max_batch}: the Triton decode serves at most 16 rows")
+        self.heads, self.kv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.eps = cfg.rms_norm_eps
+        dev = model.tok_embeddings.weight.device
+        self.sms = torch.cuda.get_device_properties(dev).multi_processor_count \
+            if dev.type == "cuda" else 132
+        shapes = {"qkv": ((self.heads + 2 * self.kv) * self.d, cfg.hidden_size, gemv.EPI_ROPE),
+                  "wo": (cfg.hidden_size, self.heads * self.d, gemv.EPI_RESID),
+                  "w13": (cfg.intermediate_size, cfg.hidden_size, gemv.EPI_SILU),
+                  "w2": (cfg.hidden_size, cfg.intermediate_size, gemv.EPI_RESID),
+                  "head": (cfg.vocab_size, cfg.hidden_size, gemv.EPI_PLAIN)}
+        self.configs: dict[str, gemv.GemvConfig] = {}
+        floats, counters = 0, 0
+        for name in self.plan.gemv:
+            n, k, epi = shapes[name]
+            rope = epi == gemv.EPI_ROPE
+            c = self.plan.configs.get(name)
+            if c is None:
+                half = gemv.rope_half(self.d // 2, 32) if rope else 32
+                c = gemv.default_config(gemv.n_tiles(epi, n, half, self.d // 2), k, self.sms)
+            half = gemv.rope_half(self.d // 2, c.half) if rope else c.half
+            tiles = gemv.n_tiles(epi, n, half, self.d // 2)
+            self.configs[name] = c
+            floats = max(floats, gemv.workspace_floats(tiles, c.split_k, half))
+            counters = max(counters, tiles)
+        d_pad = max(16, 1 << (self.d - 1).bit_length())
+        rep_pad = max(16, 1 << (self.heads // self.kv - 1).bit_length())
+        # attention_splits keeps batch * kv * splits under 4 * SMs whenever it splits.
+        floats = max(floats, 4 * self.sms * rep_pad * (d_pad + 2))
+        counters = max(counters, max_batch * self.kv)
+        self.ws = Workspace(floats, counters, dev)
+
+    def forward(self, ids: Tensor, pos: Tensor, window: int) -> Tensor:
+        """Transformer.decode on the kernels; with "head" in the plan the final norm and the
+        LM head are one GEMV too. Returns [B, V] float32 logits."""
+        m = self.model
+        if "head" not in self.plan.gemv:
+            return m.decode(ids, pos, window, block=self.block)
+        cos, sin = m.rope_cos[pos][:, None], m.rope_sin[pos][:, None]
+        x = m.tok_embeddings(ids)[:, None]
+        for layer, cache in zip(m.layers, m.caches, strict=True):
+            x = self.block(layer, x, cos, sin, cache, pos, window)
+        x = x[:, 0]
+        logits = x.new_empty(x.shape[0], m.output.weight.shape[0])
+        self._gemv.gemv(x, m.output.weight, logits, self.ws, self.configs["head"],
+                        norm_w=m.norm.weight, eps=self.eps, pdl=self.plan.pdl)
+        return logits.float()
+
+    def block(self, layer: Block, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache,
+              pos: Tensor, window: int) -> Tensor:
+        """Block.decode on the kernels. x: [B, 1, hidden]; cos, sin: [B, 1, D]."""
+        g, plan, pdl = self._gemv, self.plan, self.plan.pdl
+        b, hidden = x.shape[0], x.shape[-1]
+        x2 = x.reshape(b, hidden)
+        cos2, sin2 = cos.reshape(b, -1), sin.reshape(b, -1)
+        att, ff = layer.attention, layer.feed_forward
+        new = x2.new_empty
+        q = new(b, self.heads * self.d)
+        if "qkv" in plan.gemv:
+            g.gemv(x2, att.wqkv.weight, q, self.ws, self.configs["qkv"], epi=g.EPI_ROPE,
+                   norm_w=layer.attention_norm.weight, eps=self.eps, pdl=pdl,
+                   rope=g.RopeArgs(cos2, sin2, pos, cache.k, cache.v, self.heads, self.kv))
+        else:
+            from hybridgraph.kernels import glue
+            xn = glue.add_rmsnorm(x2, layer.attention_norm.weight, self.eps, new(b, hidden),
+                                  pdl=pdl)
+            glue.rope_kv(F.linear(xn, att.wqkv.weight), cos2, sin2, pos, cache.k, cache.v, q,
+                         self.heads, self.kv, pdl=pdl)
+        o = self._attn.decode_attention(q, cache.k, cache.v, pos, window, new(q.shape),
+                                        self.ws, block_t=plan.block_t, pdl=pdl)
+        inter = ff.w2.weight.shape[1]
+        h = new(b, inter)
+        if "w13" in plan.gemv:
+            if "wo" in plan.gemv:
+                x1 = g.gemv(o, att.wo.weight, new(b, hidden), self.ws, self.configs["wo"],
+                            epi=g.EPI_RESID, residual=x2, pdl=pdl)
+            else:
+                x1 = x2 + F.linear(o, att.wo.weight)
+            g.gemv(x1, ff.w13.weight, h, self.ws, self.configs["w13"], epi=g.EPI_SILU,
+                   norm_w=layer.ffn_norm.weight, eps=self.eps, pdl=pdl)
+        else:
+            from hybridgraph.kernels import glue
+            xn = new(b, hidden)
+            if "wo" in plan.gemv:
+                x1 = g.gemv(o, att.wo.weight, new(b, hidden), self.ws, self.configs["wo"],
+                            epi=g.EPI_RESID, residual=x2, pdl=pdl)
+                glue.add_rmsnorm(x1, layer.ffn_norm.weight, self.eps, xn, pdl=pdl)
+            else:  # the residual add rides in the norm kernel
+                x1 = new(b, hidden)
+                glue.add_rmsnorm(F.linear(o, att.wo.weight), layer.ffn_norm.weight, self.eps,
+                                 xn, residual=x2, sum_out=x1, pdl=pdl)
+            glue.silu_mul(F.linear(xn, ff.w13.weight), h, pdl=pdl)
+        if "w2" in plan.gemv:
+            out = g.gemv(h, ff.w2.weight, new(b, hidden), self.ws, self.configs["w2"],
+                         epi=g.EPI_RESID, residual=x1, pdl=pdl)
+        else:
+            out = x1 + F.linear(h, ff.w2.weight)
+        return out.view(b, 1, hidden)
+
+
+def triton_decode(model: Transformer, max_batch: int, plan: KernelPlan | None = None,
+                  ) -> tuple[TritonDecode | None, str]:
+    """A TritonDecode for model when its kernels pass their self-check here, else
+    (None, why). Asked for PDL where the GPU lacks it, the kernels run without it and the
+    reason says so."""
+    from hybridgraph.kernels.selfcheck import check_kernels, pdl_supported
+
+    plan = plan or KernelPlan()
+    p = model.tok_embeddings.weight
+    note = ""
+    if plan.pdl and not pdl_supported(p.device):
+        plan = KernelPlan(plan.gemv, False, plan.block_t, plan.configs)
+        note = " (without PDL: it needs sm_90 or newer)"
+    if max_batch > 16:
+        return None, f"max_batch {max_batch} is over the Triton decode's 16 rows"
+    ok, reason = check_kernels(p.device, p.dtype, plan.pdl)
+    if not ok:
+        return None, reason
+    try:
+        return TritonDecode(model, max_batch, plan), "ok" + note
+    except Exception as e:  # a shape the kernels do not serve
+        return None, f"{type(e).__name__}: {e}"

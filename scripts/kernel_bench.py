@@ -1,0 +1,312 @@
+# ruff: noqa: B023  (closures are timed inside the loop iteration that makes them)
+"""Time the Triton decode kernels against cuBLAS/PyTorch on this GPU; prints a table last.
+
+    python scripts/kernel_bench.py [--sections floor,gemv,attention,decode] [--sweep N]
+
+floor:     device-to-device copy bandwidth (the ceiling every decode kernel is held to).
+gemv:      each projection of llama-2-7b (fp16) and llama-3.2-1b (bf16): cuBLAS alone,
+           cuBLAS + its fused elementwise kernels, and the Triton GEMV with its fused
+           prologue/epilogue over a small config sweep; weights rotate through more copies
+           than L2 holds, and calls run back to back inside a CUDA graph.
+attention: the flash-decoding kernel against the model's PyTorch attention ops.
+decode:    a whole decode step (forward only) in a CUDA graph: the compiled PyTorch block
+           ("inductor") against the Triton block with each plan, with and without PDL.
+Random weights at the presets' real shapes. Writes everything as JSON to $OUT if set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hybridgraph.kernels import attention, gemv, glue  # noqa: E402
+from hybridgraph.kernels.workspace import Workspace  # noqa: E402
+from hybridgraph.model.config import preset  # noqa: E402
+
+ROWS: list[dict] = []
+
+
+def row(**kw) -> None:
+    ROWS.append(kw)
+    print(json.dumps(kw), flush=True)
+
+
+def graph_time(fn, calls: int, reps: int = 15) -> float:
+    """Median µs per fn() over `reps` replays of a graph holding `calls` back-to-back calls."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn(0)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fn(i)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def floor_section() -> float:
+    n = 1 << 29
+    a = torch.randn(n, device="cuda").half()
+    b = torch.empty_like(a)
+    us = graph_time(lambda i: b.copy_(a), 10)
+    bw = 2 * 2 * n / us / 1e6  # TB/s, bytes read + written
+    row(section="floor", copy_TBps=round(bw, 3))
+    return bw
+
+
+def _shapes(cfg):
+    h, d = cfg.hidden_size, cfg.head_dim
+    return {"qkv": ((cfg.num_heads + 2 * cfg.num_kv_heads) * d, h, gemv.EPI_ROPE),
+            "wo": (h, cfg.num_heads * d, gemv.EPI_RESID),
+            "w13": (2 * cfg.intermediate_size, h, gemv.EPI_SILU),
+            "w2": (h, cfg.intermediate_size, gemv.EPI_RESID),
+            "head": (cfg.vocab_size, h, gemv.EPI_PLAIN)}
+
+
+# (half, block_k, split_k, num_warps, num_stages, programs as a multiple of the SM count)
+SWEEP_SPEC = [(32, 256, 1, 4, 3, 0), (32, 256, 2, 4, 3, 0), (32, 256, 4, 4, 3, 0),
+              (32, 256, 1, 4, 3, 2), (32, 256, 2, 4, 3, 2), (16, 256, 1, 4, 3, 0),
+              (16, 256, 1, 4, 3, 4), (16, 256, 2, 4, 3, 4), (64, 128, 1, 8, 3, 0),
+              (64, 128, 2, 8, 3, 0), (32, 512, 1, 8, 3, 0), (32, 512, 2, 8, 3, 0),
+              (32, 128, 1, 4, 5, 0), (32, 256, 1, 8, 4, 0)]
+
+
+def sweep_configs(n: int, sms: int) -> list[gemv.GemvConfig]:
+    return [gemv.GemvConfig(half=h, block_k=k, split_k=s, num_warps=w, num_stages=st,
+                            programs=p * sms)
+            for (h, k, s, w, st, p) in SWEEP_SPEC[:n]]
+
+
+def gemv_section(name: str, dtype: torch.dtype, batches: list[int], sweep: int,
+                 deadline: float) -> None:
+    cfg = preset(name)
+    heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    ws = Workspace(1 << 24, 1 << 16, "cuda")
+    seq = 1024
+    kc = torch.randn(16, kv, seq, d, device="cuda").to(dtype)
+    vc = torch.randn_like(kc)
+    for proj, (n, k, epi) in _shapes(cfg).items():
+        nbytes = n * k * dtype.itemsize
+        copies = max(2, -(-200_000_000 // nbytes))
+        ws_ = [torch.randn(n, k, device="cuda").mul_(k ** -0.5).to(dtype)
+               for _ in range(copies)]
+        nw = torch.ones(k, device="cuda", dtype=dtype)
+        for b in batches:
+            x = torch.randn(b, k, device="cuda").to(dtype)
+            res = torch.randn(b, n if epi == gemv.EPI_RESID else k, device="cuda").to(dtype)
+            pos = torch.full((b,), 100, device="cuda")
+            cos = torch.randn(b, d, device="cuda").to(dtype)
+            sin = torch.randn(b, d, device="cuda").to(dtype)
+            q = torch.empty(b, heads * d, device="cuda", dtype=dtype)
+            out = torch.empty(b, n // 2 if epi == gemv.EPI_SILU else n, device="cuda",
+                              dtype=dtype)
+            xn = torch.empty_like(x)
+            rope = gemv.RopeArgs(cos, sin, pos, kc, vc, heads, kv)
+
+            def cublas(i):
+                return F.linear(x, ws_[i % copies])
+
+            def cublas_fused(i):
+                w = ws_[i % copies]
+                if epi == gemv.EPI_PLAIN:
+                    glue.add_rmsnorm(x, nw, 1e-5, xn)
+                    F.linear(xn, w, out=out)
+                elif epi == gemv.EPI_ROPE:
+                    glue.add_rmsnorm(x, nw, 1e-5, xn)
+                    glue.rope_kv(F.linear(xn, w), cos, sin, pos, kc, vc, q, heads, kv)
+                elif epi == gemv.EPI_SILU:
+                    glue.add_rmsnorm(x, nw, 1e-5, xn)
+                    glue.silu_mul(F.linear(xn, w), out)
+                else:
+                    torch.add(res, F.linear(x, w), out=out)
+
+            def triton_fn(c, pdl=False):
+                def run(i):
+                    w = ws_[i % copies]
+                    if epi == gemv.EPI_ROPE:
+                        gemv.gemv(x, w, q, ws, c, epi=epi, norm_w=nw, rope=rope, pdl=pdl)
+                    elif epi in (gemv.EPI_SILU, gemv.EPI_PLAIN):
+                        gemv.gemv(x, w, out, ws, c, epi=epi, norm_w=nw, pdl=pdl)
+                    else:
+                        gemv.gemv(x, w, out, ws, c, epi=epi, residual=res, pdl=pdl)
+                return run
+
+            calls = 2 * copies
+            base = dict(section="gemv", model=name, proj=proj, b=b, MB=round(nbytes / 1e6, 1))
+            for label, fn in (("cublas", cublas), ("cublas+fused", cublas_fused)):
+                us = graph_time(fn, calls)
+                row(**base, kernel=label, us=round(us, 2), TBps=round(nbytes / us / 1e6, 3))
+            best = None
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            for c in sweep_configs(sweep, sms):
+                if time.time() > deadline:
+                    break
+                try:
+                    us = graph_time(triton_fn(c), calls)
+                except Exception as e:  # a config that does not compile here
+                    row(**base, kernel="triton", cfg=list(c), error=str(e)[:200])
+                    continue
+                row(**base, kernel="triton", cfg=list(c), us=round(us, 2),
+                    TBps=round(nbytes / us / 1e6, 3))
+                if best is None or us < best[0]:
+                    best = (us, c)
+            if best is not None:
+                us = graph_time(triton_fn(best[1], pdl=True), calls)
+                row(**base, kernel="triton+pdl", cfg=list(best[1]), us=round(us, 2),
+                    TBps=round(nbytes / us / 1e6, 3))
+
+
+def attention_section(name: str, dtype: torch.dtype) -> None:
+    cfg = preset(name)
+    heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    ws = Workspace(1 << 24, 1 << 16, "cuda")
+    seq, b = 4096, 1
+    layers = 8
+    caches = [(torch.randn(b, kv, seq, d, device="cuda").to(dtype),
+               torch.randn(b, kv, seq, d, device="cuda").to(dtype)) for _ in range(layers)]
+    q = torch.randn(b, heads * d, device="cuda").to(dtype)
+    out = torch.empty_like(q)
+    for window in (512, 4096):
+        pos = torch.full((b,), window - 1, device="cuda")
+
+        def torch_attn(i):  # the model's decode attention ops, as Attention.decode runs them
+            k, v = caches[i % layers]
+            qq = q.view(b, kv, heads // kv, d)
+            s = torch.matmul(qq, k[:, :, :window].transpose(-1, -2)).float() * d ** -0.5
+            vis = torch.arange(window, device="cuda")[None, :] <= pos[:, None]
+            s = s.masked_fill(~vis[:, None, None, :], float("-inf"))
+            return torch.matmul(torch.softmax(s, -1).to(dtype), v[:, :, :window])
+
+        def triton_attn(i):
+            k, v = caches[i % layers]
+            attention.decode_attention(q, k, v, pos, window, out, ws)
+
+        nbytes = 2 * b * kv * window * d * dtype.itemsize
+        for label, fn in (("torch", torch_attn), ("triton", triton_attn)):
+            us = graph_time(fn, 4 * layers)
+            row(section="attention", model=name, window=window, kernel=label, us=round(us, 2),
+                TBps=round(nbytes / us / 1e6, 3))
+
+
+def decode_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: list[str],
+                   window: int = 512) -> None:
+    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
+    from hybridgraph.model.llama import Block
+    from hybridgraph.model.loader import random_model
+    from hybridgraph.runtime.step import compiled_blocks
+
+    cfg = preset(name)
+    model = random_model(cfg, torch.device("cuda"), dtype)
+    model.setup_caches(1, 2048)
+    wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not cfg.tie_word_embeddings:
+        wbytes -= model.tok_embeddings.weight.numel() * dtype.itemsize  # one row is read
+    floor_us = wbytes / floor_tbps / 1e6
+    ids = torch.tensor([5], device="cuda")
+    pos = torch.tensor([window // 2], device="cuda")
+    fns = {}
+    for plan in plans:  # "inductor", "eager", or "<proj+proj...|none>[:pdl]"
+        if plan in ("inductor", "eager"):
+            blk = compiled_blocks()[1] if plan == "inductor" else Block.decode
+            fns[plan] = lambda i, blk=blk: model.decode(ids, pos, window, block=blk)
+        else:
+            projs, _, pdl = plan.partition(":")
+            gemvs = () if projs == "none" else tuple(projs.split("+"))
+            fast = TritonDecode(model, 1, KernelPlan(gemv=gemvs, pdl=pdl == "pdl"))
+            fns[plan] = lambda i, fast=fast: fast.forward(ids, pos, window)
+    for plan, fn in fns.items():
+        with torch.no_grad():
+            t0 = time.time()
+            us = graph_time(fn, 4)
+        row(section="decode", model=name, plan=plan, ms=round(us / 1e3, 4),
+            floor_ms=round(floor_us / 1e3, 4), floor_frac=round(floor_us / us, 3),
+            setup_s=round(time.time() - t0, 1))
+    model.caches = torch.nn.ModuleList()
+    torch.cuda.empty_cache()
+
+
+def guarded(fn, *args):
+    """Run one section; a failure is printed and the rest still run."""
+    try:
+        return fn(*args)
+    except Exception:
+        traceback.print_exc()
+        row(section="error", where=f"{fn.__name__}{args[:1]}")
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sections", default="floor,gemv,attention,decode")
+    ap.add_argument("--sweep", type=int, default=len(SWEEP_SPEC))
+    ap.add_argument("--budget", type=float, default=300.0, help="seconds for the gemv sweep")
+    ap.add_argument("--batches", default="1")
+    ap.add_argument("--plans", default="inductor,qkv+wo+w13+w2+head,qkv+wo+w13+w2+head:pdl,"
+                    "none:pdl,wo+w2:pdl,qkv+wo+w13+w2:pdl")
+    a = ap.parse_args()
+    sections = a.sections.split(",")
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    tbps = guarded(floor_section) if "floor" in sections else None
+    tbps = tbps or 3.0
+    if "attention" in sections:
+        guarded(attention_section, "llama-2-7b", torch.float16)
+        guarded(attention_section, "llama-3.2-1b", torch.bfloat16)
+    if "decode" in sections:
+        guarded(decode_section, "llama-2-7b", torch.float16, tbps, a.plans.split(","))
+        guarded(decode_section, "llama-3.2-1b", torch.bfloat16, tbps, a.plans.split(","))
+    if "gemv" in sections:
+        deadline = time.time() + a.budget
+        batches = [int(x) for x in a.batches.split(",")]
+        guarded(gemv_section, "llama-2-7b", torch.float16, batches, a.sweep, deadline)
+        guarded(gemv_section, "llama-3.2-1b", torch.bfloat16, batches, a.sweep, deadline)
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "kernel_bench.json"), "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": ROWS}, f, indent=1)
+    print_table()
+
+
+def print_table() -> None:
+    print("\n== summary (" + torch.cuda.get_device_name() + ") ==")
+    for r in ROWS:
+        if r["section"] == "decode":
+            print(f"decode {r['model']:14s} {r['plan']:26s} {r['ms']:8.4f} ms  "
+                  f"floor {r['floor_ms']:.4f} ({r['floor_frac']:.0%})")
+    for r in ROWS:
+        if r["section"] == "attention":
+            print(f"attn   {r['model']:14s} W={r['window']:5d} {r['kernel']:8s} {r['us']:8.2f} us")
+    best: dict = {}
+    for r in ROWS:
+        if r["section"] == "gemv" and "us" in r:
+            key = (r["model"], r["proj"], r["b"], r["kernel"])
+            if key not in best or r["us"] < best[key]["us"]:
+                best[key] = r
+    for key, r in best.items():
+        print(f"gemv   {key[0]:14s} {key[1]:4s} b={key[2]:2d} {key[3]:13s} {r['us']:8.2f} us "
+              f"{r['TBps']:.2f} TB/s {r.get('cfg', '')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""The Triton decode kernels against float32 references, and the kernel decode path against
+the PyTorch one, on a CUDA GPU.
+
+Tolerances (‖out − ref‖ / ‖ref‖ against float32): TOLERANCE in kernels/selfcheck.py,
+2e-3 for float16 and 1.6e-2 for bfloat16 (operands rounded to 11 and 8 bits, float32
+accumulation). Every output is poisoned with NaN first, so an unwritten element fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybridgraph.kernels import reference as ref
+from hybridgraph.kernels.selfcheck import TOLERANCE, check_kernels, pdl_supported
+
+from .conftest import needs_cuda, small_model
+
+pytestmark = [pytest.mark.gpu, needs_cuda]
+
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _rnd(*shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, device="cuda") * scale).to(dtype)
+
+
+def _nan(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.full(shape, float("nan"), device="cuda", dtype=dtype)
+
+
+def _ws():
+    from hybridgraph.kernels.workspace import Workspace
+    return Workspace(1 << 22, 1 << 14, "cuda")
+
+
+def _pdl_options() -> tuple[bool, ...]:
+    return (False, True) if pdl_supported(torch.device("cuda")) else (False,)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b", [1, 5, 16])
+@pytest.mark.parametrize("n,k,split,programs", [(100, 96, 1, 0), (4096, 4096, 4, 0),
+                                                (2048, 8192, 2, 50), (544, 2080, 3, 7)])
+@pytest.mark.parametrize("pdl", _pdl_options())
+def test_gemv_plain_and_residual(dtype, b, n, k, split, programs, pdl) -> None:
+    from hybridgraph.kernels import gemv as g
+    ws = _ws()
+    x, w, res = _rnd(b, k, dtype=dtype), _rnd(n, k, dtype=dtype, scale=k ** -0.5), \
+        _rnd(b, n, dtype=dtype)
+    nw = 1 + _rnd(k, dtype=dtype, scale=0.2)
+    cfg = g.GemvConfig(half=32, block_k=128, split_k=split, programs=programs)
+    out = g.gemv(x, w, _nan(b, n, dtype=dtype), ws, cfg, norm_w=nw, pdl=pdl)
+    assert ref.rel_err(out, ref.gemv_ref(x, w, nw)) < TOLERANCE[dtype]
+    out = g.gemv(x, w, _nan(b, n, dtype=dtype), ws, cfg, epi=g.EPI_RESID, residual=res, pdl=pdl)
+    assert ref.rel_err(out, ref.gemv_ref(x, w, residual=res)) < TOLERANCE[dtype]
+    torch.cuda.synchronize()
+    assert int(ws.counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b", [1, 3, 16])
+@pytest.mark.parametrize("inter,k,split", [(8192, 2048, 2), (11008, 4096, 1), (72, 200, 2)])
+def test_gemv_swiglu(dtype, b, inter, k, split) -> None:
+    from hybridgraph.kernels import gemv as g
+    ws = _ws()
+    x, w13 = _rnd(b, k, dtype=dtype), _rnd(2 * inter, k, dtype=dtype, scale=k ** -0.5)
+    nw = 1 + _rnd(k, dtype=dtype, scale=0.2)
+    cfg = g.GemvConfig(half=16, block_k=64, split_k=split, programs=64)
+    out = g.gemv(x, w13, _nan(b, inter, dtype=dtype), ws, cfg, epi=g.EPI_SILU, norm_w=nw)
+    assert ref.rel_err(out, ref.swiglu_ref(x, w13, nw)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv,d", [(32, 32, 128), (32, 8, 64), (9, 3, 64)])
+@pytest.mark.parametrize("b", [1, 16])
+@pytest.mark.parametrize("split", [1, 4])
+def test_gemv_qkv_rope_writes_cache(dtype, heads, kv, d, b, split) -> None:
+    from hybridgraph.kernels import gemv as g
+    ws, hidden, seq = _ws(), heads * d, 512
+    x = _rnd(b, hidden, dtype=dtype)
+    w = _rnd((heads + 2 * kv) * d, hidden, dtype=dtype, scale=hidden ** -0.5)
+    nw = 1 + _rnd(hidden, dtype=dtype, scale=0.2)
+    kc, vc = _rnd(b, kv, seq, d, dtype=dtype), _rnd(b, kv, seq, d, dtype=dtype)
+    pos = torch.randint(0, seq, (b,), device="cuda")
+    pos[0] = seq - 1
+    ang = torch.rand(b, d // 2, device="cuda") * 6
+    cos, sin = ang.cos().repeat(1, 2).to(dtype), ang.sin().repeat(1, 2).to(dtype)
+    q = g.gemv(x, w, _nan(b, heads * d, dtype=dtype), ws,
+               g.GemvConfig(half=32, block_k=128, split_k=split), epi=g.EPI_ROPE, norm_w=nw,
+               rope=g.RopeArgs(cos, sin, pos, kc, vc, heads, kv))
+    q_ref, k_ref, v_ref = ref.qkv_rope_ref(x, w, cos, sin, heads, kv, nw)
+    rows = torch.arange(b, device="cuda")
+    assert ref.rel_err(q, q_ref) < TOLERANCE[dtype]
+    assert ref.rel_err(kc[rows, :, pos], k_ref) < TOLERANCE[dtype]
+    assert ref.rel_err(vc[rows, :, pos], v_ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv,d", [(32, 32, 128), (32, 8, 64), (9, 3, 64)])
+@pytest.mark.parametrize("b", [1, 7, 16])
+@pytest.mark.parametrize("window", [256, 512, 1024, 2048, 4096])
+def test_decode_attention(dtype, heads, kv, d, b, window) -> None:
+    from hybridgraph.kernels.attention import decode_attention
+    ws, seq = _ws(), 4096
+    q = _rnd(b, heads * d, dtype=dtype)
+    kc, vc = _rnd(b, kv, seq, d, dtype=dtype), _rnd(b, kv, seq, d, dtype=dtype)
+    pos = torch.randint(0, window, (b,), device="cuda")
+    pos[0] = 0
+    pos[-1] = window - 1  # both ends of the window
+    for pdl in _pdl_options():
+        out = decode_attention(q, kc, vc, pos, window, _nan(b, heads * d, dtype=dtype), ws,
+                               pdl=pdl)
+        assert ref.rel_err(out, ref.decode_attention_ref(q, kc, vc, pos, window)) \
+            < TOLERANCE[dtype]
+    torch.cuda.synchronize()
+    assert int(ws.counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_glue_kernels(dtype) -> None:
+    from hybridgraph.kernels import glue
+    b, heads, kv, d, seq, hidden = 5, 9, 3, 64, 300, 1000
+    x, res = _rnd(b, hidden, dtype=dtype), _rnd(b, hidden, dtype=dtype)
+    nw = 1 + _rnd(hidden, dtype=dtype, scale=0.2)
+    xs, xn = _nan(b, hidden, dtype=dtype), _nan(b, hidden, dtype=dtype)
+    glue.add_rmsnorm(x, nw, 1e-5, xn, residual=res, sum_out=xs)
+    assert ref.rel_err(xs, x.float() + res.float()) < TOLERANCE[dtype]
+    assert ref.rel_err(xn, ref.rmsnorm_ref(x.float() + res.float(), nw, 1e-5)) < TOLERANCE[dtype]
+    qkv = _rnd(b, (heads + 2 * kv) * d, dtype=dtype)
+    kc, vc = _rnd(b, kv, seq, d, dtype=dtype), _rnd(b, kv, seq, d, dtype=dtype)
+    pos = torch.tensor([0, 7, 100, 298, 299], device="cuda")
+    ang = torch.rand(b, d // 2, device="cuda") * 6
+    cos, sin = ang.cos().repeat(1, 2).to(dtype), ang.sin().repeat(1, 2).to(dtype)
+    q = glue.rope_kv(qkv, cos, sin, pos, kc, vc, _nan(b, heads * d, dtype=dtype), heads, kv)
+    qf, kf, vf = qkv.float().split([heads * d, kv * d, kv * d], dim=-1)
+    rows = torch.arange(b, device="cuda")
+    assert ref.rel_err(q, ref.rope_ref(qf.view(b, heads, d), cos, sin).reshape(b, -1)) \
+        < TOLERANCE[dtype]
+    assert ref.rel_err(kc[rows, :, pos], ref.rope_ref(kf.view(b, kv, d), cos, sin)) \
+        < TOLERANCE[dtype]
+    assert torch.equal(vc[rows, :, pos], qkv[:, (heads + kv) * d:].view(b, kv, d))
+    gu = _rnd(b, 2 * 700, dtype=dtype)
+    h = glue.silu_mul(gu, _nan(b, 700, dtype=dtype))
+    expect = torch.nn.functional.silu(gu[:, :700].float()) * gu[:, 700:].float()
+    assert ref.rel_err(h, expect) < TOLERANCE[dtype]
+
+
+def test_pdl_kernels_replay_in_a_cuda_graph() -> None:
+    """A chain of PDL launches captured in a graph gives the eager chain's result."""
+    if not pdl_supported(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs sm_90")
+    from hybridgraph.kernels import gemv as g
+    ws, dtype = _ws(), torch.float16
+    x = _rnd(4, 2048, dtype=dtype)
+    ws_ = [_rnd(2048, 2048, dtype=dtype, scale=2048 ** -0.5) for _ in range(6)]
+    cfg = g.GemvConfig(half=32, block_k=128, split_k=4)
+
+    def chain() -> torch.Tensor:
+        y = x
+        for w in ws_:  # each step reads the one before: a race shows as a wrong answer
+            y = g.gemv(y, w, torch.empty_like(y), ws, cfg, epi=g.EPI_RESID, residual=y,
+                       pdl=True)
+        return y
+
+    expect = chain().clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        chain()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expect)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pdl", _pdl_options())
+def test_self_check_passes(dtype, pdl) -> None:
+    assert check_kernels(torch.device("cuda"), dtype, pdl) == (True, "ok")
+
+
+@pytest.mark.parametrize("gemvs", [("qkv", "wo", "w13", "w2", "head"), ("wo", "w2"), ()])
+@pytest.mark.parametrize("pdl", _pdl_options())
+def test_triton_decode_matches_the_model_in_graphs(gemvs, pdl) -> None:
+    """Steps(kernels="triton"): captured decode logits within fp16 tolerance of the
+    PyTorch block's, and the same greedy tokens over 12 steps."""
+    from hybridgraph.model.fast_decode import KernelPlan
+    from hybridgraph.runtime.step import StepBuffers, Steps
+
+    model = small_model(torch.float16, seed=3)
+    with torch.no_grad():  # peaked logits, so greedy tokens are well separated
+        model.output.weight.mul_(50.0)
+    b, max_seq, window = 3, 1024, 256
+    model.setup_caches(b, max_seq)
+    bufs = StepBuffers(b, max_seq, torch.device("cuda"))
+    fast = Steps(model, bufs, kernels="triton", plan=KernelPlan(gemv=gemvs, pdl=pdl))
+    slow = Steps(model, bufs)
+    assert fast.kernels == "triton", fast.kernels_reason
+    bufs.prompt_ids[:b, :9] = torch.randint(0, 512, (b, 9), device="cuda")
+    bufs.last_idx[:b] = torch.tensor([8, 4, 6], device="cuda")
+    with torch.no_grad():
+        first = slow.forward_prefill(b, 9).argmax(-1)
+        bufs.ids[:b], bufs.pos[:b] = first, bufs.last_idx[:b] + 1
+        caches = [(c.k.clone(), c.v.clone()) for c in model.caches]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fast.forward_decode(b, window)
+        torch.cuda.current_stream().wait_stream(side)
+        for c, (k, v) in zip(model.caches, caches, strict=True):
+            c.k.copy_(k)
+            c.v.copy_(v)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits_fast = fast.forward_decode(b, window)
+        for c, (k, v) in zip(model.caches, caches, strict=True):
+            c.k.copy_(k)
+            c.v.copy_(v)
+        for _ in range(12):
+            snap = [(c.k.clone(), c.v.clone()) for c in model.caches]
+            expect = slow.forward_decode(b, window)
+            for c, (k, v) in zip(model.caches, snap, strict=True):
+                c.k.copy_(k)
+                c.v.copy_(v)
+            graph.replay()
+            assert ref.rel_err(logits_fast, expect) < TOLERANCE[torch.float16]
+            assert torch.equal(logits_fast.argmax(-1), expect.argmax(-1))
+            bufs.ids[:b] = expect.argmax(-1)
+            bufs.pos[:b] += 1

@@ -1,0 +1,175 @@
+"""The Triton kernels on the CPU through Triton's interpreter, and the kernel path's fallback.
+
+Without a GPU the kernels run in the interpreter (TRITON_INTERPRET=1, set before they are
+imported; on a CUDA machine tests/gpu covers them compiled). Float16 only: the
+interpreter computes bfloat16 wrongly (its tl.dot and arithmetic on bf16 gave garbage with
+triton 3.9), so bf16 is checked on the GPU. Tolerance: TOLERANCE[float16] against float32.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+# Triton decides interpreted or compiled when triton.language is first imported, so the
+# switch is set before anything here imports it; if something already did, we skip.
+_ALREADY = "triton.language" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+INTERPRET = (importlib.util.find_spec("triton") is not None and not torch.cuda.is_available()
+             and not _ALREADY)
+if INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from hybridgraph.kernels.selfcheck import TOLERANCE, check_kernels  # noqa: E402
+from hybridgraph.model.config import ModelConfig  # noqa: E402
+from hybridgraph.model.loader import random_model  # noqa: E402
+from hybridgraph.runtime.step import StepBuffers, Steps  # noqa: E402
+
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRET, reason="needs triton, no GPU (tests/gpu covers it) and triton.language "
+    "not yet imported compiled")
+F16 = torch.float16
+TOL = TOLERANCE[F16]
+
+
+def _rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape) * scale).to(F16)
+
+
+def _nan(*shape: int) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=F16)
+
+
+@pytest.fixture
+def ws():
+    from hybridgraph.kernels.workspace import Workspace
+    return Workspace(1 << 18, 1024, "cpu")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("b,n,k,split,programs", [(1, 100, 96, 1, 0), (3, 64, 160, 3, 0),
+                                                  (5, 200, 64, 2, 3)])
+def test_gemv_norm_and_residual(ws, b, n, k, split, programs) -> None:
+    from hybridgraph.kernels import gemv as g
+    from hybridgraph.kernels import reference as ref
+    x, w, res, nw = _rnd(b, k), _rnd(n, k, scale=0.1), _rnd(b, n), 1 + _rnd(k, scale=0.2)
+    cfg = g.GemvConfig(half=16, block_k=32, split_k=split, programs=programs)
+    out = g.gemv(x, w, _nan(b, n), ws, cfg, norm_w=nw)
+    assert ref.rel_err(out, ref.gemv_ref(x, w, nw)) < TOL
+    out = g.gemv(x, w, _nan(b, n), ws, cfg, epi=g.EPI_RESID, residual=res)
+    assert ref.rel_err(out, ref.gemv_ref(x, w, residual=res)) < TOL
+    assert int(ws.counters.abs().sum()) == 0  # every split launch leaves them at zero
+
+
+@needs_interpreter
+@pytest.mark.parametrize("split", [1, 2])
+def test_gemv_swiglu_and_rope(ws, split) -> None:
+    from hybridgraph.kernels import gemv as g
+    from hybridgraph.kernels import reference as ref
+    b, k, heads, kv, d, seq = 3, 96, 6, 2, 32, 64
+    x, nw = _rnd(b, k), 1 + _rnd(k, scale=0.2)
+    cfg = g.GemvConfig(half=16, block_k=32, split_k=split)
+    w13 = _rnd(2 * 40, k, scale=0.1)
+    h = g.gemv(x, w13, _nan(b, 40), ws, cfg, epi=g.EPI_SILU, norm_w=nw)
+    assert ref.rel_err(h, ref.swiglu_ref(x, w13, nw)) < TOL
+    wqkv = _rnd((heads + 2 * kv) * d, k, scale=0.1)
+    kc, vc = _rnd(4, kv, seq, d), _rnd(4, kv, seq, d)
+    pos = torch.tensor([0, seq - 1, 17])
+    ang = torch.rand(b, d // 2) * 6
+    cos, sin = ang.cos().repeat(1, 2).to(F16), ang.sin().repeat(1, 2).to(F16)
+    q = g.gemv(x, wqkv, _nan(b, heads * d), ws, cfg, epi=g.EPI_ROPE, norm_w=nw,
+               rope=g.RopeArgs(cos, sin, pos, kc, vc, heads, kv))
+    q_ref, k_ref, v_ref = ref.qkv_rope_ref(x, wqkv, cos, sin, heads, kv, nw)
+    rows = torch.arange(b)
+    assert ref.rel_err(q, q_ref) < TOL
+    assert ref.rel_err(kc[rows, :, pos], k_ref) < TOL
+    assert ref.rel_err(vc[rows, :, pos], v_ref) < TOL
+
+
+@needs_interpreter
+@pytest.mark.parametrize("heads,kv,d", [(4, 4, 32), (6, 2, 32), (9, 3, 64)])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_attention(ws, heads, kv, d, splits) -> None:
+    from hybridgraph.kernels import reference as ref
+    from hybridgraph.kernels.attention import decode_attention
+    b, seq, window = 3, 256, 128
+    q, kc, vc = _rnd(b, heads * d), _rnd(b, kv, seq, d), _rnd(b, kv, seq, d)
+    pos = torch.tensor([0, window - 1, 40])
+    out = decode_attention(q, kc, vc, pos, window, _nan(b, heads * d), ws, block_t=32,
+                           splits=splits)
+    assert ref.rel_err(out, ref.decode_attention_ref(q, kc, vc, pos, window)) < TOL
+    assert int(ws.counters.abs().sum()) == 0
+
+
+@needs_interpreter
+def test_glue_kernels() -> None:
+    from hybridgraph.kernels import glue
+    from hybridgraph.kernels import reference as ref
+    b, n = 3, 100
+    x, res, nw = _rnd(b, n), _rnd(b, n), 1 + _rnd(n, scale=0.2)
+    xs, xn = _nan(b, n), _nan(b, n)
+    glue.add_rmsnorm(x, nw, 1e-5, xn, residual=res, sum_out=xs)
+    assert ref.rel_err(xn, ref.rmsnorm_ref(x.float() + res.float(), nw, 1e-5)) < TOL
+    gu = _rnd(b, 2 * 50)
+    h = glue.silu_mul(gu, _nan(b, 50))
+    assert ref.rel_err(h, torch.nn.functional.silu(gu[:, :50].float()) * gu[:, 50:].float()) < TOL
+
+
+SMALL = ModelConfig(vocab_size=97, hidden_size=128, intermediate_size=96, num_layers=2,
+                    num_heads=4, num_kv_heads=2, max_position_embeddings=512, name="t")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("gemvs", [("qkv", "wo", "w13", "w2", "head"), ()])
+def test_triton_decode_matches_block_decode(gemvs) -> None:
+    from hybridgraph.kernels import reference as ref
+    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
+    torch.manual_seed(0)
+    model = random_model(SMALL, torch.device("cpu"), F16, seed=1)
+    with torch.no_grad():
+        model.output.weight.mul_(20.0)
+    model.setup_caches(3, 512)
+    model.prefill(torch.randint(0, 97, (3, 12)))
+    fast = TritonDecode(model, 3, KernelPlan(gemv=gemvs))
+    ids, pos = torch.tensor([1, 2, 3]), torch.tensor([12, 5, 300])
+    snap = [(c.k.clone(), c.v.clone()) for c in model.caches]
+    got = fast.forward(ids, pos, 512)
+    written = [c.k.clone() for c in model.caches]
+    for c, (k, v) in zip(model.caches, snap, strict=True):
+        c.k.copy_(k)
+        c.v.copy_(v)
+    expect = model.decode(ids, pos, 512)
+    assert ref.rel_err(got, expect) < 4 * TOL  # two layers of fp16 roundings apart
+    assert torch.equal(got.argmax(-1), expect.argmax(-1))
+    for mine, theirs in zip(written, (c.k for c in model.caches), strict=True):
+        assert ref.rel_err(mine, theirs) < TOL
+
+
+def test_kernel_plan_rejects_unknown_projection() -> None:
+    from hybridgraph.model.fast_decode import KernelPlan
+    with pytest.raises(ValueError, match="unknown projections"):
+        KernelPlan(gemv=("qkv", "mlp"))
+
+
+def test_steps_rejects_unknown_kernels() -> None:
+    model = random_model(SMALL, torch.device("cpu"), torch.float32, seed=0)
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        Steps(model, StepBuffers(1, 64, torch.device("cpu")), kernels="cuda")
+
+
+def test_triton_kernels_fall_back_without_a_gpu(caplog) -> None:
+    """On a CPU the kernel path is refused with a reason, and decode still runs."""
+    model = random_model(SMALL, torch.device("cpu"), torch.float32, seed=0)
+    model.setup_caches(1, 64)
+    bufs = StepBuffers(1, 64, torch.device("cpu"))
+    with caplog.at_level("WARNING"):
+        steps = Steps(model, bufs, kernels="triton")
+    assert steps.kernels == "inductor" and steps.fast is None
+    assert "CUDA" in steps.kernels_reason or "triton" in steps.kernels_reason
+    assert "Triton decode kernels not used" in caplog.text
+    assert steps.forward_decode(1, 64).shape == (1, SMALL.vocab_size)
+    ok, reason = check_kernels(torch.device("cpu"), torch.float16)
+    assert not ok and reason

@@ -85,22 +85,29 @@ def _shapes(cfg):
             "head": (cfg.vocab_size, h, gemv.EPI_PLAIN)}
 
 
-# (half, block_k, split_k, num_warps, num_stages, programs as a multiple of the SM count)
-SWEEP_SPEC = [(32, 256, 1, 4, 3, 0), (32, 256, 2, 4, 3, 0), (32, 256, 4, 4, 3, 0),
-              (32, 256, 1, 4, 3, 2), (32, 256, 2, 4, 3, 2), (16, 256, 1, 4, 3, 0),
-              (16, 256, 1, 4, 3, 4), (16, 256, 2, 4, 3, 4), (64, 128, 1, 8, 3, 0),
-              (64, 128, 2, 8, 3, 0), (32, 512, 1, 8, 3, 0), (32, 512, 2, 8, 3, 0),
-              (32, 128, 1, 4, 5, 0), (32, 256, 1, 8, 4, 0)]
+# (half, block_k, split_k, num_warps, num_stages, programs as a multiple of the SM count,
+#  dot): tl.dot on tensor cores (rows padded to 16), or the one-row register path.
+SWEEP_SPEC = [(32, 256, 1, 4, 3, 0, True), (32, 256, 2, 4, 3, 0, True),
+              (32, 256, 4, 4, 3, 0, True), (32, 256, 1, 4, 3, 2, True),
+              (32, 256, 2, 4, 3, 2, True), (64, 128, 1, 8, 3, 0, True),
+              (64, 128, 2, 8, 3, 0, True),
+              (16, 256, 1, 4, 1, 0, False), (16, 256, 2, 4, 1, 0, False),
+              (32, 128, 1, 4, 1, 0, False), (32, 128, 2, 4, 1, 0, False),
+              (16, 512, 1, 8, 1, 0, False), (32, 256, 1, 8, 1, 0, False),
+              (64, 64, 1, 4, 1, 0, False), (32, 128, 1, 4, 3, 0, False),
+              (16, 256, 1, 4, 1, 4, False), (16, 256, 4, 4, 1, 0, False)]
 
 
 def sweep_configs(n: int, sms: int) -> list[gemv.GemvConfig]:
     return [gemv.GemvConfig(half=h, block_k=k, split_k=s, num_warps=w, num_stages=st,
-                            programs=p * sms)
-            for (h, k, s, w, st, p) in SWEEP_SPEC[:n]]
+                            programs=p * sms, dot=dot)
+            for (h, k, s, w, st, p, dot) in SWEEP_SPEC[:n]]
 
 
 def gemv_section(name: str, dtype: torch.dtype, batches: list[int], sweep: int,
-                 deadline: float) -> None:
+                 deadline: float) -> dict[str, tuple[gemv.GemvConfig, float, float]]:
+    """Returns, per projection at one row: (best Triton config, its µs, cuBLAS+fused µs)."""
+    tuned: dict[str, tuple[gemv.GemvConfig, float, float]] = {}
     cfg = preset(name)
     heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     ws = Workspace(1 << 24, 1 << 16, "cuda")
@@ -158,6 +165,7 @@ def gemv_section(name: str, dtype: torch.dtype, batches: list[int], sweep: int,
             for label, fn in (("cublas", cublas), ("cublas+fused", cublas_fused)):
                 us = graph_time(fn, calls)
                 row(**base, kernel=label, us=round(us, 2), TBps=round(nbytes / us / 1e6, 3))
+            fused_us = us
             best = None
             sms = torch.cuda.get_device_properties(0).multi_processor_count
             for c in sweep_configs(sweep, sms):
@@ -176,6 +184,9 @@ def gemv_section(name: str, dtype: torch.dtype, batches: list[int], sweep: int,
                 us = graph_time(triton_fn(best[1], pdl=True), calls)
                 row(**base, kernel="triton+pdl", cfg=list(best[1]), us=round(us, 2),
                     TBps=round(nbytes / us / 1e6, 3))
+                if b == 1:
+                    tuned[proj] = (best[1], best[0], fused_us)
+    return tuned
 
 
 def attention_section(name: str, dtype: torch.dtype) -> None:
@@ -211,7 +222,7 @@ def attention_section(name: str, dtype: torch.dtype) -> None:
 
 
 def decode_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: list[str],
-                   window: int = 512) -> None:
+                   tuned: dict | None = None, window: int = 512) -> None:
     from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
     from hybridgraph.model.llama import Block
     from hybridgraph.model.loader import random_model
@@ -233,8 +244,15 @@ def decode_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: list
             fns[plan] = lambda i, blk=blk: model.decode(ids, pos, window, block=blk)
         else:
             projs, _, pdl = plan.partition(":")
-            gemvs = () if projs == "none" else tuple(projs.split("+"))
-            fast = TritonDecode(model, 1, KernelPlan(gemv=gemvs, pdl=pdl == "pdl"))
+            tuned = tuned or {}
+            if projs == "auto":  # each projection where its best GEMV beat cuBLAS + glue
+                gemvs = tuple(p for p, (_, t, c) in tuned.items() if t < c)
+            else:
+                gemvs = () if projs == "none" else tuple(projs.split("+"))
+            configs = {p: tuned[p][0] for p in gemvs if p in tuned}
+            fast = TritonDecode(model, 1, KernelPlan(gemv=gemvs, pdl=pdl == "pdl",
+                                                     configs=configs))
+            print(plan, "->", gemvs, {p: list(c) for p, c in configs.items()}, flush=True)
             fns[plan] = lambda i, fast=fast: fast.forward(ids, pos, window)
     for plan, fn in fns.items():
         with torch.no_grad():
@@ -263,24 +281,27 @@ def main() -> None:
     ap.add_argument("--sweep", type=int, default=len(SWEEP_SPEC))
     ap.add_argument("--budget", type=float, default=300.0, help="seconds for the gemv sweep")
     ap.add_argument("--batches", default="1")
-    ap.add_argument("--plans", default="inductor,qkv+wo+w13+w2+head,qkv+wo+w13+w2+head:pdl,"
-                    "none:pdl,wo+w2:pdl,qkv+wo+w13+w2:pdl")
+    ap.add_argument("--plans", default="inductor,none:pdl,wo+w2:pdl,"
+                    "qkv+wo+w13+w2+head:pdl,auto,auto:pdl")
     a = ap.parse_args()
     sections = a.sections.split(",")
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     tbps = guarded(floor_section) if "floor" in sections else None
     tbps = tbps or 3.0
+    tuned = {}
+    if "gemv" in sections:
+        deadline = time.time() + a.budget
+        batches = [int(x) for x in a.batches.split(",")]
+        tuned["llama-2-7b"] = guarded(gemv_section, "llama-2-7b", torch.float16, batches,
+                                      a.sweep, deadline)
+        tuned["llama-3.2-1b"] = guarded(gemv_section, "llama-3.2-1b", torch.bfloat16, batches,
+                                        a.sweep, deadline)
     if "attention" in sections:
         guarded(attention_section, "llama-2-7b", torch.float16)
         guarded(attention_section, "llama-3.2-1b", torch.bfloat16)
     if "decode" in sections:
-        guarded(decode_section, "llama-2-7b", torch.float16, tbps, a.plans.split(","))
-        guarded(decode_section, "llama-3.2-1b", torch.bfloat16, tbps, a.plans.split(","))
-    if "gemv" in sections:
-        deadline = time.time() + a.budget
-        batches = [int(x) for x in a.batches.split(",")]
-        guarded(gemv_section, "llama-2-7b", torch.float16, batches, a.sweep, deadline)
-        guarded(gemv_section, "llama-3.2-1b", torch.bfloat16, batches, a.sweep, deadline)
+        for name, dtype in (("llama-2-7b", torch.float16), ("llama-3.2-1b", torch.bfloat16)):
+            guarded(decode_section, name, dtype, tbps, a.plans.split(","), tuned.get(name))
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "kernel_bench.json"), "w") as f:

@@ -50,13 +50,14 @@ def ws():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("b,n,k,split,programs", [(1, 100, 96, 1, 0), (3, 64, 160, 3, 0),
-                                                  (5, 200, 64, 2, 3)])
-def test_gemv_norm_and_residual(ws, b, n, k, split, programs) -> None:
+@pytest.mark.parametrize("b,n,k,split,programs,dot", [
+    (1, 100, 96, 1, 0, True), (3, 64, 160, 3, 0, True), (5, 200, 64, 2, 3, True),
+    (1, 100, 96, 1, 0, False), (1, 64, 160, 3, 2, False)])
+def test_gemv_norm_and_residual(ws, b, n, k, split, programs, dot) -> None:
     from hybridgraph.kernels import gemv as g
     from hybridgraph.kernels import reference as ref
     x, w, res, nw = _rnd(b, k), _rnd(n, k, scale=0.1), _rnd(b, n), 1 + _rnd(k, scale=0.2)
-    cfg = g.GemvConfig(half=16, block_k=32, split_k=split, programs=programs)
+    cfg = g.GemvConfig(half=16, block_k=32, split_k=split, programs=programs, dot=dot)
     out = g.gemv(x, w, _nan(b, n), ws, cfg, norm_w=nw)
     assert ref.rel_err(out, ref.gemv_ref(x, w, nw)) < TOL
     out = g.gemv(x, w, _nan(b, n), ws, cfg, epi=g.EPI_RESID, residual=res)
@@ -65,19 +66,19 @@ def test_gemv_norm_and_residual(ws, b, n, k, split, programs) -> None:
 
 
 @needs_interpreter
-@pytest.mark.parametrize("split", [1, 2])
-def test_gemv_swiglu_and_rope(ws, split) -> None:
+@pytest.mark.parametrize("b,split,dot", [(3, 1, True), (3, 2, True), (1, 2, False)])
+def test_gemv_swiglu_and_rope(ws, b, split, dot) -> None:
     from hybridgraph.kernels import gemv as g
     from hybridgraph.kernels import reference as ref
-    b, k, heads, kv, d, seq = 3, 96, 6, 2, 32, 64
+    k, heads, kv, d, seq = 96, 6, 2, 32, 64
     x, nw = _rnd(b, k), 1 + _rnd(k, scale=0.2)
-    cfg = g.GemvConfig(half=16, block_k=32, split_k=split)
+    cfg = g.GemvConfig(half=16, block_k=32, split_k=split, dot=dot)
     w13 = _rnd(2 * 40, k, scale=0.1)
     h = g.gemv(x, w13, _nan(b, 40), ws, cfg, epi=g.EPI_SILU, norm_w=nw)
     assert ref.rel_err(h, ref.swiglu_ref(x, w13, nw)) < TOL
     wqkv = _rnd((heads + 2 * kv) * d, k, scale=0.1)
     kc, vc = _rnd(4, kv, seq, d), _rnd(4, kv, seq, d)
-    pos = torch.tensor([0, seq - 1, 17])
+    pos = torch.tensor([0, seq - 1, 17])[:b]
     ang = torch.rand(b, d // 2) * 6
     cos, sin = ang.cos().repeat(1, 2).to(F16), ang.sin().repeat(1, 2).to(F16)
     q = g.gemv(x, wqkv, _nan(b, heads * d), ws, cfg, epi=g.EPI_ROPE, norm_w=nw,

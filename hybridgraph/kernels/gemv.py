@@ -134,7 +134,7 @@ def gemv_kernel(x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
                 HEADS, KV_HEADS, MAX_SEQ, D_HALF,
                 NORM: tl.constexpr, EPI: tl.constexpr, SPLIT_K: tl.constexpr,
                 BLOCK_B: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr,
-                PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
+                PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, DOT: tl.constexpr):
     # Work items (tile, split) are dealt round-robin over the programs: a grid smaller
     # than the item count makes the kernel persistent, which evens out the last wave.
     pid = tl.program_id(0)
@@ -168,24 +168,49 @@ def gemv_kernel(x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
         wb_ptrs = w_ptr + rows_b.to(tl.int64)[:, None] * K + offs_k[None, :]
         k_start = split * K_SPLIT
         k_end = tl.minimum(k_start + K_SPLIT, K)
-        acc_a = tl.zeros([BLOCK_B, HALF], dtype=tl.float32)
-        acc_b = tl.zeros([BLOCK_B, HALF], dtype=tl.float32)
-        ss = tl.zeros([BLOCK_B], dtype=tl.float32)
-        for k in range(k_start, k_end, BLOCK_K):
-            km = (k + offs_k) < k_end
-            xt = tl.load(x_ptr + offs_b[:, None] * stride_x + (k + offs_k)[None, :],
-                         mask=mask_bb[:, None] & km[None, :], other=0.0)
-            if NORM:
-                # RMSNorm folded in: y = rstd * (W @ (norm_w * x)), rstd from the sum of
-                # squares gathered here, so no extra pass over x.
-                xf = xt.to(tl.float32)
-                ss += tl.sum(xf * xf, axis=1)
-                nw = tl.load(normw_ptr + k + offs_k, mask=km, other=0.0)
-                xt = (xf * nw.to(tl.float32)[None, :]).to(xt.dtype)
-            wa = tl.load(wa_ptrs + k, mask=mask_a[:, None] & km[None, :], other=0.0)
-            wb = tl.load(wb_ptrs + k, mask=mask_b[:, None] & km[None, :], other=0.0)
-            acc_a = tl.dot(xt, tl.trans(wa), acc_a)
-            acc_b = tl.dot(xt, tl.trans(wb), acc_b)
+        if DOT:
+            acc_a = tl.zeros([BLOCK_B, HALF], dtype=tl.float32)
+            acc_b = tl.zeros([BLOCK_B, HALF], dtype=tl.float32)
+            # Squares summed elementwise in the loop, reduced once after it: a cross-warp
+            # reduction per step stalled the weight pipeline (57 vs 45 us, KERNELS.md).
+            sq = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+            for k in range(k_start, k_end, BLOCK_K):
+                km = (k + offs_k) < k_end
+                xt = tl.load(x_ptr + offs_b[:, None] * stride_x + (k + offs_k)[None, :],
+                             mask=mask_bb[:, None] & km[None, :], other=0.0)
+                if NORM:
+                    # RMSNorm folded in: y = rstd * (W @ (norm_w * x)), rstd from the sum of
+                    # squares gathered here, so no extra pass over x.
+                    xf = xt.to(tl.float32)
+                    sq += xf * xf
+                    nw = tl.load(normw_ptr + k + offs_k, mask=km, other=0.0)
+                    xt = (xf * nw.to(tl.float32)[None, :]).to(xt.dtype)
+                wa = tl.load(wa_ptrs + k, mask=mask_a[:, None] & km[None, :], other=0.0)
+                wb = tl.load(wb_ptrs + k, mask=mask_b[:, None] & km[None, :], other=0.0)
+                acc_a = tl.dot(xt, tl.trans(wa), acc_a)
+                acc_b = tl.dot(xt, tl.trans(wb), acc_b)
+            ss = tl.sum(sq, axis=1)
+        else:
+            # One row (BLOCK_B == 1): products accumulated elementwise in registers, no
+            # shared memory and no per-step reduction; one reduction after the loop.
+            pa = tl.zeros([HALF, BLOCK_K], dtype=tl.float32)
+            pb = tl.zeros([HALF, BLOCK_K], dtype=tl.float32)
+            sqv = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k in range(k_start, k_end, BLOCK_K):
+                km = (k + offs_k) < k_end
+                xv = tl.load(x_ptr + k + offs_k, mask=km, other=0.0)
+                xf = xv.to(tl.float32)
+                if NORM:
+                    sqv += xf * xf
+                    nw = tl.load(normw_ptr + k + offs_k, mask=km, other=0.0)
+                    xf = (xf * nw.to(tl.float32)).to(xv.dtype).to(tl.float32)
+                wa = tl.load(wa_ptrs + k, mask=mask_a[:, None] & km[None, :], other=0.0)
+                wb = tl.load(wb_ptrs + k, mask=mask_b[:, None] & km[None, :], other=0.0)
+                pa += wa.to(tl.float32) * xf[None, :]
+                pb += wb.to(tl.float32) * xf[None, :]
+            acc_a = tl.reshape(tl.sum(pa, axis=1), [BLOCK_B, HALF])
+            acc_b = tl.reshape(tl.sum(pb, axis=1), [BLOCK_B, HALF])
+            ss = tl.zeros([BLOCK_B], dtype=tl.float32) + tl.sum(sqv, axis=0)
 
         if SPLIT_K == 1:
             if NORM:
@@ -232,6 +257,7 @@ class GemvConfig(NamedTuple):
     num_stages: int = 3
     prefetch: int = 4      # 128-byte lines per weight row prefetched before the PDL wait
     programs: int = 0      # grid size; 0: one program per (tile, split), else persistent
+    dot: bool = True       # False: one-row launches multiply in registers, not on tensor cores
 
 
 def default_config(tiles: int, k: int, sms: int = 132) -> GemvConfig:
@@ -291,9 +317,10 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
     tiles = n_tiles(epi, n, half, d_half)
     k_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     split = triton.cdiv(k, k_split)
-    block_b = 16
+    dot = cfg.dot or b > 1
+    block_b = 16 if dot else 1
     if split > 1:
-        ws.check(workspace_floats(tiles, split, half), tiles, "gemv")
+        ws.check(workspace_floats(tiles, split, half, block_b), tiles, "gemv")
     dummy = out
     r = rope
     args = (x, w, norm_w if norm_w is not None else w, out,
@@ -308,7 +335,7 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
     grid = min(items, cfg.programs) if cfg.programs > 0 else items
     gemv_kernel[(grid,)](
         *args, NORM=norm_w is not None, EPI=epi, SPLIT_K=split, BLOCK_B=block_b, HALF=half,
-        BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, USE_PDL=pdl,
+        BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, USE_PDL=pdl, DOT=dot,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
     return out
 

@@ -233,3 +233,34 @@ def test_triton_decode_matches_the_model_in_graphs(gemvs, pdl) -> None:
             assert torch.equal(logits_fast.argmax(-1), expect.argmax(-1))
             bufs.ids[:b] = expect.argmax(-1)
             bufs.pos[:b] += 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split,programs", [(1, 0), (2, 0), (4, 40)])
+def test_gemv_one_row_register_path(dtype, split, programs) -> None:
+    """dot=False (one row multiplied in registers): every epilogue against its reference."""
+    from hybridgraph.kernels import gemv as g
+    ws, k, heads, kv, d, seq = _ws(), 2048, 16, 4, 128, 256
+    cfg = g.GemvConfig(half=16, block_k=256, split_k=split, programs=programs, dot=False)
+    x, nw = _rnd(1, k, dtype=dtype), 1 + _rnd(k, dtype=dtype, scale=0.2)
+    w = _rnd(3000, k, dtype=dtype, scale=k ** -0.5)
+    res = _rnd(1, 3000, dtype=dtype)
+    out = g.gemv(x, w, _nan(1, 3000, dtype=dtype), ws, cfg, norm_w=nw)
+    assert ref.rel_err(out, ref.gemv_ref(x, w, nw)) < TOLERANCE[dtype]
+    out = g.gemv(x, w, _nan(1, 3000, dtype=dtype), ws, cfg, epi=g.EPI_RESID, residual=res)
+    assert ref.rel_err(out, ref.gemv_ref(x, w, residual=res)) < TOLERANCE[dtype]
+    h = g.gemv(x, w[:2000], _nan(1, 1000, dtype=dtype), ws, cfg, epi=g.EPI_SILU, norm_w=nw)
+    assert ref.rel_err(h, ref.swiglu_ref(x, w[:2000], nw)) < TOLERANCE[dtype]
+    wqkv = _rnd((heads + 2 * kv) * d, k, dtype=dtype, scale=k ** -0.5)
+    kc, vc = _rnd(1, kv, seq, d, dtype=dtype), _rnd(1, kv, seq, d, dtype=dtype)
+    pos = torch.tensor([seq - 1], device="cuda")
+    ang = torch.rand(1, d // 2, device="cuda") * 6
+    cos, sin = ang.cos().repeat(1, 2).to(dtype), ang.sin().repeat(1, 2).to(dtype)
+    q = g.gemv(x, wqkv, _nan(1, heads * d, dtype=dtype), ws, cfg, epi=g.EPI_ROPE, norm_w=nw,
+               rope=g.RopeArgs(cos, sin, pos, kc, vc, heads, kv))
+    q_ref, k_ref, v_ref = ref.qkv_rope_ref(x, wqkv, cos, sin, heads, kv, nw)
+    assert ref.rel_err(q, q_ref) < TOLERANCE[dtype]
+    assert ref.rel_err(kc[:, :, seq - 1], k_ref) < TOLERANCE[dtype]
+    assert ref.rel_err(vc[:, :, seq - 1], v_ref) < TOLERANCE[dtype]
+    torch.cuda.synchronize()
+    assert int(ws.counters.abs().sum()) == 0

@@ -223,7 +223,7 @@ def attention_section(name: str, dtype: torch.dtype) -> None:
 
 def decode_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: list[str],
                    tuned: dict | None = None, window: int = 512) -> None:
-    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
+    from hybridgraph.model.fast_decode import PROJECTIONS, KernelPlan, TritonDecode
     from hybridgraph.model.llama import Block
     from hybridgraph.model.loader import random_model
     from hybridgraph.runtime.step import compiled_blocks
@@ -250,7 +250,13 @@ def decode_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: list
             else:
                 gemvs = () if projs == "none" else tuple(projs.split("+"))
             configs = {p: tuned[p][0] for p in gemvs if p in tuned}
-            fast = TritonDecode(model, 1, KernelPlan(gemv=gemvs, pdl=pdl == "pdl",
+            if projs == "default":
+                gemvs, configs = KernelPlan().gemv, {}
+            elif projs == "all":
+                gemvs = PROJECTIONS
+                configs = {p: tuned[p][0] for p in gemvs if p in tuned}
+            fast = TritonDecode(model, 1, KernelPlan(gemv=gemvs, pdl=pdl.startswith("pdl"),
+                                                     pdl_late=pdl == "pdl-late",
                                                      configs=configs))
             print(plan, "->", gemvs, {p: list(c) for p, c in configs.items()}, flush=True)
             fns[plan] = lambda i, fast=fast: fast.forward(ids, pos, window)
@@ -281,13 +287,19 @@ def main() -> None:
     ap.add_argument("--sweep", type=int, default=len(SWEEP_SPEC))
     ap.add_argument("--budget", type=float, default=300.0, help="seconds for the gemv sweep")
     ap.add_argument("--batches", default="1")
-    ap.add_argument("--plans", default="inductor,none:pdl,wo+w2:pdl,"
-                    "qkv+wo+w13+w2+head:pdl,auto,auto:pdl")
+    ap.add_argument("--plans", default="inductor,none:pdl,wo+w2,default:pdl,wo+w2:pdl-late,"
+                    "auto,auto:pdl-late,all,all:pdl-late")
     a = ap.parse_args()
     sections = a.sections.split(",")
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     tbps = guarded(floor_section) if "floor" in sections else None
     tbps = tbps or 3.0
+    from hybridgraph.kernels.selfcheck import check_kernels
+    for dtype in (torch.float16, torch.bfloat16):
+        t0 = time.time()
+        ok = check_kernels(torch.device("cuda"), dtype, True)
+        row(section="selfcheck", dtype=str(dtype), result=list(ok),
+            seconds=round(time.time() - t0, 2))
     tuned = {}
     if "gemv" in sections:
         deadline = time.time() + a.budget
@@ -315,6 +327,9 @@ def print_table() -> None:
         if r["section"] == "decode":
             print(f"decode {r['model']:14s} {r['plan']:26s} {r['ms']:8.4f} ms  "
                   f"floor {r['floor_ms']:.4f} ({r['floor_frac']:.0%})")
+    for r in ROWS:
+        if r["section"] == "selfcheck":
+            print(f"selfcheck {r['dtype']} {r['result']} {r['seconds']} s")
     for r in ROWS:
         if r["section"] == "attention":
             print(f"attn   {r['model']:14s} W={r['window']:5d} {r['kernel']:8s} {r['us']:8.2f} us")

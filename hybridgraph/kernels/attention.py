@@ -29,8 +29,9 @@ def decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, ws_ptr, cnt
     split = tl.program_id(1)
     b = bk // KV_HEADS
     kvh = bk % KV_HEADS
-    if USE_PDL:
+    if USE_PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
+    if USE_PDL > 0:
         tl.extra.cuda.gdc_wait()
     dt = kc_ptr.dtype.element_ty
     offs_r = tl.arange(0, BLOCK_R)
@@ -64,6 +65,8 @@ def decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, ws_ptr, cnt
         v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
         m_i = m_new
+    if USE_PDL == 2:
+        tl.extra.cuda.gdc_launch_dependents()
     out_rows = out_ptr + b * heads_d + (kvh * REP + offs_r)[:, None] * D + offs_d[None, :]
     out_mask = mask_r[:, None] & mask_d[None, :]
     if SPLITS == 1:
@@ -107,8 +110,9 @@ def attention_splits(batch: int, kv_heads: int, window: int, block_t: int,
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, window: int,
                      out: Tensor, ws: Workspace, *, block_t: int = 64, splits: int | None = None,
-                     num_warps: int = 4, pdl: bool = False) -> Tensor:
-    """q, out: [B, H*D] (model dtype); caches [max_batch, KV, max_seq, D]; pos: [B]."""
+                     num_warps: int = 4, pdl: int = 0) -> Tensor:
+    """q, out: [B, H*D] (model dtype); caches [max_batch, KV, max_seq, D]; pos: [B].
+    pdl: 0 off, 1 the next kernel may launch at once, 2 after the key loop."""
     b = q.shape[0]
     kv, max_seq, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     rep = q.shape[1] // (kv * d)
@@ -129,5 +133,5 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, w
         q, k_cache, v_cache, pos, out, ws.partials, ws.counters,
         1.0 / math.sqrt(d), window, kv, max_seq, chunk,
         REP=rep, D=d, D_PAD=d_pad, BLOCK_R=block_r, BLOCK_T=block_t, SPLITS=splits,
-        USE_PDL=pdl, num_warps=num_warps, **extra)
+        USE_PDL=int(pdl), num_warps=num_warps, **extra)
     return out

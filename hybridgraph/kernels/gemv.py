@@ -147,7 +147,7 @@ def gemv_kernel(x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
     item_floats = 2 * size + BLOCK_B
     offs2 = offs_b[:, None] * HALF + offs_h[None, :]
 
-    if USE_PDL:
+    if USE_PDL > 0:
         if PREFETCH > 0:  # the first item's weights: they never change, so no wait needed
             rows_a, rows_b, mask_a, mask_b = _rows(pid // SPLIT_K, offs_h, N, D_HALF, EPI, HALF)
             k0 = (pid % SPLIT_K) * K_SPLIT
@@ -157,7 +157,8 @@ def gemv_kernel(x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
                                   w_ptr + rows_a.to(tl.int64)[:, None] * K + lines, w_ptr))
             _prefetch_l2(tl.where(mask_b[:, None] & ok,
                                   w_ptr + rows_b.to(tl.int64)[:, None] * K + lines, w_ptr))
-        tl.extra.cuda.gdc_launch_dependents()
+        if USE_PDL == 1:
+            tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
 
     for item in range(pid, TILES * SPLIT_K, nprog):
@@ -211,6 +212,8 @@ def gemv_kernel(x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
             acc_a = tl.reshape(tl.sum(pa, axis=1), [BLOCK_B, HALF])
             acc_b = tl.reshape(tl.sum(pb, axis=1), [BLOCK_B, HALF])
             ss = tl.zeros([BLOCK_B], dtype=tl.float32) + tl.sum(sqv, axis=0)
+        if USE_PDL == 2:  # late trigger: the next kernel launches as the weights run out
+            tl.extra.cuda.gdc_launch_dependents()
 
         if SPLIT_K == 1:
             if NORM:
@@ -291,11 +294,13 @@ def rope_half(d_half: int, half: int) -> int:
 def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
          epi: int = EPI_PLAIN, norm_w: Tensor | None = None, eps: float = 1e-5,
          residual: Tensor | None = None, rope: RopeArgs | None = None,
-         pdl: bool = False) -> Tensor:
+         pdl: int = 0) -> Tensor:
     """out = epilogue((norm(x) if norm_w else x) @ w.T). x: [B, K] (B <= 16), w: [N, K].
 
     EPI_SILU: w is the fused gate/up weight [2I, K] and out [B, I]. EPI_ROPE: w is wqkv,
-    out receives q [B, H*D] and rope's caches receive k and v at rope.pos.
+    out receives q [B, H*D] and rope's caches receive k and v at rope.pos. pdl: 0 off,
+    1 (or True) programmatic dependent launch letting the next kernel launch at once,
+    2 letting it launch only after this kernel's main loop.
     """
     b, k = x.shape
     n = w.shape[0] // 2 if epi == EPI_SILU else w.shape[0]
@@ -335,7 +340,7 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
     grid = min(items, cfg.programs) if cfg.programs > 0 else items
     gemv_kernel[(grid,)](
         *args, NORM=norm_w is not None, EPI=epi, SPLIT_K=split, BLOCK_B=block_b, HALF=half,
-        BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, USE_PDL=pdl, DOT=dot,
+        BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, USE_PDL=int(pdl), DOT=dot,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
     return out
 

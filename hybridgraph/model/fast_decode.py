@@ -14,7 +14,7 @@ block rounds it, so the two blocks agree to fp16/bf16 rounding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,17 @@ PROJECTIONS = ("qkv", "wo", "w13", "w2", "head")
 @dataclass(frozen=True)
 class KernelPlan:
     """Which projections run on the Triton GEMV (the rest on cuBLAS), and whether the
-    kernels use programmatic dependent launch."""
+    kernels use programmatic dependent launch (dropped where the GPU lacks it).
 
-    gemv: tuple[str, ...] = PROJECTIONS
-    pdl: bool = False
+    The default is the fastest plan measured on an H100 (docs/KERNELS.md): the O and
+    down projections on the GEMV (split-K, residual add fused), QKV, gate/up and the LM
+    head on cuBLAS with fused glue, PDL on.
+    """
+
+    gemv: tuple[str, ...] = ("wo", "w2")
+    pdl: bool = True
+    pdl_late: bool = False                  # GEMV/attention let the next kernel launch only
+    #                                         after their main loop, not at once
     block_t: int = 64                       # keys per attention tile
     configs: dict[str, object] = field(default_factory=dict)  # projection -> GemvConfig
 
@@ -49,10 +56,15 @@ class TritonDecode:
     def __init__(self, model: Transformer, max_batch: int, plan: KernelPlan | None = None,
                  ) -> None:
         from hybridgraph.kernels import attention, gemv
+        from hybridgraph.kernels.selfcheck import pdl_supported
         from hybridgraph.kernels.workspace import Workspace
 
         self._gemv, self._attn = gemv, attention
-        self.model, self.plan = model, plan or KernelPlan()
+        plan = plan or KernelPlan()
+        if plan.pdl and not pdl_supported(model.tok_embeddings.weight.device):
+            plan = replace(plan, pdl=False)
+        self.model, self.plan = model, plan
+        self._pdl = (2 if self.plan.pdl_late else 1) if self.plan.pdl else 0
         cfg = model.config
         if max_batch > 16:
             raise ValueError(f"max_batch {max_batch}: the Triton decode serves at most 16 rows")
@@ -100,13 +112,13 @@ class TritonDecode:
         x = x[:, 0]
         logits = x.new_empty(x.shape[0], m.output.weight.shape[0])
         self._gemv.gemv(x, m.output.weight, logits, self.ws, self.configs["head"],
-                        norm_w=m.norm.weight, eps=self.eps, pdl=self.plan.pdl)
+                        norm_w=m.norm.weight, eps=self.eps, pdl=self._pdl)
         return logits.float()
 
     def block(self, layer: Block, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache,
               pos: Tensor, window: int) -> Tensor:
         """Block.decode on the kernels. x: [B, 1, hidden]; cos, sin: [B, 1, D]."""
-        g, plan, pdl = self._gemv, self.plan, self.plan.pdl
+        g, plan, pdl = self._gemv, self.plan, self._pdl
         b, hidden = x.shape[0], x.shape[-1]
         x2 = x.reshape(b, hidden)
         cos2, sin2 = cos.reshape(b, -1), sin.reshape(b, -1)
@@ -166,7 +178,7 @@ def triton_decode(model: Transformer, max_batch: int, plan: KernelPlan | None = 
     p = model.tok_embeddings.weight
     note = ""
     if plan.pdl and not pdl_supported(p.device):
-        plan = KernelPlan(plan.gemv, False, plan.block_t, plan.configs)
+        plan = replace(plan, pdl=False)
         note = " (without PDL: it needs sm_90 or newer)"
     if max_batch > 16:
         return None, f"max_batch {max_batch} is over the Triton decode's 16 rows"

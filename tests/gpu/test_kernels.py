@@ -146,8 +146,10 @@ def test_glue_kernels(dtype) -> None:
     assert ref.rel_err(h, expect) < TOLERANCE[dtype]
 
 
-def test_pdl_kernels_replay_in_a_cuda_graph() -> None:
-    """A chain of PDL launches captured in a graph gives the eager chain's result."""
+@pytest.mark.parametrize("mode", [1, 2])
+def test_pdl_kernels_replay_in_a_cuda_graph(mode) -> None:
+    """A chain of PDL launches captured in a graph gives the eager chain's result
+    (mode 1: the next kernel may launch at once; 2: after the main loop)."""
     if not pdl_supported(torch.device("cuda")):
         pytest.skip("programmatic dependent launch needs sm_90")
     from hybridgraph.kernels import gemv as g
@@ -160,7 +162,7 @@ def test_pdl_kernels_replay_in_a_cuda_graph() -> None:
         y = x
         for w in ws_:  # each step reads the one before: a race shows as a wrong answer
             y = g.gemv(y, w, torch.empty_like(y), ws, cfg, epi=g.EPI_RESID, residual=y,
-                       pdl=True)
+                       pdl=mode)
         return y
 
     expect = chain().clone()
@@ -186,7 +188,7 @@ def test_self_check_passes(dtype, pdl) -> None:
 
 
 @pytest.mark.parametrize("gemvs", [("qkv", "wo", "w13", "w2", "head"), ("wo", "w2"), ()])
-@pytest.mark.parametrize("pdl", _pdl_options())
+@pytest.mark.parametrize("pdl", _pdl_options() + ("late",))
 def test_triton_decode_matches_the_model_in_graphs(gemvs, pdl) -> None:
     """Steps(kernels="triton"): captured decode logits within fp16 tolerance of the
     PyTorch block's, and the same greedy tokens over 12 steps."""
@@ -199,7 +201,8 @@ def test_triton_decode_matches_the_model_in_graphs(gemvs, pdl) -> None:
     b, max_seq, window = 3, 1024, 256
     model.setup_caches(b, max_seq)
     bufs = StepBuffers(b, max_seq, torch.device("cuda"))
-    fast = Steps(model, bufs, kernels="triton", plan=KernelPlan(gemv=gemvs, pdl=pdl))
+    plan = KernelPlan(gemv=gemvs, pdl=bool(pdl), pdl_late=pdl == "late")
+    fast = Steps(model, bufs, kernels="triton", plan=plan)
     slow = Steps(model, bufs)
     assert fast.kernels == "triton", fast.kernels_reason
     bufs.prompt_ids[:b, :9] = torch.randint(0, 512, (b, 9), device="cuda")

@@ -124,8 +124,11 @@ SMALL = ModelConfig(vocab_size=97, hidden_size=128, intermediate_size=96, num_la
 
 
 @needs_interpreter
-@pytest.mark.parametrize("gemvs", [("qkv", "wo", "w13", "w2", "head"), ()])
-def test_triton_decode_matches_block_decode(gemvs) -> None:
+@pytest.mark.parametrize("gemvs,b", [(("qkv", "wo", "w13", "w2", "head"), 3),
+                                     (("qkv", "wo", "w13", "w2", "head"), 1), ((), 3)])
+def test_triton_decode_matches_block_decode(gemvs, b) -> None:
+    """Multi-row launches swap the one-row register configs for the tensor-core path;
+    b=1 runs the register path (the default configs)."""
     from hybridgraph.kernels import reference as ref
     from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
     torch.manual_seed(0)
@@ -135,7 +138,7 @@ def test_triton_decode_matches_block_decode(gemvs) -> None:
     model.setup_caches(3, 512)
     model.prefill(torch.randint(0, 97, (3, 12)))
     fast = TritonDecode(model, 3, KernelPlan(gemv=gemvs))
-    ids, pos = torch.tensor([1, 2, 3]), torch.tensor([12, 5, 300])
+    ids, pos = torch.tensor([1, 2, 3])[:b], torch.tensor([12, 5, 300])[:b]
     snap = [(c.k.clone(), c.v.clone()) for c in model.caches]
     got = fast.forward(ids, pos, 512)
     written = [c.k.clone() for c in model.caches]

@@ -263,9 +263,22 @@ class GemvConfig(NamedTuple):
     dot: bool = True       # False: one-row launches multiply in registers, not on tensor cores
 
 
-def default_config(tiles: int, k: int, sms: int = 132) -> GemvConfig:
-    """Split K while the grid stays under half the GPU's SMs (and each split keeps >= 512
-    of K): the best split at every llama-2-7b and llama-3.2-1b shape on an H100 (KERNELS.md)."""
+def default_config(tiles: int, k: int, sms: int = 132, epi: int = EPI_PLAIN,
+                   norm: bool = False) -> GemvConfig:
+    """The config that measured best for one row on an H100 (docs/KERNELS.md).
+
+    The wide projections (gate/up, and the LM head with its norm) stream fastest on the
+    one-row register path; the rest on the tensor-core path, split over K while the grid
+    stays under half the SMs (each split keeping >= 512 of K), which was the best split at
+    every llama-2-7b and llama-3.2-1b shape. Launches of more rows use the tensor-core
+    path whatever the config says (`gemv`).
+    """
+    if epi == EPI_SILU:
+        return GemvConfig(half=32, block_k=256, num_warps=8, num_stages=1, dot=False)
+    if epi == EPI_PLAIN and norm:
+        return GemvConfig(half=32, block_k=128, split_k=2, num_stages=1, dot=False)
+    if epi == EPI_ROPE:
+        return GemvConfig(half=16, block_k=512, num_warps=8, num_stages=1, dot=False)
     split = 1
     while tiles * split * 2 <= sms and k // (split * 2) >= 512:
         split *= 2
@@ -322,7 +335,9 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
     tiles = n_tiles(epi, n, half, d_half)
     k_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     split = triton.cdiv(k, k_split)
-    dot = cfg.dot or b > 1
+    if b > 1 and not cfg.dot:  # register configs are tuned for one row
+        cfg = GemvConfig(split_k=cfg.split_k)
+    dot = cfg.dot
     block_b = 16 if dot else 1
     if split > 1:
         ws.check(workspace_floats(tiles, split, half, block_b), tiles, "gemv")

@@ -30,14 +30,14 @@ class KernelPlan:
     """Which projections run on the Triton GEMV (the rest on cuBLAS), and whether the
     kernels use programmatic dependent launch (dropped where the GPU lacks it).
 
-    The default is the fastest plan measured on an H100 (docs/KERNELS.md): the O and
-    down projections on the GEMV (split-K, residual add fused), QKV, gate/up and the LM
-    head on cuBLAS with fused glue, PDL on.
+    The default is the fastest plan measured on an H100 for llama-2-7b (docs/KERNELS.md):
+    O, gate/up, down and the LM head on the GEMV, QKV on cuBLAS (+ fused norm and
+    RoPE/cache-write kernels), PDL on with the late trigger.
     """
 
-    gemv: tuple[str, ...] = ("wo", "w2")
+    gemv: tuple[str, ...] = ("wo", "w13", "w2", "head")
     pdl: bool = True
-    pdl_late: bool = False                  # GEMV/attention let the next kernel launch only
+    pdl_late: bool = True                   # GEMV/attention let the next kernel launch only
     #                                         after their main loop, not at once
     block_t: int = 64                       # keys per attention tile
     configs: dict[str, object] = field(default_factory=dict)  # projection -> GemvConfig
@@ -86,12 +86,16 @@ class TritonDecode:
             c = self.plan.configs.get(name)
             if c is None:
                 half = gemv.rope_half(self.d // 2, 32) if rope else 32
-                c = gemv.default_config(gemv.n_tiles(epi, n, half, self.d // 2), k, self.sms)
-            half = gemv.rope_half(self.d // 2, c.half) if rope else c.half
-            tiles = gemv.n_tiles(epi, n, half, self.d // 2)
+                c = gemv.default_config(gemv.n_tiles(epi, n, half, self.d // 2), k, self.sms,
+                                        epi, norm=name in ("qkv", "w13", "head"))
             self.configs[name] = c
-            floats = max(floats, gemv.workspace_floats(tiles, c.split_k, half))
-            counters = max(counters, tiles)
+            # Sized for the config and for its multi-row fallback (gemv swaps a one-row
+            # register config for the tensor-core default when more rows come).
+            for cc in (c, gemv.GemvConfig(split_k=c.split_k)):
+                half = gemv.rope_half(self.d // 2, cc.half) if rope else cc.half
+                tiles = gemv.n_tiles(epi, n, half, self.d // 2)
+                floats = max(floats, gemv.workspace_floats(tiles, cc.split_k, half))
+                counters = max(counters, tiles)
         d_pad = max(16, 1 << (self.d - 1).bit_length())
         rep_pad = max(16, 1 << (self.heads // self.kv - 1).bit_length())
         # attention_splits keeps batch * kv * splits under 4 * SMs whenever it splits.

@@ -191,7 +191,9 @@ def test_self_check_passes(dtype, pdl) -> None:
 @pytest.mark.parametrize("pdl", _pdl_options() + ("late",))
 def test_triton_decode_matches_the_model_in_graphs(gemvs, pdl) -> None:
     """Steps(kernels="triton"): captured decode logits within fp16 tolerance of the
-    PyTorch block's, and the same greedy tokens over 12 steps."""
+    PyTorch block's, and the same greedy tokens over 12 steps wherever the reference's
+    best logit leads the next by more than rounding (0.1; the paths differ by ~0.02):
+    a near-tie may go either way and says nothing about the kernels."""
     from hybridgraph.model.fast_decode import KernelPlan
     from hybridgraph.runtime.step import StepBuffers, Steps
 
@@ -205,7 +207,8 @@ def test_triton_decode_matches_the_model_in_graphs(gemvs, pdl) -> None:
     fast = Steps(model, bufs, kernels="triton", plan=plan)
     slow = Steps(model, bufs)
     assert fast.kernels == "triton", fast.kernels_reason
-    bufs.prompt_ids[:b, :9] = torch.randint(0, 512, (b, 9), device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    bufs.prompt_ids[:b, :9] = torch.randint(0, 512, (b, 9), device="cuda", generator=gen)
     bufs.last_idx[:b] = torch.tensor([8, 4, 6], device="cuda")
     with torch.no_grad():
         first = slow.forward_prefill(b, 9).argmax(-1)
@@ -225,6 +228,7 @@ def test_triton_decode_matches_the_model_in_graphs(gemvs, pdl) -> None:
         for c, (k, v) in zip(model.caches, caches, strict=True):
             c.k.copy_(k)
             c.v.copy_(v)
+        compared = 0
         for _ in range(12):
             snap = [(c.k.clone(), c.v.clone()) for c in model.caches]
             expect = slow.forward_decode(b, window)
@@ -233,9 +237,13 @@ def test_triton_decode_matches_the_model_in_graphs(gemvs, pdl) -> None:
                 c.v.copy_(v)
             graph.replay()
             assert ref.rel_err(logits_fast, expect) < TOLERANCE[torch.float16]
-            assert torch.equal(logits_fast.argmax(-1), expect.argmax(-1))
+            top2 = expect.topk(2, dim=-1).values
+            separated = (top2[:, 0] - top2[:, 1]) > 0.1
+            compared += int(separated.sum())
+            assert torch.equal(logits_fast.argmax(-1)[separated], expect.argmax(-1)[separated])
             bufs.ids[:b] = expect.argmax(-1)
             bufs.pos[:b] += 1
+    assert compared >= 30  # of 36: the model's logits are mostly well separated
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -19,13 +19,14 @@ Epilogues:
   EPI_RESID  out = residual + y                    (the O and down projections)
   EPI_SILU   out = silu(y[:, :I]) * y[:, I:]       (the fused gate/up projection, width I)
   EPI_ROPE   q -> out with RoPE; k -> k cache with RoPE at pos[b]; v -> v cache at pos[b]
-Roundings follow the model's PyTorch code (each intermediate the model keeps in the model
-dtype is rounded to it here too), so the kernel matches it to the last bits, not just
-to a float32 reference.
+Epilogue roundings follow the model's PyTorch code (each intermediate the model keeps in
+the model dtype is rounded to it here too), so the kernel path stays within rounding of the
+PyTorch path, not just of a float32 reference.
 
 USE_PDL (Hopper programmatic dependent launch): the program first asks the L2 to prefetch
 the start of its weight slice (weights never change, so this may overlap the previous
-kernel), lets the next kernel launch, and only then waits for the previous kernel's writes.
+kernel), then waits for the previous kernel's writes. The next kernel may launch at once
+(USE_PDL=1) or once this one's main loop is done (2, "late": measured faster, KERNELS.md).
 """
 
 from __future__ import annotations

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from hybridgraph.model.llama import Block, Transformer
 from hybridgraph.runtime.dynamic import Sampler
+
+if TYPE_CHECKING:
+    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +81,18 @@ class Steps:
     """
 
     def __init__(self, model: Transformer, bufs: StepBuffers, compile_forward: bool = False,
-                 kernels: str = "inductor", plan: object | None = None) -> None:
+                 kernels: str = "inductor", plan: KernelPlan | None = None) -> None:
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
         self.model, self.bufs = model, bufs
         self.prefill_block, self.decode_block = (
             compiled_blocks() if compile_forward else (Block.prefill, Block.decode))
         self.kernels, self.kernels_reason = "inductor", "asked for"
-        self.fast = None  # the TritonDecode in use, if any
+        self.fast: TritonDecode | None = None  # the kernel decode in use, if any
         if kernels == "triton":
             from hybridgraph.model.fast_decode import triton_decode
 
-            fast, reason = triton_decode(model, bufs.ids.shape[0], plan)  # type: ignore[arg-type]
+            fast, reason = triton_decode(model, bufs.ids.shape[0], plan)
             self.kernels_reason = reason
             if fast is None:
                 log.warning("Triton decode kernels not used, decoding with the %s blocks: %s",

@@ -19,13 +19,14 @@ from typing import Any
 import torch
 
 from hybridgraph.engine_config import DTYPE_NAMES, EngineConfig
+from hybridgraph.model.fast_decode import KernelPlan
 from hybridgraph.model.llama import Transformer
 from hybridgraph.model.loader import load_model
 from hybridgraph.model.tokenizer import Tokenizer
 from hybridgraph.request import GenerationResult, RequestError, SamplingParams, TokenCallback
 from hybridgraph.runtime.dynamic import choose_bucket, dynamic_ops, pow2_buckets
 from hybridgraph.runtime.graphs import GraphCache, GraphKey, parse_coverage
-from hybridgraph.runtime.modes import MODES, auto_mode, capture_policy, mode_spec
+from hybridgraph.runtime.modes import MODES, auto_kernels, auto_mode, capture_policy, mode_spec
 from hybridgraph.runtime.runner import GraphRunner, decode_windows
 from hybridgraph.runtime.step import StepBuffers, Steps, TokenReader
 
@@ -63,8 +64,16 @@ class Engine:
         model.setup_caches(self.max_batch, self.max_seq_len)
         self.bufs = StepBuffers(self.max_batch, self.max_seq_len, self.device)
         # With the compile backend, a compiled-forward mode (hybrid) compiles the blocks too.
+        kernels, self.steps_note = cfg.kernels, ""
+        if kernels == "auto":
+            cap = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" \
+                else None
+            kernels = auto_kernels(self.spec, self.device.type, cap)
+            if kernels == "inductor":
+                self.steps_note = "auto: Triton decode kernels serve hybrid mode on sm_90+ only"
         self.steps = Steps(model, self.bufs, compile_forward=self.spec.compiled_forward
-                           and self.ops.backend == "compile")
+                           and self.ops.backend == "compile", kernels=kernels,
+                           plan=KernelPlan(pdl=cfg.pdl))
         self.reader = TokenReader(self.max_batch, self.device)
         self.batch_buckets = pow2_buckets(1, self.max_batch)
         self.runner = GraphRunner(
@@ -291,6 +300,7 @@ class Engine:
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
             "max_batch": self.max_batch, "max_seq_len": self.max_seq_len,
             "coverage": self.coverage, "requests_served": self.requests_served,
+            "kernels": self.steps.kernels, "kernels_reason": self.steps_note or self.steps.kernels_reason,
         }
         graphs = self.runner.stats()
         if graphs is not None:

@@ -12,7 +12,7 @@ import argparse
 from dataclasses import dataclass, fields
 from typing import Any
 
-from hybridgraph.runtime.modes import BACKENDS, CAPTURE_MODES, MODES, mode_spec
+from hybridgraph.runtime.modes import BACKENDS, CAPTURE_MODES, KERNEL_CHOICES, MODES, mode_spec
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
@@ -30,6 +30,10 @@ class EngineConfig:
     # once weights and KV cache are in (runtime.runner.GRAPH_MEMORY_FRACTION).
     max_graph_bytes: int | None = None
     shared_pool: bool = True           # all graphs capture into one memory pool
+    # Decode kernels (runtime.modes.KERNEL_CHOICES): auto is the Triton kernels where they
+    # were measured faster (hybrid on sm_90+) and pass their self-check, else Inductor.
+    kernels: str = "auto"
+    pdl: bool = True                   # Triton kernels: programmatic dependent launch (sm_90+)
     progress: bool = False             # a progress bar while capturing ahead
     # Only Engine.load reads these three: where the weights go, and random presets' seed.
     device: str = "auto"               # auto: cuda if present, else cpu
@@ -44,6 +48,8 @@ class EngineConfig:
         if self.capture not in CAPTURE_MODES:
             raise ValueError(f"unknown capture mode {self.capture!r}; "
                              f"choose from {CAPTURE_MODES}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"unknown kernels {self.kernels!r}; choose from {KERNEL_CHOICES}")
         if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPE_NAMES)}")
         _check_int("max_batch", self.max_batch, 1)
@@ -73,6 +79,11 @@ class EngineConfig:
         p.add_argument("--coverage", default="pow2",
                        help="prefill graphs: exact | every:N | pow2 | a,b,c")
         p.add_argument("--capture", default="ahead", choices=list(CAPTURE_MODES))
+        p.add_argument("--kernels", default="auto", choices=list(KERNEL_CHOICES),
+                       help="decode kernels: auto (Triton where measured faster and its "
+                            "self-check passes, else Inductor), inductor, triton")
+        p.add_argument("--no-pdl", dest="pdl", action="store_false",
+                       help="Triton kernels without programmatic dependent launch")
         p.add_argument("--max-graphs", type=int, default=None)
         p.add_argument("--max-graph-bytes", type=int, default=None,
                        help="graph memory budget (default: half the GPU memory free after "

@@ -153,3 +153,15 @@ def test_slower_than_peer_covers_other_modes() -> None:
     res.add(at, ad)
     lines = slower_than_peers(res)
     assert len(lines) == 2 and all("hybridgraph-eager" in line for line in lines)
+
+
+def test_ablation_steps_through_the_kernel_choices_on_cuda() -> None:
+    from hybridgraph.bench.config import BenchConfig
+    from hybridgraph.bench.latency import ablation_variants
+
+    cfg = BenchConfig(modes=["eager", "jit", "graph", "hybrid"])
+    rows = ablation_variants(cfg)
+    assert rows[0] == ("hybrid", "hybrid (kernels auto)", {})   # built already: first
+    assert [label for _, label, _ in rows[1:]] == [
+        "eager", "jit", "graph", "hybrid +inductor", "hybrid +triton", "hybrid +triton +pdl"]
+    assert rows[-1][2] == {"kernels": "triton", "pdl": True}

@@ -14,7 +14,7 @@ from hybridgraph.cli import build_parser
 from hybridgraph.engine import Engine
 from hybridgraph.engine_config import EngineConfig
 from hybridgraph.model.loader import load_model
-from hybridgraph.runtime.modes import CAPTURE_POLICIES, MODE_SPECS, MODES, mode_spec
+from hybridgraph.runtime.modes import CAPTURE_POLICIES, MODE_SPECS, MODES, auto_kernels, mode_spec
 
 
 def test_cli_flags_become_the_config() -> None:
@@ -103,3 +103,31 @@ def test_bench_builds_engines_from_the_config() -> None:
     ec = cfg.engine_config("jit", coverage="8")
     assert ec == EngineConfig(mode="jit", device="cpu", dtype="float32",
                               max_seq_len=cfg.max_seq_len, coverage="8", progress=True)
+
+
+def test_kernels_choice_is_validated_and_parsed() -> None:
+    with pytest.raises(ValueError, match="unknown kernels 'cuda'"):
+        EngineConfig(kernels="cuda")
+    p = argparse.ArgumentParser()
+    EngineConfig.add_args(p)
+    cfg = EngineConfig.from_args(p.parse_args(["--kernels", "triton", "--no-pdl"]))
+    assert (cfg.kernels, cfg.pdl) == ("triton", False)
+    assert EngineConfig.from_args(p.parse_args([])).kernels == "auto"
+
+
+def test_auto_kernels_picks_triton_only_for_hybrid_on_hopper() -> None:
+    hybrid, graph = mode_spec("hybrid"), mode_spec("graph")
+    assert auto_kernels(hybrid, "cuda", (9, 0)) == "triton"
+    assert auto_kernels(hybrid, "cuda", (8, 0)) == "inductor"
+    assert auto_kernels(hybrid, "cpu", None) == "inductor"
+    assert auto_kernels(graph, "cuda", (9, 0)) == "inductor"
+
+
+def test_cpu_engine_says_which_kernels_run_and_why() -> None:
+    auto = Engine.load("tiny", device="cpu").stats()
+    assert auto["kernels"] == "inductor" and "sm_90" in auto["kernels_reason"]
+    # Asked for Triton without a GPU: the same engine runs, on the fallback, and says why.
+    asked = Engine.load("tiny", device="cpu", kernels="triton")
+    assert asked.stats()["kernels"] == "inductor"
+    assert "CUDA" in asked.stats()["kernels_reason"]
+    assert len(asked.generate([1, 2, 3], 4).tokens) == 4

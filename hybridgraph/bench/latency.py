@@ -109,32 +109,49 @@ def p99_suite(cfg: BenchConfig, engines: Engines) -> list[Table]:
     return [t]
 
 
+def ablation_variants(cfg: BenchConfig) -> list[tuple[str, str, dict[str, object]]]:
+    """(mode, label, engine options) per ablation row, one step at a time: eager, jit,
+    graph, then hybrid with Inductor's kernels, the Triton kernels, and Triton with PDL.
+    The default mode's engine (hybrid, kernels auto) goes first: the other suites built
+    it already, so it is not rebuilt."""
+    rows: list[tuple[str, str, dict[str, object]]] = []
+    for mode in cfg.modes:
+        if mode != "hybrid":
+            rows.append((mode, mode, {}))
+            continue
+        rows += [("hybrid", "hybrid (kernels auto)", {}),
+                 ("hybrid", "hybrid +inductor", {"kernels": "inductor"}),
+                 ("hybrid", "hybrid +triton", {"kernels": "triton", "pdl": False}),
+                 ("hybrid", "hybrid +triton +pdl", {"kernels": "triton", "pdl": True})]
+    return sorted(rows, key=lambda r: r[0] != cfg.default_mode or bool(r[2]))
+
+
 def ablation_suite(cfg: BenchConfig, engines: Engines, floor_ms: float) -> list[Table]:
     ttft = Table("ablation_ttft", f"Ablation: TTFT per mode ({cfg.ttft_runs} runs each)",
                  ["mode", "prompt_len", "runs", "median_ms", "mean_ms", "std_ms", "p99_ms"])
+    # Rows name the mode and, for hybrid, its decode kernels; "kernels auto" is what a user
+    # gets (triton on sm_90+ where its self-check passes), the others pin one choice.
     dec = Table("ablation_decode", f"Ablation: decode per mode (prompt {cfg.decode_prompt}, "
                                    f"{cfg.decode_new} new tokens, "
                                    f"{cfg.ablation_decode_runs} runs)",
                 ["mode", "tokens", "ms_per_token", "std_ms", "p99_ms", "tokens_per_s",
                  "floor_ms", "floor_frac", "graphs"])
-    # The engine already built for the default mode goes first, so it is not rebuilt.
-    modes = sorted(cfg.modes, key=lambda m: m != cfg.default_mode)
-    for mode in modes:
-        engine = engines.get(mode)
+    for mode, label, options in ablation_variants(cfg):
+        engine = engines.get(mode, **options)
         vocab = engine.config.vocab_size
-        with tqdm(total=len(cfg.ablation_lengths) * cfg.ttft_runs, desc=f"ablation {mode}",
+        with tqdm(total=len(cfg.ablation_lengths) * cfg.ttft_runs, desc=f"ablation {label}",
                   unit="run") as bar:
             for n in cfg.ablation_lengths:
                 s = summarize(ttft_samples(engine, make_prompt(n, vocab), cfg.ttft_runs,
                                            cfg.warmup, bar))
-                ttft.add(mode, n, s["n"], s["median"], s["mean"], s["std"], s["p99"])
+                ttft.add(label, n, s["n"], s["median"], s["mean"], s["std"], s["p99"])
         runs = decode_samples(engine, make_prompt(cfg.decode_prompt, vocab), cfg.decode_new,
                               cfg.ablation_decode_runs)
         per_run = [float(np.mean(r)) for r in runs]
         pooled = summarize([x for r in runs for x in r])
         ms = float(np.median(per_run))
         graphs = engine.stats().get("graphs", {}).get("held", 0)
-        dec.add(mode, len(runs[0]), ms, pooled["std"], pooled["p99"], 1e3 / ms, floor_ms,
+        dec.add(label, len(runs[0]), ms, pooled["std"], pooled["p99"], 1e3 / ms, floor_ms,
                 floor_frac(ms, floor_ms), graphs)
     dec.notes.append("ms_per_token: median over runs of each run's mean per-token latency. "
                      "floor_ms: the run's decode floor (weight bytes read per token / measured "

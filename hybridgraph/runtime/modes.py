@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BACKENDS = ("compile", "torchscript", "eager")   # JIT backends of the dynamic ops
+KERNEL_CHOICES = ("auto", "inductor", "triton")  # decode kernels (EngineConfig.kernels)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,13 @@ def mode_spec(name: str) -> ModeSpec:
         return MODE_SPECS[name]
     except KeyError:
         raise ValueError(f"unknown mode {name!r}; choose from {MODES}") from None
+
+
+def auto_kernels(spec: ModeSpec, device_type: str, capability: tuple[int, int] | None) -> str:
+    """`--kernels auto`: the Triton decode kernels where they were measured faster than the
+    compiled blocks (hybrid on Hopper, docs/KERNELS.md), Inductor's everywhere else."""
+    fast = spec.compiled_forward and device_type == "cuda" and (capability or (0, 0)) >= (9, 0)
+    return "triton" if fast else "inductor"
 
 
 def auto_mode(device_type: str) -> str:

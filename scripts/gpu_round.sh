@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One GPU round on a lent machine, in one call: the GPU tests on this tree, then the benches
+# asked for. Everything lands under $OUT (the device tool brings it back).
+#   scripts/gpu_round.sh tests                      pytest -m gpu -> $OUT/gpu-tests.log
+#   scripts/gpu_round.sh bench MODEL SUITES [ARGS]  hybridgraph bench -> $OUT/<model>/
+#   scripts/gpu_round.sh base-ablation              ablation of the tree in .base (a copy of
+#                                                   an older commit) -> $OUT/base-ablation/
+# Several steps: scripts/gpu_round.sh tests && scripts/gpu_round.sh bench llama-2-7b ablation
+set -uo pipefail
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+root=$(cd "$(dirname "$0")/.." && pwd)
+case "${1:-}" in
+  tests)
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu-tests.log"
+    (cd "$root" && PYTHONPATH=$root python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu \
+      2>&1 | tee -a "$OUT/gpu-tests.log" | tail -25) ;;
+  bench)
+    model=$2 suites=$3; shift 3
+    (cd "$root" && PYTHONPATH=$root python3 -m hybridgraph.cli bench "$suites" --model "$model" \
+      --out "$OUT/$model" "$@" 2>&1 | tee "$OUT/bench-$model.log" | grep -v "it/s\]" | tail -40) ;;
+  base-ablation)
+    (cd "$root/.base" && PYTHONPATH=$root/.base python3 -m hybridgraph.cli bench ablation \
+      --model llama-2-7b --out "$OUT/base-ablation" 2>&1 | grep -v "it/s\]" | tail -30) ;;
+  *) echo "usage: $0 tests | bench MODEL SUITES [ARGS] | base-ablation" >&2; exit 2 ;;
+esac

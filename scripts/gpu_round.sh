@@ -2,14 +2,15 @@
 # One GPU round on a lent machine, in one call: the GPU tests on this tree, then the benches
 # asked for. Everything lands under $OUT (the device tool brings it back).
 #   scripts/gpu_round.sh tests                      pytest -m gpu -> $OUT/gpu-tests.log
-#   scripts/gpu_round.sh bench MODEL SUITES [ARGS]  hybridgraph bench -> $OUT/<model>/
+#   scripts/gpu_round.sh bench MODEL SUITES [ARGS]  hybridgraph bench -> $OUT/<model>.tgz
 #   scripts/gpu_round.sh base-ablation              ablation of the tree in .base (a copy of
-#                                                   an older commit) -> $OUT/base-ablation/
+#                                                   an older commit) -> $OUT/base-ablation.tgz
+# (The tool brings back at most 8 files: result folders travel as one tarball each.)
 # Several steps: scripts/gpu_round.sh tests && scripts/gpu_round.sh bench llama-2-7b ablation
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+mkdir -p "$OUT" /tmp/res
 root=$(cd "$(dirname "$0")/.." && pwd)
 case "${1:-}" in
   tests)
@@ -19,9 +20,12 @@ case "${1:-}" in
   bench)
     model=$2 suites=$3; shift 3
     (cd "$root" && PYTHONPATH=$root python3 -m hybridgraph.cli bench "$suites" --model "$model" \
-      --out "$OUT/$model" "$@" 2>&1 | tee "$OUT/bench-$model.log" | grep -v "it/s\]" | tail -40) ;;
+      --out "/tmp/res/$model" "$@" 2>&1 | tee "/tmp/res/bench-$model.log" | grep -v "it/s\]" \
+      | tail -40)
+    tar czf "$OUT/$model.tgz" -C /tmp/res "$model" "bench-$model.log" ;;
   base-ablation)
     (cd "$root/.base" && PYTHONPATH=$root/.base python3 -m hybridgraph.cli bench ablation \
-      --model llama-2-7b --out "$OUT/base-ablation" 2>&1 | grep -v "it/s\]" | tail -30) ;;
+      --model llama-2-7b --out /tmp/res/base-ablation 2>&1 | grep -v "it/s\]" | tail -30)
+    tar czf "$OUT/base-ablation.tgz" -C /tmp/res base-ablation ;;
   *) echo "usage: $0 tests | bench MODEL SUITES [ARGS] | base-ablation" >&2; exit 2 ;;
 esac

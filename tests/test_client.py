@@ -280,3 +280,12 @@ def test_clients_have_a_default_timeout(tmp_path_factory: pytest.TempPathFactory
     finally:
         mute.close()
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_client_process_never_imports_torch() -> None:
+    code = ("import sys\n"
+            "from hybridgraph import AsyncClient, Client, SamplingParams\n"
+            "SamplingParams(temperature=0.5)\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

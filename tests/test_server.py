@@ -319,8 +319,9 @@ def _rss_kib(pid: int) -> int:
 
 def test_a_full_queue_answers_busy_and_frees_on_disconnect(
         server: ServerProcess, expected: dict[int, list[int]]) -> None:
-    from hybridgraph.server.connection import MAX_JOBS_PER_CONNECTION
+    from hybridgraph.server.limits import Limits
 
+    MAX_JOBS_PER_CONNECTION = Limits().max_jobs_per_connection
     n = MAX_JOBS_PER_CONNECTION + 6
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(60)

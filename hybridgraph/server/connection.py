@@ -1,10 +1,10 @@
-"""One client connection: who it is (its peer process), the jobs it has in flight, and the
-writes to it, which never buffer without bound for a client that stopped reading."""
+"""One client connection: who it is (its peer process), the jobs it has in flight, frames
+read under deadlines, and writes that never buffer without bound for a client that stopped
+reading."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import select
 import socket
 import struct
@@ -12,9 +12,20 @@ import time
 from collections.abc import Hashable
 from typing import Any
 
-from hybridgraph.server.protocol import CaptureRequest, GenerateRequest, RequestId, encode_frame
+from hybridgraph.server.limits import EventLog, Limits
+from hybridgraph.server.protocol import (
+    IDLE,
+    TIMEOUT,
+    TRUNCATED,
+    CaptureRequest,
+    GenerateRequest,
+    ProtocolError,
+    RequestId,
+    encode_frame,
+    frame_length,
+)
 
-log = logging.getLogger("hybridgraph.server")
+HANGUP_POLL_S = 0.05  # how often a half-closed connection checks its peer is still there
 
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 
@@ -46,19 +57,22 @@ def peer_hung_up(writer: asyncio.StreamWriter) -> bool:
 
 
 class Connection:
-    def __init__(self, writer: asyncio.StreamWriter, peer: Hashable,
-                 max_unread_bytes: int) -> None:
-        self.writer, self.peer = writer, peer
-        self.max_unread_bytes = max_unread_bytes
+    """Reads frames under the limits' deadlines, and writes replies that never buffer
+    without bound for a client that stopped reading."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 peer: Hashable, limits: Limits, events: EventLog) -> None:
+        self.reader, self.writer, self.peer = reader, writer, peer
+        self.limits, self.events = limits, events
         self.jobs: dict[RequestId, Job] = {}
         self.open = True
         self.refused = 0                       # invalid frames so far
         self.last_active = time.monotonic()    # a frame in, or a job finished
 
     def send(self, msg: dict[str, Any]) -> None:
-        """Queue a reply. The connection's reader awaits `writer.drain()` after each frame it
-        handles, so a client that doesn't read stops being read; replies the worker produces
-        meanwhile are bounded by max_unread_bytes, past which the client is dropped."""
+        """Queue a reply. The server awaits `drain()` after each frame it handles, so a
+        client that doesn't read stops being read; replies the worker produces meanwhile
+        are bounded by max_unread_bytes, past which the client is dropped."""
         if not self.open:
             return
         if self.writer.is_closing():  # the write side failed or the peer is gone
@@ -66,8 +80,9 @@ class Connection:
             return
         self.writer.write(encode_frame(msg))
         unread = self.writer.transport.get_write_buffer_size()
-        if unread > self.max_unread_bytes:
-            log.warning("dropping a client with %d unread reply bytes", unread)
+        if unread > self.limits.max_unread_bytes:
+            self.events.event("unread_dropped", f"dropping clients with over "
+                                                f"{self.limits.max_unread_bytes} unread reply bytes")
             self.drop()
             self.writer.transport.abort()
 
@@ -77,6 +92,66 @@ class Connection:
         for job in self.jobs.values():
             job.cancelled = True
         return len(self.jobs)
+
+    async def read_frame(self) -> bytes | None:
+        """One frame's body; None on EOF between frames. Waiting for a first byte is bounded
+        by the idle timeout (while the connection has no work), the rest of the frame by
+        the frame timeout."""
+        lim, loop = self.limits, asyncio.get_running_loop()
+        while True:
+            idle_for = time.monotonic() - self.last_active
+            wait = lim.idle_timeout_s if self.jobs else lim.idle_timeout_s - idle_for
+            try:
+                async with asyncio.timeout(max(wait, 0.0)):
+                    first = await self.reader.readexactly(1)
+                break
+            except asyncio.IncompleteReadError:
+                return None
+            except TimeoutError:
+                if self.jobs or time.monotonic() - self.last_active < lim.idle_timeout_s:
+                    continue
+                self.events.event("idle_closed", "closing connections idle for "
+                                                 f"{lim.idle_timeout_s:g} s")
+                raise ProtocolError(IDLE, f"no request for {lim.idle_timeout_s:g} s and none "
+                                          f"in flight; closing", fatal=True) from None
+        try:
+            async with asyncio.timeout_at(loop.time() + lim.frame_timeout_s):
+                try:
+                    header = first + await self.reader.readexactly(3)
+                except asyncio.IncompleteReadError as e:
+                    raise ProtocolError(TRUNCATED, f"frame header truncated after "
+                                                   f"{1 + len(e.partial)} of 4 bytes",
+                                        fatal=True) from None
+                n = frame_length(header, lim.max_frame_bytes)
+                try:
+                    return await self.reader.readexactly(n)
+                except asyncio.IncompleteReadError as e:
+                    raise ProtocolError(TRUNCATED, f"frame body truncated: got "
+                                                   f"{len(e.partial)} of {n} bytes",
+                                        fatal=True) from None
+        except TimeoutError:
+            self.events.event("frame_timeouts", "closing connections whose frame took longer "
+                                                f"than {lim.frame_timeout_s:g} s")
+            raise ProtocolError(TIMEOUT, f"frame not complete {lim.frame_timeout_s:g} s after "
+                                         f"its first byte; closing", fatal=True) from None
+
+    async def drain(self) -> None:
+        try:
+            async with asyncio.timeout(self.limits.idle_timeout_s):
+                await self.writer.drain()
+        except TimeoutError:  # reads nothing for that long: gone in all but name
+            self.events.event("unread_closed", "dropping clients that stopped reading")
+            self.drop()
+            self.writer.transport.abort()
+
+    async def finish_after_eof(self) -> None:
+        """The client sent its last frame. After `shutdown(SHUT_WR)` it still reads: finish
+        its jobs. If it closed or reset the socket, nobody reads: cancel them."""
+        while self.jobs and self.open:
+            if peer_hung_up(self.writer):
+                return
+            await asyncio.sleep(HANGUP_POLL_S)
+        await self.drain()
 
 
 class Job:

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hybridgraph.engine import Engine, RequestError
-from hybridgraph.server.connection import Connection, Job, peer_hung_up, peer_of
+from hybridgraph.server.connection import Connection, Job, peer_of
 from hybridgraph.server.limits import EventLog, Limits
 from hybridgraph.server.protocol import (
     ADMIN_TYPES,
@@ -35,15 +35,12 @@ from hybridgraph.server.protocol import (
     BUSY,
     DUPLICATE_ID,
     FORBIDDEN,
-    IDLE,
     INTERNAL,
     MALFORMED,
     MISSING_FIELD,
     SHUTTING_DOWN,
-    TIMEOUT,
     TOO_MANY_CONNECTIONS,
     TOO_MANY_ERRORS,
-    TRUNCATED,
     UNKNOWN_FIELD,
     UNKNOWN_TYPE,
     CancelRequest,
@@ -55,7 +52,6 @@ from hybridgraph.server.protocol import (
     StatusRequest,
     decode_body,
     error_reply,
-    frame_length,
     parse_request,
 )
 from hybridgraph.server.scheduler import FairQueue
@@ -67,7 +63,6 @@ log = logging.getLogger("hybridgraph.server")
 # Refusals that only a broken or hostile client earns; enough of them close the connection.
 STRIKES = {MALFORMED, MISSING_FIELD, UNKNOWN_FIELD, BAD_TYPE, UNKNOWN_TYPE, FORBIDDEN,
            DUPLICATE_ID}
-HANGUP_POLL_S = 0.05
 
 
 class Server:
@@ -173,7 +168,7 @@ class Server:
 
     async def _serve_conn(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
-        conn = Connection(writer, peer_of(writer), self.limits.max_unread_bytes)
+        conn = Connection(reader, writer, peer_of(writer), self.limits, self.events)
         n_open = sum(1 for c in self.conns if c.open)
         if n_open >= self.limits.max_connections:
             self.events.event("connections_refused", f"refusing connections: {n_open} open, "
@@ -186,9 +181,9 @@ class Server:
         try:
             while conn.open:
                 try:
-                    body = await self._read_frame(conn, reader)
+                    body = await conn.read_frame()
                     if body is None:  # EOF: a half-close still wants its replies
-                        await self._finish_after_eof(conn)
+                        await conn.finish_after_eof()
                         break
                     conn.last_active = time.monotonic()
                     await self._handle(conn, decode_body(body), time.perf_counter())
@@ -198,7 +193,7 @@ class Server:
                         break
                 # Read this client's next frame only once its replies are out: a client
                 # that sends without reading slows only itself, errors included.
-                await self._drain(conn)
+                await conn.drain()
         except (ConnectionError, OSError):
             pass  # a reset or a failed write: its jobs are cancelled below
         finally:
@@ -208,66 +203,6 @@ class Server:
             if not conn.jobs:
                 self.conns.discard(conn)
             writer.close()
-
-    async def _read_frame(self, conn: Connection, reader: asyncio.StreamReader) -> bytes | None:
-        """One frame's body; None on EOF between frames. Waiting for a first byte is bounded
-        by the idle timeout (while the connection has no work), the rest of the frame by
-        the frame timeout."""
-        lim, loop = self.limits, asyncio.get_running_loop()
-        while True:
-            idle_for = time.monotonic() - conn.last_active
-            wait = lim.idle_timeout_s if conn.jobs else lim.idle_timeout_s - idle_for
-            try:
-                async with asyncio.timeout(max(wait, 0.0)):
-                    first = await reader.readexactly(1)
-                break
-            except asyncio.IncompleteReadError:
-                return None
-            except TimeoutError:
-                if conn.jobs or time.monotonic() - conn.last_active < lim.idle_timeout_s:
-                    continue
-                self.events.event("idle_closed", "closing connections idle for "
-                                                 f"{lim.idle_timeout_s:g} s")
-                raise ProtocolError(IDLE, f"no request for {lim.idle_timeout_s:g} s and none "
-                                          f"in flight; closing", fatal=True) from None
-        try:
-            async with asyncio.timeout_at(loop.time() + lim.frame_timeout_s):
-                try:
-                    header = first + await reader.readexactly(3)
-                except asyncio.IncompleteReadError as e:
-                    raise ProtocolError(TRUNCATED, f"frame header truncated after "
-                                                   f"{1 + len(e.partial)} of 4 bytes",
-                                        fatal=True) from None
-                n = frame_length(header, lim.max_frame_bytes)
-                try:
-                    return await reader.readexactly(n)
-                except asyncio.IncompleteReadError as e:
-                    raise ProtocolError(TRUNCATED, f"frame body truncated: got "
-                                                   f"{len(e.partial)} of {n} bytes",
-                                        fatal=True) from None
-        except TimeoutError:
-            self.events.event("frame_timeouts", "closing connections whose frame took longer "
-                                                f"than {lim.frame_timeout_s:g} s")
-            raise ProtocolError(TIMEOUT, f"frame not complete {lim.frame_timeout_s:g} s after "
-                                         f"its first byte; closing", fatal=True) from None
-
-    async def _drain(self, conn: Connection) -> None:
-        try:
-            async with asyncio.timeout(self.limits.idle_timeout_s):
-                await conn.writer.drain()
-        except TimeoutError:  # reads nothing for that long: gone in all but name
-            self.events.event("unread_closed", "dropping clients that stopped reading")
-            conn.drop()
-            conn.writer.transport.abort()
-
-    async def _finish_after_eof(self, conn: Connection) -> None:
-        """The client sent its last frame. After `shutdown(SHUT_WR)` it still reads: finish
-        its jobs. If it closed or reset the socket, nobody reads: cancel them."""
-        while conn.jobs and conn.open:
-            if peer_hung_up(conn.writer):
-                return
-            await asyncio.sleep(HANGUP_POLL_S)
-        await self._drain(conn)
 
     def _refuse(self, conn: Connection, e: ProtocolError) -> None:
         self.counts["frames_refused"] += 1

@@ -8,6 +8,7 @@ costs milliseconds. The fairness test needs a second client *process* and starts
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -392,3 +393,25 @@ def test_limits_refuse_nonsense() -> None:
         with pytest.raises(ValueError, match=next(iter(bad))):
             Limits(**bad)
     assert Limits().max_connections > 0
+
+
+def test_repeated_events_are_logged_once_with_a_count() -> None:
+    from hybridgraph.server.limits import EventLog
+
+    events = EventLog(every_s=60)
+    records: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage() + ("+tb" if record.exc_info else ""))
+
+    h = Catch()
+    logging.getLogger("hybridgraph.server").addHandler(h)
+    try:
+        err = OSError(24, "Too many open files")
+        for _ in range(1000):
+            events.event("accept", "socket.accept() out of system resource", exc=err)
+    finally:
+        logging.getLogger("hybridgraph.server").removeHandler(h)
+    assert records == ["socket.accept() out of system resource; 1 in all+tb"]
+    assert events.totals["accept"] == 1000

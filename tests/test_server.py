@@ -407,3 +407,44 @@ def test_shutdown_request_stops_an_admin_server(server: ServerProcess) -> None:
         c.shutdown()
     assert server.proc is not None and server.proc.wait(30) == 0, server.log()
     assert not os.path.exists(server.socket_path)
+
+
+def test_at_the_fd_limit_refusals_are_counted_not_traceback_floods(
+        sockdir: str, expected: dict[int, list[int]]) -> None:
+    # A cap set above the fd limit (96): accept() itself fails, and asyncio reports every
+    # retry (one a second) with a traceback, unless the server collapses them.
+    path = os.path.join(sockdir, "fd.sock")
+    srv = ServerProcess(path, "tiny", ["--device", "cpu", "--max-connections", "200"])
+    srv.cmd = ["sh", "-c", 'ulimit -n 96 && exec "$@"', "sh", *srv.cmd]
+    socks: list[socket.socket] = []
+    with srv:
+        try:
+            for _ in range(110):  # past the fd limit; the rest wait in the listen backlog
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(path)
+                socks.append(s)
+            time.sleep(3.5)  # several of asyncio's accept retries
+        finally:
+            for s in socks:
+                s.close()
+        deadline = time.monotonic() + 30
+        while True:  # served again once the server has seen the closes
+            try:
+                healthy(path, expected)
+                break
+            except (ServerError, OSError):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+    out = srv.log()
+    assert out.count("out of system resource") == 1, out
+    assert out.count("Traceback") <= 1, out
+
+
+def test_the_default_connection_cap_stays_under_the_fd_limit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from hybridgraph.server import limits
+
+    monkeypatch.setattr(limits.resource, "getrlimit", lambda _: (256, 4096))
+    assert limits.Limits().max_connections == 192
+    monkeypatch.setattr(limits.resource, "getrlimit", lambda _: (1 << 20, 1 << 20))
+    assert limits.Limits().max_connections == 1024

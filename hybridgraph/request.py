@@ -68,14 +68,14 @@ class SamplingParams:
         if top_k == -1:
             top_k = 0  # the common spelling of "off" elsewhere (vLLM, HF configs)
         if not 0 <= top_k <= MAX_TOP_K:
-            raise RequestError("top_k", f"must be in [0, {MAX_TOP_K}] (0 or -1 is off), "
-                                        f"got {top_k}")
+            raise RequestError("top_k", f"must be an integer in [0, {MAX_TOP_K}] (0 or -1 is "
+                                        f"off), got {top_k}")
         top_p = _as_float("top_p", self.top_p)
         if not 0 < top_p <= 1:
             raise RequestError("top_p", f"must be in (0, 1] (1 is off), got {top_p}")
         seed = None if self.seed is None else _as_int("seed", self.seed)
         if seed is not None and not 0 <= seed <= MAX_SEED:
-            raise RequestError("seed", f"must be in [0, 2^63), got {seed}")
+            raise RequestError("seed", f"must be an integer in [0, 2^63), got {seed}")
         # Normalised, so the engine and the wire see plain Python numbers.
         object.__setattr__(self, "temperature", temperature)
         object.__setattr__(self, "top_k", top_k)

@@ -49,7 +49,8 @@ def _as_float(name: str, v: object) -> float:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Checked when built: a SamplingParams that exists is a valid one.
+    """The sampling fields and, in `validate`, their bounds: the engine, the wire protocol
+    and the clients all check through it, so a bad value gets the same message anywhere.
 
     temperature 0 is greedy; top_k 0 (or -1) and top_p 1 keep every token; seed None draws
     one, and the same seed gives the same tokens. Numpy scalars are taken as Python numbers.
@@ -60,7 +61,9 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
 
-    def __post_init__(self) -> None:
+    def validate(self) -> SamplingParams:
+        """These params checked and normalised (plain Python numbers, top_k -1 as 0), or
+        RequestError naming the first bad field."""
         temperature = _as_float("temperature", self.temperature)
         if temperature < 0:
             raise RequestError("temperature", f"must be >= 0 (0 is greedy), got {temperature}")
@@ -72,36 +75,30 @@ class SamplingParams:
                                         f"off), got {top_k}")
         top_p = _as_float("top_p", self.top_p)
         if not 0 < top_p <= 1:
-            raise RequestError("top_p", f"must be in (0, 1] (1 is off), got {top_p}")
+            raise RequestError("top_p", f"must be in (0, 1], got {top_p} (1 is off)")
         seed = None if self.seed is None else _as_int("seed", self.seed)
         if seed is not None and not 0 <= seed <= MAX_SEED:
             raise RequestError("seed", f"must be an integer in [0, 2^63), got {seed}")
-        # Normalised, so the engine and the wire see plain Python numbers.
-        object.__setattr__(self, "temperature", temperature)
-        object.__setattr__(self, "top_k", top_k)
-        object.__setattr__(self, "top_p", top_p)
-        object.__setattr__(self, "seed", seed)
-
-    def validate(self) -> SamplingParams:
-        """Checked at construction already; kept so callers may say so explicitly."""
-        return self
+        return SamplingParams(temperature, top_k, top_p, seed)
 
     @classmethod
     def of(cls, value: object) -> SamplingParams:
-        """`value` as a SamplingParams: None is the defaults; anything else is refused, a
-        dict included (a misspelt key would otherwise be silently greedy)."""
+        """`value` checked as a SamplingParams (see validate): None is the defaults; anything
+        else is refused, a dict included (a misspelt key would otherwise be silently
+        greedy)."""
         if value is None:
             return cls()
         if isinstance(value, cls):
-            return value
+            return value.validate()
         raise RequestError("sampling", f"must be a SamplingParams, got {_type_name(value)}; "
                                        f"build one with SamplingParams(temperature=..., ...)")
 
     def to_wire(self) -> dict[str, Any]:
-        msg: dict[str, Any] = {"temperature": self.temperature, "top_k": self.top_k,
-                               "top_p": self.top_p}
-        if self.seed is not None:
-            msg["seed"] = self.seed
+        """The protocol's fields, checked first."""
+        v = self.validate()
+        msg: dict[str, Any] = {"temperature": v.temperature, "top_k": v.top_k, "top_p": v.top_p}
+        if v.seed is not None:
+            msg["seed"] = v.seed
         return msg
 
 

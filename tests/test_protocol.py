@@ -185,5 +185,5 @@ def test_sampling_bounds_have_one_owner() -> None:
     for field, value in [("top_k", 2**40), ("top_p", 1.5), ("temperature", float("nan")),
                          ("seed", 2**63)]:
         with pytest.raises(RequestError) as local:
-            SamplingParams(**{field: value})
+            SamplingParams(**{field: value}).validate()
         assert refused(gen(**{field: value})).message == str(local.value)

@@ -32,26 +32,33 @@ from hybridgraph.request import RequestError, SamplingParams, check_stop_ids
 ])
 def test_bad_values_are_refused_naming_the_field(kwargs: dict, field: str, words: str) -> None:
     with pytest.raises(RequestError) as e:
-        SamplingParams(**kwargs)
+        SamplingParams(**kwargs).validate()
     assert e.value.field == field
     assert str(e.value).startswith(f"{field}: ") and words in str(e.value), str(e.value)
 
 
 def test_numpy_scalars_are_numbers_and_top_k_minus_one_is_off() -> None:
     s = SamplingParams(temperature=np.float32(0.5), top_k=np.int64(7), top_p=np.float64(0.9),
-                       seed=np.uint32(3))
+                       seed=np.uint32(3)).validate()
     assert (s.temperature, s.top_k, s.top_p, s.seed) == (0.5, 7, pytest.approx(0.9), 3)
     assert all(type(v) in (int, float) for v in (s.temperature, s.top_k, s.top_p, s.seed))
-    assert SamplingParams(top_k=-1).top_k == 0 == SamplingParams().top_k
-    assert SamplingParams(temperature=1).temperature == 1.0
+    assert SamplingParams(top_k=-1).validate().top_k == 0 == SamplingParams().top_k
+    assert type(SamplingParams(temperature=1).validate().temperature) is float
     with pytest.raises(RequestError, match=r"top_k: must be an integer in \[0, .*got -5$"):
-        SamplingParams(top_k=np.int64(-5))  # a numpy int gets the range message, not "type"
+        SamplingParams(top_k=np.int64(-5)).validate()  # the range message, not a type one
+    assert SamplingParams(top_k=-1).to_wire()["top_k"] == 0
+    with pytest.raises(RequestError):
+        SamplingParams(temperature=math.inf).to_wire()
 
 
 def test_of_refuses_what_is_not_sampling_params() -> None:
     assert SamplingParams.of(None) == SamplingParams()
     s = SamplingParams(temperature=1.0)
-    assert SamplingParams.of(s) is s
+    assert SamplingParams.of(s) == s
+    assert SamplingParams.of(SamplingParams(top_k=np.int64(3))).top_k == 3
+    with pytest.raises(RequestError) as e:
+        SamplingParams.of(SamplingParams(temperature=math.inf))
+    assert e.value.field == "temperature"
     for bad in ({}, {"temperature": 1.0}, 0.7):
         with pytest.raises(RequestError) as e:
             SamplingParams.of(bad)

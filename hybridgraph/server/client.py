@@ -7,8 +7,9 @@ async_client.py, also importable from here).
         for token in c.stream(text="Hello", max_new_tokens=16, temperature=0.7):
             ...
 
-Sampling is a `SamplingParams` (checked when built, so a bad value fails here, naming the
-field) or its fields as keywords. Both clients raise `ServerError` (with `code`, `field`,
+Sampling is a `SamplingParams` or its fields as keywords, checked before anything is sent
+(`SamplingParams.validate`, the one owner of their bounds), so a bad value fails here,
+naming the field. Both clients raise `ServerError` (with `code`, `field`,
 `message`) for an error reply, wait at most `timeout` seconds for each reply frame (a
 stream's tokens each reset it; None waits forever), and refuse a request_id that is still
 in flight on their connection. Neither imports torch: a client process stays light.
@@ -52,7 +53,7 @@ def _sampling(sampling: SamplingParams | None, fields: dict[str, Any]) -> Sampli
     given = {k: v for k, v in fields.items() if v is not None}
     if sampling is not None and given:
         raise TypeError(f"give either sampling or {', '.join(given)}, not both")
-    return SamplingParams(**given) if given else SamplingParams.of(sampling)
+    return SamplingParams(**given).validate() if given else SamplingParams.of(sampling)
 
 
 def _generate_msg(rid: RequestId, prompt_ids: Sequence[int] | None, text: str | None,

@@ -266,7 +266,7 @@ def parse_request(msg: dict[str, Any]) -> Request:
     stop_ids = f.int_list("stop_ids")
     stream = f.get("stream", bool, False)
     try:
-        sampling = SamplingParams(temperature, top_k, top_p, seed)
+        sampling = SamplingParams(temperature, top_k, top_p, seed).validate()
         stop_ids = check_stop_ids(stop_ids)
     except RequestError as e:
         raise ProtocolError(BAD_VALUE, str(e), e.field, rid) from None

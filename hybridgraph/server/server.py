@@ -99,6 +99,7 @@ class Server:
                 self.loop.add_signal_handler(sig, self.begin_shutdown, sig.name)
         except (RuntimeError, ValueError):  # not the main thread (an in-process test server)
             pass
+        sweeper = self.loop.create_task(self._check_deadlines())
         self.worker = Worker(self.engine, self.jobs, self.loop, self._finish, self._send_token)
         threading.Thread(target=self.worker.run, name="hybridgraph-engine", daemon=True).start()
         stats = self.engine.stats()
@@ -107,6 +108,7 @@ class Server:
                  self.path)
         self.ready.set()
         await self.done.wait()
+        sweeper.cancel()
         self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
         log.info("stopped; removed %s", self.path)
         return 0
@@ -117,6 +119,16 @@ class Server:
         e = context.get("exception")
         self.events.event(f"loop: {context.get('message')}: {type(e).__name__}",
                           f"event loop: {context.get('message')} ({e!r})", exc=e)
+
+    async def _check_deadlines(self) -> None:
+        """One timer for every connection's deadlines, rather than timers per frame."""
+        lim = self.limits
+        period = min(1.0, max(0.02, min(lim.frame_timeout_s, lim.idle_timeout_s) / 4))
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for conn in list(self.conns):
+                conn.check_deadlines(now)
 
     def begin_shutdown(self, why: str) -> None:
         if self.stopping:
@@ -185,7 +197,6 @@ class Server:
                     if body is None:  # EOF: a half-close still wants its replies
                         await conn.finish_after_eof()
                         break
-                    conn.last_active = time.monotonic()
                     await self._handle(conn, decode_body(body), time.perf_counter())
                 except ProtocolError as e:
                     self._refuse(conn, e)

@@ -16,10 +16,13 @@ prompt_len, ttft_ms, latency_ms, queue_ms, finish_reason}, `status` {status},
 
 An error reply carries the request_id of the request it ends. One that ends no request (a
 frame that isn't a request, or a request_id already in flight on this connection, whose
-echo would be mistaken for the first request's reply) carries a nil request_id.
+echo would be mistaken for the first request's reply) carries a nil request_id. Codes are
+the constants below; after a fatal one (frame_too_large, truncated, timeout, idle,
+too_many_connections, too_many_errors) the server closes the connection. `busy` and
+`forbidden` (an admin request to a server without --allow-admin) leave it open.
 
 This module checks wire types; the bounds of the sampling fields belong to
-`hybridgraph.request.SamplingParams`, which it builds. Only this module touches bytes
+`hybridgraph.request.SamplingParams`, which it builds. Only this module decodes bytes
 from a socket. Nothing is ever unpickled: a body that is not exactly one MessagePack map
 of known, well-typed fields is refused with an error naming why.
 """

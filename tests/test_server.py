@@ -377,10 +377,9 @@ def test_start_up_failures_say_error_not_traceback(sockdir: str) -> None:
         r = _serve("--socket", path)
         assert r.returncode == 1, r.stderr
         assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
-    for bad in ("0", "-5", str(2**32)):
-        r = _serve("--socket", os.path.join(sockdir, "f.sock"), "--max-frame-bytes", bad)
-        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
-        assert "error: --max-frame-bytes" in r.stderr, r.stderr
+    r = _serve("--socket", os.path.join(sockdir, "f.sock"), "--max-frame-bytes", "0")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "error: --max-frame-bytes must be in [64, 4294967295], got 0" in r.stderr, r.stderr
     assert not os.path.exists(os.path.join(sockdir, "f.sock"))
 
 

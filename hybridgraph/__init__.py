@@ -11,7 +11,11 @@ __all__ = ["Client", "AsyncClient", "Engine", "EngineConfig", "SamplingParams",
 
 def __getattr__(name: str) -> Any:
     # Lazy, so `import hybridgraph` stays cheap and a client never imports the model layer.
-    if name in ("Engine", "EngineConfig", "SamplingParams", "GenerationResult"):
+    if name in ("SamplingParams", "GenerationResult"):  # torch-free: clients use them
+        from hybridgraph import request
+
+        return getattr(request, name)
+    if name in ("Engine", "EngineConfig"):
         from hybridgraph import engine
 
         return getattr(engine, name)

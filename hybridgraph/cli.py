@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from hybridgraph.engine_config import EngineConfig
-from hybridgraph.server.protocol import DEFAULT_MAX_FRAME_BYTES
+from hybridgraph.server.limits import add_serve_args
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -128,11 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a model over a Unix socket")
     _add_model_args(s)
     s.add_argument("--socket", required=True)
-    s.add_argument("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES,
-                   help="refuse request frames larger than this, before reading them")
-    s.add_argument("--drain-s", type=float, default=10.0,
-                   help="on SIGTERM or shutdown, let in-flight requests finish for this "
-                        "long, then cancel them")
+    add_serve_args(s)
     s.set_defaults(func=cmd_serve)
 
     st = sub.add_parser("status", help="ask a server for its status")

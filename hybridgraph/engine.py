@@ -23,7 +23,13 @@ from hybridgraph.model.fast_decode import KernelPlan
 from hybridgraph.model.llama import Transformer
 from hybridgraph.model.loader import load_model
 from hybridgraph.model.tokenizer import Tokenizer
-from hybridgraph.request import GenerationResult, RequestError, SamplingParams, TokenCallback
+from hybridgraph.request import (
+    GenerationResult,
+    RequestError,
+    SamplingParams,
+    TokenCallback,
+    check_stop_ids,
+)
 from hybridgraph.runtime.dynamic import choose_bucket, dynamic_ops, pow2_buckets
 from hybridgraph.runtime.graphs import GraphCache, GraphKey, parse_coverage
 from hybridgraph.runtime.modes import MODES, auto_kernels, auto_mode, capture_policy, mode_spec
@@ -161,7 +167,7 @@ class Engine:
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int = 32,
                  sampling: SamplingParams | None = None, stop_ids: Sequence[int] | None = None,
                  on_token: TokenCallback | None = None) -> GenerationResult:
-        return self.generate_batch([prompt_ids], max_new_tokens, [sampling or SamplingParams()],
+        return self.generate_batch([prompt_ids], max_new_tokens, [SamplingParams.of(sampling)],
                                    stop_ids, on_token)[0]
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
@@ -177,8 +183,8 @@ class Engine:
             raise RequestError("sampling", "one SamplingParams per prompt")
         for p in prompts:
             self.validate(p, max_new_tokens)
-        for s in sampling:
-            s.validate()
+        sampling = [SamplingParams.of(s) for s in sampling]
+        stop_ids = check_stop_ids(stop_ids)
         stops = set(self.tokenizer.eos_ids if stop_ids is None else stop_ids)
         with torch.inference_mode():
             results = self._generate(prompts, max_new_tokens, sampling, stops, on_token)

@@ -14,14 +14,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
 
 import hybridgraph
-from hybridgraph.server.client import AsyncClient, Client, ServerError
+from hybridgraph.request import RequestError, SamplingParams
+from hybridgraph.server.client import DEFAULT_TIMEOUT_S, AsyncClient, Client, ServerError
 from hybridgraph.server.launch import ServerProcess
 
 PROMPT = [1, 40, 50, 60]
@@ -86,28 +85,29 @@ def test_leaving_a_stream_early_cancels_it(server: ServerProcess, reference: lis
         assert c.status()["in_flight"] == 0
 
 
-def test_cancel_from_another_client(server: ServerProcess) -> None:
+def test_cancel_reaches_only_the_callers_own_requests(server: ServerProcess) -> None:
     got: dict[str, object] = {}
+    mine = Client(server.socket_path)
 
-    def long_stream() -> None:
-        with Client(server.socket_path) as c:
-            got["reply"] = c.generate(prompt_ids=PROMPT, max_new_tokens=2000, stop_ids=[],
-                                      stream=True, request_id="victim",
-                                      on_token=lambda t: got.setdefault("first", t))
+    def on_token(t: int) -> None:
+        if "first" not in got:
+            got["first"] = t
+            # Another client can neither cancel this request nor learn its id.
+            with Client(server.socket_path) as other:
+                got["other_cancel"] = other.cancel("victim")
+                got["other_status"] = json.dumps(other.status())
+            got["own_cancel"] = mine.cancel("victim")
 
-    t = threading.Thread(target=long_stream)
-    t.start()
+    reply = mine.generate(prompt_ids=PROMPT, max_new_tokens=2000, stop_ids=[], stream=True,
+                          request_id="victim", on_token=on_token)
+    mine.close()
+    assert got["other_cancel"] is False
+    assert "victim" not in str(got["other_status"])
+    assert got["own_cancel"] is True
+    assert reply["finish_reason"] == "cancelled" and len(reply["tokens"]) < 2000
     with Client(server.socket_path) as c:
-        deadline = time.monotonic() + 20
-        while "first" not in got and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert c.cancel("victim") is True
-        t.join(30)
         assert c.cancel("victim") is False  # finished: nothing left to cancel
         assert c.cancel("never-sent") is False
-    reply = got["reply"]
-    assert isinstance(reply, dict) and reply["finish_reason"] == "cancelled"
-    assert len(reply["tokens"]) < 2000
 
 
 def test_errors_raise_server_error(server: ServerProcess) -> None:
@@ -115,9 +115,9 @@ def test_errors_raise_server_error(server: ServerProcess) -> None:
         with pytest.raises(ServerError) as e:
             c.generate(prompt_ids=PROMPT, max_new_tokens=-1)
         assert e.value.code == "bad_value" and e.value.field == "max_new_tokens"
-        with pytest.raises(ServerError) as e:
+        with pytest.raises(RequestError) as local:  # refused before it is sent
             c.generate(prompt_ids=PROMPT, top_p=2.0)
-        assert e.value.field == "top_p"
+        assert local.value.field == "top_p"
         with pytest.raises(ServerError) as e:
             c.generate()
         assert e.value.code == "missing_field"
@@ -130,7 +130,7 @@ def test_status_and_capture(server: ServerProcess) -> None:
         for key in ("model", "mode", "queue_depth", "requests_served", "uptime_s", "in_flight"):
             assert key in st
         assert st["mode"] == "eager" and st["uptime_s"] > 0
-        assert c.capture([4, 8]) == 0  # CPU: no graphs, but the request goes through
+        assert st["allow_admin"] is False
 
 
 def test_async_client_concurrent_requests(server: ServerProcess, reference: list[int]) -> None:
@@ -149,7 +149,6 @@ def test_async_client_concurrent_requests(server: ServerProcess, reference: list
                 await c.generate(prompt_ids=[1, 10**6])
             assert e.value.field == "prompt_ids"
             assert await c.cancel("nothing") is False
-            assert await c.capture([16]) == 0
 
     asyncio.run(main())
 
@@ -194,8 +193,99 @@ def test_a_timed_out_client_closes_rather_than_misreading_later(server: ServerPr
 
 
 
-def test_shutdown_request_stops_server(server: ServerProcess) -> None:
+def test_admin_requests_are_refused_without_allow_admin(server: ServerProcess,
+                                                        reference: list[int]) -> None:
     with Client(server.socket_path) as c:
-        c.shutdown()
-    assert server.proc is not None and server.proc.wait(30) == 0, server.log()
-    assert not os.path.exists(server.socket_path)
+        for call in (c.shutdown, lambda: c.capture([4, 8])):
+            with pytest.raises(ServerError) as e:
+                call()
+            assert e.value.code == "forbidden" and "--allow-admin" in e.value.message
+        assert c.generate(prompt_ids=PROMPT, max_new_tokens=24, stop_ids=[])["tokens"] == reference
+    assert server.proc is not None and server.proc.poll() is None
+
+
+def test_clients_take_sampling_params(server: ServerProcess) -> None:
+    sp = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    with Client(server.socket_path) as c:
+        a = c.generate(prompt_ids=PROMPT, max_new_tokens=12, sampling=sp, stop_ids=[])
+        b = c.generate(prompt_ids=PROMPT, max_new_tokens=12, temperature=1.0, top_k=50,
+                       top_p=0.9, seed=7, stop_ids=[])
+        assert a["tokens"] == b["tokens"]
+        assert list(c.stream(prompt_ids=PROMPT, max_new_tokens=12, sampling=sp,
+                             stop_ids=[])) == a["tokens"]
+        with pytest.raises(TypeError, match="not both"):
+            c.generate(prompt_ids=PROMPT, sampling=sp, temperature=0.5)
+        with pytest.raises(RequestError) as e:
+            c.generate(prompt_ids=PROMPT, sampling={"temperature": 1.0})  # type: ignore[arg-type]
+        assert e.value.field == "sampling"
+
+    async def main() -> list[int]:
+        async with AsyncClient(server.socket_path) as ac:
+            return (await ac.generate(prompt_ids=PROMPT, max_new_tokens=12, sampling=sp,
+                                      stop_ids=[]))["tokens"]
+
+    assert asyncio.run(main()) == a["tokens"]
+
+
+def test_clients_refuse_a_request_id_in_flight(server: ServerProcess,
+                                               reference: list[int]) -> None:
+    async def main() -> None:
+        async with AsyncClient(server.socket_path, timeout=60) as c:
+            first = asyncio.create_task(c.generate(prompt_ids=PROMPT, max_new_tokens=24,
+                                                   stop_ids=[], request_id="same"))
+            await asyncio.sleep(0)  # the first is sent
+            with pytest.raises(ValueError, match="already in flight"):
+                await c.generate(prompt_ids=PROMPT, max_new_tokens=4, request_id="same")
+            # Before, the second overwrote the first's reply queue: it waited forever.
+            reply = await asyncio.wait_for(first, 60)
+            assert reply["tokens"] == reference and reply["request_id"] == "same"
+            # Abandoned but maybe still running on the server: refused until its end.
+            async for _ in c.stream(prompt_ids=PROMPT, max_new_tokens=2000, stop_ids=[],
+                                    request_id="left"):
+                break
+            with pytest.raises(ValueError, match="already in flight"):
+                await c.generate(prompt_ids=PROMPT, request_id="left")
+
+    asyncio.run(main())
+    with Client(server.socket_path) as c:
+        for _ in c.stream(prompt_ids=PROMPT, max_new_tokens=2000, stop_ids=[],
+                          request_id="left"):
+            break
+        with pytest.raises(ValueError, match="already in flight"):
+            c.generate(prompt_ids=PROMPT, request_id="left")
+
+
+def test_clients_have_a_default_timeout(tmp_path_factory: pytest.TempPathFactory) -> None:
+    import socket
+
+    d = tempfile.mkdtemp(prefix="hg", dir="/tmp")
+    path = os.path.join(d, "mute.sock")
+    mute = socket.socket(socket.AF_UNIX)  # listens, accepts nothing, answers nothing
+    try:
+        mute.bind(path)
+        mute.listen(8)
+        assert 0 < DEFAULT_TIMEOUT_S < float("inf")
+        with Client(path) as c:
+            assert c.sock.gettimeout() == DEFAULT_TIMEOUT_S
+        with Client(path, timeout=0.2) as c, pytest.raises(TimeoutError):
+            c.status()
+        assert AsyncClient(path).timeout == DEFAULT_TIMEOUT_S
+
+        async def main() -> None:
+            async with AsyncClient(path, timeout=0.2) as c:
+                with pytest.raises(TimeoutError):
+                    await c.status()
+
+        asyncio.run(main())
+    finally:
+        mute.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_client_process_never_imports_torch() -> None:
+    code = ("import sys\n"
+            "from hybridgraph import AsyncClient, Client, SamplingParams\n"
+            "SamplingParams(temperature=0.5)\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

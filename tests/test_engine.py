@@ -56,7 +56,7 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
     ("temperature nan", {"sampling": SamplingParams(temperature=float("nan"))}, "temperature"),
     ("top_p 0", {"sampling": SamplingParams(temperature=1.0, top_p=0.0)}, "top_p"),
     ("top_p 1.5", {"sampling": SamplingParams(temperature=1.0, top_p=1.5)}, "top_p"),
-    ("top_k < 0", {"sampling": SamplingParams(temperature=1.0, top_k=-1)}, "top_k"),
+    ("top_k < -1", {"sampling": SamplingParams(temperature=1.0, top_k=-2)}, "top_k"),
     ("top_k float", {"sampling": SamplingParams(temperature=1.0, top_k=2.5)}, "top_k"),
     ("seed < 0", {"sampling": SamplingParams(temperature=1.0, seed=-3)}, "seed"),
     ("max_new_tokens 0", {"max_new_tokens": 0}, "max_new_tokens"),

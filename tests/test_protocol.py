@@ -73,9 +73,11 @@ def test_parse_generate_defaults_and_fields() -> None:
     r = P.parse_request({"type": "generate", "request_id": "x", "text": "hi", "temperature": 1,
                          "top_k": 5, "top_p": 0.5, "seed": 3, "stop_ids": [2], "stream": True,
                          "max_new_tokens": 4})
-    assert (r.text, r.temperature, r.top_k, r.top_p, r.seed, r.stop_ids, r.stream) == \
+    sp = r.sampling
+    assert (r.text, sp.temperature, sp.top_k, sp.top_p, sp.seed, r.stop_ids, r.stream) == \
         ("hi", 1.0, 5, 0.5, 3, [2], True)
-    assert isinstance(r.temperature, float)
+    assert isinstance(sp.temperature, float)
+    assert P.parse_request(gen(top_k=-1)).sampling.top_k == 0  # -1 is "off", as 0
 
 
 @pytest.mark.parametrize("msg, code, field", [
@@ -104,7 +106,15 @@ def test_parse_generate_defaults_and_fields() -> None:
     (gen(temperature="hot"), P.BAD_TYPE, "temperature"),
     (gen(temperature=-1.0), P.BAD_VALUE, "temperature"),
     (gen(temperature=float("nan")), P.BAD_VALUE, "temperature"),
-    (gen(top_k=-1), P.BAD_VALUE, "top_k"),
+    (gen(temperature=float("inf")), P.BAD_VALUE, "temperature"),
+    (gen(temperature=True), P.BAD_TYPE, "temperature"),
+    (gen(top_k=-2), P.BAD_VALUE, "top_k"),
+    (gen(top_k=2**40), P.BAD_VALUE, "top_k"),
+    (gen(top_k=1.0), P.BAD_TYPE, "top_k"),
+    (gen(stop_ids=[2, -1]), P.BAD_VALUE, "stop_ids"),
+    (gen(stop_ids=[2, "3"]), P.BAD_TYPE, "stop_ids"),
+    ({"type": "capture", "request_id": 1, "lengths": list(range(1, P.MAX_CAPTURE_LENGTHS + 2))},
+     P.BAD_VALUE, "lengths"),
     (gen(top_p=0.0), P.BAD_VALUE, "top_p"),
     (gen(top_p=1.5), P.BAD_VALUE, "top_p"),
     (gen(seed=-1), P.BAD_VALUE, "seed"),
@@ -166,3 +176,14 @@ def test_blocking_and_async_readers() -> None:
     assert asyncio.run(read_all(frame * 2)) == [{"z": 3}, {"z": 3}]
     got = asyncio.run(read_all(frame + frame[:5]))
     assert got[0] == {"z": 3} and isinstance(got[1], ConnectionError)
+
+
+def test_sampling_bounds_have_one_owner() -> None:
+    """The protocol's message for a bad sampling value is SamplingParams' own."""
+    from hybridgraph.request import RequestError, SamplingParams
+
+    for field, value in [("top_k", 2**40), ("top_p", 1.5), ("temperature", float("nan")),
+                         ("seed", 2**63)]:
+        with pytest.raises(RequestError) as local:
+            SamplingParams(**{field: value}).validate()
+        assert refused(gen(**{field: value})).message == str(local.value)

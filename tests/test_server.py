@@ -43,7 +43,8 @@ def sockdir() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def server(sockdir: str) -> Iterator[ServerProcess]:
     with ServerProcess(os.path.join(sockdir, "s.sock"), "tiny",
-                       ["--device", "cpu", "--max-frame-bytes", str(MAX_FRAME)]) as srv:
+                       ["--device", "cpu", "--max-frame-bytes", str(MAX_FRAME),
+                        "--allow-admin"]) as srv:
         yield srv
 
 
@@ -165,6 +166,11 @@ BAD_FRAMES = [
                                                  "lengths": [16, 100000]})), False,
      "bad_value", "lengths", False),
     ("huge-top-k", _frame(_gen(top_k=2**40)), False, "bad_value", "top_k", False),
+    ("infinite-temperature", _frame(_gen(temperature=float("inf"))), False, "bad_value",
+     "temperature", False),
+    ("capture-too-many", _frame(msgpack.packb({"type": "capture", "request_id": 1,
+                                               "lengths": list(range(1, 66))})), False,
+     "bad_value", "at most 64", False),
 ]
 
 
@@ -313,8 +319,9 @@ def _rss_kib(pid: int) -> int:
 
 def test_a_full_queue_answers_busy_and_frees_on_disconnect(
         server: ServerProcess, expected: dict[int, list[int]]) -> None:
-    from hybridgraph.server.connection import MAX_JOBS_PER_CONNECTION
+    from hybridgraph.server.limits import Limits
 
+    MAX_JOBS_PER_CONNECTION = Limits().max_jobs_per_connection
     n = MAX_JOBS_PER_CONNECTION + 6
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(60)
@@ -354,3 +361,89 @@ def test_a_client_that_never_reads_cannot_grow_the_server(
     # Unthrottled, the replies to these requests would pile up in the server's memory.
     assert grown_mib < 32, (grown_mib, sent)
     healthy(server.socket_path, expected)
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hybridgraph.cli", "serve", "--model", "tiny",
+                           "--device", "cpu", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_start_up_failures_say_error_not_traceback(sockdir: str) -> None:
+    plain = os.path.join(sockdir, "a-file")
+    with open(plain, "w") as f:
+        f.write("x")
+    for path in (os.path.join(plain, "s.sock"), os.path.join(sockdir, "no-dir", "s.sock")):
+        r = _serve("--socket", path)
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    r = _serve("--socket", os.path.join(sockdir, "f.sock"), "--max-frame-bytes", "0")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "error: --max-frame-bytes must be in [64, 4294967295], got 0" in r.stderr, r.stderr
+    assert not os.path.exists(os.path.join(sockdir, "f.sock"))
+
+
+def test_an_unremovable_stale_socket_is_a_serve_error(sockdir: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from hybridgraph.server import sockets
+
+    path = os.path.join(sockdir, "stuck.sock")
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(path)
+    dead.close()
+
+    def refuse(p: str) -> None:
+        raise PermissionError(13, "Permission denied", p)
+
+    monkeypatch.setattr(sockets.os, "unlink", refuse)  # as in a directory we can't write
+    with pytest.raises(sockets.ServeError, match="cannot remove the stale socket"):
+        sockets.check_socket_path(path)
+
+
+def test_shutdown_request_stops_an_admin_server(server: ServerProcess) -> None:
+    # Last in this module: the shared server is gone afterwards.
+    with Client(server.socket_path) as c:
+        c.shutdown()
+    assert server.proc is not None and server.proc.wait(30) == 0, server.log()
+    assert not os.path.exists(server.socket_path)
+
+
+def test_at_the_fd_limit_refusals_are_counted_not_traceback_floods(
+        sockdir: str, expected: dict[int, list[int]]) -> None:
+    # A cap set above the fd limit (96): accept() itself fails, and asyncio reports every
+    # retry (one a second) with a traceback, unless the server collapses them.
+    path = os.path.join(sockdir, "fd.sock")
+    srv = ServerProcess(path, "tiny", ["--device", "cpu", "--max-connections", "200"])
+    srv.cmd = ["sh", "-c", 'ulimit -n 96 && exec "$@"', "sh", *srv.cmd]
+    socks: list[socket.socket] = []
+    with srv:
+        try:
+            for _ in range(110):  # past the fd limit; the rest wait in the listen backlog
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(path)
+                socks.append(s)
+            time.sleep(3.5)  # several of asyncio's accept retries
+        finally:
+            for s in socks:
+                s.close()
+        deadline = time.monotonic() + 30
+        while True:  # served again once the server has seen the closes
+            try:
+                healthy(path, expected)
+                break
+            except (ServerError, OSError):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+    out = srv.log()
+    assert out.count("out of system resource") == 1, out
+    assert out.count("Traceback") <= 1, out
+
+
+def test_the_default_connection_cap_stays_under_the_fd_limit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from hybridgraph.server import limits
+
+    monkeypatch.setattr(limits.resource, "getrlimit", lambda _: (256, 4096))
+    assert limits.Limits().max_connections == 192
+    monkeypatch.setattr(limits.resource, "getrlimit", lambda _: (1 << 20, 1 << 20))
+    assert limits.Limits().max_connections == 1024

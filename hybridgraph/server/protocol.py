@@ -6,22 +6,30 @@ Requests (every one carries `type` and `request_id`; the replies echo `request_i
               temperature: float, top_k: int, top_p: float, seed: int | nil,
               stop_ids: [int] | nil, stream: bool
     status    -
-    capture   lengths: [int]
-    cancel    target: request id of a generate request
-    shutdown  -
+    cancel    target: request id of a generate request sent on this same connection
+    capture   lengths: [int] (at most MAX_CAPTURE_LENGTHS)   admin: needs --allow-admin
+    shutdown  -                                                admin: needs --allow-admin
 
 Replies: `token` {token, index} (streamed, one per token), `result` {tokens, text,
 prompt_len, ttft_ms, latency_ms, queue_ms, finish_reason}, `status` {status},
 `captured` {graphs}, `cancel` {cancelled}, `shutdown` {}, and `error` {code, field, message}.
 
-Only this module touches bytes from a socket. Nothing is ever unpickled: a body that is not
-exactly one MessagePack map of known, well-typed fields is refused with an error naming why.
+An error reply carries the request_id of the request it ends. One that ends no request (a
+frame that isn't a request, or a request_id already in flight on this connection, whose
+echo would be mistaken for the first request's reply) carries a nil request_id. Codes are
+the constants below; after a fatal one (frame_too_large, truncated, timeout, idle,
+too_many_connections, too_many_errors) the server closes the connection. `busy` and
+`forbidden` (an admin request to a server without --allow-admin) leave it open.
+
+This module checks wire types; the bounds of the sampling fields belong to
+`hybridgraph.request.SamplingParams`, which it builds. Only this module decodes bytes
+from a socket. Nothing is ever unpickled: a body that is not exactly one MessagePack map
+of known, well-typed fields is refused with an error naming why.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import socket
 import struct
 from dataclasses import dataclass
@@ -29,11 +37,15 @@ from typing import Any
 
 import msgpack
 
+from hybridgraph.request import RequestError, SamplingParams, check_stop_ids
+
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME_BYTES = 1 << 20
 MAX_REQUEST_ID_LEN = 128
-MAX_LIST_LEN = 1 << 16  # prompt ids, stop ids, capture lengths
+MAX_LIST_LEN = 1 << 16  # prompt ids, stop ids
+MAX_CAPTURE_LENGTHS = 64  # each capture takes time and GPU memory: ask in small steps
 REQUEST_TYPES = ("generate", "status", "capture", "cancel", "shutdown")
+ADMIN_TYPES = ("capture", "shutdown")
 
 RequestId = int | str
 
@@ -41,6 +53,7 @@ RequestId = int | str
 # can no longer be split into frames.
 FRAME_TOO_LARGE = "frame_too_large"  # fatal
 TRUNCATED = "truncated"              # fatal
+TIMEOUT = "timeout"                  # fatal: a frame's bytes came too slowly
 MALFORMED = "malformed"              # not MessagePack, or not a map with string keys
 MISSING_FIELD = "missing_field"
 UNKNOWN_FIELD = "unknown_field"
@@ -50,6 +63,10 @@ UNKNOWN_TYPE = "unknown_type"
 DUPLICATE_ID = "duplicate_request_id"
 SHUTTING_DOWN = "shutting_down"
 BUSY = "busy"                         # the queue is full: try again later
+FORBIDDEN = "forbidden"               # an admin request to a server started without them
+TOO_MANY_CONNECTIONS = "too_many_connections"  # fatal
+TOO_MANY_ERRORS = "too_many_errors"   # fatal: this connection kept sending refused frames
+IDLE = "idle"                         # fatal: no request and no work for too long
 INTERNAL = "internal"
 
 
@@ -157,10 +174,7 @@ class GenerateRequest:
     prompt_ids: list[int] | None
     text: str | None
     max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
+    sampling: SamplingParams = SamplingParams()
     stop_ids: list[int] | None = None
     stream: bool = False
 
@@ -226,6 +240,10 @@ def parse_request(msg: dict[str, Any]) -> Request:
         lengths = f.int_list("lengths", required=True, lo=1)
         if not lengths:
             raise ProtocolError(BAD_VALUE, "field 'lengths' must not be empty", "lengths", rid)
+        if len(lengths) > MAX_CAPTURE_LENGTHS:
+            raise ProtocolError(BAD_VALUE, f"field 'lengths' has {len(lengths)} items; at most "
+                                           f"{MAX_CAPTURE_LENGTHS} per capture request",
+                                "lengths", rid)
         return CaptureRequest(rid, lengths)
     prompt_ids = f.int_list("prompt_ids", lo=0)
     text = f.get("text", str)
@@ -243,23 +261,19 @@ def parse_request(msg: dict[str, Any]) -> Request:
     if max_new < 1:
         raise ProtocolError(BAD_VALUE, f"field 'max_new_tokens' must be >= 1, got {max_new}",
                             "max_new_tokens", rid)
+    # Wire types here; the bounds are SamplingParams' (one owner, one message).
     temperature = f.number("temperature", 0.0)
-    if temperature < 0:
-        raise ProtocolError(BAD_VALUE, f"field 'temperature' must be >= 0, got {temperature}",
-                            "temperature", rid)
     top_k = f.get("top_k", int, 0)
-    if top_k < 0:
-        raise ProtocolError(BAD_VALUE, f"field 'top_k' must be >= 0, got {top_k}", "top_k", rid)
     top_p = f.number("top_p", 1.0)
-    if not 0 < top_p <= 1:
-        raise ProtocolError(BAD_VALUE, f"field 'top_p' must be in (0, 1], got {top_p}",
-                            "top_p", rid)
     seed = f.get("seed", int)
-    if seed is not None and not 0 <= seed < 2**63:
-        raise ProtocolError(BAD_VALUE, f"field 'seed' must be in [0, 2^63), got {seed}",
-                            "seed", rid)
-    return GenerateRequest(rid, prompt_ids, text, max_new, temperature, top_k, top_p, seed,
-                           f.int_list("stop_ids", lo=0), f.get("stream", bool, False))
+    stop_ids = f.int_list("stop_ids")
+    stream = f.get("stream", bool, False)
+    try:
+        sampling = SamplingParams(temperature, top_k, top_p, seed).validate()
+        stop_ids = check_stop_ids(stop_ids)
+    except RequestError as e:
+        raise ProtocolError(BAD_VALUE, str(e), e.field, rid) from None
+    return GenerateRequest(rid, prompt_ids, text, max_new, sampling, stop_ids, stream)
 
 
 class _Fields:
@@ -285,12 +299,10 @@ class _Fields:
         if not isinstance(v, int | float) or isinstance(v, bool):
             raise ProtocolError(BAD_TYPE, f"field {name!r} must be a number, got "
                                           f"{_type_name(v)}", name, self.rid)
-        if not math.isfinite(v):
-            raise ProtocolError(BAD_VALUE, f"field {name!r} must be finite, got {v}", name,
-                                self.rid)
         return float(v)
 
-    def int_list(self, name: str, required: bool = False, lo: int = 0) -> list[int] | None:
+    def int_list(self, name: str, required: bool = False,
+                 lo: int = -2**63) -> list[int] | None:
         v = self.msg.get(name)
         if v is None:
             if required:

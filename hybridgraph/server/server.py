@@ -1,12 +1,14 @@
 """asyncio Unix-socket server: one process owns the engine, many clients talk to it.
 
-Two threads. The asyncio loop owns every socket: it reads and validates frames, answers
-`status`, `cancel` and `shutdown` at once, and writes replies. One worker thread makes
-every engine call (the engine is not thread-safe), taking generate and capture jobs FIFO
-from a queue; it hands tokens and results back with `loop.call_soon_threadsafe`, which
-keeps each request's frames in order. Cancelling (a `cancel`, a disconnect, shutdown)
-only sets a flag that the worker's token callback reads, so the engine stops at its next
-token and the slot is free for the next job.
+Two threads (plus one that tokenizes text prompts). The asyncio loop owns every socket: it
+reads and validates frames, answers `status` and `cancel` at once, and writes replies. The
+worker thread (worker.py) makes every engine call, taking jobs round-robin across client
+processes from a fair queue (scheduler.py).
+
+A hostile local client is bounded everywhere (limits.py): frame size, a frame's deadline
+from first byte to last, idle connections, connection count, refused frames, jobs per
+connection and per process, unread reply bytes. A client that doesn't read stops being
+read. Cancel reaches only the caller's own requests; admin requests need --allow-admin.
 """
 
 from __future__ import annotations
@@ -15,29 +17,32 @@ import argparse
 import asyncio
 import logging
 import os
-import queue
 import signal
 import sys
 import threading
 import time
+from collections.abc import Hashable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from hybridgraph.engine import Engine, RequestError, SamplingParams
-from hybridgraph.server.connection import (
-    MAX_JOBS_PER_CONNECTION,
-    MAX_QUEUED_JOBS,
-    Connection,
-    Job,
-)
+from hybridgraph.engine import Engine, RequestError
+from hybridgraph.server.connection import Connection, Job, peer_of
+from hybridgraph.server.limits import EventLog, Limits
 from hybridgraph.server.protocol import (
+    ADMIN_TYPES,
+    BAD_TYPE,
     BAD_VALUE,
     BUSY,
-    DEFAULT_MAX_FRAME_BYTES,
     DUPLICATE_ID,
-    HEADER,
+    FORBIDDEN,
     INTERNAL,
+    MALFORMED,
+    MISSING_FIELD,
     SHUTTING_DOWN,
-    TRUNCATED,
+    TOO_MANY_CONNECTIONS,
+    TOO_MANY_ERRORS,
+    UNKNOWN_FIELD,
+    UNKNOWN_TYPE,
     CancelRequest,
     CaptureRequest,
     GenerateRequest,
@@ -47,31 +52,36 @@ from hybridgraph.server.protocol import (
     StatusRequest,
     decode_body,
     error_reply,
-    frame_length,
     parse_request,
 )
+from hybridgraph.server.scheduler import FairQueue
 from hybridgraph.server.sockets import ServeError, bind_socket, check_socket_path
+from hybridgraph.server.worker import Worker, wire_field
 
 log = logging.getLogger("hybridgraph.server")
 
-IDLE_CAPTURE_BUDGET_S = 0.05  # short, so a request arriving mid-capture waits little
+# Refusals that only a broken or hostile client earns; enough of them close the connection.
+STRIKES = {MALFORMED, MISSING_FIELD, UNKNOWN_FIELD, BAD_TYPE, UNKNOWN_TYPE, FORBIDDEN,
+           DUPLICATE_ID}
 
 
 class Server:
-    def __init__(self, engine: Engine, socket_path: str,
-                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-                 drain_s: float = 10.0) -> None:
+    def __init__(self, engine: Engine, socket_path: str, limits: Limits | None = None) -> None:
         self.engine, self.path = engine, socket_path
-        self.max_frame_bytes, self.drain_s = max_frame_bytes, drain_s
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.limits = limits or Limits()
+        self.jobs: FairQueue[Job] = FairQueue()
+        self.peer_jobs: dict[Hashable, int] = {}
         self.conns: set[Connection] = set()
-        self.current: Job | None = None
         self.stopping = False
         self.t_start = time.time()
         self.counts = {"requests_cancelled": 0, "requests_failed": 0, "frames_refused": 0,
                        "disconnects": 0}
+        self.events = EventLog()
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.worker: Worker | None = None
+        self.tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="hybridgraph-tokenize")
         self.done: asyncio.Event | None = None
+        self.ready = threading.Event()
         self.listener: asyncio.AbstractServer | None = None
         self.inode: tuple[int, int] | None = None
 
@@ -79,20 +89,46 @@ class Server:
 
     async def run(self) -> int:
         self.loop, self.done = asyncio.get_running_loop(), asyncio.Event()
+        self.loop.set_exception_handler(self._loop_error)
         sock = bind_socket(self.path)
         st = os.stat(self.path)
         self.inode = (st.st_dev, st.st_ino)
         self.listener = await asyncio.start_unix_server(self._serve_conn, sock=sock)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(sig, self.begin_shutdown, sig.name)
-        threading.Thread(target=self._work, name="hybridgraph-engine", daemon=True).start()
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.loop.add_signal_handler(sig, self.begin_shutdown, sig.name)
+        except (RuntimeError, ValueError):  # not the main thread (an in-process test server)
+            pass
+        sweeper = self.loop.create_task(self._check_deadlines())
+        self.worker = Worker(self.engine, self.jobs, self.loop, self._finish, self._send_token)
+        threading.Thread(target=self.worker.run, name="hybridgraph-engine", daemon=True).start()
         stats = self.engine.stats()
         log.info("ready: serving %s (mode %s on %s, %d graphs) on %s", stats["model"],
                  stats["mode"], stats["device"], stats.get("graphs", {}).get("held", 0),
                  self.path)
+        self.ready.set()
         await self.done.wait()
+        sweeper.cancel()
+        self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
         log.info("stopped; removed %s", self.path)
         return 0
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # asyncio reports e.g. every failed accept() at the fd limit with a traceback:
+        # the first with its traceback, then counts.
+        e = context.get("exception")
+        self.events.event(f"loop: {context.get('message')}: {type(e).__name__}",
+                          f"event loop: {context.get('message')} ({e!r})", exc=e)
+
+    async def _check_deadlines(self) -> None:
+        """One timer for every connection's deadlines, rather than timers per frame."""
+        lim = self.limits
+        period = min(1.0, max(0.02, min(lim.frame_timeout_s, lim.idle_timeout_s) / 4))
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for conn in list(self.conns):
+                conn.check_deadlines(now)
 
     def begin_shutdown(self, why: str) -> None:
         if self.stopping:
@@ -107,7 +143,7 @@ class Server:
         assert self.listener is not None and self.loop is not None and self.done is not None
         self.listener.close()
         self._unlink()  # a new server may bind the path while this one drains
-        deadline = self.loop.time() + self.drain_s
+        deadline = self.loop.time() + self.limits.drain_s
         while self._in_flight() and self.loop.time() < deadline:
             await asyncio.sleep(0.01)
         for conn in self.conns:
@@ -117,7 +153,7 @@ class Server:
         deadline = self.loop.time() + 30.0
         while self._in_flight() and self.loop.time() < deadline:
             await asyncio.sleep(0.01)
-        self.jobs.put(None)
+        self.jobs.close()
         conns = list(self.conns)
         for conn in conns:
             conn.writer.close()  # flushes what is buffered first...
@@ -144,45 +180,33 @@ class Server:
 
     async def _serve_conn(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
-        conn = Connection(writer)
+        conn = Connection(reader, writer, peer_of(writer), self.limits, self.events)
+        n_open = sum(1 for c in self.conns if c.open)
+        if n_open >= self.limits.max_connections:
+            self.events.event("connections_refused", f"refusing connections: {n_open} open, "
+                                                     f"the maximum (--max-connections)")
+            conn.send(error_reply(None, TOO_MANY_CONNECTIONS, f"the server holds {n_open} "
+                                  f"connections, its maximum; retry later"))
+            writer.close()
+            return
         self.conns.add(conn)
         try:
             while conn.open:
                 try:
-                    header = await reader.readexactly(HEADER.size)
-                except asyncio.IncompleteReadError as e:
-                    if e.partial:
-                        self._refuse(conn, ProtocolError(TRUNCATED, f"frame header truncated "
-                                                         f"after {len(e.partial)} of 4 bytes"))
-                    break
-                try:
-                    n = frame_length(header, self.max_frame_bytes)
-                    try:
-                        body = await reader.readexactly(n)
-                    except asyncio.IncompleteReadError as e:
-                        raise ProtocolError(TRUNCATED, f"frame body truncated: got "
-                                                       f"{len(e.partial)} of {n} bytes",
-                                            fatal=True) from None
-                    t_recv = time.perf_counter()
-                    msg = decode_body(body)
-                    try:
-                        self._dispatch(conn, msg, t_recv)
-                        # Read this client's next request only once its replies are out:
-                        # a client that sends without reading slows only itself.
-                        await writer.drain()
-                    except ProtocolError:
-                        raise
-                    except Exception as e:  # a bug here must not cost this or other clients
-                        log.exception("request failed on the loop")
-                        rid = msg.get("request_id")
-                        conn.send(error_reply(rid if isinstance(rid, int | str) else None,
-                                              INTERNAL, f"{type(e).__name__}: {e}"))
+                    body = await conn.read_frame()
+                    if body is None:  # EOF: a half-close still wants its replies
+                        await conn.finish_after_eof()
+                        break
+                    await self._handle(conn, decode_body(body), time.perf_counter())
                 except ProtocolError as e:
                     self._refuse(conn, e)
-                    if e.fatal:
+                    if e.fatal or not conn.open:
                         break
+                # Read this client's next frame only once its replies are out: a client
+                # that sends without reading slows only itself, errors included.
+                await conn.drain()
         except (ConnectionError, OSError):
-            pass
+            pass  # a reset or a failed write: its jobs are cancelled below
         finally:
             if conn.jobs:
                 self.counts["disconnects"] += 1
@@ -194,12 +218,34 @@ class Server:
     def _refuse(self, conn: Connection, e: ProtocolError) -> None:
         self.counts["frames_refused"] += 1
         conn.send(e.reply())
+        if e.code in STRIKES:
+            conn.refused += 1
+            if conn.refused >= self.limits.max_refused_frames and conn.open:
+                self.events.event("too_many_errors", "closing connections that keep sending "
+                                                     "refused frames")
+                conn.send(error_reply(None, TOO_MANY_ERRORS, f"{conn.refused} refused frames "
+                                      f"on this connection; closing"))
+                conn.open = False  # the reader stops; its jobs are cancelled
 
-    def _dispatch(self, conn: Connection, msg: dict[str, Any], t_recv: float) -> None:
+    async def _handle(self, conn: Connection, msg: dict[str, Any], t_recv: float) -> None:
+        try:
+            await self._dispatch(conn, msg, t_recv)
+        except ProtocolError:
+            raise
+        except Exception as e:  # a bug here must not cost this or other clients
+            log.exception("request failed on the loop")
+            rid = msg.get("request_id")
+            conn.send(error_reply(rid if isinstance(rid, int | str) else None, INTERNAL,
+                                  f"{type(e).__name__}: {e}"))
+
+    async def _dispatch(self, conn: Connection, msg: dict[str, Any], t_recv: float) -> None:
         req = parse_request(msg)
         rid = req.request_id
+        if msg["type"] in ADMIN_TYPES and not self.limits.allow_admin:
+            raise ProtocolError(FORBIDDEN, f"{msg['type']} is an admin request; this server "
+                                           f"was started without --allow-admin", "type", rid)
         if isinstance(req, StatusRequest):
-            conn.send({"type": "status", "request_id": rid, "status": self.status()})
+            conn.send({"type": "status", "request_id": rid, "status": self.status(conn)})
         elif isinstance(req, CancelRequest):
             conn.send({"type": "cancel", "request_id": rid, "target": req.target,
                        "cancelled": self.cancel(conn, req.target)})
@@ -207,21 +253,30 @@ class Server:
             conn.send({"type": "shutdown", "request_id": rid})
             self.begin_shutdown("shutdown request")
         else:
-            if self.stopping:
-                raise ProtocolError(SHUTTING_DOWN, "the server is shutting down", None, rid)
-            if rid in conn.jobs:
-                raise ProtocolError(DUPLICATE_ID, f"request_id {rid!r} is already in flight on "
-                                                  f"this connection", "request_id", rid)
-            if len(conn.jobs) >= MAX_JOBS_PER_CONNECTION or self.jobs.qsize() >= MAX_QUEUED_JOBS:
-                raise ProtocolError(BUSY, f"too many requests queued ({len(conn.jobs)} on this "
-                                          f"connection, {self.jobs.qsize()} in all); retry later",
-                                    None, rid)
-            prompt = self._admit(req)
+            self._check_room(conn, rid)
+            prompt = await self._admit(req)
+            self._check_room(conn, rid)  # again: the loop ran other clients meanwhile
             job = Job(req, conn, prompt, t_recv)
             conn.jobs[rid] = job
-            self.jobs.put(job)
+            self.peer_jobs[conn.peer] = self.peer_jobs.get(conn.peer, 0) + 1
+            self.jobs.put(conn.peer, job)
 
-    def _admit(self, req: GenerateRequest | CaptureRequest) -> list[int] | None:
+    def _check_room(self, conn: Connection, rid: RequestId) -> None:
+        lim = self.limits
+        if self.stopping:
+            raise ProtocolError(SHUTTING_DOWN, "the server is shutting down", None, rid)
+        if rid in conn.jobs:
+            # A nil id: echoing `rid` would read as the reply to the request already using it.
+            raise ProtocolError(DUPLICATE_ID, f"request_id {rid!r} is already in flight on "
+                                              f"this connection", "request_id", None)
+        mine, peers = len(conn.jobs), self.peer_jobs.get(conn.peer, 0)
+        if mine >= lim.max_jobs_per_connection or peers >= lim.max_jobs_per_peer \
+                or self.jobs.qsize() >= lim.max_queued_jobs:
+            raise ProtocolError(BUSY, f"too many requests queued ({mine} on this connection, "
+                                      f"{peers} from this process, {self.jobs.qsize()} in "
+                                      f"all); retry later", None, rid)
+
+    async def _admit(self, req: GenerateRequest | CaptureRequest) -> list[int] | None:
         """Refuse a bad request now, rather than after it waited in the queue."""
         if isinstance(req, CaptureRequest):
             try:
@@ -230,101 +285,50 @@ class Server:
                 raise ProtocolError(BAD_VALUE, str(e), "lengths", req.request_id) from None
             return None
         try:
-            ids = req.prompt_ids if req.prompt_ids is not None else \
-                self.engine.tokenizer.encode(req.text or "")
+            if req.prompt_ids is not None:
+                ids = req.prompt_ids
+            else:
+                ids = await self._tokenize(req.text or "")
             self.engine.validate(ids, req.max_new_tokens)
-            _sampling(req).validate()
         except RequestError as e:
-            raise ProtocolError(BAD_VALUE, str(e), _field(req, e.field), req.request_id) from None
+            raise ProtocolError(BAD_VALUE, str(e), wire_field(req, e.field),
+                                req.request_id) from None
         return ids
 
-    def cancel(self, conn: Connection, target: RequestId) -> bool:
-        """Cancel `target`: this connection's request of that id, else any connection's."""
-        jobs = [conn.jobs[target]] if target in conn.jobs else \
-            [c.jobs[target] for c in self.conns if target in c.jobs]
-        for job in jobs:
-            job.cancelled = True
-        return bool(jobs)
+    async def _tokenize(self, text: str) -> list[int]:
+        # Bounded before encoding, and encoded off the loop: a long text must not stall
+        # every other client's stream while it is tokenized.
+        limit = self.limits.max_text_chars(self.engine.max_seq_len)
+        if len(text) > limit:
+            raise RequestError("prompt", f"{len(text)} characters cannot fit the KV cache "
+                                         f"(max_seq_len {self.engine.max_seq_len}; at most "
+                                         f"{limit} characters are tokenized)")
+        assert self.loop is not None
+        return await self.loop.run_in_executor(self.tokenize_pool, self.engine.tokenizer.encode,
+                                               text)
 
-    def status(self) -> dict[str, Any]:
+    def cancel(self, conn: Connection, target: RequestId) -> bool:
+        """Cancel `target`, one of this connection's own requests; False if none is."""
+        job = conn.jobs.get(target)
+        if job is not None:
+            job.cancelled = True
+        return job is not None
+
+    def status(self, conn: Connection | None = None) -> dict[str, Any]:
         out = self.engine.stats()
+        current = self.worker.current if self.worker is not None else None
         out.update(
             queue_depth=self.jobs.qsize(), in_flight=self._in_flight(),
-            running=self.current.req.request_id if self.current is not None else None,
+            busy=current is not None,
+            # The caller's own running request only: others' ids are theirs to know.
+            running=current.req.request_id if current is not None and current.conn is conn
+            else None,
             connections=sum(1 for c in self.conns if c.open),
             uptime_s=round(time.time() - self.t_start, 3), pid=os.getpid(), socket=self.path,
-            max_frame_bytes=self.max_frame_bytes, stopping=self.stopping, **self.counts)
+            max_frame_bytes=self.limits.max_frame_bytes, stopping=self.stopping,
+            allow_admin=self.limits.allow_admin, events=dict(self.events.totals),
+            **self.counts)
         return out
-
-    # ------------------------------------------------------------------------ worker
-
-    def _work(self) -> None:
-        engine = self.engine
-        while True:
-            if engine.capture_mode == "background" and engine.pending and self.jobs.empty():
-                try:
-                    engine.run_pending_captures(IDLE_CAPTURE_BUDGET_S)
-                except Exception:
-                    log.exception("background capture failed; dropping pending captures")
-                    engine.pending.clear()
-                continue
-            job = self.jobs.get()
-            if job is None:
-                return
-            self.current = job
-            try:
-                msg = self._run(job)
-            except Exception as e:
-                log.exception("request %r failed", job.req.request_id)
-                msg = error_reply(job.req.request_id, INTERNAL, f"{type(e).__name__}: {e}")
-            finally:
-                self.current = None
-            assert self.loop is not None
-            self.loop.call_soon_threadsafe(self._finish, job, msg)
-
-    def _run(self, job: Job) -> dict[str, Any]:
-        req, rid = job.req, job.req.request_id
-        job.t_start = time.perf_counter()
-        if isinstance(req, CaptureRequest):
-            if job.cancelled:
-                return error_reply(rid, SHUTTING_DOWN, "cancelled before it ran")
-            return {"type": "captured", "request_id": rid,
-                    "graphs": self.engine.capture_ahead(req.lengths)}
-        assert job.prompt_ids is not None
-        if job.cancelled:
-            return self._result(job, [], "cancelled", float("nan"))
-        loop = self.loop
-        assert loop is not None
-
-        def on_token(row: int, token: int) -> bool | None:
-            if not job.t_first:
-                job.t_first = time.perf_counter()
-            # Streamed even when cancelled: the engine keeps this token in the result,
-            # and a stream must match its result.
-            if req.stream:
-                loop.call_soon_threadsafe(self._send_token, job, token, job.n_tokens)
-            job.n_tokens += 1
-            return False if job.cancelled else None
-
-        try:
-            res = self.engine.generate(job.prompt_ids, req.max_new_tokens, _sampling(req),
-                                       req.stop_ids, on_token)
-        except RequestError as e:
-            return error_reply(rid, BAD_VALUE, str(e), _field(req, e.field))
-        return self._result(job, res.tokens, res.finish_reason, res.ttft_ms)
-
-    def _result(self, job: Job, tokens: list[int], finish: str,
-                engine_ttft_ms: float) -> dict[str, Any]:
-        try:
-            text: str | None = self.engine.tokenizer.decode(tokens)
-        except Exception:  # a tokenizer that can't decode an id shouldn't fail the request
-            text = None
-        ms = 1e3
-        return {"type": "result", "request_id": job.req.request_id, "tokens": tokens,
-                "text": text, "prompt_len": len(job.prompt_ids or ()),
-                "finish_reason": finish, "engine_ttft_ms": engine_ttft_ms,
-                "ttft_ms": (job.t_first - job.t_recv) * ms if job.t_first else float("nan"),
-                "queue_ms": (job.t_start - job.t_recv) * ms}
 
     # -------------------------------------------------------- loop-side completions
 
@@ -343,33 +347,28 @@ class Server:
         conn.send(msg)
         if conn.jobs.get(rid) is job:
             del conn.jobs[rid]
+            n = self.peer_jobs.get(conn.peer, 1) - 1
+            if n > 0:
+                self.peer_jobs[conn.peer] = n
+            else:
+                self.peer_jobs.pop(conn.peer, None)
+        conn.last_active = time.monotonic()
         if not conn.open and not conn.jobs:
             self.conns.discard(conn)
-
-
-def _sampling(req: GenerateRequest) -> SamplingParams:
-    return SamplingParams(req.temperature, req.top_k, req.top_p, req.seed)
-
-
-def _field(req: GenerateRequest, engine_field: str) -> str:
-    # The engine calls the prompt "prompt"; on the wire it is whichever field carried it.
-    if engine_field == "prompt":
-        return "prompt_ids" if req.prompt_ids is not None else "text"
-    return engine_field
 
 
 def serve_main(args: argparse.Namespace) -> int:
     """`hybridgraph serve`: load, capture ahead (with a progress bar), serve until stopped."""
     try:
+        limits = Limits.from_args(args)
         check_socket_path(args.socket)
-    except ServeError as e:
+    except (ServeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     from hybridgraph.engine_config import EngineConfig
 
     engine = Engine.load(args.model, config=EngineConfig.from_args(args, progress=True))
-    server = Server(engine, args.socket, args.max_frame_bytes,
-                    getattr(args, "drain_s", 10.0))
+    server = Server(engine, args.socket, limits)
     try:
         return asyncio.run(server.run())
     except ServeError as e:

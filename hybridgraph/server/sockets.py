@@ -24,7 +24,13 @@ def check_socket_path(path: str) -> None:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
+        parent = os.path.dirname(path) or "."
+        if not os.path.isdir(parent):
+            raise ServeError(f"cannot create socket {path}: {parent} is not a directory "
+                             f"(or does not exist)") from None
         return
+    except OSError as e:  # e.g. a path component that is a file
+        raise ServeError(f"cannot use socket path {path}: {e.strerror}") from None
     if not stat.S_ISSOCK(st.st_mode):
         raise ServeError(f"{path} exists and is not a socket; refusing to replace it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -32,7 +38,11 @@ def check_socket_path(path: str) -> None:
     try:
         probe.connect(path)
     except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)  # nobody listens: a dead server's leftover
+        try:
+            os.unlink(path)  # nobody listens: a dead server's leftover
+        except OSError as e:
+            raise ServeError(f"cannot remove the stale socket {path} (no server listens "
+                             f"on it): {e.strerror}") from None
         log.info("removed stale socket %s", path)
         return
     except OSError as e:  # a full backlog or a timeout means someone is there

@@ -27,6 +27,7 @@ from typing import Any
 
 from hybridgraph.engine import Engine, RequestError
 from hybridgraph.server.connection import Connection, Job, peer_of
+from hybridgraph.server.fair_queue import FairQueue
 from hybridgraph.server.limits import EventLog, Limits
 from hybridgraph.server.protocol import (
     ADMIN_TYPES,
@@ -54,7 +55,6 @@ from hybridgraph.server.protocol import (
     error_reply,
     parse_request,
 )
-from hybridgraph.server.scheduler import FairQueue
 from hybridgraph.server.sockets import ServeError, bind_socket, check_socket_path
 from hybridgraph.server.worker import Worker, wire_field
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from hybridgraph.engine import Engine, RequestError
 from hybridgraph.server.connection import Job
+from hybridgraph.server.fair_queue import FairQueue
 from hybridgraph.server.protocol import (
     BAD_VALUE,
     INTERNAL,
@@ -24,7 +25,6 @@ from hybridgraph.server.protocol import (
     GenerateRequest,
     error_reply,
 )
-from hybridgraph.server.scheduler import FairQueue
 
 log = logging.getLogger("hybridgraph.server")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from hybridgraph.server.scheduler import FairQueue
+from hybridgraph.server.fair_queue import FairQueue
 
 
 def test_round_robin_across_peers_fifo_within() -> None:

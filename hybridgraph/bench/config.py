@@ -46,6 +46,7 @@ class BenchConfig:
     peer_runs: int = 10
     peer_decode_runs: int = 2
     ipc_requests: int = 1000
+    profile_tokens: int = 32               # decode tokens under the profiler
     modes: list[str] = field(default_factory=list)
 
     @property

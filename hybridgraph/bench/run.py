@@ -1,6 +1,6 @@
 """`hybridgraph bench <suite>`: runs suites, then writes CSVs, plots and SUMMARY.md.
 
-Suites: ttft, decode, p99, ablation, coverage, ipc, batch, cost, peers, or all.
+Suites: ttft, decode, p99, ablation, profile, coverage, ipc, batch, cost, peers, or all.
 Suites that start child processes (cost, peers, ipc) run before the parent loads the
 model, so each child finds the GPU empty; a suite that fails is recorded and the run
 goes on (exit status 1 at the end).
@@ -25,6 +25,7 @@ from hybridgraph.bench.engines import Engines, free_memory
 from hybridgraph.bench.ipc_suite import SuiteUnavailable, ipc_suite
 from hybridgraph.bench.latency import ablation_suite, decode_suite, p99_suite, ttft_suite
 from hybridgraph.bench.peers import peers_suite
+from hybridgraph.bench.profile import profile_suite
 from hybridgraph.bench.report import write_all
 from hybridgraph.bench.table import Results, Table
 from hybridgraph.engine import DTYPES
@@ -33,7 +34,8 @@ from hybridgraph.model.config import PRESETS, ModelConfig, preset
 log = logging.getLogger(__name__)
 
 # Run order: child-process suites first (see the module docstring).
-SUITES = ("cost", "peers", "ipc", "ttft", "decode", "p99", "ablation", "batch", "coverage")
+SUITES = ("cost", "peers", "ipc", "ttft", "decode", "p99", "profile", "ablation", "batch",
+          "coverage")
 
 
 def model_config(model: str) -> ModelConfig:
@@ -52,6 +54,7 @@ def _suite_fns(cfg: BenchConfig, engines: Engines,
         "decode": lambda: decode_suite(cfg, engines, floor_ms),
         "p99": lambda: p99_suite(cfg, engines),
         "ablation": lambda: ablation_suite(cfg, engines, floor_ms),
+        "profile": lambda: profile_suite(cfg, engines, floor_ms),
         "coverage": lambda: coverage_suite(cfg, engines),
         "ipc": lambda: ipc_suite(cfg),
         "batch": lambda: batch_suite(cfg, engines, floor_ms),
@@ -72,8 +75,9 @@ def run_suites(cfg: BenchConfig, names: list[str], res: Results) -> tuple[dict[s
             "they replay CUDA graphs and this run has no CUDA device; ablation, batch and cost "
             "ran eager and jit only")
     for name in [s for s in SUITES if s in names]:
-        if name == "coverage" and not cfg.is_cuda:
-            res.skipped["coverage"] = "needs CUDA graphs (GPU only); this run has no CUDA device"
+        if name in ("coverage", "profile") and not cfg.is_cuda:
+            res.skipped[name] = ("needs CUDA (graphs, kernel traces); this run has no CUDA "
+                                 "device")
             continue
         t0 = time.perf_counter()
         try:

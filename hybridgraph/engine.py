@@ -20,13 +20,16 @@ import torch
 
 from hybridgraph.engine_config import DTYPE_NAMES, EngineConfig
 from hybridgraph.model.fast_decode import KernelPlan
+from hybridgraph.model.generation import GenerationDefaults
+from hybridgraph.model.kv_budget import default_max_seq_len
 from hybridgraph.model.llama import Transformer
-from hybridgraph.model.loader import load_model
+from hybridgraph.model.loader import auto_dtype, load_model
 from hybridgraph.model.tokenizer import Tokenizer
 from hybridgraph.request import (
     GenerationResult,
     RequestError,
     SamplingParams,
+    TextCallback,
     TokenCallback,
     check_stop_ids,
 )
@@ -35,6 +38,7 @@ from hybridgraph.runtime.graphs import GraphCache, GraphKey, parse_coverage
 from hybridgraph.runtime.modes import MODES, auto_kernels, auto_mode, capture_policy, mode_spec
 from hybridgraph.runtime.runner import GraphRunner, decode_windows
 from hybridgraph.runtime.step import StepBuffers, Steps, TokenReader
+from hybridgraph.text import TextStream, validate_stop
 
 __all__ = ["DTYPES", "MODES", "Engine", "EngineConfig", "GenerationResult", "RequestError",
            "SamplingParams"]
@@ -65,8 +69,14 @@ class Engine:
         self.engine_config = cfg = replace(cfg, mode=self.mode)
         self.ops = dynamic_ops(cfg.backend if self.spec.jit_ops else "eager")
         self.max_batch = cfg.max_batch
-        self.max_seq_len = min(cfg.max_seq_len if cfg.max_seq_len is not None else 2048,
+        # issue 11: the default is the model's context limit, capped by free memory.
+        self.max_seq_len = min(cfg.max_seq_len if cfg.max_seq_len is not None else
+                               default_max_seq_len(self.config, self.max_batch, self.dtype,
+                                                   self.device),
                                self.config.max_position_embeddings)
+        # The checkpoint's generation_config.json sampling defaults (greedy when absent).
+        self.generation: GenerationDefaults = self.config.extra.get("generation",
+                                                                    GenerationDefaults())
         model.setup_caches(self.max_batch, self.max_seq_len)
         self.bufs = StepBuffers(self.max_batch, self.max_seq_len, self.device)
         # With the compile backend, a compiled-forward mode (hybrid) compiles the blocks too.
@@ -116,10 +126,10 @@ class Engine:
         device = cfg.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = cfg.dtype
-        if dtype == "auto":
-            dtype = "float16" if device.startswith("cuda") else "float32"
-        m, tok = load_model(model, device, DTYPES[dtype], seed=cfg.weights_seed)
+        # issue 11: auto follows the checkpoint's own dtype (float32 on a CPU).
+        torch_dtype = auto_dtype(model, device) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+        m, tok = load_model(model, device, torch_dtype, seed=cfg.weights_seed,
+                            tokenizer=cfg.tokenizer, chat_template=cfg.chat_template)
         return cls(m, tok, cfg)
 
     # ---------------------------------------------------------------- graph access
@@ -166,15 +176,24 @@ class Engine:
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int = 32,
                  sampling: SamplingParams | None = None, stop_ids: Sequence[int] | None = None,
-                 on_token: TokenCallback | None = None) -> GenerationResult:
+                 on_token: TokenCallback | None = None, *, stop: Sequence[str] | None = None,
+                 ignore_eos: bool = False, on_text: TextCallback | None = None,
+                 ) -> GenerationResult:
         return self.generate_batch([prompt_ids], max_new_tokens, [SamplingParams.of(sampling)],
-                                   stop_ids, on_token)[0]
+                                   stop_ids, on_token, stop=stop, ignore_eos=ignore_eos,
+                                   on_text=on_text)[0]
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
                        sampling: Sequence[SamplingParams] | None = None,
                        stop_ids: Sequence[int] | None = None,
-                       on_token: TokenCallback | None = None) -> list[GenerationResult]:
-        """Generate for up to max_batch prompts at once (rows stop independently)."""
+                       on_token: TokenCallback | None = None, *,
+                       stop: Sequence[str] | None = None, ignore_eos: bool = False,
+                       on_text: TextCallback | None = None) -> list[GenerationResult]:
+        """Generate for up to max_batch prompts at once (rows stop independently).
+
+        Rows end at an id in stop_ids (default: the model's end ids, none with ignore_eos),
+        or where their text contains a stop string (cut before it). With stop strings or
+        on_text, results carry `text` and on_text gets each token's text delta."""
         if not 1 <= len(prompts) <= self.max_batch:
             raise RequestError("prompts", f"batch of {len(prompts)}; this engine serves 1 to "
                                           f"{self.max_batch} prompts at once")
@@ -185,15 +204,23 @@ class Engine:
             self.validate(p, max_new_tokens)
         sampling = [SamplingParams.of(s) for s in sampling]
         stop_ids = check_stop_ids(stop_ids)
-        stops = set(self.tokenizer.eos_ids if stop_ids is None else stop_ids)
+        stop_strings = validate_stop(stop)
+        # issue 11: ignore_eos leaves only the given stop ids; stop strings and on_text need
+        # each row's text as it is generated.
+        stops = set(stop_ids or ()) if ignore_eos or stop_ids is not None else \
+            set(self.tokenizer.eos_ids)
+        texts = [TextStream(self.tokenizer, stop_strings) for _ in prompts] \
+            if stop_strings or on_text is not None else None
         with torch.inference_mode():
-            results = self._generate(prompts, max_new_tokens, sampling, stops, on_token)
+            results = self._generate(prompts, max_new_tokens, sampling, stops, on_token,
+                                     texts, on_text)
         self.requests_served += 1
         return results
 
     def _generate(self, prompts: Sequence[Sequence[int]], max_new: int,
                   sampling: list[SamplingParams], stops: set[int],
-                  on_token: TokenCallback | None) -> list[GenerationResult]:
+                  on_token: TokenCallback | None, texts: list[TextStream] | None = None,
+                  on_text: TextCallback | None = None) -> list[GenerationResult]:
         t_start = time.perf_counter()
         n, lengths = len(prompts), [len(p) for p in prompts]
         b = choose_bucket(n, self.batch_buckets)
@@ -228,11 +255,18 @@ class Engine:
                     res.ttft_ms = (now - t_start) * 1e3
                 else:
                     res.token_ms.append((now - t_prev) * 1e3)
+                done, delta = tokens[r] in stops, ""
+                if texts is not None:  # issue 11: text deltas and stop strings
+                    delta, hit = texts[r].step(tokens[r], final=done or i + 1 == max_new)
+                    done = done or hit
+                    res.text = texts[r].text
                 keep = on_token(r, tokens[r]) if on_token is not None else True
+                if on_text is not None and on_text(r, tokens[r], delta) is False:
+                    keep = False
                 if keep is False:
                     res.finish_reason = "cancelled"
                     live.remove(r)
-                elif tokens[r] in stops:
+                elif done:
                     res.finish_reason = "stop"
                     live.remove(r)
             t_prev = now

@@ -22,7 +22,8 @@ class EngineConfig:
     mode: str = "auto"                 # auto: hybrid on CUDA, eager elsewhere
     backend: str = "compile"           # JIT backend of the dynamic ops (jit, hybrid)
     max_batch: int = 1
-    max_seq_len: int | None = None     # KV cache positions; None: 2048, capped by the model
+    max_seq_len: int | None = None     # KV cache positions; None: the model's context limit,
+                                       # capped by free memory (model.kv_budget)
     coverage: str = "pow2"             # prefill lengths that get graphs
     capture: str = "ahead"             # when graphs are captured (runtime.modes.CAPTURE_POLICIES)
     max_graphs: int | None = None
@@ -37,8 +38,12 @@ class EngineConfig:
     progress: bool = False             # a progress bar while capturing ahead
     # Only Engine.load reads these three: where the weights go, and random presets' seed.
     device: str = "auto"               # auto: cuda if present, else cpu
-    dtype: str = "auto"                # auto: float16 on CUDA, float32 elsewhere
+    dtype: str = "auto"                # auto: the checkpoint's dtype on CUDA, float32 elsewhere
     weights_seed: int = 0
+    # issue 11, read by Engine.load too: a tokenizer.json instead of the model's own, and a
+    # chat template (a file or the template text) instead of the model's.
+    tokenizer: str | None = None
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode != "auto":
@@ -74,7 +79,8 @@ class EngineConfig:
         p.add_argument("--backend", default="compile", choices=list(BACKENDS),
                        help="JIT backend of the dynamic ops in jit/hybrid modes")
         p.add_argument("--max-seq-len", type=int, default=None,
-                       help="KV cache length (default 2048)")
+                       help="KV cache length (default: the model's context limit, capped by "
+                            "free memory)")
         p.add_argument("--max-batch", type=int, default=1)
         p.add_argument("--coverage", default="pow2",
                        help="prefill graphs: exact | every:N | pow2 | a,b,c")
@@ -85,6 +91,11 @@ class EngineConfig:
         p.add_argument("--no-pdl", dest="pdl", action="store_false",
                        help="Triton kernels without programmatic dependent launch")
         p.add_argument("--max-graphs", type=int, default=None)
+        p.add_argument("--tokenizer", default=None,
+                       help="a tokenizer.json to use instead of the model's own")
+        p.add_argument("--chat-template", default=None,
+                       help="a chat template (a .jinja file or the template text) instead of "
+                            "the model's")
         p.add_argument("--max-graph-bytes", type=int, default=None,
                        help="graph memory budget (default: half the GPU memory free after "
                             "the weights and KV cache)")

@@ -127,6 +127,8 @@ class GenerationResult:
     ttft_ms: float                 # prompt ids on the host -> first token id on the host
     token_ms: list[float] = field(default_factory=list)  # each later token's latency
     finish_reason: str = "length"  # "stop" | "length" | "cancelled"
+    text: str | None = None        # with stop strings or a text callback: the text, cut
+                                   # before any stop string (issue 11)
 
     @property
     def decode_ms_per_token(self) -> float:
@@ -143,6 +145,8 @@ class GenerationResult:
 
 # Called with (row, token); returning False cancels the request.
 TokenCallback = Callable[[int, int], bool | None]
+# Called with (row, token, that token's text delta); returning False cancels the request.
+TextCallback = Callable[[int, int, str], bool | None]
 
-__all__ = ["GenerationResult", "RequestError", "SamplingParams", "TokenCallback",
+__all__ = ["GenerationResult", "RequestError", "SamplingParams", "TextCallback", "TokenCallback",
            "check_stop_ids"]

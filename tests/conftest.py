@@ -45,14 +45,33 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.15 * noise)
 
 
+def write_word_tokenizer(path: Path, vocab_size: int) -> None:
+    """A WordLevel tokenizer.json of `vocab_size` words ("w3", "w4", ...) with Llama's
+    special ids (0 unk, 1 <s>, 2 </s>) and BOS added: a model directory needs a tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", 1)])
+    tok.save(str(path))
+
+
 def make_hf_checkpoint(config: ModelConfig, directory: Path, seed: int = 0,
                        **save_kwargs: Any):
-    """A random HF LlamaForCausalLM of `config`, saved to `directory`; returns the model."""
+    """A random HF LlamaForCausalLM of `config`, saved to `directory` with a word-level
+    tokenizer.json; returns the model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf = LlamaForCausalLM(LlamaConfig(**config.to_hf_dict())).float().eval()
     randomize_(hf, seed)
     hf.save_pretrained(directory, **save_kwargs)
+    # save_pretrained writes generation_config.json from the config; these tests choose
+    # their end ids themselves.
+    (Path(directory) / "generation_config.json").unlink(missing_ok=True)
+    write_word_tokenizer(Path(directory) / "tokenizer.json", config.vocab_size)
     return hf
 
 

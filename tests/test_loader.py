@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from hybridgraph.model.config import PRESETS, ConfigError, preset
 from hybridgraph.model.llama import Transformer
 from hybridgraph.model.loader import LoadError, load_model, random_model
-from hybridgraph.model.tokenizer import ByteTokenizer
+from hybridgraph.model.tokenizer import ByteTokenizer, HFTokenizer
 
 from .conftest import VARIANTS, make_hf_checkpoint, rel_max_diff
 
@@ -31,7 +31,7 @@ def test_single_file_checkpoint_loads(gqa_checkpoint) -> None:
     model, tok = load_model(str(directory))
     assert model.config.num_kv_heads == 2 and model.config.name == directory.name
     assert next(model.parameters()).dtype == torch.float32
-    assert isinstance(tok, ByteTokenizer)  # no tokenizer.json in this directory
+    assert isinstance(tok, HFTokenizer)  # the directory's tokenizer.json
     _assert_same_logits(model, hf)
 
 
@@ -69,7 +69,7 @@ def _edit_config(directory: Path, **changes) -> None:
 
 
 def test_missing_directory(tmp_path: Path) -> None:
-    with pytest.raises(LoadError, match="neither a preset .* nor a model directory") as info:
+    with pytest.raises(LoadError, match="neither a model name .* a GGUF file nor a model directory") as info:
         load_model(str(tmp_path / "nowhere"))
     assert "nowhere" in str(info.value)
 

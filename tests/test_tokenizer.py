@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-from hybridgraph.model.loader import load_model
-from hybridgraph.model.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from hybridgraph.model.loader import LoadError, load_model
+from hybridgraph.model.tokenizer import ByteTokenizer, HFTokenizer, TokenizerError, load_tokenizer
 
 
 @pytest.mark.parametrize("text", ["Hello, my name is", "héllo wörld — 世界 🙂", "", "a\x00b\n"])
@@ -60,8 +60,46 @@ def test_hf_tokenizer_json_is_picked_up_by_load_model(gqa_checkpoint, tmp_path: 
     assert tok.encode("the moon")[-1] == vocab["<unk>"]
 
 
-def test_without_tokenizer_json_bytes_are_used(tmp_path: Path) -> None:
-    assert isinstance(load_tokenizer(tmp_path, 1, (2,)), ByteTokenizer)
+def test_a_directory_without_tokenizer_json_is_refused(tmp_path: Path) -> None:
+    # Bytes are for presets with random weights only: a real model given byte ids prints
+    # garbage without a word of warning.
+    with pytest.raises(TokenizerError, match="no tokenizer.json in .*--tokenizer"):
+        load_tokenizer(tmp_path, 1, (2,))
     assert isinstance(load_tokenizer(None, 1, (2,)), ByteTokenizer)
     _word_tokenizer(tmp_path / "tokenizer.json")
     assert isinstance(load_tokenizer(tmp_path, 1, (2,)), HFTokenizer)
+
+
+def test_load_model_refuses_a_directory_without_a_tokenizer(gqa_checkpoint,
+                                                            tmp_path: Path) -> None:
+    directory, _ = gqa_checkpoint
+    model_dir = Path(shutil.copytree(directory, tmp_path / "model"))
+    (model_dir / "tokenizer.json").unlink()
+    with pytest.raises(LoadError, match="no tokenizer.json"):
+        load_model(str(model_dir))
+    # --tokenizer points at one elsewhere.
+    _word_tokenizer(tmp_path / "elsewhere.json")
+    _, tok = load_model(str(model_dir), tokenizer=str(tmp_path / "elsewhere.json"))
+    assert tok.encode("the capital") == [1, 3, 4]
+
+
+def test_a_corrupt_tokenizer_json_is_named(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(TokenizerError, match="cannot read the tokenizer .*tokenizer.json"):
+        load_tokenizer(tmp_path, 1, (2,))
+
+
+@pytest.mark.parametrize("text", ["café ☕ naïve", "日本語 🙂", "plain"])
+def test_byte_stream_decoder_keeps_split_characters_whole(text: str) -> None:
+    tok = ByteTokenizer()
+    stream = tok.stream_decoder()
+    pieces = [stream.step(i) for i in tok.encode(text)] + [stream.flush()]
+    assert "".join(pieces) == text
+    assert "\ufffd" not in "".join(pieces)
+
+
+def test_encode_without_special_tokens_leaves_out_bos(tmp_path: Path) -> None:
+    _word_tokenizer(tmp_path / "tokenizer.json")
+    tok = load_tokenizer(tmp_path, 1, (2,))
+    assert tok.encode("the capital", add_special_tokens=False) == [3, 4]
+    assert ByteTokenizer().encode("A", add_special_tokens=False) == [0x41 + 3]

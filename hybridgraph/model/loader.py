@@ -1,20 +1,33 @@
-"""Build a Transformer from a preset (random weights) or a local HF model directory.
+"""Build a Transformer from a preset (random weights), an embedded real model, a GGUF file
+or a local HF model directory.
 
-Weights go from safetensors straight to the target device and dtype; nothing is
+Weights go from safetensors (or GGUF) straight to the target device and dtype; nothing is
 unpickled. Random weights are drawn on the target device, so a 7B preset takes seconds.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from hybridgraph.model.chat import ChatTemplateError, find_chat_template
 from hybridgraph.model.config import PRESETS, ConfigError, ModelConfig, preset
+from hybridgraph.model.embedded import EMBEDDED, EmbeddedModelMissing, embedded_path
+from hybridgraph.model.generation import merge_eos, read_generation_config
+from hybridgraph.model.gguf import (
+    GGUFError,
+    checkpoint_dtype,
+    gguf_config,
+    is_gguf,
+    load_gguf_weights,
+    read_gguf,
+)
 from hybridgraph.model.llama import Transformer
-from hybridgraph.model.tokenizer import Tokenizer, load_tokenizer
+from hybridgraph.model.tokenizer import HFTokenizer, Tokenizer, TokenizerError, load_tokenizer
 
 
 class LoadError(ValueError):
@@ -121,22 +134,110 @@ def load_checkpoint(model_dir: Path, config: ModelConfig, device: torch.device,
     return model.eval()
 
 
+# ---- hybridgraph issue 11: GGUF files, embedded models, tokenizers refused, not faked ----
+
+MODEL_CHOICES = (*EMBEDDED, *PRESETS)
+
+
+def resolve_source(source: str) -> Path | None:
+    """A source's path on disk: the embedded model's file, or the given path; None for a
+    preset with random weights."""
+    if source in PRESETS:
+        return None
+    if source in EMBEDDED:
+        try:
+            return embedded_path(source)
+        except EmbeddedModelMissing as e:
+            raise LoadError(str(e)) from None
+    path = Path(source)
+    if not path.exists():
+        raise LoadError(f"{source!r} is neither a model name ({', '.join(MODEL_CHOICES)}), "
+                        "a GGUF file nor a model directory")
+    return path
+
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16,
+                 "bfloat16": torch.bfloat16}
+
+
+def stored_dtype(source: str) -> torch.dtype | None:
+    """The dtype a checkpoint's weights are stored in (config.json's torch_dtype, a GGUF's
+    file type); None for random presets and quantized files."""
+    path = resolve_source(source)
+    if path is None:
+        return None
+    if path.is_file():
+        try:
+            return checkpoint_dtype(read_gguf(path))
+        except GGUFError as e:
+            raise LoadError(str(e)) from None
+    try:
+        d = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # load_model reports the config properly
+    name = d.get("torch_dtype", d.get("dtype")) if isinstance(d, dict) else None
+    return _TORCH_DTYPES.get(name) if isinstance(name, str) else None
+
+
+def auto_dtype(source: str, device: torch.device | str) -> torch.dtype:
+    """dtype=auto: float32 on a CPU (no fast half-precision matmuls there); on CUDA the
+    checkpoint's own dtype (bfloat16 only where the GPU has it), float16 when it has none."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    stored = stored_dtype(source)
+    if stored == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return stored if stored is not None else torch.float16
+
+
+def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype,
+               chat_override: str | None) -> tuple[Transformer, HFTokenizer]:
+    from hybridgraph.model.gguf_tokenizer import gguf_tokenizer
+
+    g = read_gguf(path)
+    config = gguf_config(g)
+    tok, info = gguf_tokenizer(g)
+    template = find_chat_template(None, g.get("tokenizer.chat_template"), chat_override)
+    model = load_gguf_weights(g, _empty_model(config, device, dtype), dtype)
+    return model, HFTokenizer(tok, config.bos_token_id, config.eos_token_ids, template,
+                              info["bos_token"], info["eos_token"])
+
+
 def load_model(source: str, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, seed: int = 0,
+               tokenizer: str | None = None, chat_template: str | None = None,
                ) -> tuple[Transformer, Tokenizer]:
-    """A preset name (random weights) or a local HF directory -> (model, tokenizer)."""
+    """A preset name (random weights), an embedded model's name, a GGUF file or a local HF
+    directory -> (model, tokenizer). `tokenizer`: a tokenizer.json to use instead of the
+    model's own; `chat_template`: a template (file or text) overriding the model's."""
     device = torch.device(device)
-    if source in PRESETS:
-        config = preset(source)
-        model = random_model(config, device, dtype, seed)
-        return model, load_tokenizer(None, config.bos_token_id, config.eos_token_ids)
-    model_dir = Path(source)
-    if not model_dir.is_dir():
-        raise LoadError(f"{source!r} is neither a preset ({', '.join(PRESETS)}) "
-                        "nor a model directory")
+    path = resolve_source(source)
     try:
-        config = ModelConfig.from_json(model_dir / "config.json")
-    except ConfigError as e:
+        if path is None:
+            config = preset(source)
+            model = random_model(config, device, dtype, seed)
+            template = find_chat_template(None, None, chat_template)
+            if tokenizer is None:
+                tok: Tokenizer = load_tokenizer(None, config.bos_token_id, config.eos_token_ids)
+                tok.chat_template = template
+                return model, tok
+            return model, load_tokenizer(None, config.bos_token_id, config.eos_token_ids,
+                                         tokenizer, template)
+        if path.is_file():
+            if not is_gguf(path):
+                raise LoadError(f"{path} is not a GGUF file (no GGUF magic bytes) and not a "
+                                "model directory")
+            model, tok = _load_gguf(path, device, dtype, chat_template)
+            if tokenizer is not None:
+                tok = load_tokenizer(None, tok.bos_id, tok.eos_ids, tokenizer, tok.chat_template)
+            return model, tok
+        config = ModelConfig.from_json(path / "config.json")
+        gen = read_generation_config(path)
+        config = replace(config, eos_token_ids=merge_eos(config.eos_token_ids, gen.eos_token_ids))
+        config.extra["generation"] = gen
+        template = find_chat_template(path, None, chat_template)
+        tok = load_tokenizer(path, config.bos_token_id, config.eos_token_ids, tokenizer, template)
+    except (ConfigError, GGUFError, TokenizerError, ChatTemplateError) as e:
         raise LoadError(str(e)) from None
-    model = load_checkpoint(model_dir, config, device, dtype)
-    return model, load_tokenizer(model_dir, config.bos_token_id, config.eos_token_ids)
+    return load_checkpoint(path, config, device, dtype), tok

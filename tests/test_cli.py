@@ -24,13 +24,55 @@ def run(*args: str, script: bool = False) -> subprocess.CompletedProcess[str]:
 
 
 def test_readme_demo() -> None:
+    # The README's main command: the embedded real model answers in English, streamed.
     assert SCRIPT.is_file(), "the hybridgraph console script is not installed"
-    proc = run("generate", "--model", "tiny", "--prompt", "Hello, my name is", script=True)
+    proc = run("generate", "--model", "smollm2-135m", "--chat", "--prompt",
+               "What is the capital of France?", script=True)
     assert proc.returncode == 0, proc.stderr
-    assert re.search(r"TTFT \d+\.\d+ ms", proc.stdout), proc.stdout
-    assert re.search(r"\d+\.\d tokens/s", proc.stdout)
-    # "Hello, my name is" is 17 bytes + BOS; the default is 32 new tokens, greedy on CPU.
+    answer, stats = proc.stdout.rsplit("\n[", 1)
+    assert "Paris" in answer and "<|im_end|>" not in answer
+    assert re.search(r"eager on cpu\] prompt \d+ tokens, \d+ new \(stop\); TTFT \d+\.\d+ ms",
+                     stats), stats
+    assert re.search(r"\d+\.\d tokens/s", stats)
+
+
+def test_random_preset_demo() -> None:
+    proc = run("generate", "--model", "tiny", "--prompt", "Hello, my name is",
+               "--max-new-tokens", "32")
+    assert proc.returncode == 0, proc.stderr
+    # "Hello, my name is" is 17 bytes + BOS; greedy on CPU.
     assert "[tiny eager on cpu] prompt 18 tokens, 32 new (length)" in proc.stdout
+
+
+def test_stop_string_and_chat_template_flags() -> None:
+    # A template given on the command line; a stop string ends the text and is left out.
+    base = ["generate", "--model", "tiny", "--chat", "--chat-template",
+            "{% for m in messages %}{{ m['content'] }}{% endfor %}", "--prompt", "Hi",
+            "--max-new-tokens", "40", "--ignore-eos"]
+    free = run(*base)
+    assert free.returncode == 0, free.stderr
+    assert "prompt 2 tokens" in free.stdout  # "Hi" as bytes, no BOS: the template owns it
+    text = free.stdout.rsplit("\n[", 1)[0]
+    stop = text[8:11]
+    proc = run(*base, "--stop", stop)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rsplit("\n[", 1)[0] == text[:text.find(stop)]
+    assert "(stop)" in proc.stdout
+
+
+def test_chat_without_a_template_is_a_clear_error() -> None:
+    proc = run("generate", "--model", "tiny", "--chat", "--prompt", "Hi")
+    assert proc.returncode == 2
+    assert "no chat template; pass --chat-template" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_chat_command_keeps_the_conversation() -> None:
+    proc = subprocess.run([sys.executable, "-m", "hybridgraph.cli", "chat", "--max-new-tokens",
+                           "24"], input="What is the capital of France?\n/reset\n/exit\n",
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
 
 
 def test_prompt_ids_give_the_engines_tokens() -> None:

@@ -119,3 +119,16 @@ def find_chat_template(model_dir: str | Path | None, embedded: str | None = None
     if embedded:
         return ChatTemplate(embedded, "the GGUF metadata")
     return None
+
+
+def chat_prompt_ids(tokenizer: Any, messages: Any) -> list[int]:
+    """The ids of `messages` rendered by the tokenizer's chat template, ready for the
+    assistant's turn. Special tokens are in the rendered text already (the template writes
+    BOS where the model wants it), so none are added."""
+    template = tokenizer.chat_template
+    if template is None:
+        raise RequestError("messages", "this model has no chat template; pass --chat-template "
+                                       "(a .jinja file or the template text)")
+    text = template.render(messages, bos_token=tokenizer.bos_token,
+                           eos_token=tokenizer.eos_token)
+    return tokenizer.encode(text, add_special_tokens=False)

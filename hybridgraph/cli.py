@@ -76,7 +76,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             with Client(args.server) as client:
                 reply = client.generate(prompt_ids=ids, text=text, messages=messages,
                                         seed=args.seed, stop=args.stop,
-                                        ignore_eos=args.ignore_eos,
+                                        ignore_eos=args.ignore_eos or None,
+                                        on_text=lambda d: print(d, end="", flush=True),
                                         **{k: v for k, v in given.items() if v is not None})
         except ServerError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -84,7 +85,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except OSError as e:
             print(f"error: cannot reach a server at {args.server}: {e}", file=sys.stderr)
             return 1
-        print(reply.get("text") or "")
+        print()  # the text was streamed
         print(f"tokens: {reply['tokens']}")
         print(f"TTFT {reply['ttft_ms']:.2f} ms, server latency {reply['latency_ms']:.2f} ms "
               f"({reply.get('finish_reason')})")

@@ -125,6 +125,7 @@ def chat_prompt_ids(tokenizer: Any, messages: Any) -> list[int]:
     """The ids of `messages` rendered by the tokenizer's chat template, ready for the
     assistant's turn. Special tokens are in the rendered text already (the template writes
     BOS where the model wants it), so none are added."""
+    validate_messages(messages)  # an oversized list is refused before anything else
     template = tokenizer.chat_template
     if template is None:
         raise RequestError("messages", "this model has no chat template; pass --chat-template "

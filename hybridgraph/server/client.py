@@ -58,10 +58,14 @@ def _sampling(sampling: SamplingParams | None, fields: dict[str, Any]) -> Sampli
 
 def _generate_msg(rid: RequestId, prompt_ids: Sequence[int] | None, text: str | None,
                   max_new_tokens: int, sampling: SamplingParams,
-                  stop_ids: Sequence[int] | None, stream: bool) -> dict[str, Any]:
+                  stop_ids: Sequence[int] | None, stream: bool,
+                  **text_fields: Any) -> dict[str, Any]:
+    """text_fields (issue 11): messages, stop, ignore_eos; None leaves one out."""
     msg: dict[str, Any] = {"type": "generate", "request_id": rid,
                            "max_new_tokens": max_new_tokens, "stream": stream,
-                           **sampling.to_wire()}
+                           **sampling.to_wire(),
+                           **{k: list(v) if isinstance(v, list | tuple) else v
+                              for k, v in text_fields.items() if v is not None}}
     if prompt_ids is not None:
         msg["prompt_ids"] = list(prompt_ids)
     if text is not None:
@@ -159,36 +163,49 @@ class Client:
                  on_token: Callable[[int], None] | None = None,
                  request_id: RequestId | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None) -> dict[str, Any]:
+                 seed: int | None = None, messages: Sequence[dict[str, str]] | None = None,
+                 stop: Sequence[str] | None = None, ignore_eos: bool | None = None,
+                 on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
         """Generate; returns the final reply (tokens, text, ttft_ms, latency_ms,
-        finish_reason, ...). With stream=True, on_token sees each token as it arrives."""
+        finish_reason, ...). With stream=True, on_token sees each token as it arrives and
+        on_text its text delta (giving on_text streams). messages (instead of prompt_ids
+        or text) go through the model's chat template; a stop string ends the text, left
+        out of it; ignore_eos runs past the model's end ids."""
         sp = _sampling(sampling, dict(temperature=temperature, top_k=top_k, top_p=top_p,
                                       seed=seed))
-        if stream:
-            for token in self.stream(prompt_ids, text, max_new_tokens, sp, stop_ids=stop_ids,
-                                     request_id=request_id):
-                if on_token is not None:
-                    on_token(token)
-            assert self.last_reply is not None
-            return self.last_reply
         rid = self._new_id(request_id)
-        return self._call(_generate_msg(rid, prompt_ids, text, max_new_tokens, sp, stop_ids,
-                                        False))
+        msg = _generate_msg(rid, prompt_ids, text, max_new_tokens, sp, stop_ids,
+                            stream or on_text is not None, messages=messages, stop=stop,
+                            ignore_eos=ignore_eos)
+        if not msg["stream"]:
+            return self._call(msg)
+        for frame in self._stream(msg, frames=True):
+            if on_token is not None:
+                on_token(frame["token"])
+            if on_text is not None:
+                on_text(frame.get("text") or "")
+        assert self.last_reply is not None
+        return self.last_reply
 
     def stream(self, prompt_ids: Sequence[int] | None = None, text: str | None = None,
                max_new_tokens: int = 32, sampling: SamplingParams | None = None, *,
                stop_ids: Sequence[int] | None = None, request_id: RequestId | None = None,
                temperature: float | None = None, top_k: int | None = None,
-               top_p: float | None = None, seed: int | None = None) -> Iterator[int]:
+               top_p: float | None = None, seed: int | None = None,
+               messages: Sequence[dict[str, str]] | None = None,
+               stop: Sequence[str] | None = None,
+               ignore_eos: bool | None = None) -> Iterator[int]:
         """Yield token ids as the server streams them; the final reply is then in
         `last_reply`. Leaving the loop early cancels the request."""
         sp = _sampling(sampling, dict(temperature=temperature, top_k=top_k, top_p=top_p,
                                       seed=seed))
         rid = self._new_id(request_id)
         return self._stream(_generate_msg(rid, prompt_ids, text, max_new_tokens, sp, stop_ids,
-                                          True))
+                                          True, messages=messages, stop=stop,
+                                          ignore_eos=ignore_eos))
 
-    def _stream(self, msg: dict[str, Any]) -> Iterator[int]:
+    def _stream(self, msg: dict[str, Any], frames: bool = False) -> Iterator[Any]:
+        """Token ids (or, with frames, whole token frames: token, index, text)."""
         rid = msg["request_id"]
         self._send(msg)
         done = False
@@ -196,7 +213,7 @@ class Client:
             while True:
                 reply = _check(self._recv(rid))
                 if reply["type"] == "token":
-                    yield reply["token"]
+                    yield reply if frames else reply["token"]
                     continue
                 done = True
                 self.last_reply = reply

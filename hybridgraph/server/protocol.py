@@ -2,15 +2,18 @@
 
 Requests (every one carries `type` and `request_id`; the replies echo `request_id`):
 
-    generate  prompt_ids: [int] | text: str (exactly one), max_new_tokens: int,
-              temperature: float, top_k: int, top_p: float, seed: int | nil,
-              stop_ids: [int] | nil, stream: bool
+    generate  prompt_ids: [int] | text: str | messages: [{role: str, content: str}]
+              (exactly one; messages go through the model's chat template),
+              max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+              seed: int | nil, stop_ids: [int] | nil, stop: [str] | nil (stop strings,
+              left out of the text), ignore_eos: bool, stream: bool
     status    -
     cancel    target: request id of a generate request sent on this same connection
     capture   lengths: [int] (at most MAX_CAPTURE_LENGTHS)   admin: needs --allow-admin
     shutdown  -                                                admin: needs --allow-admin
 
-Replies: `token` {token, index} (streamed, one per token), `result` {tokens, text,
+Replies: `token` {token, index, text} (streamed, one per token; text is the token's
+text delta, whole characters only: the deltas join to the result's text), `result` {tokens, text,
 prompt_len, ttft_ms, latency_ms, queue_ms, finish_reason}, `status` {status},
 `captured` {graphs}, `cancel` {cancelled}, `shutdown` {}, and `error` {code, field, message}.
 
@@ -38,6 +41,7 @@ from typing import Any
 import msgpack
 
 from hybridgraph.request import RequestError, SamplingParams, check_stop_ids
+from hybridgraph.text import validate_stop
 
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME_BYTES = 1 << 20
@@ -177,6 +181,10 @@ class GenerateRequest:
     sampling: SamplingParams = SamplingParams()
     stop_ids: list[int] | None = None
     stream: bool = False
+    # issue 11: chat messages (instead of prompt_ids / text), stop strings, ignore_eos
+    messages: list[dict[str, str]] | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -204,8 +212,8 @@ class ShutdownRequest:
 Request = GenerateRequest | StatusRequest | CaptureRequest | CancelRequest | ShutdownRequest
 
 _FIELDS: dict[str, set[str]] = {
-    "generate": {"prompt_ids", "text", "max_new_tokens", "temperature", "top_k", "top_p",
-                 "seed", "stop_ids", "stream"},
+    "generate": {"prompt_ids", "text", "messages", "max_new_tokens", "temperature", "top_k",
+                 "top_p", "seed", "stop_ids", "stop", "ignore_eos", "stream"},
     "status": set(),
     "capture": {"lengths"},
     "cancel": {"target"},
@@ -247,10 +255,13 @@ def parse_request(msg: dict[str, Any]) -> Request:
         return CaptureRequest(rid, lengths)
     prompt_ids = f.int_list("prompt_ids", lo=0)
     text = f.get("text", str)
-    if (prompt_ids is None) == (text is None):
-        field = "prompt_ids" if prompt_ids is None else "text"
-        raise ProtocolError(MISSING_FIELD if prompt_ids is None else BAD_VALUE,
-                            "give exactly one of 'prompt_ids' and 'text'", field, rid)
+    messages = f.messages("messages")
+    given = [name for name, v in (("prompt_ids", prompt_ids), ("text", text),
+                                  ("messages", messages)) if v is not None]
+    if len(given) != 1:
+        raise ProtocolError(MISSING_FIELD if not given else BAD_VALUE,
+                            "give exactly one of 'prompt_ids', 'text' and 'messages'",
+                            given[1] if given else "prompt_ids", rid)
     if prompt_ids is not None and not prompt_ids:
         raise ProtocolError(BAD_VALUE, "field 'prompt_ids' must not be empty (empty prompt)",
                             "prompt_ids", rid)
@@ -271,9 +282,11 @@ def parse_request(msg: dict[str, Any]) -> Request:
     try:
         sampling = SamplingParams(temperature, top_k, top_p, seed).validate()
         stop_ids = check_stop_ids(stop_ids)
+        stop = validate_stop(f.str_list("stop"))  # the bounds are hybridgraph.text's
     except RequestError as e:
         raise ProtocolError(BAD_VALUE, str(e), e.field, rid) from None
-    return GenerateRequest(rid, prompt_ids, text, max_new, sampling, stop_ids, stream)
+    return GenerateRequest(rid, prompt_ids, text, max_new, sampling, stop_ids, stream,
+                           messages, stop, f.get("ignore_eos", bool, False))
 
 
 class _Fields:
@@ -321,6 +334,36 @@ class _Fields:
             if not lo <= x < 2**63:
                 raise ProtocolError(BAD_VALUE, f"field {name!r}[{i}] = {x} is out of range",
                                     name, self.rid)
+        return v
+
+
+    # issue 11. Wire types only: how many messages a request may carry is the model
+    # layer's bound (model.chat), checked when the request is admitted.
+    def str_list(self, name: str) -> list[str] | None:
+        v = self.msg.get(name)
+        if v is None:
+            return None
+        if not isinstance(v, list) or len(v) > MAX_LIST_LEN:
+            raise ProtocolError(BAD_TYPE, f"field {name!r} must be a list of strings, got "
+                                          f"{_type_name(v)}", name, self.rid)
+        for i, x in enumerate(v):
+            if not isinstance(x, str):
+                raise ProtocolError(BAD_TYPE, f"field {name!r}[{i}] must be a string, got "
+                                              f"{_type_name(x)}", name, self.rid)
+        return v
+
+    def messages(self, name: str) -> list[dict[str, str]] | None:
+        v = self.msg.get(name)
+        if v is None:
+            return None
+        if not isinstance(v, list) or len(v) > MAX_LIST_LEN:
+            raise ProtocolError(BAD_TYPE, f"field {name!r} must be a list of maps, got "
+                                          f"{_type_name(v)}", name, self.rid)
+        for i, m in enumerate(v):
+            if not isinstance(m, dict) or set(m) != {"role", "content"} or \
+                    not all(isinstance(x, str) for x in m.values()):
+                raise ProtocolError(BAD_TYPE, f"field {name!r}[{i}] must be a map of exactly "
+                                              "'role' and 'content', both strings", name, self.rid)
         return v
 
 

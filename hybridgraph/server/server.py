@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hybridgraph.engine import Engine, RequestError
+from hybridgraph.model.chat import chat_prompt_ids
 from hybridgraph.server.connection import Connection, Job, peer_of
 from hybridgraph.server.fair_queue import FairQueue
 from hybridgraph.server.limits import EventLog, Limits
@@ -287,6 +288,8 @@ class Server:
         try:
             if req.prompt_ids is not None:
                 ids = req.prompt_ids
+            elif req.messages is not None:  # issue 11: through the model's chat template
+                ids = await self._render_chat(req.messages)
             else:
                 ids = await self._tokenize(req.text or "")
             self.engine.validate(ids, req.max_new_tokens)
@@ -306,6 +309,18 @@ class Server:
         assert self.loop is not None
         return await self.loop.run_in_executor(self.tokenize_pool, self.engine.tokenizer.encode,
                                                text)
+
+    async def _render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        # Bounded (model.chat's limits, checked first inside) and rendered + encoded off the
+        # loop, like a text prompt.
+        limit = self.limits.max_text_chars(self.engine.max_seq_len)
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > limit:
+            raise RequestError("messages", f"{chars} characters cannot fit the KV cache "
+                                           f"(max_seq_len {self.engine.max_seq_len})")
+        assert self.loop is not None
+        return await self.loop.run_in_executor(self.tokenize_pool, chat_prompt_ids,
+                                               self.engine.tokenizer, messages)
 
     def cancel(self, conn: Connection, target: RequestId) -> bool:
         """Cancel `target`, one of this connection's own requests; False if none is."""
@@ -332,9 +347,9 @@ class Server:
 
     # -------------------------------------------------------- loop-side completions
 
-    def _send_token(self, job: Job, token: int, index: int) -> None:
+    def _send_token(self, job: Job, token: int, index: int, text: str = "") -> None:
         job.conn.send({"type": "token", "request_id": job.req.request_id, "token": token,
-                       "index": index})
+                       "index": index, "text": text})
 
     def _finish(self, job: Job, msg: dict[str, Any]) -> None:
         conn, rid = job.conn, job.req.request_id

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from hybridgraph.engine import Engine
-from hybridgraph.model.gguf import GGUFError, _unpermute, gguf_config, read_gguf
+from hybridgraph.model.gguf import _unpermute, gguf_config
+from hybridgraph.model.gguf_file import GGUFError, read_gguf
 from hybridgraph.model.loader import LoadError, load_model, resolve_source
 
 from .conftest import rel_max_diff
@@ -37,8 +38,9 @@ def hf_reference(smol_path: Path):
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    meta = load_gguf_checkpoint(str(smol_path), return_tensors=False)
-    cfg = {k: v for k, v in meta["config"].items() if not k.startswith("_")}
+    # The shape from our metadata reading (checked on its own above); the weights, their
+    # dequantization and un-permutation all from transformers.
+    cfg = gguf_config(read_gguf(smol_path)).to_hf_dict()
     hf = LlamaForCausalLM(LlamaConfig(**cfg)).float().eval()
     tensors = load_gguf_checkpoint(str(smol_path), return_tensors=True, model_to_load=hf)
     missing, unexpected = hf.load_state_dict(tensors["tensors"], strict=False)
@@ -113,6 +115,33 @@ def test_streamed_text_keeps_multibyte_characters(engine: Engine) -> None:
     streamed = "".join(deltas)
     assert streamed == res.text
     assert "☕" in streamed and "é" in streamed and "\ufffd" not in streamed
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1", "F16", "Q6_K"])
+def test_dequantization_equals_the_gguf_package(kind: str, tmp_path: Path) -> None:
+    import gguf
+
+    from hybridgraph.model.gguf import dequantize
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    w = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32)
+    if kind == "Q6_K":  # the package cannot quantize K-quants: random blocks, real layout
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        raw = np.random.default_rng(1).integers(0, 256, (4, 256 // block * size), np.uint8)
+        raw[:, -2:] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)  # finite scales
+    else:
+        raw = gguf.quants.quantize(w, qtype)
+    writer = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
+    writer.add_tensor("t", raw, raw_shape=raw.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    g = read_gguf(tmp_path / "q.gguf")
+    ours = dequantize(g, g.tensor("t"))
+    assert ours.shape == (4, 256)
+    ref = gguf.quants.dequantize(raw, qtype).reshape(4, 256)
+    assert torch.equal(ours.float(), torch.from_numpy(ref.astype(np.float32)))
 
 
 def test_unpermute_inverts_llama_cpp_permute() -> None:

@@ -22,7 +22,7 @@ from tokenizers import (
     processors,
 )
 
-from hybridgraph.model.gguf import GGUFError, GGUFFile
+from hybridgraph.model.gguf_file import GGUFError, GGUFFile
 
 # llama.cpp token types
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
@@ -63,11 +63,11 @@ def gguf_tokenizer(g: GGUFFile) -> tuple[Tokenizer, dict[str, Any]]:
     """(tokenizer, info) where info has bos_token, eos_token (strings) and add_bos."""
     name = g.path.name
     kind = g.get("tokenizer.ggml.model")
-    tokens = g.array("tokenizer.ggml.tokens")
+    tokens = g.get("tokenizer.ggml.tokens")
     if kind is None or not tokens:
         raise GGUFError(f"{name} has no tokenizer (tokenizer.ggml.model / tokens); "
                         "pass --tokenizer with a tokenizer.json")
-    types = g.array("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    types = g.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
     vocab = {tok: i for i, tok in enumerate(tokens)}
     if len(vocab) != len(tokens):  # duplicate pieces: keep the first id of each
         vocab = {}
@@ -75,14 +75,14 @@ def gguf_tokenizer(g: GGUFFile) -> tuple[Tokenizer, dict[str, Any]]:
             vocab.setdefault(tok, i)
     unk_id = g.get("tokenizer.ggml.unknown_token_id")
     if kind == "gpt2":
-        merges = [tuple(m.split(" ", 1)) for m in g.array("tokenizer.ggml.merges") or []]
+        merges = [tuple(m.split(" ", 1)) for m in g.get("tokenizer.ggml.merges") or []]
         pre = g.get("tokenizer.ggml.pre", "default")
         tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=pre in ("llama-bpe", "llama3")))
         tok.pre_tokenizer = _byte_level_pre(pre, name)
         tok.decoder = decoders.ByteLevel()
         add_bos_default = False
     elif kind == "llama":
-        scores = g.array("tokenizer.ggml.scores") or [0.0] * len(tokens)
+        scores = g.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
         unk = tokens[unk_id] if unk_id is not None else None
         tok = Tokenizer(models.BPE(vocab, _spm_merges(vocab, scores), unk_token=unk,
                                    fuse_unk=True, byte_fallback=True))

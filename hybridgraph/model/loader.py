@@ -18,14 +18,8 @@ from hybridgraph.model.chat import ChatTemplateError, find_chat_template
 from hybridgraph.model.config import PRESETS, ConfigError, ModelConfig, preset
 from hybridgraph.model.embedded import EMBEDDED, EmbeddedModelMissing, embedded_path
 from hybridgraph.model.generation import merge_eos, read_generation_config
-from hybridgraph.model.gguf import (
-    GGUFError,
-    checkpoint_dtype,
-    gguf_config,
-    is_gguf,
-    load_gguf_weights,
-    read_gguf,
-)
+from hybridgraph.model.gguf import checkpoint_dtype, gguf_config, is_gguf, load_gguf_weights
+from hybridgraph.model.gguf_file import GGUFError, read_gguf
 from hybridgraph.model.llama import Transformer
 from hybridgraph.model.tokenizer import HFTokenizer, Tokenizer, TokenizerError, load_tokenizer
 

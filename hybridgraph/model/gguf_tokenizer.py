@@ -17,7 +17,6 @@ from tokenizers import (
     Tokenizer,
     decoders,
     models,
-    normalizers,
     pre_tokenizers,
     processors,
 )
@@ -86,13 +85,12 @@ def gguf_tokenizer(g: GGUFFile) -> tuple[Tokenizer, dict[str, Any]]:
         unk = tokens[unk_id] if unk_id is not None else None
         tok = Tokenizer(models.BPE(vocab, _spm_merges(vocab, scores), unk_token=unk,
                                    fuse_unk=True, byte_fallback=True))
-        if g.get("tokenizer.ggml.add_space_prefix", True):
-            tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
-                                                   normalizers.Replace(" ", "▁")])
-            strip = [decoders.Strip(" ", 1, 0)]
-        else:
-            tok.normalizer = normalizers.Replace(" ", "▁")
-            strip = []
+        # As transformers' LlamaTokenizerFast: spaces become ▁, and one ▁ is prepended to
+        # the text unless it starts with one already.
+        prefix = bool(g.get("tokenizer.ggml.add_space_prefix", True))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="▁", prepend_scheme="first" if prefix else "never", split=False)
+        strip = [decoders.Strip(" ", 1, 0)] if prefix else []
         tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
                                          decoders.Fuse(), *strip])
         add_bos_default = True

@@ -66,6 +66,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from hybridgraph.request import RequestError
 
     engine = Engine.load(args.model, config=EngineConfig.from_args(args, progress=True))
+    if engine.tokenizer.chat_template is None:
+        print("error: this model has no chat template; pass --chat-template (a .jinja file or "
+              "the template text)", file=sys.stderr)
+        return 2
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()

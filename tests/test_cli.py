@@ -143,3 +143,10 @@ def test_bad_model_or_mode_is_a_clean_error(flags: list[str],
         pytest.fail(f"main() raised {type(e).__name__}: {e}")
     assert code != 0
     assert capsys.readouterr().err.startswith("error:")
+
+
+def test_chat_command_without_a_template_is_refused_at_start() -> None:
+    proc = subprocess.run([sys.executable, "-m", "hybridgraph.cli", "chat", "--model", "tiny"],
+                          input="hi\n", capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 2
+    assert "no chat template; pass --chat-template" in proc.stderr

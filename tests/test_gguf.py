@@ -170,23 +170,60 @@ def test_a_truncated_file_is_named(tmp_path: Path, smol_path: Path) -> None:
         read_gguf(cut)
 
 
-def _write_gguf(path: Path, arch: str, tensor_dtype=None) -> None:
+def _write_gguf(path: Path, arch: str, tensor_dtype=None, hidden: int = 8,
+                file_type: int | None = None, rope_freqs: np.ndarray | None = None) -> None:
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(1)
     w.add_context_length(64)
-    w.add_embedding_length(8)
+    w.add_embedding_length(hidden)
     w.add_feed_forward_length(16)
     w.add_head_count(2)
     w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(500000.0)
     w.add_vocab_size(16)
-    data = np.zeros((16, 8), dtype=np.int8 if tensor_dtype is not None else np.float32)
+    if file_type is not None:
+        w.add_file_type(file_type)
+    data = np.zeros((16, hidden), dtype=np.int8 if tensor_dtype is not None else np.float32)
     w.add_tensor("token_embd.weight", data, raw_dtype=tensor_dtype)
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def test_llama31_rope_table_is_accepted_and_others_refused(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from hybridgraph.model.config import ModelConfig
+    from hybridgraph.model.llama import rope_inv_freq
+
+    # head_dim 64, theta 5e5: long wavelengths are slowed 8x, a ramp between (llama.cpp's
+    # rope_freqs holds plain / scaled frequency for each pair).
+    base = ModelConfig(16, 128, 16, 1, 2, 2, rope_theta=500000.0)
+    want = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    table = (rope_inv_freq(base) / rope_inv_freq(replace(base, rope_scaling=want))).numpy()
+    assert table.max() == pytest.approx(8.0) and table.min() == 1.0
+    _write_gguf(tmp_path / "l31.gguf", "llama", hidden=128, rope_freqs=table)
+    assert gguf_config(read_gguf(tmp_path / "l31.gguf")).rope_scaling == want
+    _write_gguf(tmp_path / "odd.gguf", "llama", hidden=128, rope_freqs=table * 1.5)
+    with pytest.raises(GGUFError, match="rope_freqs.weight is not Llama 3.1's RoPE schedule"):
+        gguf_config(read_gguf(tmp_path / "odd.gguf"))
+
+
+@pytest.mark.parametrize("file_type, dtype", [(0, torch.float32), (1, torch.float16),
+                                              (32, torch.bfloat16), (3, None)])
+def test_stored_dtype_follows_the_file_type(tmp_path: Path, file_type: int, dtype) -> None:
+    from hybridgraph.model.loader import auto_dtype, stored_dtype
+
+    path = tmp_path / "f.gguf"
+    _write_gguf(path, "llama", file_type=file_type)
+    assert stored_dtype(str(path)) == dtype
+    assert auto_dtype(str(path), "cpu") == torch.float32  # a CPU computes in float32
 
 
 def test_an_unsupported_architecture_is_named(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     # None: the checkpoint's generation_config.json (greedy, 32 new tokens when it has none)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=None, help="0 keeps every token")
+    p.add_argument("--top-k", type=int, default=None, help="0 or -1 keeps every token")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
 

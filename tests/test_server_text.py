@@ -72,3 +72,19 @@ def test_bad_text_requests_are_named(server: ServerProcess, kwargs, field: str,
             c.generate(max_new_tokens=4, **kwargs)
         assert e.value.field == field and words in e.value.message
         assert c.generate(messages=HI, max_new_tokens=2)["tokens"]  # still serving
+
+
+def test_async_client_streams_text_too(server: ServerProcess) -> None:
+    import asyncio
+
+    from hybridgraph.server.async_client import AsyncClient
+
+    async def go() -> tuple[list[str], dict]:
+        deltas: list[str] = []
+        async with AsyncClient(server.socket_path) as c:
+            reply = await c.generate(messages=HI, max_new_tokens=24, ignore_eos=True,
+                                     on_text=deltas.append)
+        return deltas, reply
+
+    deltas, reply = asyncio.run(go())
+    assert len(deltas) == len(reply["tokens"]) and "".join(deltas) == reply["text"]

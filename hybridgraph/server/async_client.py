@@ -131,10 +131,10 @@ class AsyncClient:
     def _msg(self, prompt_ids: Sequence[int] | None, text: str | None, max_new_tokens: int,
              sampling: SamplingParams | None, fields: dict[str, Any],
              stop_ids: Sequence[int] | None, stream: bool,
-             request_id: RequestId | None) -> dict[str, Any]:
+             request_id: RequestId | None, **text_fields: Any) -> dict[str, Any]:
         rid = next(self._ids) if request_id is None else request_id
         return _generate_msg(rid, prompt_ids, text, max_new_tokens, _sampling(sampling, fields),
-                             stop_ids, stream)
+                             stop_ids, stream, **text_fields)
 
     async def generate(self, prompt_ids: Sequence[int] | None = None, text: str | None = None,
                        max_new_tokens: int = 32, sampling: SamplingParams | None = None, *,
@@ -142,11 +142,16 @@ class AsyncClient:
                        on_token: Callable[[int], None] | None = None,
                        request_id: RequestId | None = None, temperature: float | None = None,
                        top_k: int | None = None, top_p: float | None = None,
-                       seed: int | None = None) -> dict[str, Any]:
+                       seed: int | None = None,
+                       messages: Sequence[dict[str, str]] | None = None,
+                       stop: Sequence[str] | None = None, ignore_eos: bool | None = None,
+                       on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
         """As Client.generate."""
+        stream = stream or on_text is not None
         msg = self._msg(prompt_ids, text, max_new_tokens, sampling,
                         dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
-                        stop_ids, stream, request_id)
+                        stop_ids, stream, request_id, messages=messages, stop=stop,
+                        ignore_eos=ignore_eos)
         if not stream:
             return await self._call(msg)
         rid = msg["request_id"]
@@ -160,6 +165,8 @@ class AsyncClient:
                     return m
                 if on_token is not None:
                     on_token(m["token"])
+                if on_text is not None:
+                    on_text(m.get("text") or "")
         except ServerError:
             done = True
             raise

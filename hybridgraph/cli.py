@@ -26,6 +26,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     EngineConfig.add_args(p)
 
 
+def _add_http_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--http", default=None, metavar="HOST:PORT",
+                   help="also (or only) serve the OpenAI HTTP API here, e.g. 127.0.0.1:8000 "
+                        "(a bare port binds loopback; port 0 picks a free one)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on HTTP routes but /health "
+                        "(default: $HYBRIDGRAPH_API_KEY; neither: no key needed)")
+    p.add_argument("--http-max-body-bytes", type=int, default=1 << 20,
+                   help="refuse larger HTTP request bodies (413)")
+    p.add_argument("--http-max-streams", type=int, default=64,
+                   help="HTTP generate requests in flight at once; more get 429")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id the HTTP API lists and expects (default: the model's name)")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     # None: the checkpoint's generation_config.json (greedy, 32 new tokens when it has none)
     p.add_argument("--max-new-tokens", type=int, default=None)
@@ -151,9 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_text_args(c)
     c.set_defaults(func=cmd_chat)
 
-    s = sub.add_parser("serve", help="serve a model over a Unix socket")
+    s = sub.add_parser("serve", help="serve a model over a Unix socket and/or HTTP")
     _add_model_args(s)
-    s.add_argument("--socket", required=True)
+    s.add_argument("--socket", default=None, help="Unix socket path (MessagePack protocol)")
+    _add_http_args(s)
     add_serve_args(s)
     s.set_defaults(func=cmd_serve)
 

@@ -2,10 +2,13 @@
 
     with ServerProcess("/tmp/hg.sock", model="tiny", extra=["--device", "cpu"]) as srv:
         Client(srv.socket_path).generate(...)
+    with ServerProcess(None, http="127.0.0.1:0") as srv:   # srv.http_url: the bound address
+        ...
 """
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -15,11 +18,14 @@ from collections.abc import Sequence
 
 
 class ServerProcess:
-    def __init__(self, socket_path: str, model: str = "tiny", extra: Sequence[str] = (),
-                 ready_timeout_s: float = 300.0, env: dict[str, str] | None = None) -> None:
+    def __init__(self, socket_path: str | None, model: str = "tiny", extra: Sequence[str] = (),
+                 ready_timeout_s: float = 300.0, env: dict[str, str] | None = None,
+                 http: str | None = None) -> None:
         self.socket_path = socket_path
+        self.http_url: str | None = None  # from the ready line, once ready
         self.cmd = [sys.executable, "-m", "hybridgraph.cli", "serve", "--model", model,
-                    "--socket", socket_path, *extra]
+                    *(["--socket", socket_path] if socket_path is not None else []),
+                    *(["--http", http] if http is not None else []), *extra]
         self.ready_timeout_s = ready_timeout_s
         self.env = env
         self.lines: list[str] = []
@@ -47,7 +53,9 @@ class ServerProcess:
         assert self.proc is not None and self.proc.stderr is not None
         for line in self.proc.stderr:
             self.lines.append(line)
-            if "ready" in line and self.socket_path in line:
+            if "ready: " in line and (self.socket_path is None or self.socket_path in line):
+                url = re.search(r"http://\S+", line)
+                self.http_url = url.group(0) if url else None
                 self._ready.set()
 
     def log(self) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ from hybridgraph.model.chat import chat_prompt_ids
 from hybridgraph.server.connection import Connection, Job, peer_of
 from hybridgraph.server.fair_queue import FairQueue
 from hybridgraph.server.limits import EventLog, Limits
+from hybridgraph.server.metrics import Metrics
 from hybridgraph.server.protocol import (
     ADMIN_TYPES,
     BAD_TYPE,
@@ -57,6 +59,7 @@ from hybridgraph.server.protocol import (
     parse_request,
 )
 from hybridgraph.server.sockets import ServeError, bind_socket, check_socket_path
+from hybridgraph.server.submit import Front, RequestStream
 from hybridgraph.server.worker import Worker, wire_field
 
 log = logging.getLogger("hybridgraph.server")
@@ -67,12 +70,18 @@ STRIKES = {MALFORMED, MISSING_FIELD, UNKNOWN_FIELD, BAD_TYPE, UNKNOWN_TYPE, FORB
 
 
 class Server:
-    def __init__(self, engine: Engine, socket_path: str, limits: Limits | None = None) -> None:
-        self.engine, self.path = engine, socket_path
+    def __init__(self, engine: Engine, socket_path: str | None,
+                 limits: Limits | None = None) -> None:
+        self.engine, self.path = engine, socket_path  # no path: other fronts only
         self.limits = limits or Limits()
         self.jobs: FairQueue[Job] = FairQueue()
         self.peer_jobs: dict[Hashable, int] = {}
         self.conns: set[Connection] = set()
+        self.streams: set[RequestStream] = set()  # requests other fronts submitted
+        self.fronts: list[Front] = []  # e.g. HTTP: started before ready, stopped after drain
+        self.metrics = Metrics()
+        self.metrics.watch(self.jobs.qsize, self._in_flight,
+                           lambda: self.engine.stats().get("graphs"))
         self.stopping = False
         self.t_start = time.time()
         self.counts = {"requests_cancelled": 0, "requests_failed": 0, "frames_refused": 0,
@@ -91,27 +100,32 @@ class Server:
     async def run(self) -> int:
         self.loop, self.done = asyncio.get_running_loop(), asyncio.Event()
         self.loop.set_exception_handler(self._loop_error)
-        sock = bind_socket(self.path)
-        st = os.stat(self.path)
-        self.inode = (st.st_dev, st.st_ino)
-        self.listener = await asyncio.start_unix_server(self._serve_conn, sock=sock)
+        if self.path is not None:
+            sock = bind_socket(self.path)
+            st = os.stat(self.path)
+            self.inode = (st.st_dev, st.st_ino)
+            self.listener = await asyncio.start_unix_server(self._serve_conn, sock=sock)
+        for front in self.fronts:
+            await front.start()
         try:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.loop.add_signal_handler(sig, self.begin_shutdown, sig.name)
         except (RuntimeError, ValueError):  # not the main thread (an in-process test server)
             pass
         sweeper = self.loop.create_task(self._check_deadlines())
-        self.worker = Worker(self.engine, self.jobs, self.loop, self._finish, self._send_token)
+        self.worker = Worker(self.engine, self.jobs, self.loop, self._finish, self._send_token,
+                             observe=lambda res: self.metrics.tokens(res.token_ms))
         threading.Thread(target=self.worker.run, name="hybridgraph-engine", daemon=True).start()
         stats = self.engine.stats()
+        where = ([self.path] if self.path is not None else []) + [f.where for f in self.fronts]
         log.info("ready: serving %s (mode %s on %s, %d graphs) on %s", stats["model"],
                  stats["mode"], stats["device"], stats.get("graphs", {}).get("held", 0),
-                 self.path)
+                 " and ".join(where))
         self.ready.set()
         await self.done.wait()
         sweeper.cancel()
         self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
-        log.info("stopped; removed %s", self.path)
+        log.info("stopped" + (f"; removed {self.path}" if self.path is not None else ""))
         return 0
 
     def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -141,20 +155,25 @@ class Server:
         self.loop.create_task(self._shutdown())
 
     async def _shutdown(self) -> None:
-        assert self.listener is not None and self.loop is not None and self.done is not None
-        self.listener.close()
-        self._unlink()  # a new server may bind the path while this one drains
+        assert self.loop is not None and self.done is not None
+        if self.listener is not None:
+            self.listener.close()
+            self._unlink()  # a new server may bind the path while this one drains
         deadline = self.loop.time() + self.limits.drain_s
         while self._in_flight() and self.loop.time() < deadline:
             await asyncio.sleep(0.01)
         for conn in self.conns:
             for job in conn.jobs.values():
                 job.cancelled = True
+        for stream in self.streams:
+            stream.cancel()
         # Cancelled jobs end at their next token; queued ones are skipped by the worker.
         deadline = self.loop.time() + 30.0
         while self._in_flight() and self.loop.time() < deadline:
             await asyncio.sleep(0.01)
         self.jobs.close()
+        for front in self.fronts:
+            await front.stop()
         conns = list(self.conns)
         for conn in conns:
             conn.writer.close()  # flushes what is buffered first...
@@ -167,6 +186,8 @@ class Server:
         self.done.set()
 
     def _unlink(self) -> None:
+        if self.path is None:
+            return
         try:
             st = os.stat(self.path)
             if (st.st_dev, st.st_ino) == self.inode:  # never remove another server's socket
@@ -175,7 +196,7 @@ class Server:
             pass
 
     def _in_flight(self) -> int:
-        return sum(len(c.jobs) for c in self.conns)
+        return sum(len(c.jobs) for c in self.conns) + sum(len(s.jobs) for s in self.streams)
 
     # ------------------------------------------------------------------- connections
 
@@ -218,6 +239,7 @@ class Server:
 
     def _refuse(self, conn: Connection, e: ProtocolError) -> None:
         self.counts["frames_refused"] += 1
+        self.metrics.refused("socket")
         conn.send(e.reply())
         if e.code in STRIKES:
             conn.refused += 1
@@ -262,7 +284,24 @@ class Server:
             self.peer_jobs[conn.peer] = self.peer_jobs.get(conn.peer, 0) + 1
             self.jobs.put(conn.peer, job)
 
-    def _check_room(self, conn: Connection, rid: RequestId) -> None:
+    async def submit(self, req: GenerateRequest, stream: RequestStream,
+                     t_recv: float | None = None) -> Job:
+        """Queue a generate request from another front (HTTP), admitted and bounded as a
+        socket request is, in the fair queue under stream.peer; ProtocolError if refused.
+        Its replies go to stream.send, on the loop."""
+        t_recv = t_recv or time.perf_counter()
+        rid = req.request_id
+        self._check_room(stream, rid)
+        prompt = await self._admit(req)
+        self._check_room(stream, rid)  # again: the loop ran other clients meanwhile
+        job = Job(req, stream, prompt, t_recv)
+        stream.jobs[rid] = job
+        self.peer_jobs[stream.peer] = self.peer_jobs.get(stream.peer, 0) + 1
+        self.streams.add(stream)
+        self.jobs.put(stream.peer, job)
+        return job
+
+    def _check_room(self, conn: Connection | RequestStream, rid: RequestId) -> None:
         lim = self.limits
         if self.stopping:
             raise ProtocolError(SHUTTING_DOWN, "the server is shutting down", None, rid)
@@ -340,6 +379,7 @@ class Server:
             else None,
             connections=sum(1 for c in self.conns if c.open),
             uptime_s=round(time.time() - self.t_start, 3), pid=os.getpid(), socket=self.path,
+            fronts=[f.where for f in self.fronts],
             max_frame_bytes=self.limits.max_frame_bytes, stopping=self.stopping,
             allow_admin=self.limits.allow_admin, events=dict(self.events.totals),
             **self.counts)
@@ -353,37 +393,64 @@ class Server:
 
     def _finish(self, job: Job, msg: dict[str, Any]) -> None:
         conn, rid = job.conn, job.req.request_id
+        front = "http" if isinstance(conn, RequestStream) else "socket"
+        latency_ms = (time.perf_counter() - job.t_recv) * 1e3
         if msg["type"] == "result":
-            msg["latency_ms"] = (time.perf_counter() - job.t_recv) * 1e3
+            msg["latency_ms"] = latency_ms
             if msg["finish_reason"] == "cancelled":
                 self.counts["requests_cancelled"] += 1
+            self.metrics.finished(front, msg["finish_reason"], msg["ttft_ms"], latency_ms)
         elif msg["type"] == "error":
             self.counts["requests_failed"] += 1
-        conn.send(msg)
+            if isinstance(job.req, GenerateRequest):
+                self.metrics.finished(front, None, float("nan"), latency_ms)
         if conn.jobs.get(rid) is job:
-            del conn.jobs[rid]
+            del conn.jobs[rid]  # before send: a front may count its slot free at once
             n = self.peer_jobs.get(conn.peer, 1) - 1
             if n > 0:
                 self.peer_jobs[conn.peer] = n
             else:
                 self.peer_jobs.pop(conn.peer, None)
+        conn.send(msg)
         conn.last_active = time.monotonic()
         if not conn.open and not conn.jobs:
-            self.conns.discard(conn)
+            self.conns.discard(conn)  # type: ignore[arg-type]
+            self.streams.discard(conn)  # type: ignore[arg-type]
 
 
 def serve_main(args: argparse.Namespace) -> int:
     """`hybridgraph serve`: load, capture ahead (with a progress bar), serve until stopped."""
+    http_spec = getattr(args, "http", None)
+    if args.socket is None and http_spec is None:
+        print("error: give --socket PATH, --http HOST:PORT, or both", file=sys.stderr)
+        return 1
+    http_sock = None
     try:
         limits = Limits.from_args(args)
-        check_socket_path(args.socket)
+        if args.socket is not None:
+            check_socket_path(args.socket)
+        if http_spec is not None:
+            from hybridgraph.server.http import bind_tcp, parse_address
+
+            http_sock = bind_tcp(*parse_address(http_spec))  # a busy port fails before the load
     except (ServeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     from hybridgraph.engine_config import EngineConfig
+    from hybridgraph.server.starting import StartingResponder
 
-    engine = Engine.load(args.model, config=EngineConfig.from_args(args, progress=True))
+    # The HTTP port answers 503 "starting" while the model loads.
+    with StartingResponder(http_sock) if http_sock is not None else contextlib.nullcontext():
+        engine = Engine.load(args.model, config=EngineConfig.from_args(args, progress=True))
     server = Server(engine, args.socket, limits)
+    if http_sock is not None:
+        from hybridgraph.server.http import http_front
+
+        try:
+            server.fronts.append(http_front(server, args, http_sock))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     try:
         return asyncio.run(server.run())
     except ServeError as e:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hybridgraph.engine import Engine, RequestError
+from hybridgraph.engine import Engine, GenerationResult, RequestError
 from hybridgraph.server.connection import Job
 from hybridgraph.server.fair_queue import FairQueue
 from hybridgraph.server.protocol import (
@@ -34,9 +34,11 @@ IDLE_CAPTURE_BUDGET_S = 0.05  # short, so a request arriving mid-capture waits l
 class Worker:
     def __init__(self, engine: Engine, jobs: FairQueue[Job], loop: asyncio.AbstractEventLoop,
                  finish: Callable[[Job, dict[str, Any]], None],
-                 send_token: Callable[[Job, int, int], None]) -> None:
+                 send_token: Callable[[Job, int, int], None],
+                 observe: Callable[[GenerationResult], None] | None = None) -> None:
         self.engine, self.jobs, self.loop = engine, jobs, loop
         self.finish, self.send_token = finish, send_token
+        self.observe = observe  # metrics: sees each finished generation, on this thread
         self.current: Job | None = None
 
     def run(self) -> None:
@@ -94,6 +96,8 @@ class Worker:
                                        on_text=on_token if req.stream else None)
         except RequestError as e:
             return error_reply(rid, BAD_VALUE, str(e), wire_field(req, e.field))
+        if self.observe is not None:
+            self.observe(res)
         return self._result(job, res.tokens, res.finish_reason, res.ttft_ms, res.text)
 
     def _result(self, job: Job, tokens: list[int], finish: str,

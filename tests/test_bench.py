@@ -89,7 +89,7 @@ def test_tables_cover_what_was_asked(quick_run: tuple[Path, str, float]) -> None
     assert {r["system"] for r in peers} == {"hf-eager", "hf-static"}
     assert all(float(r["logit_rel_err"]) < 1e-4 for r in peers)   # same weights, float32
     _, ipc = read_csv(out / "ipc.csv")
-    assert "ipc" in {r["metric"] for r in ipc}
+    assert {"ipc", "socket_added", "http_ipc", "http_added"} <= {r["metric"] for r in ipc}
 
 
 def test_plots_and_summary(quick_run: tuple[Path, str, float]) -> None:

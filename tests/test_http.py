@@ -333,3 +333,17 @@ def test_sigterm_drains_http_streams_and_health_says_so(engine) -> None:
         assert b"data: [DONE]\n\n" in rest
         assert b'"finish_reason":"length"' in rest  # drained to the end, not cancelled
         assert srv.proc.wait(30) == 0
+
+
+def test_the_bench_measures_both_fronts(server) -> None:
+    import math
+
+    from hybridgraph.bench.ipc import measure_http, measure_ipc
+
+    r = {**measure_ipc(server.socket_path, n=5, warmup=1),
+         **measure_http(server.http_url, n=5, warmup=1, api_key=KEY)}
+    for what in ("ipc", "socket_added", "http_client", "http_server", "http_ipc", "http_added"):
+        for stat in ("median", "p99"):
+            assert math.isfinite(r[f"{what}_{stat}_ms"]), (what, r)
+    assert r["http_added_median_ms"] > 0 and r["socket_added_median_ms"] > 0
+    assert r["http_client_median_ms"] > r["http_server_median_ms"]

@@ -1,4 +1,4 @@
-"""IPC overhead of the graph server: client-observed minus server-side latency.
+"""IPC overhead of the graph server's fronts: client-observed minus server-side latency.
 
 Each request generates one token, so the engine's share is small and steady; the
 difference per request is what the socket, the framing and the two processes' wake-ups
@@ -6,13 +6,22 @@ cost. The server stamps `latency_ms` from the moment a request's frame is fully 
 just before its reply is encoded, so the difference holds: the client's encode and send,
 the kernel's hand-over both ways, the server's read and decode, the reply's encode and
 write, and the client's read and decode.
+
+Both fronts are also measured against the engine's own time (`*_added`: client-observed
+minus the engine's TTFT, which for a one-token request is all the engine does): that
+counts everything the front adds, the hand-over to the engine thread and back included.
+The HTTP front is measured like the socket, over one keep-alive connection with a minimal
+client (http.client, JSON), reading the server's times from response headers.
 """
 
 from __future__ import annotations
 
+import http.client
+import json
 import time
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from hybridgraph.server.client import Client
 
@@ -35,6 +44,7 @@ def measure_ipc(socket_path: str, n: int = 1000, warmup: int = 50) -> dict[str, 
     server-side latency and their per-request difference (the IPC overhead)."""
     client_ms: list[float] = []
     server_ms: list[float] = []
+    engine_ms: list[float] = []
     with Client(socket_path) as client:
         for i in range(warmup + n):
             t0 = time.perf_counter()
@@ -43,10 +53,54 @@ def measure_ipc(socket_path: str, n: int = 1000, warmup: int = 50) -> dict[str, 
             if i >= warmup:
                 client_ms.append(elapsed)
                 server_ms.append(float(reply["latency_ms"]))
-    ipc_ms = [c - s for c, s in zip(client_ms, server_ms, strict=True)]
-    return {
-        "n": n,
-        "client_median_ms": percentile(client_ms, 50), "client_p99_ms": percentile(client_ms, 99),
-        "server_median_ms": percentile(server_ms, 50), "server_p99_ms": percentile(server_ms, 99),
-        "ipc_median_ms": percentile(ipc_ms, 50), "ipc_p99_ms": percentile(ipc_ms, 99),
-    }
+                engine_ms.append(float(reply["engine_ttft_ms"]))
+    return {"n": n, **_summary("", client_ms, server_ms, engine_ms, "ipc", "socket_added")}
+
+
+def measure_http(url: str, n: int = 1000, warmup: int = 50,
+                 api_key: str | None = None) -> dict[str, Any]:
+    """The same one-token requests through the HTTP front at `url` (http://host:port):
+    http_client, http_server, http_ipc (client - server) and http_added (client - engine)."""
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    headers = {"content-type": "application/json"}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    conn.request("GET", "/v1/models", headers=headers)
+    reply = conn.getresponse()
+    model = json.loads(reply.read())["data"][0]["id"]
+    body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": 1, "temperature": 0,
+                       "seed": 0})
+    client_ms: list[float] = []
+    server_ms: list[float] = []
+    engine_ms: list[float] = []
+    try:
+        for i in range(warmup + n):
+            t0 = time.perf_counter()
+            conn.request("POST", "/v1/completions", body, headers)
+            reply = conn.getresponse()
+            out = json.loads(reply.read())  # the client's decode counts, as msgpack's does
+            elapsed = (time.perf_counter() - t0) * 1e3
+            if reply.status != 200:
+                raise RuntimeError(f"HTTP {reply.status}: {out}")
+            if i >= warmup:
+                client_ms.append(elapsed)
+                server_ms.append(float(reply.getheader("x-hybridgraph-latency-ms", "nan")))
+                engine_ms.append(float(reply.getheader("x-hybridgraph-engine-ttft-ms", "nan")))
+    finally:
+        conn.close()
+    return {"n": n, **_summary("http_", client_ms, server_ms, engine_ms, "http_ipc",
+                               "http_added")}
+
+
+def _summary(prefix: str, client_ms: list[float], server_ms: list[float],
+             engine_ms: list[float], ipc: str, added: str) -> dict[str, float]:
+    """Median and P99 of each latency and of the per-request differences."""
+    series = {f"{prefix}client": client_ms, f"{prefix}server": server_ms,
+              ipc: [c - s for c, s in zip(client_ms, server_ms, strict=True)],
+              added: [c - e for c, e in zip(client_ms, engine_ms, strict=True)]}
+    out: dict[str, float] = {}
+    for name, xs in series.items():
+        out[f"{name}_median_ms"] = percentile(xs, 50)
+        out[f"{name}_p99_ms"] = percentile(xs, 99)
+    return out

@@ -23,7 +23,7 @@ def _server_args(cfg: BenchConfig) -> list[str]:
 
 def ipc_suite(cfg: BenchConfig) -> list[Table]:
     try:
-        from hybridgraph.bench.ipc import measure_ipc
+        from hybridgraph.bench.ipc import measure_http, measure_ipc
         from hybridgraph.server.launch import ServerProcess
     except ImportError as e:
         raise SuiteUnavailable(f"the server or hybridgraph.bench.ipc is not available ({e})") \
@@ -32,10 +32,13 @@ def ipc_suite(cfg: BenchConfig) -> list[Table]:
     with tempfile.TemporaryDirectory(prefix="hg-bench-") as tmp:
         sock = os.path.join(tmp, "server.sock")
         # A 7B server captures its graphs before it says ready: allow it the time.
+        # Both fronts on one server: the socket's numbers, then HTTP's, same engine.
         with ServerProcess(sock, model=cfg.model, extra=_server_args(cfg),
-                           ready_timeout_s=900.0) as srv:
+                           ready_timeout_s=900.0, http="127.0.0.1:0") as srv:
             try:
                 r: dict[str, Any] = dict(measure_ipc(srv.socket_path, cfg.ipc_requests))
+                assert srv.http_url is not None, "the server did not report its HTTP address"
+                r.update(measure_http(srv.http_url, cfg.ipc_requests))
             except Exception as e:  # the server's log explains more than the client's error
                 # A failed measurement is a failure (FAILED in the summary), not a skip.
                 raise RuntimeError(f"measure_ipc failed: {type(e).__name__}: {e}\n"
@@ -48,5 +51,7 @@ def ipc_suite(cfg: BenchConfig) -> list[Table]:
     for what in dict.fromkeys(k.rsplit("_", 2)[0] for k in r if k.endswith("_median_ms")):
         t.add(what, float(r.get(f"{what}_median_ms", math.nan)),
               float(r.get(f"{what}_p99_ms", math.nan)))
-    t.notes.append("ipc = client-observed latency - server-side latency, per request.")
+    t.notes.append("ipc = client-observed latency - server-side latency, per request; "
+                   "*_added = client-observed latency - the engine's own time (its TTFT), "
+                   "per request. http_* go through the OpenAI HTTP front (keep-alive, JSON).")
     return [t]

@@ -37,11 +37,7 @@ class ResultEvent:
     ttft_ms: float       # submit -> first token, queueing included
     latency_ms: float    # submit -> result
     queue_ms: float      # submit -> the worker took it
-
-    @property
-    def engine_ms(self) -> float:
-        """Time the engine worker spent on the request (latency less queueing)."""
-        return self.latency_ms - self.queue_ms
+    engine_ttft_ms: float  # inside the engine: prompt on the host -> first token on the host
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +86,8 @@ class RequestStream:
         if kind == "result":
             event: Event = ResultEvent(msg["tokens"], msg["text"], msg["prompt_len"],
                                        msg["finish_reason"], msg["ttft_ms"],
-                                       msg["latency_ms"], msg["queue_ms"])
+                                       msg["latency_ms"], msg["queue_ms"],
+                                       msg["engine_ttft_ms"])
         else:
             event = ErrorEvent(msg.get("code", "internal"), msg.get("message", ""),
                                msg.get("field"))

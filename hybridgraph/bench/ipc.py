@@ -11,13 +11,13 @@ Both fronts are also measured against the engine's own time (`*_added`: client-o
 minus the engine's TTFT, which for a one-token request is all the engine does): that
 counts everything the front adds, the hand-over to the engine thread and back included.
 The HTTP front is measured like the socket, over one keep-alive connection with a minimal
-client (http.client, JSON), reading the server's times from response headers.
+client (raw HTTP/1.1, JSON), reading the server's times from response headers.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
+import socket
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -62,35 +62,70 @@ def measure_http(url: str, n: int = 1000, warmup: int = 50,
     """The same one-token requests through the HTTP front at `url` (http://host:port):
     http_client, http_server, http_ipc (client - server) and http_added (client - engine)."""
     u = urlsplit(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
-    headers = {"content-type": "application/json"}
-    if api_key:
-        headers["authorization"] = f"Bearer {api_key}"
-    conn.request("GET", "/v1/models", headers=headers)
-    reply = conn.getresponse()
-    model = json.loads(reply.read())["data"][0]["id"]
-    body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": 1, "temperature": 0,
-                       "seed": 0})
+    auth = f"authorization: Bearer {api_key}\r\n".encode() if api_key else b""
     client_ms: list[float] = []
     server_ms: list[float] = []
     engine_ms: list[float] = []
-    try:
+    with _HttpConnection(u.hostname or "127.0.0.1", u.port or 80, auth) as conn:
+        _, _, models = conn.request(b"GET", b"/v1/models", b"")
+        model = json.loads(models)["data"][0]["id"]
+        body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": 1,
+                           "temperature": 0, "seed": 0}).encode()
         for i in range(warmup + n):
             t0 = time.perf_counter()
-            conn.request("POST", "/v1/completions", body, headers)
-            reply = conn.getresponse()
-            out = json.loads(reply.read())  # the client's decode counts, as msgpack's does
+            status, headers, reply = conn.request(b"POST", b"/v1/completions", body)
+            json.loads(reply)  # the client's decode counts, as msgpack's does
             elapsed = (time.perf_counter() - t0) * 1e3
-            if reply.status != 200:
-                raise RuntimeError(f"HTTP {reply.status}: {out}")
+            if status != 200:
+                raise RuntimeError(f"HTTP {status}: {reply[:500]!r}")
             if i >= warmup:
                 client_ms.append(elapsed)
-                server_ms.append(float(reply.getheader("x-hybridgraph-latency-ms", "nan")))
-                engine_ms.append(float(reply.getheader("x-hybridgraph-engine-ttft-ms", "nan")))
-    finally:
-        conn.close()
+                server_ms.append(float(headers.get(b"x-hybridgraph-latency-ms", b"nan")))
+                engine_ms.append(float(headers.get(b"x-hybridgraph-engine-ttft-ms", b"nan")))
     return {"n": n, **_summary("http_", client_ms, server_ms, engine_ms, "http_ipc",
                                "http_added")}
+
+
+class _HttpConnection:
+    """A minimal keep-alive HTTP/1.1 client (Content-Length bodies only): what the front
+    adds must not hide behind a client library's own parsing, as the socket's client is
+    a thin one too."""
+
+    def __init__(self, host: str, port: int, extra_headers: bytes) -> None:
+        self.sock = socket.create_connection((host, port), timeout=60)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.head = b"host: " + host.encode() + b"\r\n" + extra_headers
+        self.buf = b""
+
+    def __enter__(self) -> _HttpConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def request(self, method: bytes, path: bytes, body: bytes
+                ) -> tuple[int, dict[bytes, bytes], bytes]:
+        self.sock.sendall(method + b" " + path + b" HTTP/1.1\r\n" + self.head +
+                          b"content-type: application/json\r\ncontent-length: " +
+                          str(len(body)).encode() + b"\r\n\r\n" + body)
+        while b"\r\n\r\n" not in self.buf:
+            self._recv()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.strip().lower(): v.strip()
+                   for k, _, v in (line.partition(b":") for line in lines[1:])}
+        size = int(headers[b"content-length"])
+        while len(self.buf) < size:
+            self._recv()
+        reply, self.buf = self.buf[:size], self.buf[size:]
+        return status, headers, reply
+
+    def _recv(self) -> None:
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        self.buf += chunk
 
 
 def _summary(prefix: str, client_ms: list[float], server_ms: list[float],

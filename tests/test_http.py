@@ -176,6 +176,8 @@ def test_metrics_parse_and_move(server, client) -> None:
     before = scrape(server)
     client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0)
     call(server, "POST", "/v1/completions", b"{not json")
+    with Client(server.socket_path, timeout=60) as c:  # the socket's requests count too
+        c.generate(prompt_ids=PROMPT, max_new_tokens=3)
     after = scrape(server)
 
     def moved(name: str, **labels: str) -> float:
@@ -185,7 +187,10 @@ def test_metrics_parse_and_move(server, client) -> None:
     assert moved("hybridgraph_requests_total", front="http", outcome="length") == 1
     assert moved("hybridgraph_requests_total", front="http", outcome="refused") == 1
     assert moved("hybridgraph_ttft_seconds_count", front="http") == 1
-    assert moved("hybridgraph_inter_token_seconds_count") == 2
+    assert moved("hybridgraph_requests_total", front="socket", outcome="length") + \
+        moved("hybridgraph_requests_total", front="socket", outcome="stop") == 1
+    assert moved("hybridgraph_ttft_seconds_count", front="socket") == 1
+    assert moved("hybridgraph_inter_token_seconds_count") >= 2
     for name in ("hybridgraph_queue_depth", "hybridgraph_graph_hits_total",
                  "hybridgraph_graph_fallbacks_total", "hybridgraph_graph_captures_total",
                  "hybridgraph_graph_bytes_held"):

@@ -316,6 +316,24 @@ def test_concurrent_streams_are_bounded_and_a_dropped_client_frees_its_slot(
     assert freed_s < 10, freed_s
 
 
+def test_a_client_gone_before_its_json_reply_cancels_too(server, engine) -> None:
+    before = scrape(server)
+    u = urlsplit(server.http_url)
+    body = completion(max_tokens=LONG, stop_token_ids=[])
+    with socket.create_connection((u.hostname, u.port), timeout=60) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
+                  b"application/json\r\nauthorization: Bearer " + KEY.encode() +
+                  b"\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 30  # until the server has it in flight
+        while scrape(server)[("hybridgraph_in_flight", ())] < 1:
+            assert time.monotonic() < deadline
+    k = ("hybridgraph_requests_total", (("front", "http"), ("outcome", "cancelled")))
+    while scrape(server)[k] == before[k]:
+        assert time.monotonic() < deadline, "the request ran on without its client"
+        time.sleep(0.02)
+    served(server, engine)
+
+
 def test_sigterm_drains_http_streams_and_health_says_so(engine) -> None:
     with ServerProcess(None, "tiny", ["--device", "cpu", "--drain-s", "20"],
                        http="127.0.0.1:0") as srv:

@@ -32,13 +32,15 @@ MAX_STREAMS = 2
 PROMPT = [1, 72, 101, 108, 108, 111]
 N_NEW = 24
 LONG = 1900  # tokens: a stream that would run for seconds unless cancelled
+TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
+CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
     d = tempfile.mkdtemp(prefix="hg", dir="/tmp")
     extra = ["--device", "cpu", "--api-key", KEY, "--http-max-body-bytes", str(MAX_BODY),
-             "--http-max-streams", str(MAX_STREAMS)]
+             "--http-max-streams", str(MAX_STREAMS), "--chat-template", TEMPLATE]
     try:
         with ServerProcess(os.path.join(d, "s.sock"), "tiny", extra,
                            http="127.0.0.1:0") as srv:
@@ -52,7 +54,7 @@ def server() -> Iterator[ServerProcess]:
 def engine():
     from hybridgraph.engine import Engine
 
-    return Engine.load("tiny", device="cpu")
+    return Engine.load("tiny", device="cpu", chat_template=TEMPLATE)
 
 
 @pytest.fixture(scope="module")
@@ -263,11 +265,48 @@ def test_an_oversized_body_gets_413(server, engine) -> None:
     served(server, engine)
 
 
-def test_chat_without_a_template_says_why(server) -> None:
-    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
-    got, _, reply = call(server, "POST", "/v1/chat/completions", body.encode())
-    assert got == 501
-    assert "chat template" in json.loads(reply)["error"]["message"]
+def test_chat_goes_through_the_template_and_matches_the_engine(server, engine, client) -> None:
+    from hybridgraph.model.chat import chat_prompt_ids
+
+    ids = chat_prompt_ids(engine.tokenizer, CHAT)
+    want = engine.generate(ids, N_NEW)
+    r = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=N_NEW,
+                                       temperature=0)
+    assert r.choices[0].model_extra["token_ids"] == want.tokens
+    assert r.choices[0].message.content == engine.tokenizer.decode(want.tokens)
+    assert r.choices[0].message.role == "assistant"
+    assert r.usage.prompt_tokens == len(ids)
+    chunks = list(client.chat.completions.create(model="tiny", messages=CHAT,
+                                                 max_tokens=N_NEW, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == \
+        engine.tokenizer.decode(want.tokens)
+    assert chunks[-1].choices[0].finish_reason == want.finish_reason
+
+
+def test_stop_strings_end_the_text_as_the_engine_does(server, engine, client) -> None:
+    full = engine.tokenizer.decode(engine.generate(PROMPT, N_NEW, ignore_eos=True).tokens)
+    stop = full[len(full) // 2]  # some character the text holds
+    want = engine.generate(PROMPT, N_NEW, stop=[stop], ignore_eos=True)
+    assert want.finish_reason == "stop"
+    kw = {"model": "tiny", "prompt": PROMPT, "max_tokens": N_NEW, "temperature": 0,
+          "stop": stop, "extra_body": {"ignore_eos": True}}
+    r = client.completions.create(**kw)
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (want.text, "stop")
+    assert r.choices[0].model_extra["token_ids"] == want.tokens
+    streamed = list(client.completions.create(**kw, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == want.text
+    assert stop not in want.text
+
+
+def test_a_bad_chat_names_the_field(server) -> None:
+    for messages, words in [([], "messages"), ([{"role": "robot", "content": "x"}], "role"),
+                            ([{"role": "user", "content": "x", "name": "n"}], "messages.0.name")]:
+        body = json.dumps({"model": "tiny", "messages": messages}).encode()
+        got, _, reply = call(server, "POST", "/v1/chat/completions", body)
+        err = json.loads(reply)["error"]
+        assert got == 400 and err["param"].startswith("messages"), err
+        assert words in err["message"], err
 
 
 # -------------------------------------------------------------- streams and their slots

@@ -74,7 +74,7 @@ def test_chat_messages() -> None:
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text",
                                                                      "text": "b"}]}]})
     r = parse(ChatRequest, raw.encode())
-    assert [m.text() for m in r.messages] == ["be brief", "ab"]
+    assert [m.as_template_input()["content"] for m in r.messages] == ["be brief", "ab"]
     assert r.max_new_tokens() == (None, "max_tokens")
     e = refused(json.dumps({"model": "m", "messages": []}).encode(), ChatRequest)
     assert e.param == "messages"

@@ -37,7 +37,7 @@ from hybridgraph.server.protocol import (
     ProtocolError,
 )
 from hybridgraph.server.submit import ErrorEvent, RequestStream, ResultEvent, TokenEvent
-from hybridgraph.server.textdelta import TextDeltas
+from hybridgraph.text import validate_stop
 
 if TYPE_CHECKING:
     from hybridgraph.server.server import Server
@@ -87,9 +87,17 @@ class Completions:
     async def chat(self, request: Request, body: bytes, t_recv: float) -> ASGIApp:
         req: ChatRequest = _checked(ChatRequest, body)
         self._check_model(req.model)
-        raise HttpError(501, "chat completions need a chat template, and this build has none "
-                             "yet (hybridgraph.model.chat); use /v1/completions with the "
-                             "prompt formatted by the client", "messages", "not_implemented")
+        # Rendered (by the model's template, off the loop) before submitting, to size the
+        # default max_tokens: the room the prompt leaves in the cache.
+        try:
+            ids = await self.server.render_chat([m.as_template_input() for m in req.messages])
+        except RequestError as e:
+            raise HttpError(400, str(e), "messages", "invalid_value") from None
+        max_new, field = req.max_new_tokens()
+        if max_new is None:
+            max_new = max(1, self.server.engine.max_seq_len - len(ids))
+        gen = self._generate_request(req, max_new, ids, None)
+        return await self._run(request, req, gen, field, "messages", t_recv, chat=True)
 
     # ------------------------------------------------------------------ submission
 
@@ -100,19 +108,16 @@ class Completions:
 
     def _generate_request(self, req: CompletionRequest | ChatRequest, max_new: int,
                           prompt_ids: list[int] | None, text: str | None) -> GenerateRequest:
-        if _bad_request(req.stop_strings):
-            # Until stop strings reach the engine, refuse them rather than ignore them.
-            raise HttpError(400, "stop strings are not supported by this server yet; "
-                                 "stop_token_ids is", "stop", "unsupported")
         rid = f"{'chatcmpl' if isinstance(req, ChatRequest) else 'cmpl'}-{self._prefix}" \
               f"{next(self._ids):x}"
-        try:  # SamplingParams owns the bounds; its field names are the API's
+        try:  # SamplingParams and validate_stop own the bounds; their fields are the API's
             sampling = SamplingParams(req.temperature, req.top_k, req.top_p, req.seed)
+            stop = validate_stop(req.stop_strings())
         except RequestError as e:
             raise HttpError(400, str(e), e.field, "invalid_value") from None
         return GenerateRequest(rid, prompt_ids, text, max_new_tokens=max_new,
                                sampling=sampling, stop_ids=req.stop_token_ids,
-                               stream=req.stream)
+                               stream=req.stream, stop=stop, ignore_eos=req.ignore_eos)
 
     async def _run(self, request: Request, req: CompletionRequest | ChatRequest,
                    gen: GenerateRequest, max_field: str, prompt_field: str, t_recv: float,
@@ -139,8 +144,7 @@ class Completions:
             raise
         shapes = Shapes(str(gen.request_id), self.model_id, chat)
         if req.stream:
-            return _EventStream(stream, shapes, req.include_usage, fields,
-                                self.server.engine.tokenizer.decode)
+            return _EventStream(stream, shapes, req.include_usage, fields)
         return await _complete(request, stream, shapes, fields)
 
     def _release(self) -> None:
@@ -185,9 +189,9 @@ class _EventStream:
     asked) and `data: [DONE]`."""
 
     def __init__(self, stream: RequestStream, shapes: Shapes, include_usage: bool,
-                 fields: dict[str, str], decode: Any) -> None:
+                 fields: dict[str, str]) -> None:
         self.stream, self.shapes, self.include_usage = stream, shapes, include_usage
-        self.fields, self.decode = fields, decode
+        self.fields = fields
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
@@ -204,14 +208,14 @@ class _EventStream:
                 self.stream.cancel()
 
     async def _events(self) -> AsyncIterator[bytes]:
-        shapes, deltas = self.shapes, TextDeltas(self.decode)
+        shapes = self.shapes
         if shapes.chat:
             yield _sse(shapes.chunk("", [], None, role=True))
         async for event in self.stream:
             if isinstance(event, TokenEvent):
-                yield _sse(shapes.chunk(deltas.push(event.token), [event.token], None))
+                yield _sse(shapes.chunk(event.text, [event.token], None))
             elif isinstance(event, ResultEvent):
-                yield _sse(shapes.chunk(deltas.flush(), [], event.finish_reason))
+                yield _sse(shapes.chunk("", [], event.finish_reason))
                 if self.include_usage:
                     yield _sse(shapes.usage_chunk(event.prompt_len, len(event.tokens)))
             else:

@@ -43,6 +43,7 @@ class _Generation(_Strict):
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # extension (as vLLM)
+    ignore_eos: bool = False                 # extension (as vLLM)
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -63,13 +64,9 @@ class _Generation(_Strict):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def stop_strings(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4:
-            raise BadRequest("stop", f"{len(stops)} stop sequences; at most 4")
-        if any(not s for s in stops):
-            raise BadRequest("stop", "stop sequences must not be empty")
-        return stops
+    def stop_strings(self) -> list[str] | None:
+        """As a list (the engine's text.validate_stop owns how many and how long)."""
+        return [self.stop] if isinstance(self.stop, str) else self.stop
 
 
 class CompletionRequest(_Generation):
@@ -111,11 +108,11 @@ class TextPart(_Strict):
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
-    name: str | None = None
 
-    def text(self) -> str:
+    def as_template_input(self) -> dict[str, str]:
         c = self.content
-        return c if isinstance(c, str) else "".join(p.text for p in c)
+        return {"role": self.role, "content": c if isinstance(c, str) else
+                "".join(p.text for p in c)}
 
 
 class ChatRequest(_Generation):

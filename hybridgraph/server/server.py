@@ -328,7 +328,7 @@ class Server:
             if req.prompt_ids is not None:
                 ids = req.prompt_ids
             elif req.messages is not None:  # issue 11: through the model's chat template
-                ids = await self._render_chat(req.messages)
+                ids = await self.render_chat(req.messages)
             else:
                 ids = await self._tokenize(req.text or "")
             self.engine.validate(ids, req.max_new_tokens)
@@ -349,9 +349,9 @@ class Server:
         return await self.loop.run_in_executor(self.tokenize_pool, self.engine.tokenizer.encode,
                                                text)
 
-    async def _render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    async def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
         # Bounded (model.chat's limits, checked first inside) and rendered + encoded off the
-        # loop, like a text prompt.
+        # loop, like a text prompt. Public: the HTTP front renders chats with it too.
         limit = self.limits.max_text_chars(self.engine.max_seq_len)
         chars = sum(len(m["content"]) for m in messages)
         if chars > limit:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 class TokenEvent:
     token: int
     index: int
+    text: str  # the engine's text delta: whole characters, stop strings left out
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +82,7 @@ class RequestStream:
     def send(self, msg: dict[str, Any]) -> None:
         kind = msg["type"]
         if kind == "token":
-            self._events.put_nowait(TokenEvent(msg["token"], msg["index"]))
+            self._events.put_nowait(TokenEvent(msg["token"], msg["index"], msg["text"]))
             return
         if kind == "result":
             event: Event = ResultEvent(msg["tokens"], msg["text"], msg["prompt_len"],

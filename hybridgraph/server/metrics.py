@@ -37,7 +37,8 @@ class Metrics:
         self.latency = Histogram("hybridgraph_request_seconds", "Request arrival to result",
                                  ["front"], buckets=TTFT_BUCKETS, registry=r)
         self.requests = Counter("hybridgraph_requests", "Generate requests by front and "
-                                "outcome (refused: turned away before the engine saw them)",
+                                "outcome (refused: turned away before the engine saw them; "
+                                "on the socket, any refused frame)",
                                 ["front", "outcome"], registry=r)
         for front in FRONTS:  # every series exists from the start, at 0
             for outcome in OUTCOMES:

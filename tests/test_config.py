@@ -48,6 +48,12 @@ LLAMA31_8B = {  # transformers 4.x layout: rope_theta + rope_scaling
                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
     "rope_theta": 500000.0, "tie_word_embeddings": False, "vocab_size": 128256,
 }
+LLAMA2_13B = {**LLAMA2_7B, "hidden_size": 5120, "intermediate_size": 13824,
+              "num_attention_heads": 40, "num_hidden_layers": 40, "num_key_value_heads": 40}
+LLAMA2_70B = {**LLAMA2_7B, "hidden_size": 8192, "intermediate_size": 28672,
+              "num_attention_heads": 64, "num_hidden_layers": 80, "num_key_value_heads": 8}
+LLAMA31_70B = {**LLAMA31_8B, "hidden_size": 8192, "intermediate_size": 28672,
+               "num_attention_heads": 64, "num_hidden_layers": 80, "num_key_value_heads": 8}
 
 
 def _v5(d: dict[str, Any]) -> dict[str, Any]:
@@ -68,7 +74,10 @@ def _shape(cfg: ModelConfig) -> dict[str, Any]:
 @pytest.mark.parametrize(("hf", "name"), [(LLAMA2_7B, "llama-2-7b"),
                                           (TINYLLAMA, "tinyllama-1.1b"),
                                           (MISTRAL_7B, "mistral-7b"),
-                                          (LLAMA31_8B, "llama-3.1-8b")])
+                                          (LLAMA31_8B, "llama-3.1-8b"),
+                                          (LLAMA2_13B, "llama-2-13b"),
+                                          (LLAMA2_70B, "llama-2-70b"),
+                                          (LLAMA31_70B, "llama-3.1-70b")])
 def test_public_configs_match_presets(hf: dict[str, Any], name: str, layout: str) -> None:
     cfg = ModelConfig.from_hf_dict(hf if layout == "v4" else _v5(hf))
     assert _shape(cfg) == _shape(PRESETS[name])
@@ -117,7 +126,10 @@ def test_from_json_reads_a_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("name", "params"), [("llama-2-7b", 6_738_415_616),
                                               ("tinyllama-1.1b", 1_100_048_384),
                                               ("mistral-7b", 7_241_732_096),
-                                              ("llama-3.1-8b", 8_030_261_248)])
+                                              ("llama-3.1-8b", 8_030_261_248),
+                                              ("llama-2-13b", 13_015_864_320),
+                                              ("llama-2-70b", 68_976_648_192),
+                                              ("llama-3.1-70b", 70_553_706_496)])
 def test_presets_have_public_parameter_counts(name: str, params: int) -> None:
     assert preset(name).num_params() == params
 

@@ -218,6 +218,18 @@ PRESETS: dict[str, ModelConfig] = {
                                 tie_word_embeddings=True, max_position_embeddings=131072,
                                 bos_token_id=128000, eos_token_ids=(128001, 128008, 128009),
                                 name="llama-3.2-1b"),
+    # Tensor-parallel targets (hybridgraph/parallel): too big for one card in float16.
+    "llama-2-13b": ModelConfig(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
+                               num_layers=40, num_heads=40, num_kv_heads=40,
+                               max_position_embeddings=4096, name="llama-2-13b"),
+    "llama-2-70b": ModelConfig(vocab_size=32000, hidden_size=8192, intermediate_size=28672,
+                               num_layers=80, num_heads=64, num_kv_heads=8,
+                               max_position_embeddings=4096, name="llama-2-70b"),
+    "llama-3.1-70b": ModelConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                                 num_layers=80, num_heads=64, num_kv_heads=8,
+                                 rope_theta=500000.0, rope_scaling=_LLAMA3_SCALING,
+                                 max_position_embeddings=131072, bos_token_id=128000,
+                                 eos_token_ids=(128001, 128008, 128009), name="llama-3.1-70b"),
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -51,9 +52,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_from_args(args: argparse.Namespace):
-    from hybridgraph.engine import Engine
+    from hybridgraph.parallel.engine import load_engine
 
-    return Engine.load(args.model, config=EngineConfig.from_args(args, progress=True))
+    return load_engine(args.model, EngineConfig.from_args(args, progress=True))
 
 
 def _given_ids(args: argparse.Namespace) -> list[int] | None:
@@ -189,10 +190,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tensor_parallel(args: argparse.Namespace, argv: list[str]) -> int:
+    """--tp N: start N ranks running this same command (unless this process is one of
+    them, ours or torchrun's); rank 0 runs the command, the others follow it."""
+    from hybridgraph.parallel.group import check_tp, in_worker
+    from hybridgraph.parallel.load import model_config
+
+    cfg = EngineConfig.from_args(args)  # a bad --tp is refused here, naming it
+    if not in_worker():
+        import torch
+
+        from hybridgraph.parallel.launch import launch
+
+        cuda = cfg.device.startswith("cuda") or (cfg.device == "auto"
+                                                 and torch.cuda.is_available())
+        check_tp(cfg.tp, model_config(args.model), "cuda" if cuda else "cpu")
+        return launch(cfg.tp, ["-m", "hybridgraph.cli", *argv])
+    if os.environ["RANK"] != "0":
+        from hybridgraph.parallel.engine import follow_main
+
+        return follow_main(args.model, args.engine_config(args) if hasattr(args, "engine_config")
+                           else EngineConfig.from_args(args, progress=True))
+    return args.func(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
+        tp = getattr(args, "tp", 1)
+        if tp != 1 and getattr(args, "server", None) is None:
+            return _tensor_parallel(args, argv)
         return args.func(args)
     except (ValueError, RuntimeError) as e:  # LoadError, ConfigError, bad mode/device
         print(f"error: {e}", file=sys.stderr)

@@ -123,6 +123,9 @@ class Engine:
         cfg = replace(config or EngineConfig(), **options)
         given = {"device": device, "dtype": dtype, "weights_seed": seed}
         cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
+        if cfg.tp != 1:
+            raise ValueError(f"tp {cfg.tp}: Engine.load builds one rank's engine; use "
+                             "hybridgraph.parallel.load_engine in each rank's process")
         device = cfg.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -44,6 +44,9 @@ class EngineConfig:
     # chat template (a file or the template text) instead of the model's.
     tokenizer: str | None = None
     chat_template: str | None = None
+    # Tensor-parallel ranks, one process (and GPU) each: hybridgraph/parallel. Engine.load
+    # builds one-rank engines only; parallel.load_engine builds a rank's share.
+    tp: int = 1
 
     def __post_init__(self) -> None:
         if self.mode != "auto":
@@ -58,6 +61,7 @@ class EngineConfig:
         if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPE_NAMES)}")
         _check_int("max_batch", self.max_batch, 1)
+        _check_int("tp", self.tp, 1)
         _check_int("max_seq_len", self.max_seq_len, 2, optional=True)
         _check_int("max_graphs", self.max_graphs, 1, optional=True)
         _check_int("max_graph_bytes", self.max_graph_bytes, 1, optional=True)
@@ -99,6 +103,9 @@ class EngineConfig:
         p.add_argument("--max-graph-bytes", type=int, default=None,
                        help="graph memory budget (default: half the GPU memory free after "
                             "the weights and KV cache)")
+        p.add_argument("--tp", type=int, default=1,
+                       help="tensor-parallel ranks: N processes, one GPU each (gloo on CPU); "
+                            "started here, or under torchrun with --nproc-per-node N")
 
 
 def _check_int(name: str, value: Any, low: int, optional: bool = False) -> None:

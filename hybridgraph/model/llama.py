@@ -147,6 +147,10 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(gate) * up)
 
 
+def no_reduce(x: Tensor) -> Tensor:
+    return x
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -154,15 +158,20 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(config)
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Under tensor parallelism (hybridgraph/parallel) attention and feed-forward each
+        # return one rank's partial sum, and this sums it over ranks. One rank: identity,
+        # which torch.compile traces away and eager pays one Python call for.
+        self.all_reduce: Callable[[Tensor], Tensor] = no_reduce
 
     def prefill(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor:
-        x = x + self.attention.prefill(self.attention_norm(x), cos, sin, cache)
-        return x + self.feed_forward(self.ffn_norm(x))
+        x = x + self.all_reduce(self.attention.prefill(self.attention_norm(x), cos, sin, cache))
+        return x + self.all_reduce(self.feed_forward(self.ffn_norm(x)))
 
     def decode(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, pos: Tensor,
                window: int) -> Tensor:
-        x = x + self.attention.decode(self.attention_norm(x), cos, sin, cache, pos, window)
-        return x + self.feed_forward(self.ffn_norm(x))
+        x = x + self.all_reduce(
+            self.attention.decode(self.attention_norm(x), cos, sin, cache, pos, window))
+        return x + self.all_reduce(self.feed_forward(self.ffn_norm(x)))
 
 
 class Transformer(nn.Module):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -49,6 +49,15 @@ class StepPlan(NamedTuple):
     kind: str                  # the request's sampler: "greedy" | "sample"
 
 
+class StepObserver(Protocol):
+    """Told of every step and capture before it happens (tensor parallelism's leader
+    forwards them to the other ranks, which must run the same steps: parallel/control.py)."""
+
+    def on_run(self, plan: StepPlan) -> None: ...
+
+    def on_capture(self, key: GraphKey) -> None: ...
+
+
 class GraphRunner:
     def __init__(self, steps: Steps, ops: DynamicOps, spec: ModeSpec, policy: CapturePolicy, *,
                  batch_buckets: Sequence[int], windows: Sequence[int],
@@ -62,6 +71,7 @@ class GraphRunner:
         self.prefill_lengths = list(prefill_lengths)
         self.cache: GraphCache | None = cache
         self.pending: set[GraphKey] = set()   # missed keys, captured when idle ("defer")
+        self.observer: StepObserver | None = None
         if spec.uses_graphs and cache is None:
             if max_graph_bytes is None:
                 max_graph_bytes = default_graph_bytes(steps.bufs.ids.device)
@@ -120,6 +130,8 @@ class GraphRunner:
         """Run the planned step: replay its graph, or the same step function eagerly; then
         sample, where sampling is not inside the graph. Results land in the step buffers."""
         b = plan.key.batch
+        if self.observer is not None:
+            self.observer.on_run(plan)
         if plan.served is not None:
             assert self.cache is not None
             entry = self.cache.graphs[plan.served]
@@ -148,6 +160,8 @@ class GraphRunner:
         """Capture without disturbing a request in flight: warm-ups run on a snapshot of the
         step state, restored before the capture and after it."""
         assert self.cache is not None
+        if self.observer is not None:
+            self.observer.on_capture(key)
         bufs = self.steps.bufs
         snap = bufs.snapshot()
 

@@ -1,0 +1,64 @@
+"""A rank's engine: its share of the weights, the all-reduce hook, leader or follower.
+
+`load_engine` is what the front (CLI generate and serve, bench) calls on rank 0 in place
+of `Engine.load`; `follow_main` is what every other rank runs instead of the front.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from hybridgraph.engine import DTYPES, Engine
+from hybridgraph.engine_config import EngineConfig
+from hybridgraph.model.llama import Transformer
+from hybridgraph.model.tokenizer import Tokenizer
+from hybridgraph.parallel.control import follow, lead
+from hybridgraph.parallel.group import TPGroup, check_tp, init_group
+from hybridgraph.parallel.load import load_shard, model_config
+
+
+def shard_model(model: str, group: TPGroup, dtype: torch.dtype, seed: int = 0,
+                ) -> tuple[Transformer, Tokenizer]:
+    """This rank's share of `model`, its blocks summing their partial outputs over the group."""
+    shard, tokenizer = load_shard(model, group.size, group.rank, group.device, dtype, seed)
+    for layer in shard.layers:
+        layer.all_reduce = group.all_reduce
+    return shard, tokenizer
+
+
+def build_rank(model: str, config: EngineConfig) -> tuple[Engine, TPGroup]:
+    """This process's rank: join the group, load its shard, build its engine (rank 0's
+    leads: parallel/control.py)."""
+    device_type = "cuda" if config.device.startswith("cuda") or (
+        config.device == "auto" and torch.cuda.is_available()) else "cpu"
+    check_tp(config.tp, model_config(model), device_type)
+    group = init_group(config.tp, config.device)
+    dtype = config.dtype
+    if dtype == "auto":
+        dtype = "float16" if group.device.type == "cuda" else "float32"
+    shard, tokenizer = shard_model(model, group, DTYPES[dtype], config.weights_seed)
+    engine = Engine(shard, tokenizer, replace(config, device=str(group.device), dtype=dtype))
+    if group.leader:
+        lead(engine, group)
+    return engine, group
+
+
+def load_engine(model: str, config: EngineConfig) -> Engine:
+    """Engine.load for tp 1; for tp > 1, rank 0's engine (the other ranks: follow_main)."""
+    if config.tp == 1:
+        return Engine.load(model, config=config)
+    engine, group = build_rank(model, config)
+    if not group.leader:
+        raise RuntimeError(f"load_engine on rank {group.rank}: only rank 0 runs the front; "
+                           "the other ranks run follow_main")
+    return engine
+
+
+def follow_main(model: str, config: EngineConfig) -> int:
+    """A follower rank's whole life: build, run rank 0's steps until it stops, exit 0."""
+    engine, group = build_rank(model, config)
+    follow(engine, group)
+    group.close()
+    return 0

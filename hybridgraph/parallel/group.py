@@ -1,0 +1,160 @@
+"""The process group of a tensor-parallel run: who this rank is, its device, the all-reduce.
+
+One process per rank, on one host. The ranks find each other through the environment
+torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); our own launcher
+(parallel/launch.py) sets the same variables, so both start the same code. Two groups:
+`group` carries the all-reduces (NCCL on GPUs, gloo on CPUs) and the per-step inputs,
+`control` (always gloo, host memory) carries the leader's step headers, so a follower
+learns what to run without synchronising its GPU. Every wait is bounded: a rank that
+dies or hangs brings the others down with an error, never a silent hang.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch import Tensor
+
+from hybridgraph.model.config import ModelConfig
+
+# NVLink multicast (NVLS) must stay off on shared hosts, for NCCL and for PyTorch's
+# symmetric memory alike: every process we start gets these, overriding the caller's.
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+            # A collective past its timeout aborts the process instead of hanging it.
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# Collectives (and joining the group) give up after this long. Generous: ranks load and
+# compile concurrently, so they meet within seconds of each other, but a 70B checkpoint
+# read from a slow disk can take minutes. HG_TP_TIMEOUT_S overrides.
+DEFAULT_TIMEOUT_S = 300.0
+# The leader sends a header at least this often, even when idle, so a follower's wait
+# for the next step can be short (CONTROL_TIMEOUT_S) without an idle server tripping it.
+HEARTBEAT_S = 2.0
+CONTROL_TIMEOUT_S = 60.0
+
+
+def set_safe_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Force SAFE_ENV into env (default os.environ); returns it."""
+    target = os.environ if env is None else env
+    target.update(SAFE_ENV)
+    return target  # type: ignore[return-value]
+
+
+def in_worker() -> bool:
+    """True inside a rank process (started by torchrun or by our launcher)."""
+    return all(k in os.environ for k in ENV_KEYS)
+
+
+def check_tp(tp: object, config: ModelConfig, device_type: str) -> int:
+    """`tp` as an int, or ValueError naming the field and why: below 1, more ranks than
+    visible GPUs (CUDA), or a count that doesn't divide the heads, KV heads or the
+    feed-forward width (each rank holds whole heads and an equal slice)."""
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        raise ValueError(f"tp must be an integer >= 1, got {tp!r}")
+    if device_type == "cuda" and tp > 1:
+        visible = torch.cuda.device_count()
+        if tp > visible:
+            raise ValueError(f"tp {tp} needs {tp} GPUs, one per rank; {visible} visible "
+                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    for field in ("num_heads", "num_kv_heads", "intermediate_size"):
+        value = getattr(config, field)
+        if value % tp:
+            raise ValueError(f"tp {tp} does not divide {config.name}'s {field} ({value}): "
+                             f"each rank must hold an equal share")
+    return tp
+
+
+def _timeout_s() -> float:
+    raw = os.environ.get("HG_TP_TIMEOUT_S")
+    try:
+        value = float(raw) if raw is not None else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"HG_TP_TIMEOUT_S must be a number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"HG_TP_TIMEOUT_S must be positive, got {raw!r}")
+    return value
+
+
+@dataclass
+class TPGroup:
+    rank: int
+    size: int
+    device: torch.device
+    group: dist.ProcessGroup      # all-reduces and step inputs (NCCL or gloo)
+    control: dist.ProcessGroup    # step headers, host memory (gloo)
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, x: Tensor) -> Tensor:
+        """Sum x over ranks: the hook Block calls after attention and feed-forward.
+
+        Under torch.compile the functional collective (traceable, lowered by Inductor);
+        eagerly the in-place one, which NCCL records into a CUDA graph under capture.
+        """
+        if torch.compiler.is_compiling():
+            return funcol.all_reduce(x, "sum", self.group)
+        dist.all_reduce(x, group=self.group)
+        return x
+
+    def close(self) -> None:
+        # After NCCL work was captured in CUDA graphs, destroying the group can hang
+        # (pytorch#115388); the process is about to exit, which frees it anyway.
+        if self.device.type != "cuda" and dist.is_initialized():
+            dist.destroy_process_group()
+        _JOINED.clear()
+
+
+def rank_device(device: str, local_rank: int) -> torch.device:
+    """The device of local rank `local_rank`: cuda:local_rank, or the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = torch.device(device)
+    if kind.type == "cuda":
+        if kind.index is not None:
+            raise ValueError(f"device {device!r}: with tp > 1 rank r uses cuda:r; choose the "
+                             "GPUs with CUDA_VISIBLE_DEVICES instead")
+        return torch.device("cuda", local_rank)
+    if kind.type != "cpu":
+        raise ValueError(f"device {device!r}: tensor parallelism runs on cuda or cpu")
+    return kind
+
+
+_JOINED: list[TPGroup] = []
+
+
+def init_group(tp: int, device: str) -> TPGroup:
+    """Join the group described by the environment (torchrun's variables); a process
+    joins once, and later calls return the same group."""
+    if _JOINED:
+        if _JOINED[0].size != tp:
+            raise ValueError(f"tp {tp} but this process already joined a group of "
+                             f"{_JOINED[0].size}")
+        return _JOINED[0]
+    if not in_worker():
+        raise RuntimeError("tp > 1 needs a rank process: run through `hybridgraph ... --tp N` "
+                           "(which starts the ranks) or under torchrun "
+                           f"(missing {', '.join(k for k in ENV_KEYS if k not in os.environ)})")
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ["LOCAL_RANK"])
+    if size != tp:
+        raise ValueError(f"tp {tp} but this run has WORLD_SIZE {size}: they must match")
+    set_safe_env()
+    dev = rank_device(device, local)
+    timeout = timedelta(seconds=_timeout_s())
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        # device_id: connect NCCL now, so a missing peer shows up here, not mid-step.
+        dist.init_process_group("nccl", rank=rank, world_size=size, timeout=timeout,
+                                device_id=dev)
+    else:
+        dist.init_process_group("gloo", rank=rank, world_size=size, timeout=timeout)
+    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=CONTROL_TIMEOUT_S))
+    _JOINED.append(TPGroup(rank, size, dev, dist.group.WORLD, control))
+    return _JOINED[0]

@@ -1,0 +1,83 @@
+"""One rank of the tensor-parallel CPU checks (tests/test_parallel.py starts N of these).
+
+For each model source it runs, on every rank, the sharded model's prefill and decode
+(logits), then a leader/follower Engine that generates greedy and seeded-sampled tokens.
+Rank 0 writes logits (safetensors) and tokens (JSON) to the output directory.
+Usage: python -m tests.tp_worker OUT_DIR SOURCE [SOURCE ...]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from hybridgraph.engine import Engine, SamplingParams
+from hybridgraph.engine_config import EngineConfig
+from hybridgraph.parallel.control import follow, lead
+from hybridgraph.parallel.engine import shard_model
+from hybridgraph.parallel.group import init_group
+
+PROMPTS = [[5, 17, 42, 9, 33, 7, 21], [11, 3, 60]]
+NEW = 8
+
+
+def logits(model) -> dict[str, torch.Tensor]:
+    """The same calls tests/test_parallel.py makes on the one-rank model."""
+    model.setup_caches(2, 32)
+    ids = torch.tensor([PROMPTS[0][:5], PROMPTS[1] + [4, 8]])
+    with torch.inference_mode():
+        pre = model.prefill(ids)
+        dec = model.decode(torch.tensor([13, 14]), torch.tensor([5, 5]), 32)
+    return {"prefill": pre, "decode": dec}
+
+
+def generate(engine: Engine) -> list[list[int]]:
+    sampling = [SamplingParams(), SamplingParams(temperature=0.8, top_k=20, seed=7)]
+    return [r.tokens for r in engine.generate_batch(PROMPTS, NEW, sampling, stop_ids=[])]
+
+
+def loop(out: Path, tp: int) -> int:
+    """Generate forever (rank 0) / follow (others): the killed-rank check's target."""
+    group = init_group(tp, "cpu")
+    model, tok = shard_model("tiny", group, torch.float32, seed=3)
+    engine = Engine(model, tok, EngineConfig(mode="eager", max_batch=2, max_seq_len=32, tp=tp))
+    if not group.leader:
+        follow(engine, group)
+        return 0
+    lead(engine, group)
+    generate(engine)
+    (out / "looping").touch()
+    while True:
+        generate(engine)
+
+
+def main(out: Path, sources: list[str]) -> int:
+    tp = int(os.environ["WORLD_SIZE"])
+    if sources == ["--loop"]:
+        return loop(out, tp)
+    group = init_group(tp, "cpu")
+    for source in sources:
+        model, tok = shard_model(source, group, torch.float32, seed=3)
+        got = logits(model)
+        engine = Engine(model, tok, EngineConfig(mode="eager", max_batch=2, max_seq_len=32,
+                                                 tp=tp))
+        name = Path(source).name
+        if group.leader:
+            save_file({k: v.contiguous() for k, v in got.items()}, str(out / f"{name}.safetensors"))
+            leader = lead(engine, group)
+            tokens = generate(engine)
+            leader.stop()
+            (out / f"{name}.json").write_text(json.dumps(tokens))
+        else:
+            follow(engine, group)
+    group.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1]), sys.argv[2:]))

@@ -43,10 +43,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _one_rank(source: str):
+def _one_rank(source: str, seed: int = 3):
     if source == "tiny":
         cfg = preset("tiny")
-        model = random_model(cfg, torch.device("cpu"), torch.float32, seed=3)
+        model = random_model(cfg, torch.device("cpu"), torch.float32, seed=seed)
         return model, load_tokenizer(None, cfg.bos_token_id, cfg.eos_token_ids)
     return load_model(source)
 
@@ -120,3 +120,22 @@ def test_a_killed_rank_brings_the_group_down(tmp_path: Path) -> None:
         assert time.monotonic() - t0 < 90
     finally:
         stop_all(procs)
+
+
+def test_serve_with_tp_2(tmp_path: Path) -> None:
+    """The socket server on rank 0, one follower: a request gets the one-rank tokens, and
+    SIGTERM to the launcher drains rank 0, which releases the follower: all exit 0."""
+    from hybridgraph.server.client import Client
+    from hybridgraph.server.launch import ServerProcess
+
+    model, tok = _one_rank("tiny", seed=0)   # serve's default weights seed
+    want = Engine(model, tok, EngineConfig(mode="eager", max_seq_len=64)).generate(
+        [5, 17, 42], 6).tokens
+    sock = str(tmp_path / "tp.sock")
+    srv = ServerProcess(sock, extra=["--tp", "2", "--device", "cpu", "--max-seq-len", "64"],
+                        env=_env())
+    with srv:
+        with Client(sock) as client:
+            reply = client.generate(prompt_ids=[5, 17, 42], max_new_tokens=6, seed=0)
+        assert reply["tokens"] == want
+    assert srv.proc is not None and srv.proc.returncode == 0, srv.log()

@@ -103,7 +103,9 @@ def launch(tp: int, argv: Sequence[str], follower_exit_s: float = FOLLOWER_EXIT_
     forwarded = _forward_signals(procs)
     try:
         for rank in range(tp):
-            procs.append(subprocess.Popen([sys.executable, *argv],
+            # A session of their own: a terminal's Ctrl-C reaches the launcher only, which
+            # passes it to rank 0, rather than every rank dying at once mid-collective.
+            procs.append(subprocess.Popen([sys.executable, *argv], start_new_session=True,
                                           env=rank_env(rank, tp, port, env)))
         return watch(procs, follower_exit_s)
     finally:

@@ -437,11 +437,13 @@ def serve_main(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     from hybridgraph.engine_config import EngineConfig
+    from hybridgraph.parallel.engine import load_engine
     from hybridgraph.server.starting import StartingResponder
 
-    # The HTTP port answers 503 "starting" while the model loads.
+    # The HTTP port answers 503 "starting" while the model loads. With --tp N this is
+    # rank 0 (the other ranks follow it: hybridgraph/parallel).
     with StartingResponder(http_sock) if http_sock is not None else contextlib.nullcontext():
-        engine = Engine.load(args.model, config=EngineConfig.from_args(args, progress=True))
+        engine = load_engine(args.model, EngineConfig.from_args(args, progress=True))
     server = Server(engine, args.socket, limits)
     if http_sock is not None:
         from hybridgraph.server.http import http_front

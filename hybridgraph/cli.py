@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="send the prompt as a user message through the model's chat template")
     add_text_args(g)
     g.add_argument("--server", default=None, help="a server's socket path (skips loading)")
-    g.set_defaults(func=cmd_generate)
+    g.set_defaults(func=cmd_generate, follow=_follow_engine)
 
     c = sub.add_parser("chat", help="an interactive conversation with the model (streamed)")
     _add_model_args(c)
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--socket", default=None, help="Unix socket path (MessagePack protocol)")
     _add_http_args(s)
     add_serve_args(s)
-    s.set_defaults(func=cmd_serve)
+    s.set_defaults(func=cmd_serve, follow=_follow_engine)
 
     st = sub.add_parser("status", help="ask a server for its status")
     st.add_argument("--server", required=True)
@@ -186,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="tiny model, few runs (CPU smoke test)")
     b.add_argument("--runs", type=int, default=None)
     b.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
-    b.set_defaults(func=cmd_bench)
+    b.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks for the tp suite (`bench tp --tp N`)")
+    b.set_defaults(func=cmd_bench, follow=_follow_bench)
     return parser
 
 
@@ -202,16 +204,35 @@ def _tensor_parallel(args: argparse.Namespace, argv: list[str]) -> int:
 
         from hybridgraph.parallel.launch import launch
 
-        cuda = cfg.device.startswith("cuda") or (cfg.device == "auto"
-                                                 and torch.cuda.is_available())
-        check_tp(cfg.tp, model_config(args.model), "cuda" if cuda else "cpu")
+        model, device = args.model, cfg.device
+        if args.command == "bench":  # --quick picks its own model and device
+            from hybridgraph.bench.config import from_args
+            from hybridgraph.bench.run import tp_refusal
+
+            refusal = tp_refusal(args.suite.split(","), cfg.tp)
+            if refusal:
+                raise ValueError(refusal)
+            bench = from_args(args)
+            model, device = bench.model, bench.device
+        cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        check_tp(cfg.tp, model_config(model), "cuda" if cuda else "cpu")
         return launch(cfg.tp, ["-m", "hybridgraph.cli", *argv])
     if os.environ["RANK"] != "0":
-        from hybridgraph.parallel.engine import follow_main
-
-        return follow_main(args.model, args.engine_config(args) if hasattr(args, "engine_config")
-                           else EngineConfig.from_args(args, progress=True))
+        return args.follow(args)
     return args.func(args)
+
+
+def _follow_engine(args: argparse.Namespace) -> int:
+    """Ranks 1..N-1 of generate and serve: build the same engine as rank 0, follow it."""
+    from hybridgraph.parallel.engine import follow_main
+
+    return follow_main(args.model, EngineConfig.from_args(args, progress=True))
+
+
+def _follow_bench(args: argparse.Namespace) -> int:
+    from hybridgraph.bench.tp import follow_bench
+
+    return follow_bench(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

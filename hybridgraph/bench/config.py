@@ -48,6 +48,10 @@ class BenchConfig:
     ipc_requests: int = 1000
     profile_tokens: int = 32               # decode tokens under the profiler
     modes: list[str] = field(default_factory=list)
+    tp: int = 1                            # tensor-parallel ranks (the tp suite)
+    tp_ttft_lengths: list[int] = field(default_factory=lambda: [10, 500])
+    tp_decode_new: int = 397
+    tp_rows: list[int] = field(default_factory=lambda: [1, 8, 64])  # all-reduce [rows, hidden]
 
     @property
     def default_mode(self) -> str:
@@ -75,7 +79,8 @@ def from_args(args: argparse.Namespace) -> BenchConfig:
                           ablation_decode_runs=2,
                           coverage_strategies=["every:10", "pow2"], coverage_max_len=64,
                           coverage_runs=1, batch_sizes=[1, 4], batch_runs=2, peer_runs=3,
-                          peer_decode_runs=1, ipc_requests=200)
+                          peer_decode_runs=1, ipc_requests=200, tp_ttft_lengths=[10, 100],
+                          tp_decode_new=16)
     else:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -83,6 +88,7 @@ def from_args(args: argparse.Namespace) -> BenchConfig:
         cfg = BenchConfig(model=args.model, device=device, dtype=dtype)
     if args.runs is not None:
         cfg.ttft_runs = args.runs
+    cfg.tp = getattr(args, "tp", 1)
     cuda = cfg.device.startswith("cuda")
     # Modes that replay CUDA graphs exist only where CUDA does.
     cfg.modes = [name for name, spec in MODE_SPECS.items() if cuda or not spec.needs_cuda]

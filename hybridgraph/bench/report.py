@@ -13,7 +13,7 @@ from hybridgraph.bench.hw import floor_frac
 from hybridgraph.bench.table import Results, Table
 
 LONG_TABLES = ("decode_tokens",)
-META_KEYS = ("device", "driver", "cuda", "torch", "triton", "transformers", "dtype",
+META_KEYS = ("device", "tp", "driver", "cuda", "torch", "triton", "transformers", "dtype",
              "model_shape", "copy_bandwidth_gbs", "matmul_tflops", "matmul_dtype",
              "weight_bytes_per_token", "decode_floor_ms", "date")
 

@@ -1,6 +1,8 @@
 """`hybridgraph bench <suite>`: runs suites, then writes CSVs, plots and SUMMARY.md.
 
-Suites: ttft, decode, p99, ablation, profile, coverage, ipc, batch, cost, peers, or all.
+Suites: ttft, decode, p99, ablation, profile, coverage, ipc, batch, cost, peers, or all;
+and tp (tensor parallelism, bench/tp.py: the only suite that runs with --tp N > 1, not in
+all).
 Suites that start child processes (cost, peers, ipc) run before the parent loads the
 model, so each child finds the GPU empty; a suite that fails is recorded and the run
 goes on (exit status 1 at the end).
@@ -28,6 +30,7 @@ from hybridgraph.bench.peers import peers_suite
 from hybridgraph.bench.profile import profile_suite
 from hybridgraph.bench.report import write_all
 from hybridgraph.bench.table import Results, Table
+from hybridgraph.bench.tp import tp_suite
 from hybridgraph.engine import DTYPES
 from hybridgraph.model.config import PRESETS, ModelConfig, preset
 
@@ -35,7 +38,16 @@ log = logging.getLogger(__name__)
 
 # Run order: child-process suites first (see the module docstring).
 SUITES = ("cost", "peers", "ipc", "ttft", "decode", "p99", "profile", "ablation", "batch",
-          "coverage")
+          "coverage", "tp")
+ALL = tuple(s for s in SUITES if s != "tp")
+
+
+def tp_refusal(names: list[str], tp: int) -> str | None:
+    """Why these suites can't run at this --tp (None: they can)."""
+    if tp != 1 and names != ["tp"]:
+        return (f"with --tp {tp} only the tp suite runs (`bench tp --tp N`); the others build "
+                "several one-rank engines")
+    return None
 
 
 def model_config(model: str) -> ModelConfig:
@@ -43,12 +55,13 @@ def model_config(model: str) -> ModelConfig:
 
 
 def default_out(cfg: BenchConfig, meta: dict) -> Path:
-    name = hw.slug(Path(cfg.model).name) + ("-quick" if cfg.quick else "")
+    name = hw.slug(Path(cfg.model).name) + (f"-tp{cfg.tp}" if cfg.tp != 1 else "") + (
+        "-quick" if cfg.quick else "")
     return Path("benchmarks") / "results" / meta["device_slug"] / name
 
 
-def _suite_fns(cfg: BenchConfig, engines: Engines,
-               floor_ms: float) -> dict[str, Callable[[], list[Table]]]:
+def _suite_fns(cfg: BenchConfig, engines: Engines, floor_ms: float,
+               copy_bandwidth_gbs: float) -> dict[str, Callable[[], list[Table]]]:
     return {
         "ttft": lambda: ttft_suite(cfg, engines),
         "decode": lambda: decode_suite(cfg, engines, floor_ms),
@@ -60,6 +73,7 @@ def _suite_fns(cfg: BenchConfig, engines: Engines,
         "batch": lambda: batch_suite(cfg, engines, floor_ms),
         "cost": lambda: cost_suite(cfg),
         "peers": lambda: peers_suite(cfg, floor_ms),
+        "tp": lambda: tp_suite(cfg, copy_bandwidth_gbs),
     }
 
 
@@ -67,7 +81,7 @@ def run_suites(cfg: BenchConfig, names: list[str], res: Results) -> tuple[dict[s
                                                                          dict[str, str]]:
     """Run `names` in SUITES order into res; returns (seconds per suite, failures)."""
     engines = Engines(cfg)
-    fns = _suite_fns(cfg, engines, res.meta["decode_floor_ms"])
+    fns = _suite_fns(cfg, engines, res.meta["decode_floor_ms"], res.meta["copy_bandwidth_gbs"])
     timings: dict[str, float] = {}
     failures: dict[str, str] = {}
     if not cfg.is_cuda and ("ablation" in names or "batch" in names or "cost" in names):
@@ -95,20 +109,24 @@ def run_suites(cfg: BenchConfig, names: list[str], res: Results) -> tuple[dict[s
 
 
 def bench_main(args: argparse.Namespace) -> int:
-    names = list(SUITES) if args.suite == "all" else args.suite.split(",")
+    names = list(ALL) if args.suite == "all" else args.suite.split(",")
     unknown = [n for n in names if n not in SUITES]
     if unknown:
         print(f"error: unknown suite {', '.join(unknown)}; choose from all, {', '.join(SUITES)} "
               "(several: comma-separated)", file=sys.stderr)
         return 2
     cfg = from_args(args)
+    refusal = tp_refusal(names, cfg.tp)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
     if cfg.is_cuda and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     t_start = time.perf_counter()
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     meta = hw.collect(device, dtype, model_config(cfg.model))
-    meta.update(modes=", ".join(cfg.modes), quick=cfg.quick)
+    meta.update(modes=", ".join(cfg.modes), quick=cfg.quick, tp=cfg.tp)
     free_memory()
     print(f"[bench] {meta['device']}: copy {meta['copy_bandwidth_gbs']:.1f} GB/s, matmul "
           f"{meta['matmul_tflops']:.2f} TFLOP/s; decode floor {meta['decode_floor_ms']:.3g} "

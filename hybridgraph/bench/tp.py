@@ -1,0 +1,121 @@
+"""The `tp` suite: a tensor-parallel run's numbers (`hybridgraph bench tp --tp N`).
+
+Records N, the interconnect (nvidia-smi topology), the weight bytes each rank holds and
+reads per token, the per-rank decode floor (those bytes / this run's copy bandwidth), the
+all-reduce time per call (NCCL and symmetric-memory one-shot, eager and graph-replayed,
+at decode's message sizes), and the TP engine's TTFT and decode latency.
+
+Every rank runs the all-reduce measurement together, then builds its engine; rank 0 then
+measures through its engine while the others follow it (parallel/control.py). At --tp 1
+the same suite gives the single-GPU baseline (no all-reduce).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+
+import numpy as np
+
+from hybridgraph.bench.config import BenchConfig, from_args
+from hybridgraph.bench.hw import floor_frac, weight_bytes_per_token
+from hybridgraph.bench.latency import decode_samples, ttft_samples
+from hybridgraph.bench.table import Table, make_prompt, summarize
+from hybridgraph.engine import DTYPES
+from hybridgraph.engine_config import EngineConfig
+from hybridgraph.parallel import allreduce
+from hybridgraph.parallel.engine import follow_main, load_engine
+from hybridgraph.parallel.group import init_group
+from hybridgraph.parallel.load import model_config, rank_weight_bytes
+
+
+def engine_config(cfg: BenchConfig) -> EngineConfig:
+    """The engine every rank builds (the same on all of them, or they fall out of step)."""
+    return cfg.engine_config(cfg.default_mode, tp=cfg.tp)
+
+
+def _allreduce(cfg: BenchConfig) -> list[allreduce.AllReduceTiming]:
+    """Collective: every rank calls it at the same point, before building its engine."""
+    if cfg.tp == 1:
+        return []
+    group = init_group(cfg.tp, cfg.device)
+    hidden = model_config(cfg.model).hidden_size
+    return allreduce.measure(group, hidden, DTYPES[cfg.dtype], rows=cfg.tp_rows)
+
+
+def follow_bench(args: argparse.Namespace) -> int:
+    """Ranks 1..N-1 of `bench tp`: measure all-reduces with rank 0, then follow it."""
+    cfg = from_args(args)
+    _allreduce(cfg)
+    return follow_main(cfg.model, engine_config(cfg))
+
+
+def topology(is_cuda: bool) -> list[str]:
+    if not is_cuda:
+        return ["n/a: CPU run, gloo over loopback TCP"]
+    try:
+        out = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True,
+                             timeout=30)
+        if out.returncode == 0:
+            return [line.rstrip() for line in out.stdout.splitlines() if line.strip()]
+        return [f"nvidia-smi topo -m failed: {out.stderr.strip()}"]
+    except (OSError, subprocess.SubprocessError) as e:
+        return [f"nvidia-smi topo -m failed: {e}"]
+
+
+def tp_suite(cfg: BenchConfig, copy_bandwidth_gbs: float) -> list[Table]:
+    timings = _allreduce(cfg)
+    engine = load_engine(cfg.model, engine_config(cfg))
+    dtype = DTYPES[engine.engine_config.dtype]
+    held = rank_weight_bytes(engine.model)
+    read = weight_bytes_per_token(engine.config, dtype)   # the rank's share (ShardedConfig)
+    floor_ms = read / (copy_bandwidth_gbs * 1e9) * 1e3
+    vocab = engine.config.vocab_size
+    system = f"hybridgraph-{engine.mode}-tp{cfg.tp}"
+
+    ttft = Table("tp_ttft", f"TTFT at TP={cfg.tp} ({system}, {cfg.ttft_runs} runs each)",
+                 ["system", "tp", "prompt_len", "median_ms", "p99_ms", "min_ms"])
+    ttft_med = {}
+    for n in cfg.tp_ttft_lengths:
+        s = summarize(ttft_samples(engine, make_prompt(n, vocab), cfg.ttft_runs, cfg.warmup))
+        ttft.add(system, cfg.tp, n, s["median"], s["p99"], s["min"])
+        ttft_med[n] = s["median"]
+    lat = np.asarray(decode_samples(engine, make_prompt(cfg.decode_prompt, vocab),
+                                    cfg.tp_decode_new, cfg.decode_runs), dtype=np.float64)
+    dec = summarize(lat.ravel())
+
+    calls = 2 * engine.config.num_layers   # one after attention, one after feed-forward
+    graphed = [t for t in timings if t.rows == 1 and not t.error and t.method != "gloo"]
+    eager = [t for t in timings if t.rows == 1 and not t.error]
+    best = (min(graphed, key=lambda t: t.graph_us) if graphed
+            else min(eager, key=lambda t: t.eager_us) if eager else None)
+    best_us = (best.graph_us if graphed else best.eager_us) if best is not None else float("nan")
+    summary = Table("tp", f"Tensor parallelism: {engine.config.name} at TP={cfg.tp} ({system})",
+                    ["system", "tp", "rank_weight_bytes", "rank_bytes_per_token",
+                     "rank_floor_ms", "decode_ms", "floor_frac", "allreduce_calls_per_token",
+                     "allreduce_us_best", "allreduce_best", "allreduce_ms_per_token"]
+                    + [f"ttft_{n}_ms" for n in cfg.tp_ttft_lengths])
+    summary.add(system, cfg.tp, held, read, floor_ms, dec["mean"], floor_frac(dec["mean"], floor_ms),
+                calls if cfg.tp > 1 else 0, best_us, best.method if best else "n/a",
+                best_us * calls / 1e3 if cfg.tp > 1 else 0.0,
+                *[ttft_med[n] for n in cfg.tp_ttft_lengths])
+    summary.notes += [
+        "rank_weight_bytes: weights one rank holds (embedding and LM head replicated); "
+        "rank_bytes_per_token: what one rank reads per decode step; rank_floor_ms = that / "
+        "this run's copy bandwidth (rank 0's device).",
+        "allreduce_ms_per_token: the fastest method's per-call time at batch 1 (graph-replayed "
+        "on GPUs) x calls per token: the communication floor added to the rank's floor.",
+        f"decode_ms: mean over {cfg.decode_runs} runs of {cfg.tp_decode_new} tokens after a "
+        f"{cfg.decode_prompt}-token prompt."]
+
+    ar = Table("tp_allreduce", f"All-reduce per call at TP={cfg.tp}, [rows, hidden] "
+                               f"{engine.engine_config.dtype}",
+               ["method", "tp", "rows", "bytes", "eager_us", "graph_us", "error"])
+    for t in timings:
+        ar.add(t.method, cfg.tp, t.rows, t.nbytes, t.eager_us, t.graph_us, t.error)
+    ar.notes.append("NCCL with NCCL_NVLS_ENABLE=0; symmetric memory with "
+                    "TORCH_SYMM_MEM_DISABLE_MULTICAST=1 (no NVLink multicast on shared hosts).")
+    topo = Table("tp_topology", "Interconnect: nvidia-smi topo -m on this host", ["line", "text"])
+    for i, line in enumerate(topology(engine.device.type == "cuda")):
+        topo.add(i, line)
+    return [summary, ttft, ar, topo]

@@ -1,0 +1,55 @@
+"""One rank of the GPU tensor-parallel checks (tests/gpu/test_parallel.py starts N).
+
+Every rank loads its shard of a float32 checkpoint and builds an engine in MODE (graphs
+captured ahead, so each decode step replays a graph with its all-reduces inside); rank 0
+generates greedy tokens and writes them, with its graph stats, to OUT/MODE.json.
+Usage: python -m tests.gpu.tp_worker OUT MODEL_DIR MODE
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from hybridgraph.engine import Engine
+from hybridgraph.engine_config import EngineConfig
+from hybridgraph.parallel.control import follow, lead
+from hybridgraph.parallel.engine import shard_model
+from hybridgraph.parallel.group import init_group
+
+PROMPTS = [[5, 17, 42, 9, 33, 7, 21], [11, 3, 60]]
+NEW = 24
+
+
+def engine_config(mode: str, tp: int) -> EngineConfig:
+    return EngineConfig(mode=mode, max_batch=2, max_seq_len=256, coverage="16,64", tp=tp)
+
+
+def generate(engine: Engine) -> list[list[int]]:
+    return [r.tokens for r in engine.generate_batch(PROMPTS, NEW, stop_ids=[])]
+
+
+def main(out: Path, model_dir: str, mode: str) -> int:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    tp = int(os.environ["WORLD_SIZE"])
+    group = init_group(tp, "cuda")
+    model, tok = shard_model(model_dir, group, torch.float32)
+    engine = Engine(model, tok, engine_config(mode, tp))
+    if not group.leader:
+        follow(engine, group)
+        return 0
+    leader = lead(engine, group)
+    tokens = generate(engine)
+    leader.stop()
+    (out / f"{mode}.json").write_text(json.dumps({"tokens": tokens,
+                                                  "graphs": engine.stats().get("graphs")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1]), sys.argv[2], sys.argv[3]))

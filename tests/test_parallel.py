@@ -100,26 +100,53 @@ def test_bad_tp_is_refused(tp: str, message: str, capsys: pytest.CaptureFixture)
     assert message in capsys.readouterr().err
 
 
-def test_a_killed_rank_brings_the_group_down(tmp_path: Path) -> None:
-    """Kill the follower mid-generation: rank 0 fails by itself (no watchdog involved)
-    within a bounded time, with an error, instead of waiting forever."""
-    env, port = _env(), 29000 + os.getpid() % 1000
+def _start_looping(tmp_path: Path, env: dict[str, str]) -> list[subprocess.Popen]:
+    """Two ranks generating in a loop (tests/tp_worker.py --loop), once they are at it."""
+    port = 29000 + os.getpid() % 1000
     procs = [subprocess.Popen([sys.executable, "-m", "tests.tp_worker", str(tmp_path),
                                "--loop"], env=rank_env(r, 2, port, env),
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+                              stderr=subprocess.DEVNULL) for r in range(2)]
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "looping").exists():
+        assert time.monotonic() < deadline, "ranks never started generating"
+        assert all(p.poll() is None for p in procs), [p.returncode for p in procs]
+        time.sleep(0.2)
+    return procs
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_killed_rank_brings_the_group_down(tmp_path: Path, victim: int) -> None:
+    """Kill one rank mid-generation: the other fails by itself (no watchdog involved),
+    with an error, within a bounded time, instead of waiting forever."""
+    procs = _start_looping(tmp_path, _env())
     try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "looping").exists():
-            assert time.monotonic() < deadline, "ranks never started generating"
-            assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs]
-            time.sleep(0.2)
-        procs[1].send_signal(signal.SIGKILL)
-        t0 = time.monotonic()
-        code = procs[0].wait(timeout=90)
-        assert code != 0
-        assert time.monotonic() - t0 < 90
+        procs[victim].send_signal(signal.SIGKILL)
+        survivor = procs[1 - victim]
+        assert survivor.wait(timeout=60) != 0
     finally:
         stop_all(procs)
+
+
+def test_a_hung_leader_times_the_follower_out(tmp_path: Path) -> None:
+    """A leader that stops (SIGSTOP: alive, sockets open, silent) is noticed through the
+    timeouts alone: the follower exits with an error within about the control timeout."""
+    env = {**_env(), "HG_TP_CONTROL_TIMEOUT_S": "4", "HG_TP_TIMEOUT_S": "4"}
+    procs = _start_looping(tmp_path, env)
+    try:
+        procs[0].send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        assert procs[1].wait(timeout=60) != 0
+        assert time.monotonic() - t0 < 30
+    finally:
+        procs[0].send_signal(signal.SIGCONT)
+        stop_all(procs)
+
+
+def test_an_idle_leader_keeps_the_followers(tmp_path: Path) -> None:
+    """Idle for twice the control timeout: the heartbeats keep the follower waiting."""
+    env = {**_env(), "HG_TP_CONTROL_TIMEOUT_S": "3"}
+    assert launch(2, ["-m", "tests.tp_worker", str(tmp_path), "--idle", "6"], env=env) == 0
+    assert (tmp_path / "idle-ok").exists()
 
 
 def test_serve_with_tp_2(tmp_path: Path) -> None:

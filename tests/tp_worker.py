@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -56,10 +57,29 @@ def loop(out: Path, tp: int) -> int:
         generate(engine)
 
 
+def idle(out: Path, tp: int, seconds: float) -> int:
+    """Generate, stay idle for `seconds`, generate again: followers must wait it out."""
+    group = init_group(tp, "cpu")
+    model, tok = shard_model("tiny", group, torch.float32, seed=3)
+    engine = Engine(model, tok, EngineConfig(mode="eager", max_batch=2, max_seq_len=32, tp=tp))
+    if not group.leader:
+        follow(engine, group)
+        return 0
+    leader = lead(engine, group)
+    first = generate(engine)
+    time.sleep(seconds)
+    assert generate(engine) == first
+    leader.stop()
+    (out / "idle-ok").touch()
+    return 0
+
+
 def main(out: Path, sources: list[str]) -> int:
     tp = int(os.environ["WORLD_SIZE"])
     if sources == ["--loop"]:
         return loop(out, tp)
+    if sources[0] == "--idle":
+        return idle(out, tp, float(sources[1]))
     group = init_group(tp, "cpu")
     for source in sources:
         model, tok = shard_model(source, group, torch.float32, seed=3)

@@ -13,7 +13,7 @@ randomness and advances its own buffers exactly as rank 0 does.
 
 Both engines are built the same way, so their start-up (capture ahead, JIT warm-up) is
 the same sequence of steps on every rank and needs no messages. While idle, the leader
-sends a heartbeat every HEARTBEAT_S, so a follower's wait is bounded by the control
+sends heartbeats (group.heartbeat_s), so a follower's wait is bounded by the control
 group's timeout even on a server that has no requests.
 """
 
@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from hybridgraph.engine import Engine
-from hybridgraph.parallel.group import HEARTBEAT_S, TPGroup
+from hybridgraph.parallel.group import TPGroup, heartbeat_s
 from hybridgraph.runtime.graphs import GraphKey
 from hybridgraph.runtime.runner import StepPlan
 
@@ -92,13 +92,12 @@ def _broadcast_inputs(engine: Engine, group: TPGroup, phase: str, b: int, t: int
 class Leader:
     """The observer on rank 0's runner: tells the followers every step and capture."""
 
-    def __init__(self, engine: Engine, group: TPGroup, heartbeat_s: float = HEARTBEAT_S,
-                 ) -> None:
+    def __init__(self, engine: Engine, group: TPGroup) -> None:
         self.engine, self.group = engine, group
         self.lock = threading.Lock()
         self.last_send = time.monotonic()
         self.stopped = False
-        self.heartbeat_s = heartbeat_s
+        self.heartbeat_s = heartbeat_s()
         self._beat = threading.Thread(target=self._heartbeat, name="tp-heartbeat", daemon=True)
         self._beat.start()
 

@@ -32,10 +32,11 @@ ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # compile concurrently, so they meet within seconds of each other, but a 70B checkpoint
 # read from a slow disk can take minutes. HG_TP_TIMEOUT_S overrides.
 DEFAULT_TIMEOUT_S = 300.0
-# The leader sends a header at least this often, even when idle, so a follower's wait
-# for the next step can be short (CONTROL_TIMEOUT_S) without an idle server tripping it.
-HEARTBEAT_S = 2.0
+# A follower waits this long for the leader's next header before it gives up (the leader
+# is hung); HG_TP_CONTROL_TIMEOUT_S overrides. The leader sends a header at least every
+# control timeout / HEARTBEATS_PER_TIMEOUT even when idle, so an idle server never trips it.
 CONTROL_TIMEOUT_S = 60.0
+HEARTBEATS_PER_TIMEOUT = 20
 
 
 def set_safe_env(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -69,15 +70,23 @@ def check_tp(tp: object, config: ModelConfig, device_type: str) -> int:
     return tp
 
 
-def _timeout_s() -> float:
-    raw = os.environ.get("HG_TP_TIMEOUT_S")
+def _seconds(var: str, default: float) -> float:
+    raw = os.environ.get(var)
     try:
-        value = float(raw) if raw is not None else DEFAULT_TIMEOUT_S
+        value = float(raw) if raw is not None else default
     except ValueError:
-        raise ValueError(f"HG_TP_TIMEOUT_S must be a number of seconds, got {raw!r}") from None
+        raise ValueError(f"{var} must be a number of seconds, got {raw!r}") from None
     if value <= 0:
-        raise ValueError(f"HG_TP_TIMEOUT_S must be positive, got {raw!r}")
+        raise ValueError(f"{var} must be positive, got {raw!r}")
     return value
+
+
+def control_timeout_s() -> float:
+    return _seconds("HG_TP_CONTROL_TIMEOUT_S", CONTROL_TIMEOUT_S)
+
+
+def heartbeat_s() -> float:
+    return control_timeout_s() / HEARTBEATS_PER_TIMEOUT
 
 
 @dataclass
@@ -147,7 +156,7 @@ def init_group(tp: int, device: str) -> TPGroup:
         raise ValueError(f"tp {tp} but this run has WORLD_SIZE {size}: they must match")
     set_safe_env()
     dev = rank_device(device, local)
-    timeout = timedelta(seconds=_timeout_s())
+    timeout = timedelta(seconds=_seconds("HG_TP_TIMEOUT_S", DEFAULT_TIMEOUT_S))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         # device_id: connect NCCL now, so a missing peer shows up here, not mid-step.
@@ -155,6 +164,6 @@ def init_group(tp: int, device: str) -> TPGroup:
                                 device_id=dev)
     else:
         dist.init_process_group("gloo", rank=rank, world_size=size, timeout=timeout)
-    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=CONTROL_TIMEOUT_S))
+    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=control_timeout_s()))
     _JOINED.append(TPGroup(rank, size, dev, dist.group.WORLD, control))
     return _JOINED[0]

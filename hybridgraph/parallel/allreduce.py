@@ -73,9 +73,11 @@ def _symm_mem(group: TPGroup, numel: int, dtype: torch.dtype, iters: int,
               ) -> tuple[float, float]:
     import torch.distributed._symmetric_memory as symm_mem
 
+    name = group.group.group_name
+    # Needed before torch 2.9's implicit enablement; a no-op once enabled.
+    symm_mem.enable_symm_mem_for_group(name)
     buf = symm_mem.empty(numel, dtype=dtype, device=group.device)
     buf.zero_()
-    name = group.group.group_name
     symm_mem.rendezvous(buf, name)
     op = torch.ops.symm_mem.one_shot_all_reduce
     return _cuda_us(lambda: op(buf, "sum", name), iters, group)

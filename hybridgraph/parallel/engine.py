@@ -23,8 +23,10 @@ def shard_model(model: str, group: TPGroup, dtype: torch.dtype, seed: int = 0,
                 ) -> tuple[Transformer, Tokenizer]:
     """This rank's share of `model`, its blocks summing their partial outputs over the group."""
     shard, tokenizer = load_shard(model, group.size, group.rank, group.device, dtype, seed)
+    # One callable object for every layer: the compiled block's guards see the same one.
+    reduce = group.all_reduce
     for layer in shard.layers:
-        layer.all_reduce = group.all_reduce
+        layer.all_reduce = reduce
     return shard, tokenizer
 
 

@@ -344,6 +344,7 @@ class Engine:
             "max_batch": self.max_batch, "max_seq_len": self.max_seq_len,
             "coverage": self.coverage, "requests_served": self.requests_served,
             "kernels": self.steps.kernels, "kernels_reason": self.steps_note or self.steps.kernels_reason,
+            "tp": self.engine_config.tp,  # ranks; with tp > 1 this engine is rank 0's share
         }
         graphs = self.runner.stats()
         if graphs is not None:

@@ -164,5 +164,6 @@ def test_serve_with_tp_2(tmp_path: Path) -> None:
     with srv:
         with Client(sock) as client:
             reply = client.generate(prompt_ids=[5, 17, 42], max_new_tokens=6, seed=0)
+            assert client.status()["tp"] == 2
         assert reply["tokens"] == want
     assert srv.proc is not None and srv.proc.returncode == 0, srv.log()

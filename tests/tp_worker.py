@@ -22,18 +22,24 @@ from hybridgraph.engine_config import EngineConfig
 from hybridgraph.parallel.control import follow, lead
 from hybridgraph.parallel.engine import shard_model
 from hybridgraph.parallel.group import init_group
+from hybridgraph.runtime.step import compiled_blocks
 
 PROMPTS = [[5, 17, 42, 9, 33, 7, 21], [11, 3, 60]]
 NEW = 8
 
 
-def logits(model) -> dict[str, torch.Tensor]:
-    """The same calls tests/test_parallel.py makes on the one-rank model."""
+def logits(model, compiled: bool = False) -> dict[str, torch.Tensor]:
+    """The same calls tests/test_parallel.py makes on the one-rank model. compiled: through
+    the blocks hybrid mode compiles (the all-reduce traced by torch.compile)."""
+    blocks = {}
+    if compiled:
+        blocks = dict(zip(("prefill", "decode"), compiled_blocks(), strict=True))
     model.setup_caches(2, 32)
     ids = torch.tensor([PROMPTS[0][:5], PROMPTS[1] + [4, 8]])
     with torch.inference_mode():
-        pre = model.prefill(ids)
-        dec = model.decode(torch.tensor([13, 14]), torch.tensor([5, 5]), 32)
+        pre = model.prefill(ids, **({"block": blocks["prefill"]} if compiled else {}))
+        dec = model.decode(torch.tensor([13, 14]), torch.tensor([5, 5]), 32,
+                           **({"block": blocks["decode"]} if compiled else {}))
     return {"prefill": pre, "decode": dec}
 
 
@@ -84,6 +90,8 @@ def main(out: Path, sources: list[str]) -> int:
     for source in sources:
         model, tok = shard_model(source, group, torch.float32, seed=3)
         got = logits(model)
+        if source == "tiny":
+            got.update({f"{k}_compiled": v for k, v in logits(model, compiled=True).items()})
         engine = Engine(model, tok, EngineConfig(mode="eager", max_batch=2, max_seq_len=32,
                                                  tp=tp))
         name = Path(source).name

@@ -226,7 +226,8 @@ def _follow_engine(args: argparse.Namespace) -> int:
     """Ranks 1..N-1 of generate and serve: build the same engine as rank 0, follow it."""
     from hybridgraph.parallel.engine import follow_main
 
-    return follow_main(args.model, EngineConfig.from_args(args, progress=True))
+    # Rank 0 draws the progress bars; the config is otherwise rank 0's exactly.
+    return follow_main(args.model, EngineConfig.from_args(args, progress=False))
 
 
 def _follow_bench(args: argparse.Namespace) -> int:

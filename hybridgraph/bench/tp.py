@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import subprocess
+from dataclasses import replace
 
 import numpy as np
 
@@ -47,7 +48,7 @@ def follow_bench(args: argparse.Namespace) -> int:
     """Ranks 1..N-1 of `bench tp`: measure all-reduces with rank 0, then follow it."""
     cfg = from_args(args)
     _allreduce(cfg)
-    return follow_main(cfg.model, engine_config(cfg))
+    return follow_main(cfg.model, replace(engine_config(cfg), progress=False))
 
 
 def topology(is_cuda: bool) -> list[str]:

@@ -154,6 +154,9 @@ def init_group(tp: int, device: str) -> TPGroup:
     local = int(os.environ["LOCAL_RANK"])
     if size != tp:
         raise ValueError(f"tp {tp} but this run has WORLD_SIZE {size}: they must match")
+    if int(os.environ.get("LOCAL_WORLD_SIZE", size)) != size:
+        raise ValueError(f"WORLD_SIZE {size} spans several hosts (LOCAL_WORLD_SIZE "
+                         f"{os.environ['LOCAL_WORLD_SIZE']}): tensor parallelism runs on one host")
     set_safe_env()
     dev = rank_device(device, local)
     timeout = timedelta(seconds=_seconds("HG_TP_TIMEOUT_S", DEFAULT_TIMEOUT_S))

@@ -116,6 +116,8 @@ def tp_suite(cfg: BenchConfig, copy_bandwidth_gbs: float) -> list[Table]:
         ar.add(t.method, cfg.tp, t.rows, t.nbytes, t.eager_us, t.graph_us, t.error)
     ar.notes.append("NCCL with NCCL_NVLS_ENABLE=0; symmetric memory with "
                     "TORCH_SYMM_MEM_DISABLE_MULTICAST=1 (no NVLink multicast on shared hosts).")
+    if not timings:
+        ar.notes.append("TP=1: one rank, no all-reduce to time.")
     topo = Table("tp_topology", "Interconnect: nvidia-smi topo -m on this host", ["line", "text"])
     for i, line in enumerate(topology(engine.device.type == "cuda")):
         topo.add(i, line)

@@ -87,6 +87,9 @@ class Engine:
             kernels = auto_kernels(self.spec, self.device.type, cap)
             if kernels == "inductor":
                 self.steps_note = "auto: Triton decode kernels serve hybrid mode on sm_90+ only"
+            elif cfg.tp != 1:
+                kernels = "inductor"
+                self.steps_note = "auto: Triton decode kernels serve one rank only (tp 1)"
         self.steps = Steps(model, self.bufs, compile_forward=self.spec.compiled_forward
                            and self.ops.backend == "compile", kernels=kernels,
                            plan=KernelPlan(pdl=cfg.pdl))

@@ -98,3 +98,17 @@ def test_more_ranks_than_gpus_is_refused(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_engine_load_refuses_tp() -> None:
     with pytest.raises(ValueError, match="parallel.load_engine"):
         Engine.load("tiny", tp=2)
+
+
+def test_auto_kernels_keep_a_rank_off_the_triton_decode(monkeypatch: pytest.MonkeyPatch,
+                                                        ) -> None:
+    """Where auto would pick the Triton decode (hybrid on sm_90+), a rank of tp > 1 gets the
+    blocks with the all-reduce hook instead, and says why."""
+    import hybridgraph.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "auto_kernels", lambda *_: "triton")
+    model = random_shard(preset("tiny"), 2, 0, CPU, torch.float32)
+    from hybridgraph.model.tokenizer import ByteTokenizer
+
+    stats = Engine(model, ByteTokenizer(), mode="eager", tp=2).stats()
+    assert stats["kernels"] == "inductor" and "tp 1" in stats["kernels_reason"]

@@ -115,7 +115,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except RequestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"[{engine.config.name} {engine.mode} on {engine.device}] prompt {len(ids)} tokens, "
+    tp = f", tp {engine.engine_config.tp}" if engine.engine_config.tp > 1 else ""
+    print(f"[{engine.config.name} {engine.mode} on {engine.device}{tp}] prompt {len(ids)} tokens, "
           f"{len(res.tokens)} new ({res.finish_reason}); TTFT {res.ttft_ms:.2f} ms, "
           f"decode {res.decode_ms_per_token:.2f} ms/token, {res.tokens_per_s:.1f} tokens/s")
     return 0

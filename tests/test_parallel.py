@@ -92,7 +92,19 @@ def test_generate_cli_with_tp_2_prints_the_one_rank_text(capfd: pytest.CaptureFi
     assert main([*argv, "--tp", "2"]) == 0
     two = capfd.readouterr().out.splitlines()
     assert two[0] == one[0]            # the generated text
-    assert "prompt 3 tokens, 6 new" in two[1]
+    assert "tp 2] prompt 3 tokens, 6 new" in two[1]
+
+
+def test_the_same_command_runs_under_torchrun() -> None:
+    argv = ["generate", "--model", "tiny", "--prompt-ids", "5,17,42", "--max-new-tokens", "6"]
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "-m", "hybridgraph.cli", *argv, "--tp", "2"]
+    one = subprocess.run([sys.executable, "-m", "hybridgraph.cli", *argv], env=_env(),
+                         capture_output=True, text=True, timeout=300, check=True)
+    two = subprocess.run(run, env=_env(), capture_output=True, text=True, timeout=300,
+                         check=True)
+    assert two.stdout.splitlines()[0] == one.stdout.splitlines()[0]
+    assert "tp 2] prompt 3 tokens" in two.stdout
 
 
 @pytest.mark.parametrize(("tp", "message"), [("0", "tp must be an integer >= 1, got 0"),

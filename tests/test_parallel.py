@@ -27,7 +27,7 @@ from hybridgraph.engine_config import EngineConfig
 from hybridgraph.model.config import preset
 from hybridgraph.model.loader import load_model, random_model
 from hybridgraph.model.tokenizer import load_tokenizer
-from hybridgraph.parallel.launch import launch, rank_env, stop_all
+from hybridgraph.parallel.launch import free_port, launch, rank_env, stop_all
 from tests.conftest import TINY, make_hf_checkpoint, rel_max_diff
 from tests.tp_worker import generate, logits
 
@@ -97,12 +97,13 @@ def test_generate_cli_with_tp_2_prints_the_one_rank_text(capfd: pytest.CaptureFi
 
 def test_the_same_command_runs_under_torchrun() -> None:
     argv = ["generate", "--model", "tiny", "--prompt-ids", "5,17,42", "--max-new-tokens", "6"]
-    run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "-m", "hybridgraph.cli", *argv, "--tp", "2"]
+    # --standalone: a rendezvous on a free port (the default 29500 may be taken).
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "-m", "hybridgraph.cli", *argv, "--tp", "2"]
     one = subprocess.run([sys.executable, "-m", "hybridgraph.cli", *argv], env=_env(),
                          capture_output=True, text=True, timeout=300, check=True)
-    two = subprocess.run(run, env=_env(), capture_output=True, text=True, timeout=300,
-                         check=True)
+    two = subprocess.run(run, env=_env(), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.splitlines()[0] == one.stdout.splitlines()[0]
     assert "tp 2] prompt 3 tokens" in two.stdout
 
@@ -116,7 +117,7 @@ def test_bad_tp_is_refused(tp: str, message: str, capsys: pytest.CaptureFixture)
 
 def _start_looping(tmp_path: Path, env: dict[str, str]) -> list[subprocess.Popen]:
     """Two ranks generating in a loop (tests/tp_worker.py --loop), once they are at it."""
-    port = 29000 + os.getpid() % 1000
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "tests.tp_worker", str(tmp_path),
                                "--loop"], env=rank_env(r, 2, port, env),
                               stderr=subprocess.DEVNULL) for r in range(2)]

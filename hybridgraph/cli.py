@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     _add_sampling_args(c)
     add_text_args(c)
-    c.set_defaults(func=cmd_chat)
+    c.set_defaults(func=cmd_chat, follow=_follow_engine)
 
     s = sub.add_parser("serve", help="serve a model over a Unix socket and/or HTTP")
     _add_model_args(s)

@@ -61,11 +61,13 @@ def stream_generate(engine: Any, ids: list[int], args: argparse.Namespace,
 def cmd_chat(args: argparse.Namespace) -> int:
     """Read a line, answer it (streamed), keep the conversation; /reset forgets it, /exit or
     end of input ends it."""
-    from hybridgraph.engine import Engine, EngineConfig
+    from hybridgraph.engine import EngineConfig
     from hybridgraph.model.chat import chat_prompt_ids
+    from hybridgraph.parallel.engine import load_engine
     from hybridgraph.request import RequestError
 
-    engine = Engine.load(args.model, config=EngineConfig.from_args(args, progress=True))
+    # With --tp N this is rank 0 (the other ranks follow it: hybridgraph/parallel).
+    engine = load_engine(args.model, EngineConfig.from_args(args, progress=True))
     if engine.tokenizer.chat_template is None:
         print("error: this model has no chat template; pass --chat-template (a .jinja file or "
               "the template text)", file=sys.stderr)

@@ -83,20 +83,36 @@ def test_eight_ranks_match_one(tmp_path: Path) -> None:
     _check(out, str(directory))
 
 
-def test_generate_cli_with_tp_2_prints_the_one_rank_text(capfd: pytest.CaptureFixture,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
-    argv = ["generate", "--model", "tiny", "--prompt-ids", "5,17,42", "--max-new-tokens", "6"]
-    assert main(argv) == 0
-    one = capfd.readouterr().out.splitlines()
-    assert main([*argv, "--tp", "2"]) == 0
-    two = capfd.readouterr().out.splitlines()
+def _cli(*args: str) -> list[str]:
+    out = subprocess.run([sys.executable, *args], env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.splitlines()
+
+
+GENERATE = ["generate", "--model", "tiny", "--prompt-ids", "5,17,42", "--max-new-tokens", "6"]
+
+
+def test_generate_cli_with_tp_2_prints_the_one_rank_text() -> None:
+    one = _cli("-m", "hybridgraph.cli", *GENERATE)
+    two = _cli("-m", "hybridgraph.cli", *GENERATE, "--tp", "2")
     assert two[0] == one[0]            # the generated text
     assert "tp 2] prompt 3 tokens, 6 new" in two[1]
 
 
+def test_chat_with_tp_2_answers_like_one_rank() -> None:
+    """The interactive chat on rank 0, reading stdin; the follower exits with it."""
+    argv = ["-m", "hybridgraph.cli", "chat", "--model", "tiny", "--max-new-tokens", "5",
+            "--chat-template", "{% for m in messages %}{{ m.content }}{% endfor %}"]
+    runs = [subprocess.run([sys.executable, *argv, *tp], env=_env(), input="hello\n",
+                           capture_output=True, text=True, timeout=300) for tp in ([], ["--tp", "2"])]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert runs[1].stdout == runs[0].stdout
+
+
 def test_the_same_command_runs_under_torchrun() -> None:
-    argv = ["generate", "--model", "tiny", "--prompt-ids", "5,17,42", "--max-new-tokens", "6"]
+    argv = GENERATE
     # --standalone: a rendezvous on a free port (the default 29500 may be taken).
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            "2", "-m", "hybridgraph.cli", *argv, "--tp", "2"]

@@ -112,3 +112,12 @@ def test_auto_kernels_keep_a_rank_off_the_triton_decode(monkeypatch: pytest.Monk
 
     stats = Engine(model, ByteTokenizer(), mode="eager", tp=2).stats()
     assert stats["kernels"] == "inductor" and "tp 1" in stats["kernels_reason"]
+
+
+def test_a_gguf_file_is_refused_by_name(tmp_path) -> None:
+    from hybridgraph.parallel.load import model_config
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(LoadError, match="not GGUF files yet"):
+        model_config(str(gguf))

@@ -211,13 +211,7 @@ def load_model(source: str, device: str | torch.device = "cpu",
         if path is None:
             config = preset(source)
             model = random_model(config, device, dtype, seed)
-            template = find_chat_template(None, None, chat_template)
-            if tokenizer is None:
-                tok: Tokenizer = load_tokenizer(None, config.bos_token_id, config.eos_token_ids)
-                tok.chat_template = template
-                return model, tok
-            return model, load_tokenizer(None, config.bos_token_id, config.eos_token_ids,
-                                         tokenizer, template)
+            return model, preset_tokenizer(config, tokenizer, chat_template)
         if path.is_file():
             if not is_gguf(path):
                 raise LoadError(f"{path} is not a GGUF file (no GGUF magic bytes) and not a "
@@ -226,12 +220,31 @@ def load_model(source: str, device: str | torch.device = "cpu",
             if tokenizer is not None:
                 tok = load_tokenizer(None, tok.bos_id, tok.eos_ids, tokenizer, tok.chat_template)
             return model, tok
-        config = ModelConfig.from_json(path / "config.json")
-        gen = read_generation_config(path)
-        config = replace(config, eos_token_ids=merge_eos(config.eos_token_ids, gen.eos_token_ids))
-        config.extra["generation"] = gen
-        template = find_chat_template(path, None, chat_template)
-        tok = load_tokenizer(path, config.bos_token_id, config.eos_token_ids, tokenizer, template)
+        config, tok = directory_config(path, tokenizer, chat_template)
     except (ConfigError, GGUFError, TokenizerError, ChatTemplateError) as e:
         raise LoadError(str(e)) from None
     return load_checkpoint(path, config, device, dtype), tok
+
+
+def preset_tokenizer(config: ModelConfig, tokenizer: str | None = None,
+                     chat_template: str | None = None) -> Tokenizer:
+    """A random preset's tokenizer: bytes, or the given tokenizer.json."""
+    template = find_chat_template(None, None, chat_template)
+    if tokenizer is None:
+        tok: Tokenizer = load_tokenizer(None, config.bos_token_id, config.eos_token_ids)
+        tok.chat_template = template
+        return tok
+    return load_tokenizer(None, config.bos_token_id, config.eos_token_ids, tokenizer, template)
+
+
+def directory_config(path: Path, tokenizer: str | None = None,
+                     chat_template: str | None = None) -> tuple[ModelConfig, Tokenizer]:
+    """An HF directory's config (end ids merged with generation_config.json's) and its
+    tokenizer, without its weights (tensor-parallel ranks load their own slices)."""
+    config = ModelConfig.from_json(path / "config.json")
+    gen = read_generation_config(path)
+    config = replace(config, eos_token_ids=merge_eos(config.eos_token_ids, gen.eos_token_ids))
+    config.extra["generation"] = gen
+    template = find_chat_template(path, None, chat_template)
+    return config, load_tokenizer(path, config.bos_token_id, config.eos_token_ids, tokenizer,
+                                  template)

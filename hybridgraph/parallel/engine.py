@@ -13,6 +13,7 @@ import torch
 from hybridgraph.engine import DTYPES, Engine
 from hybridgraph.engine_config import EngineConfig
 from hybridgraph.model.llama import Transformer
+from hybridgraph.model.loader import auto_dtype
 from hybridgraph.model.tokenizer import Tokenizer
 from hybridgraph.parallel.control import follow, lead
 from hybridgraph.parallel.group import TPGroup, check_tp, init_group
@@ -20,14 +21,16 @@ from hybridgraph.parallel.load import load_shard, model_config
 
 
 def shard_model(model: str, group: TPGroup, dtype: torch.dtype, seed: int = 0,
+                tokenizer: str | None = None, chat_template: str | None = None,
                 ) -> tuple[Transformer, Tokenizer]:
     """This rank's share of `model`, its blocks summing their partial outputs over the group."""
-    shard, tokenizer = load_shard(model, group.size, group.rank, group.device, dtype, seed)
+    shard, tok = load_shard(model, group.size, group.rank, group.device, dtype, seed,
+                            tokenizer, chat_template)
     # One callable object for every layer: the compiled block's guards see the same one.
     reduce = group.all_reduce
     for layer in shard.layers:
         layer.all_reduce = reduce
-    return shard, tokenizer
+    return shard, tok
 
 
 def build_rank(model: str, config: EngineConfig) -> tuple[Engine, TPGroup]:
@@ -37,11 +40,13 @@ def build_rank(model: str, config: EngineConfig) -> tuple[Engine, TPGroup]:
         config.device == "auto" and torch.cuda.is_available()) else "cpu"
     check_tp(config.tp, model_config(model), device_type)
     group = init_group(config.tp, config.device)
-    dtype = config.dtype
-    if dtype == "auto":
-        dtype = "float16" if group.device.type == "cuda" else "float32"
-    shard, tokenizer = shard_model(model, group, DTYPES[dtype], config.weights_seed)
-    engine = Engine(shard, tokenizer, replace(config, device=str(group.device), dtype=dtype))
+    # dtype auto as Engine.load resolves it: the checkpoint's own on CUDA, float32 on a CPU.
+    dtype = (auto_dtype(model, group.device) if config.dtype == "auto"
+             else DTYPES[config.dtype])
+    shard, tokenizer = shard_model(model, group, dtype, config.weights_seed, config.tokenizer,
+                                   config.chat_template)
+    engine = Engine(shard, tokenizer, replace(config, device=str(group.device),
+                                              dtype=str(dtype).removeprefix("torch.")))
     if group.leader:
         lead(engine, group)
     return engine, group

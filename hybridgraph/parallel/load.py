@@ -14,23 +14,37 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from hybridgraph.model.config import PRESETS, ConfigError, ModelConfig, preset
+from hybridgraph.model.chat import ChatTemplateError
+from hybridgraph.model.config import ConfigError, ModelConfig, preset
 from hybridgraph.model.llama import Transformer
-from hybridgraph.model.loader import LoadError, _checkpoint_files, _empty_model, _hf_param_map
-from hybridgraph.model.tokenizer import Tokenizer, load_tokenizer
+from hybridgraph.model.loader import (
+    LoadError,
+    _checkpoint_files,
+    _empty_model,
+    _hf_param_map,
+    directory_config,
+    preset_tokenizer,
+    resolve_source,
+)
+from hybridgraph.model.tokenizer import Tokenizer, TokenizerError
 from hybridgraph.parallel.shard import row_parts, shard_config, shard_tensor, split_dim
+
+
+def _directory(source: str) -> Path | None:
+    """The checkpoint directory of `source`; None for a random preset. Other sources (a
+    GGUF file, the embedded model) are refused: ranks read their slices from safetensors."""
+    path = resolve_source(source)
+    if path is not None and not path.is_dir():
+        raise LoadError(f"{source!r}: tensor parallelism loads presets and safetensors "
+                        "directories (each rank reads its slices); not GGUF files yet")
+    return path
 
 
 def model_config(source: str) -> ModelConfig:
     """The whole model's config: a preset, or a directory's config.json."""
-    if source in PRESETS:
-        return preset(source)
-    model_dir = Path(source)
-    if not model_dir.is_dir():
-        raise LoadError(f"{source!r} is neither a preset ({', '.join(PRESETS)}) "
-                        "nor a model directory")
+    path = _directory(source)
     try:
-        return ModelConfig.from_json(model_dir / "config.json")
+        return preset(source) if path is None else ModelConfig.from_json(path / "config.json")
     except ConfigError as e:
         raise LoadError(str(e)) from None
 
@@ -113,14 +127,20 @@ def _read_rank_slice(sl, dim: int | None, tp: int, rank: int) -> torch.Tensor:
 
 
 def load_shard(source: str, tp: int, rank: int, device: torch.device, dtype: torch.dtype,
-               seed: int = 0) -> tuple[Transformer, Tokenizer]:
-    """Rank `rank` of `tp`'s model (preset: random weights; directory: its checkpoint)."""
-    config = model_config(source)
-    if source in PRESETS:
-        model = random_shard(config, tp, rank, device, dtype, seed)
-        return model, load_tokenizer(None, config.bos_token_id, config.eos_token_ids)
-    model = checkpoint_shard(Path(source), config, tp, rank, device, dtype)
-    return model, load_tokenizer(Path(source), config.bos_token_id, config.eos_token_ids)
+               seed: int = 0, tokenizer: str | None = None, chat_template: str | None = None,
+               ) -> tuple[Transformer, Tokenizer]:
+    """Rank `rank` of `tp`'s model (preset: random weights; directory: its checkpoint),
+    with the tokenizer `model.loader.load_model` would give the whole model."""
+    path = _directory(source)
+    try:
+        if path is None:
+            config = preset(source)
+            tok = preset_tokenizer(config, tokenizer, chat_template)
+            return random_shard(config, tp, rank, device, dtype, seed), tok
+        config, tok = directory_config(path, tokenizer, chat_template)
+    except (ConfigError, TokenizerError, ChatTemplateError) as e:
+        raise LoadError(str(e)) from None
+    return checkpoint_shard(path, config, tp, rank, device, dtype), tok
 
 
 def rank_weight_bytes(model: Transformer) -> int:

@@ -94,6 +94,7 @@ class Engine:
                            and self.ops.backend == "compile", kernels=kernels,
                            plan=KernelPlan(pdl=cfg.pdl))
         self.reader = TokenReader(self.max_batch, self.device)
+        self._all_rows = [1] * self.max_batch
         self.batch_buckets = pow2_buckets(1, self.max_batch)
         self.runner = GraphRunner(
             self.steps, self.ops, self.spec, capture_policy(cfg.capture),
@@ -231,6 +232,10 @@ class Engine:
         n, lengths = len(prompts), [len(p) for p in prompts]
         b = choose_bucket(n, self.batch_buckets)
         kind = "greedy" if all(s.temperature == 0 for s in sampling) else "sample"
+        # Rows and mask as a batch leaves them: host-side checks, no copy unless a
+        # scheduler ran on this engine last.
+        self.bufs.set_prefill_rows(0)
+        self.bufs.set_active(self._all_rows)
         self._load_sampling(sampling, b)
         self._prefill(prompts, lengths, b, kind)
         self.reader.push(0, self.bufs.ids[:n])
@@ -282,16 +287,36 @@ class Engine:
                 launch(i + 1)
         return results
 
-    def _load_sampling(self, sampling: list[SamplingParams], b: int) -> None:
+    def _load_sampling(self, sampling: list[SamplingParams], b: int, first: int = 0,
+                       non_blocking: bool = False) -> None:
+        """Sampling parameters of rows first..first+b-1 (padded with greedy rows).
+        non_blocking: don't wait for the GPU (other rows' steps may be in flight)."""
         rows = len(sampling)
         pad = [SamplingParams()] * (b - rows)
         params = sampling + pad
         seeds = [s.seed if s.seed is not None else random.getrandbits(62) for s in params]
-        bufs = self.bufs
-        bufs.temperature[:b].copy_(torch.tensor([float(s.temperature) for s in params]))
-        bufs.top_k[:b].copy_(torch.tensor([s.top_k for s in params]))
-        bufs.top_p[:b].copy_(torch.tensor([float(s.top_p) for s in params]))
-        bufs.seed[:b].copy_(torch.tensor(seeds))
+        bufs, at, nb = self.bufs, slice(first, first + b), non_blocking
+        bufs.temperature[at].copy_(torch.tensor([float(s.temperature) for s in params]), nb)
+        bufs.top_k[at].copy_(torch.tensor([s.top_k for s in params]), nb)
+        bufs.top_p[at].copy_(torch.tensor([float(s.top_p) for s in params]), nb)
+        bufs.seed[at].copy_(torch.tensor(seeds), nb)
+
+    # ---------------------------------------------------- rows chosen at run time
+
+    def prefill_row(self, row: int, prompt: Sequence[int], sampling: SamplingParams) -> None:
+        """Prefill one validated prompt into cache row `row` (the others untouched) and
+        sample its token 0 into that row's slot of the step buffers; nothing is read back.
+        For the batching scheduler, which keeps other rows decoding around it."""
+        self._load_sampling([sampling], 1, first=row, non_blocking=True)
+        self.bufs.set_prefill_rows(row)
+        self._prefill([prompt], [len(prompt)], 1, "greedy" if sampling.temperature == 0
+                      else "sample")
+
+    def decode_rows(self, b: int, active: list[int], max_pos: int, kind: str) -> None:
+        """One decode step over batch bucket b: rows with active[r] == 1 advance, the
+        others keep their position. max_pos: the newest position of any active row."""
+        self.bufs.set_active(active)
+        self._decode(b, max_pos, kind)
 
     # ---------------------------------------------------------------- step dispatch
 

@@ -90,6 +90,25 @@ def test_step_by_step_decode_equals_full_forward(
 
 
 @torch.inference_mode()
+def test_prefill_into_named_rows(pair: tuple[Transformer, torch.nn.Module, str]) -> None:
+    """A prefill given `rows` writes those cache rows only; decoding there continues it."""
+    ours, hf, _ = pair
+    seq = _ids(1, 12, ours.config.vocab_size, seed=8)
+    for cache in ours.caches:
+        cache.k.fill_(7.0)
+        cache.v.fill_(7.0)
+    ours.prefill(seq[:, :11], torch.tensor([10]), rows=torch.tensor([2]))
+    for cache in ours.caches:
+        for r in (0, 1, 3):
+            assert bool((cache.k[r] == 7.0).all() and (cache.v[r] == 7.0).all()), f"row {r}"
+        assert not bool((cache.k[2, :, :11] == 7.0).any())
+    # Rows 0, 1, 3 decode garbage beside it; row 2 must not notice.
+    ids = torch.tensor([5, 5, int(seq[0, 11]), 5])
+    got = ours.decode(ids, torch.tensor([3, 0, 11, 40]), MAX_SEQ)
+    assert rel_max_diff(got[2], hf(seq).logits[0, 11]) <= TOL
+
+
+@torch.inference_mode()
 def test_decode_window_only_needs_to_exceed_position(
         pair: tuple[Transformer, torch.nn.Module, str]) -> None:
     ours, hf, _ = pair

@@ -34,7 +34,9 @@ class RMSNorm(nn.Module):
 class KVCache(nn.Module):
     """Keys and values of one layer, allocated once: [max_batch, kv_heads, max_seq, head_dim].
 
-    Batch row b of a step always uses cache row b.
+    Batch row b of a decode step uses cache row b. A prefill may name its cache rows with
+    a device tensor instead, so one captured prefill graph serves a prompt bound for any
+    row (the batching scheduler places newcomers in whichever row is free).
     """
 
     def __init__(self, max_batch: int, max_seq: int, kv_heads: int, head_dim: int,
@@ -49,6 +51,13 @@ class KVCache(nn.Module):
         b, _, t, _ = k.shape
         self.k[:b, :, :t].copy_(k)
         self.v[:b, :, :t].copy_(v)
+
+    def write_rows(self, rows: Tensor, k: Tensor, v: Tensor) -> None:
+        """k, v: [B, kv_heads, T, D] for positions 0..T-1 of cache rows rows[0..B-1]
+        (distinct rows: a repeated row would leave which write wins undefined)."""
+        t = k.shape[2]
+        self.k[rows, :, :t] = k
+        self.v[rows, :, :t] = v
 
     def write_at(self, pos: Tensor, k: Tensor, v: Tensor) -> None:
         """k, v: [B, kv_heads, D] written at position pos[b] of row b."""
@@ -105,12 +114,17 @@ class Attention(nn.Module):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def prefill(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor:
+    def prefill(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache,
+                rows: Tensor | None = None) -> Tensor:
         """Prompts start at position 0, right-padded: causal masking alone keeps every real
-        token from seeing padding, so attention runs over the new keys only (flash-able)."""
+        token from seeing padding, so attention runs over the new keys only (flash-able).
+        It never reads the cache, so whatever a row held before is never seen."""
         b, t, _ = x.shape
         q, k, v = self._qkv(x, cos, sin)
-        cache.write_prefix(k, v)
+        if rows is None:
+            cache.write_prefix(k, v)
+        else:
+            cache.write_rows(rows, k, v)
         rep = self.n_heads // self.n_kv
         if rep > 1:
             k = k[:, :, None].expand(b, self.n_kv, rep, t, self.head_dim).reshape(b, -1, t, self.head_dim)
@@ -120,7 +134,9 @@ class Attention(nn.Module):
 
     def decode(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, pos: Tensor,
                window: int) -> Tensor:
-        """One new token per row at position pos[b]; attends over cache[:, :, :window]."""
+        """One new token per row at position pos[b]; attends over cache[:, :, :window].
+        Rows are independent: row b reads and writes cache row b only, so a row the caller
+        masks out (its position held still, its output ignored) disturbs no other."""
         b = x.shape[0]
         q, k, v = self._qkv(x, cos, sin)
         cache.write_at(pos, k[:, :, 0], v[:, :, 0])
@@ -163,8 +179,10 @@ class Block(nn.Module):
         # which torch.compile traces away and eager pays one Python call for.
         self.all_reduce: Callable[[Tensor], Tensor] = no_reduce
 
-    def prefill(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor:
-        x = x + self.all_reduce(self.attention.prefill(self.attention_norm(x), cos, sin, cache))
+    def prefill(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache,
+                rows: Tensor | None = None) -> Tensor:
+        x = x + self.all_reduce(self.attention.prefill(self.attention_norm(x), cos, sin, cache,
+                                                       rows))
         return x + self.all_reduce(self.feed_forward(self.ffn_norm(x)))
 
     def decode(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, pos: Tensor,
@@ -203,8 +221,10 @@ class Transformer(nn.Module):
         self.max_batch, self.max_seq = max_batch, max_seq
 
     def prefill(self, ids: Tensor, last_idx: Tensor | None = None,
-                block: Callable[..., Tensor] = Block.prefill) -> Tensor:
-        """ids: [B, T] right-padded prompts written to cache rows 0..B-1, positions 0..T-1.
+                block: Callable[..., Tensor] = Block.prefill, rows: Tensor | None = None,
+                ) -> Tensor:
+        """ids: [B, T] right-padded prompts written to cache rows 0..B-1 (or rows[0..B-1]
+        when `rows`, a device tensor, is given), positions 0..T-1.
 
         Returns float32 logits of the token at last_idx[b] of each row ([B, V]), or of
         every position ([B, T, V]) when last_idx is None. `block` runs one layer (the
@@ -214,7 +234,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[None, :t], self.rope_sin[None, :t]
         x = self.tok_embeddings(ids)
         for layer, cache in zip(self.layers, self.caches, strict=True):
-            x = block(layer, x, cos, sin, cache)
+            x = block(layer, x, cos, sin, cache, rows)
         if last_idx is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last_idx]
         return self.output(self.norm(x)).float()

@@ -4,6 +4,12 @@ A step reads only `StepBuffers` and writes its result back into them, so the ver
 function runs eagerly or is captured once and replayed: the buffers' addresses never
 change. Sizes are fixed once for (max_batch, max_seq); a step on batch bucket b uses
 rows [:b].
+
+Two buffers let rows be chosen at run time (continuous batching), with no new graphs:
+`rows` names the cache rows a prefill writes, and `active` masks decode rows, 0 holding
+a row's position still so a free or finished row inside a bucket never walks past the
+cache. Both are device tensors with a host mirror, so setting them to what they already
+hold (always, for a lone request) costs no copy and no launch.
 """
 
 from __future__ import annotations
@@ -38,6 +44,29 @@ class StepBuffers:
         self.top_k = torch.zeros(max_batch, **i64)
         self.top_p = torch.ones(max_batch, **f32)
         self.seed = torch.zeros(max_batch, **i64)
+        self.rows = torch.arange(max_batch, **i64)       # cache row of each prefill row
+        self.active = torch.ones(max_batch, **i64)       # 1: decodes; 0: position held
+        self.max_batch, self.device = max_batch, device
+        self.first_row, self._active = 0, [1] * max_batch  # host mirrors of the two above
+
+    def set_prefill_rows(self, first: int) -> None:
+        """Prefill row i writes cache row first + i (rows past the end wrap; a prefill of
+        b prompts must have first + b <= max_batch)."""
+        if not 0 <= first < self.max_batch:
+            raise ValueError(f"first row {first} outside [0, {self.max_batch})")
+        if first != self.first_row:
+            rows = (torch.arange(self.max_batch) + first) % self.max_batch
+            self.rows.copy_(rows.to(self.device, non_blocking=True))
+            self.first_row = first
+
+    def set_active(self, mask: list[int]) -> None:
+        """mask[r] in {0, 1} for every row r < max_batch."""
+        if len(mask) != self.max_batch:
+            raise ValueError(f"active mask of {len(mask)} rows; the buffers hold {self.max_batch}")
+        if mask != self._active:
+            self.active.copy_(torch.tensor(mask, dtype=torch.int64).to(self.device,
+                                                                        non_blocking=True))
+            self._active = list(mask)
 
     def snapshot(self) -> tuple[Tensor, ...]:
         return self.ids.clone(), self.pos.clone(), self.last_idx.clone()
@@ -103,7 +132,7 @@ class Steps:
 
     def forward_prefill(self, b: int, t: int) -> Tensor:
         return self.model.prefill(self.bufs.prompt_ids[:b, :t], self.bufs.last_idx[:b],
-                                  block=self.prefill_block)
+                                  block=self.prefill_block, rows=self.bufs.rows[:b])
 
     def forward_decode(self, b: int, window: int) -> Tensor:
         if self.fast is not None:
@@ -118,12 +147,21 @@ class Steps:
         return sampler(logits, s.temperature[:b], s.top_k[:b], s.top_p[:b], s.seed[:b], new_pos)
 
     def finish_prefill(self, logits: Tensor, b: int, sampler: Sampler) -> None:
-        new_pos = self.bufs.last_idx[:b] + 1
-        self.bufs.ids[:b].copy_(self._sample(sampler, logits, b, new_pos))
-        self.bufs.pos[:b].copy_(new_pos)
+        """Sample token 0 of prefill rows [:b] into the rows the prefill wrote (from
+        `set_prefill_rows`, a host int: plain slices, no gathers), with their parameters."""
+        s = self.bufs
+        rows = slice(s.first_row, s.first_row + b)
+        new_pos = s.last_idx[:b] + 1
+        tok = sampler(logits, s.temperature[rows], s.top_k[rows], s.top_p[rows], s.seed[rows],
+                      new_pos)
+        s.ids[rows].copy_(tok)
+        s.pos[rows].copy_(new_pos)
 
     def finish_decode(self, logits: Tensor, b: int, sampler: Sampler) -> None:
-        new_pos = self.bufs.pos[:b] + 1
+        # `pos + active` rather than `pos + 1`: the same one kernel, and a masked row's
+        # position stays put. Its newest-token slot is scratch (overwritten) until a
+        # prefill sets it again, right before the row turns active.
+        new_pos = self.bufs.pos[:b] + self.bufs.active[:b]
         self.bufs.ids[:b].copy_(self._sample(sampler, logits, b, new_pos))
         self.bufs.pos[:b].copy_(new_pos)
 

@@ -137,7 +137,39 @@ def plot_batch(res: Results, out: Path) -> str | None:
     return _save(fig, res, out, "batch.png", "Batch throughput")
 
 
+def plot_serve(res: Results, out: Path) -> str | None:
+    if "serve" not in res.tables:
+        return None
+    rows = res.tables["serve"].records()
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(13, 4.5))
+    for batching, style in (("on", "-"), ("off", "--")):
+        mine = sorted((r for r in rows if r["batching"] == batching), key=lambda r: r["clients"])
+        if not mine:
+            continue
+        xs = [r["clients"] for r in mine]
+        a1.plot(xs, [r["tokens_per_s"] for r in mine], style, marker="o",
+                label=f"batching {batching}")
+        a2.plot(xs, [r["token_median_ms"] for r in mine], style, marker="o",
+                label=f"batching {batching}, median")
+        a2.plot(xs, [r["token_p99_ms"] for r in mine], style, marker="^", alpha=0.6,
+                label=f"batching {batching}, P99")
+        a3.plot(xs, [r["ttft_median_ms"] for r in mine], style, marker="o",
+                label=f"batching {batching}, median")
+        a3.plot(xs, [r["ttft_p99_ms"] for r in mine], style, marker="^", alpha=0.6,
+                label=f"batching {batching}, P99")
+    for ax, ylabel, title in ((a1, "tokens/s, all clients", "Aggregate throughput"),
+                              (a2, "ms between tokens", "Per-token latency"),
+                              (a3, "ms to first token", "TTFT")):
+        ax.set(xlabel="concurrent clients", ylabel=ylabel, title=title, yscale="log")
+        ax.set_xscale("log", base=2)
+        sizes = sorted({r["clients"] for r in rows})
+        ax.set_xticks(sizes, [str(x) for x in sizes])
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, res, out, "serve.png", "Serving concurrent clients: batching on vs off")
+
+
 def write_plots(res: Results, out: Path) -> list[str]:
     names = [f(res, out) for f in (plot_ttft, plot_decode, plot_ablation, plot_coverage,
-                                   plot_batch)]
+                                   plot_batch, plot_serve)]
     return [n for n in names if n is not None]

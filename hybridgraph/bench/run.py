@@ -1,8 +1,8 @@
 """`hybridgraph bench <suite>`: runs suites, then writes CSVs, plots and SUMMARY.md.
 
 Suites: ttft, decode, p99, ablation, profile, coverage, ipc, batch, cost, peers, or all;
-and tp (tensor parallelism, bench/tp.py: the only suite that runs with --tp N > 1, not in
-all).
+and, only when named, tp (tensor parallelism, bench/tp.py: the only suite that runs with
+--tp N > 1) and serve (concurrent clients through a server, batching on and off).
 Suites that start child processes (cost, peers, ipc) run before the parent loads the
 model, so each child finds the GPU empty; a suite that fails is recorded and the run
 goes on (exit status 1 at the end).
@@ -29,6 +29,7 @@ from hybridgraph.bench.latency import ablation_suite, decode_suite, p99_suite, t
 from hybridgraph.bench.peers import peers_suite
 from hybridgraph.bench.profile import profile_suite
 from hybridgraph.bench.report import write_all
+from hybridgraph.bench.serve_suite import serve_suite
 from hybridgraph.bench.table import Results, Table
 from hybridgraph.bench.tp import tp_suite
 from hybridgraph.engine import DTYPES
@@ -37,9 +38,11 @@ from hybridgraph.model.config import PRESETS, ModelConfig, preset
 log = logging.getLogger(__name__)
 
 # Run order: child-process suites first (see the module docstring).
-SUITES = ("cost", "peers", "ipc", "ttft", "decode", "p99", "profile", "ablation", "batch",
-          "coverage", "tp")
-ALL = tuple(s for s in SUITES if s != "tp")
+SUITES = ("cost", "peers", "ipc", "serve", "ttft", "decode", "p99", "profile", "ablation",
+          "batch", "coverage", "tp")
+# Not in `all`: tp needs --tp N; serve starts two servers and loads them with up to 64
+# clients.
+ALL = tuple(s for s in SUITES if s not in ("tp", "serve"))
 
 
 def tp_refusal(names: list[str], tp: int) -> str | None:
@@ -74,6 +77,7 @@ def _suite_fns(cfg: BenchConfig, engines: Engines, floor_ms: float,
         "cost": lambda: cost_suite(cfg),
         "peers": lambda: peers_suite(cfg, floor_ms),
         "tp": lambda: tp_suite(cfg, copy_bandwidth_gbs),
+        "serve": lambda: serve_suite(cfg),
     }
 
 

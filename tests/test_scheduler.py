@@ -335,3 +335,20 @@ def test_jit_mode_matches_alone() -> None:
     want = [_alone(engine, r) for r in reqs]
     tickets = _run(Scheduler(engine), reqs, [0, 0, 0, 2, 5], poison=False)
     assert [(t.result.tokens, t.result.finish_reason) for t in tickets] == want
+
+
+def test_generate_leaves_rows_and_mask_alone_when_they_hold(engine: Engine) -> None:
+    """Engine.generate's lone path: the row and mask buffers are written only when a
+    scheduler left them changed (version counters count in-place writes)."""
+    bufs = engine.bufs
+    engine.generate([3, 4, 5], 4, stop_ids=[])
+    rows_v, active_v = bufs.rows._version, bufs.active._version
+    engine.generate([6, 7], 4, stop_ids=[])
+    assert (bufs.rows._version, bufs.active._version) == (rows_v, active_v)
+    sched = Scheduler(engine, max_batch=2)
+    sched.submit([3, 4], 3, stop_ids=[])
+    sched.submit([5, 6], 3, stop_ids=[])
+    sched.run_until_idle()          # row 1 prefilled, rows masked: both buffers changed
+    engine.generate([6, 7], 4, stop_ids=[])
+    assert bufs.rows._version > rows_v and bufs.active._version > active_v
+    assert bufs.first_row == 0 and bool(bufs.active.eq(1).all())

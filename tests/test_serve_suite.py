@@ -19,9 +19,10 @@ def test_bench_serve_quick(tmp_path: Path) -> None:
         (b, n) for b in ("on", "off") for n in (1, 4)}
     for r in rows:
         n = int(r["clients"])
-        assert int(r["requests"]) == 2 * n and int(r["errors"]) == 0
+        per_client = 4 if n == 1 else 2    # at least 4 requests in all, 2 per client
+        assert int(r["requests"]) == per_client * n and int(r["errors"]) == 0
         # the quick mix: requests of 12 and 6 new tokens, alternating per client
-        assert int(r["tokens"]) == 18 * n
+        assert int(r["tokens"]) == 9 * per_client * n
         assert float(r["tokens_per_s"]) > 0 and float(r["ttft_median_ms"]) > 0
         assert float(r["token_p99_ms"]) >= float(r["token_median_ms"]) > 0
     png = (out / "serve.png").read_bytes()

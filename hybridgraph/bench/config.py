@@ -48,7 +48,8 @@ class BenchConfig:
     ipc_requests: int = 1000
     profile_tokens: int = 32               # decode tokens under the profiler
     serve_clients: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
-    serve_requests: int = 3                # per client, one after another
+    serve_requests: int = 2                # per client, one after another...
+    serve_min_requests: int = 16           # ...and at least this many in all (TTFT samples)
     serve_mix: list[tuple[int, int]] = field(default_factory=lambda: [
         (32, 128), (128, 64), (16, 192), (64, 128)])   # (prompt, new tokens), cycled
     serve_max_seq_len: int = 256
@@ -86,7 +87,8 @@ def from_args(args: argparse.Namespace) -> BenchConfig:
                           coverage_runs=1, batch_sizes=[1, 4], batch_runs=2, peer_runs=3,
                           peer_decode_runs=1, ipc_requests=200, tp_ttft_lengths=[10, 100],
                           tp_decode_new=16, serve_clients=[1, 4], serve_requests=2,
-                          serve_mix=[(8, 12), (20, 6)], serve_max_seq_len=64)
+                          serve_min_requests=4, serve_mix=[(8, 12), (20, 6)],
+                          serve_max_seq_len=64)
     else:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -34,9 +34,9 @@ def serve_suite(cfg: BenchConfig) -> list[Table]:
     except ImportError as e:
         raise SuiteUnavailable(f"the server is not available ({e})") from None
     vocab = _vocab(cfg.model)
-    t = Table("serve", f"Serving N concurrent streaming clients, {cfg.serve_requests} requests "
-                       f"each, prompt/new-token mix {list(cfg.serve_mix)}",
-              list(COLUMNS))
+    t = Table("serve", f"Serving N concurrent streaming clients, each sending "
+                       f"max({cfg.serve_requests}, {cfg.serve_min_requests}/N) requests in turn, "
+                       f"prompt/new-token mix {list(cfg.serve_mix)}", list(COLUMNS))
     for batching, max_batch in (("on", max(cfg.serve_clients)), ("off", 1)):
         free_memory()
         with tempfile.TemporaryDirectory(prefix="hg-bench-") as tmp:
@@ -45,9 +45,9 @@ def serve_suite(cfg: BenchConfig) -> list[Table]:
                      str(cfg.serve_max_seq_len), "--max-batch", str(max_batch)]
             with ServerProcess(sock, model=cfg.model, extra=extra, ready_timeout_s=1800.0) as srv:
                 for n in cfg.serve_clients:
+                    per_client = max(cfg.serve_requests, math.ceil(cfg.serve_min_requests / n))
                     try:
-                        r = measure_serve(srv.socket_path, n, cfg.serve_requests, cfg.serve_mix,
-                                          vocab)
+                        r = measure_serve(srv.socket_path, n, per_client, cfg.serve_mix, vocab)
                     except Exception as e:
                         raise RuntimeError(f"serve load with {n} clients failed: "
                                            f"{type(e).__name__}: {e}\n{srv.log()[-2000:]}") from e

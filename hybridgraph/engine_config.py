@@ -91,7 +91,9 @@ class EngineConfig:
         p.add_argument("--max-seq-len", type=int, default=None,
                        help="KV cache length (default: the model's context limit, capped by "
                             "free memory)")
-        p.add_argument("--max-batch", type=int, default=1)
+        p.add_argument("--max-batch", type=int, default=1,
+                       help="KV-cache rows; serve batches up to this many requests at once "
+                            "(continuous batching; 1: one at a time)")
         p.add_argument("--coverage", default="pow2",
                        help="prefill graphs: exact | every:N | pow2 | a,b,c")
         p.add_argument("--capture", default="ahead", choices=list(CAPTURE_MODES))

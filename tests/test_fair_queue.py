@@ -29,3 +29,13 @@ def test_close_drains_then_ends_a_blocked_taker() -> None:
     q.close()
     t.join(5)
     assert not t.is_alive() and got == [1, 2, None]
+
+
+def test_get_without_blocking_and_drained() -> None:
+    q: FairQueue[int] = FairQueue()
+    assert q.get(block=False) is None and not q.drained   # empty, still open
+    q.put("a", 1)
+    q.close()
+    assert not q.drained                                   # closed, one left to take
+    assert q.get(block=False) == 1
+    assert q.drained and q.get(block=False) is None

@@ -31,10 +31,11 @@ class FairQueue(Generic[T]):
             self._n += 1
             self._cv.notify()
 
-    def get(self) -> T | None:
-        """The next item in round-robin order; blocks; None once closed and empty."""
+    def get(self, block: bool = True) -> T | None:
+        """The next item in round-robin order; None once closed and empty. block=False:
+        None at once when nothing is queued (the batching worker asks between steps)."""
         with self._cv:
-            while not self._n and not self._closed:
+            while block and not self._n and not self._closed:
                 self._cv.wait()
             if not self._n:
                 return None
@@ -52,6 +53,12 @@ class FairQueue(Generic[T]):
         with self._cv:
             self._closed = True
             self._cv.notify_all()
+
+    @property
+    def drained(self) -> bool:
+        """Closed, and nothing is left to take."""
+        with self._cv:
+            return self._closed and not self._n
 
     def qsize(self) -> int:
         return self._n

@@ -370,13 +370,14 @@ class Server:
 
     def status(self, conn: Connection | None = None) -> dict[str, Any]:
         out = self.engine.stats()
-        current = self.worker.current if self.worker is not None else None
+        worker = self.worker
+        # The caller's own running requests only: others' ids are theirs to know.
+        mine = worker.running_ids(conn) if worker is not None and conn is not None else []
         out.update(
             queue_depth=self.jobs.qsize(), in_flight=self._in_flight(),
-            busy=current is not None,
-            # The caller's own running request only: others' ids are theirs to know.
-            running=current.req.request_id if current is not None and current.conn is conn
-            else None,
+            busy=worker is not None and worker.busy,
+            running=mine[0] if mine else None, running_ids=mine,
+            batch=worker.scheduler.stats() if worker is not None else None,
             connections=sum(1 for c in self.conns if c.open),
             uptime_s=round(time.time() - self.t_start, 3), pid=os.getpid(), socket=self.path,
             fronts=[f.where for f in self.fronts],

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from hybridgraph.engine import Engine
-from hybridgraph.request import GenerationResult, RequestError, SamplingParams
+from hybridgraph.request import GenerationResult, SamplingParams, check_stop_ids
 from hybridgraph.runtime.dynamic import choose_bucket
 from hybridgraph.runtime.step import TokenReader
 
@@ -127,13 +127,12 @@ class Scheduler:
                on_done: DoneCallback | None = None) -> Ticket:
         """Queue a request (validated now: a bad one raises RequestError naming the field)."""
         self.engine.validate(prompt_ids, max_new_tokens)
-        sampling = (sampling or SamplingParams()).validate()
+        sampling = SamplingParams.of(sampling)
         if sampling.seed is None:
             sampling = SamplingParams(sampling.temperature, sampling.top_k, sampling.top_p,
                                       random.getrandbits(62))
+        stop_ids = check_stop_ids(stop_ids)
         stops = frozenset(self.engine.tokenizer.eos_ids if stop_ids is None else stop_ids)
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in stops):
-            raise RequestError("stop_ids", "must be integer token ids")
         ticket = Ticket(list(prompt_ids), max_new_tokens, sampling, stops, on_token, on_done,
                         GenerationResult([], len(prompt_ids), float("nan")), time.perf_counter())
         with self.lock:

@@ -309,7 +309,8 @@ def test_lone_request_uses_row_zero_and_bucket_one(engine: Engine) -> None:
 @pytest.mark.parametrize(("change", "field"), [
     ({"prompt_ids": []}, "prompt"), ({"max_new_tokens": 0}, "max_new_tokens"),
     ({"prompt_ids": [3] * 40, "max_new_tokens": 20}, "max_new_tokens"),
-    ({"sampling": SamplingParams(top_p=0.0)}, "top_p"), ({"stop_ids": ["x"]}, "stop_ids")])
+    ({"sampling": SamplingParams(top_p=0.0)}, "top_p"), ({"stop_ids": ["x"]}, "stop_ids"),
+    ({"sampling": {"temperature": 1.0}}, "sampling")])
 def test_bad_requests_are_refused_at_submit(engine: Engine, change: dict[str, Any],
                                             field: str) -> None:
     sched = Scheduler(engine)

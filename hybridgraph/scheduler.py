@@ -53,9 +53,12 @@ from hybridgraph.engine import Engine
 from hybridgraph.request import GenerationResult, SamplingParams, check_stop_ids
 from hybridgraph.runtime.dynamic import choose_bucket
 from hybridgraph.runtime.step import TokenReader
+from hybridgraph.text import TextStream, validate_stop
 
 # on_token(token) -> False cancels the request (the token is kept, as in Engine.generate).
 RowTokenCallback = Callable[[int], bool | None]
+# on_text(token, its text delta) -> False cancels the request, as on_token.
+RowTextCallback = Callable[[int, str], bool | None]
 DoneCallback = Callable[["Ticket"], None]
 
 
@@ -71,6 +74,8 @@ class Ticket:
     on_done: DoneCallback | None
     result: GenerationResult
     t_submit: float
+    text: TextStream | None = None     # with stop strings or on_text: the row's text
+    on_text: RowTextCallback | None = None
     row: int | None = None         # the KV-cache row, while live
     pos: int = 0                   # position of its newest launched token
     launched: int = 0              # tokens whose computation has been launched
@@ -124,17 +129,26 @@ class Scheduler:
     def submit(self, prompt_ids: Sequence[int], max_new_tokens: int = 32,
                sampling: SamplingParams | None = None, stop_ids: Sequence[int] | None = None,
                on_token: RowTokenCallback | None = None,
-               on_done: DoneCallback | None = None) -> Ticket:
-        """Queue a request (validated now: a bad one raises RequestError naming the field)."""
+               on_done: DoneCallback | None = None, *, stop: Sequence[str] | None = None,
+               ignore_eos: bool = False, on_text: RowTextCallback | None = None) -> Ticket:
+        """Queue a request (validated now: a bad one raises RequestError naming the field).
+
+        Stop rules as Engine.generate's: stop_ids (default: the model's end ids, none with
+        ignore_eos), and stop strings, cut from the text; with stop strings or on_text
+        the result carries `text` and on_text gets each token's text delta."""
         self.engine.validate(prompt_ids, max_new_tokens)
         sampling = SamplingParams.of(sampling)
         if sampling.seed is None:
             sampling = SamplingParams(sampling.temperature, sampling.top_k, sampling.top_p,
                                       random.getrandbits(62))
         stop_ids = check_stop_ids(stop_ids)
-        stops = frozenset(self.engine.tokenizer.eos_ids if stop_ids is None else stop_ids)
+        stop_strings = validate_stop(stop)
+        stops = frozenset(stop_ids or ()) if ignore_eos or stop_ids is not None else \
+            frozenset(self.engine.tokenizer.eos_ids)
         ticket = Ticket(list(prompt_ids), max_new_tokens, sampling, stops, on_token, on_done,
-                        GenerationResult([], len(prompt_ids), float("nan")), time.perf_counter())
+                        GenerationResult([], len(prompt_ids), float("nan")), time.perf_counter(),
+                        TextStream(self.engine.tokenizer, stop_strings)
+                        if stop_strings or on_text is not None else None, on_text)
         with self.lock:
             self.waiting.append(ticket)
         return ticket
@@ -249,14 +263,21 @@ class Scheduler:
                 res.token_ms.append((now - t.t_last) * 1e3)
             t.t_last = now
             try:
+                done, delta = token in t.stops, ""
+                if t.text is not None:  # text deltas and stop strings
+                    delta, hit = t.text.step(token, final=done or len(res.tokens) >= t.max_new)
+                    done = done or hit
+                    res.text = t.text.text
                 keep = t.on_token(token) if t.on_token is not None else True
+                if t.on_text is not None and t.on_text(token, delta) is False:
+                    keep = False
             except Exception as e:  # one client's callback must not end the others' work
                 t.error = e
                 self._finish(t, "error")
                 continue
             if keep is False or t.cancelled:
                 self._finish(t, "cancelled")
-            elif token in t.stops:
+            elif done:
                 self._finish(t, "stop")
             elif len(res.tokens) >= t.max_new:
                 self._finish(t, "length")

@@ -353,3 +353,37 @@ def test_generate_leaves_rows_and_mask_alone_when_they_hold(engine: Engine) -> N
     engine.generate([6, 7], 4, stop_ids=[])
     assert bufs.rows._version > rows_v and bufs.active._version > active_v
     assert bufs.first_row == 0 and bool(bufs.active.eq(1).all())
+
+
+def test_stop_strings_and_text_deltas_match_alone() -> None:
+    """Per-row text: stop strings cut the text and end the row, deltas add up to it, as in
+    Engine.generate; ignore_eos leaves only the given stop ids."""
+    from hybridgraph.model.tokenizer import ByteTokenizer
+
+    model = random_model(TINY, torch.device("cpu"), torch.float32)
+    randomize_(model, seed=3)
+    engine = Engine(model, ByteTokenizer(), mode="eager", max_batch=4, max_seq_len=MAX_SEQ)
+    reqs = _requests(8, seed=6)
+    for i, r in enumerate(reqs):
+        r.pop("stop_ids")
+        r["max_new_tokens"] = max(r["max_new_tokens"], 12)
+        text = engine.tokenizer.decode(engine.generate(**r, stop_ids=[]).tokens)
+        if i % 2 == 0 and len(text) > 8:
+            r["stop"] = [text[len(text) // 2:len(text) // 2 + 2]]
+        r["ignore_eos"] = i % 3 == 0
+
+    def alone(r: dict[str, Any]) -> tuple[Any, ...]:
+        deltas: list[str] = []
+        res = engine.generate(**r, on_text=lambda _row, _tok, d: deltas.append(d))
+        return res.tokens, res.finish_reason, res.text, "".join(deltas)
+
+    want = [alone(r) for r in reqs]
+    assert any(w[1] == "stop" and "stop" in r for w, r in zip(want, reqs, strict=True))
+    sched = Scheduler(engine)
+    deltas: list[list[str]] = [[] for _ in reqs]
+    tickets = [sched.submit(**r, on_text=lambda _tok, d, i=i: deltas[i].append(d))
+               for i, r in enumerate(reqs)]
+    sched.run_until_idle()
+    got = [(t.result.tokens, t.result.finish_reason, t.result.text, "".join(deltas[i]))
+           for i, t in enumerate(tickets)]
+    assert got == want

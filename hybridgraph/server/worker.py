@@ -111,13 +111,13 @@ class Worker:
             return
         loop, send_token = self.loop, self.send_token
 
-        def on_token(token: int) -> bool | None:
+        def on_token(token: int, delta: str = "") -> bool | None:
             if not job.t_first:
                 job.t_first = time.perf_counter()
             # Streamed even when cancelled: the result keeps this token, and a stream
             # must match its result.
             if req.stream:
-                loop.call_soon_threadsafe(send_token, job, token, job.n_tokens)
+                loop.call_soon_threadsafe(send_token, job, token, job.n_tokens, delta)
             job.n_tokens += 1
             return False if job.cancelled else None
 
@@ -128,13 +128,16 @@ class Worker:
                 e = ticket.error
                 msg = error_reply(req.request_id, INTERNAL, f"{type(e).__name__}: {e}")
             else:
-                msg = self._result(job, res.tokens, res.finish_reason, res.ttft_ms)
+                msg = self._result(job, res.tokens, res.finish_reason, res.ttft_ms, res.text)
             self._reply(job, msg)
 
         try:
-            self.running[job] = self.scheduler.submit(job.prompt_ids, req.max_new_tokens,
-                                                      req.sampling, req.stop_ids, on_token,
-                                                      on_done)
+            # A stream gets each token's text delta (whole characters); without one, text
+            # is made once at the end, or by the stop-string matcher.
+            self.running[job] = self.scheduler.submit(
+                job.prompt_ids, req.max_new_tokens, req.sampling, req.stop_ids,
+                None if req.stream else on_token, on_done, stop=req.stop,
+                ignore_eos=req.ignore_eos, on_text=on_token if req.stream else None)
         except RequestError as e:
             self._reply(job, error_reply(req.request_id, BAD_VALUE, str(e),
                                          wire_field(req, e.field)))
@@ -155,11 +158,12 @@ class Worker:
         self.loop.call_soon_threadsafe(self.finish, job, msg)
 
     def _result(self, job: Job, tokens: list[int], finish: str,
-                engine_ttft_ms: float) -> dict[str, Any]:
-        try:
-            text: str | None = self.engine.tokenizer.decode(tokens)
-        except Exception:  # a tokenizer that can't decode an id shouldn't fail the request
-            text = None
+                engine_ttft_ms: float, text: str | None = None) -> dict[str, Any]:
+        if text is None:
+            try:
+                text = self.engine.tokenizer.decode(tokens)
+            except Exception:  # a tokenizer that can't decode an id shouldn't fail the request
+                text = None
         ms = 1e3
         return {"type": "result", "request_id": job.req.request_id, "tokens": tokens,
                 "text": text, "prompt_len": len(job.prompt_ids or ()),
@@ -171,5 +175,8 @@ class Worker:
 def wire_field(req: GenerateRequest, engine_field: str) -> str:
     # The engine calls the prompt "prompt"; on the wire it is whichever field carried it.
     if engine_field == "prompt":
-        return "prompt_ids" if req.prompt_ids is not None else "text"
+        return "prompt_ids" if req.prompt_ids is not None else \
+            ("messages" if req.messages is not None else "text")
+    if engine_field.startswith("messages["):  # messages[3].content: the wire field is messages
+        return "messages"
     return engine_field

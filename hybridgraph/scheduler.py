@@ -285,6 +285,8 @@ class Scheduler:
     def _finish(self, t: Ticket, reason: str) -> None:
         t.done = True
         t.result.finish_reason = reason
+        if t.admitted_at >= 0:  # it ran: counted as Engine.generate counts its requests
+            self.engine.requests_served += 1
         if t.row is not None:
             del self.live[t.row]
             heapq.heappush(self.free, t.row)

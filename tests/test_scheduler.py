@@ -295,8 +295,10 @@ def test_a_failing_callback_ends_only_its_request(engine: Engine) -> None:
 
 def test_lone_request_uses_row_zero_and_bucket_one(engine: Engine) -> None:
     sched = Scheduler(engine)
+    served = engine.requests_served
     t = sched.submit([3, 4, 5], 8, stop_ids=[])
     sched.run_until_idle()
+    assert engine.requests_served == served + 1
     assert sched.steps_by_bucket == {1: 7}
     assert sched.stats() == {"max_batch": MAX_BATCH, "live": 0, "queued": 0,
                              "prefills_per_step": 1, "boundaries": 7,

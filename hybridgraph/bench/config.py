@@ -53,6 +53,9 @@ class BenchConfig:
     serve_mix: list[tuple[int, int]] = field(default_factory=lambda: [
         (32, 128), (128, 64), (16, 192), (64, 128)])   # (prompt, new tokens), cycled
     serve_max_seq_len: int = 256
+    # Batching on: this many rows. At most 16: the Triton decode kernels serve up to 16
+    # rows, and a larger engine decodes every batch, a lone request's too, without them.
+    serve_max_batch: int = 16
     modes: list[str] = field(default_factory=list)
     tp: int = 1                            # tensor-parallel ranks (the tp suite)
     tp_ttft_lengths: list[int] = field(default_factory=lambda: [10, 500])
@@ -87,7 +90,7 @@ def from_args(args: argparse.Namespace) -> BenchConfig:
                           coverage_runs=1, batch_sizes=[1, 4], batch_runs=2, peer_runs=3,
                           peer_decode_runs=1, ipc_requests=200, tp_ttft_lengths=[10, 100],
                           tp_decode_new=16, serve_clients=[1, 4], serve_requests=2,
-                          serve_min_requests=4, serve_mix=[(8, 12), (20, 6)],
+                          serve_min_requests=4, serve_max_batch=4, serve_mix=[(8, 12), (20, 6)],
                           serve_max_seq_len=64)
     else:
         if device == "auto":

@@ -1,5 +1,5 @@
 """The `serve` suite: N concurrent clients (1, 4, 16, 64) through a real server process,
-with batching on (the scheduler, `--max-batch` = the most clients) and off
+with batching on (the scheduler, `--max-batch` = BenchConfig.serve_max_batch) and off
 (`--max-batch 1`: one request at a time, first come first served), measured by
 hybridgraph.bench.serve_load. Not part of `bench all`: name it (`hybridgraph bench serve`).
 """
@@ -37,7 +37,7 @@ def serve_suite(cfg: BenchConfig) -> list[Table]:
     t = Table("serve", f"Serving N concurrent streaming clients, each sending "
                        f"max({cfg.serve_requests}, {cfg.serve_min_requests}/N) requests in turn, "
                        f"prompt/new-token mix {list(cfg.serve_mix)}", list(COLUMNS))
-    for batching, max_batch in (("on", max(cfg.serve_clients)), ("off", 1)):
+    for batching, max_batch in (("on", cfg.serve_max_batch), ("off", 1)):
         free_memory()
         with tempfile.TemporaryDirectory(prefix="hg-bench-") as tmp:
             sock = os.path.join(tmp, "server.sock")
@@ -56,6 +56,8 @@ def serve_suite(cfg: BenchConfig) -> list[Table]:
                                            f"clients, e.g. {r['errors'][0]}")
                     t.add(batching, n, *(r[c] for c in COLUMNS[2:-1]), len(r["errors"]))
     t.notes += _checks(t)
+    t.notes.append(f"Batching on: --max-batch {cfg.serve_max_batch} (more clients wait their "
+                   f"turn for a row); off: --max-batch 1.")
     t.notes.append("Times on the client. per-token: gaps between consecutive streamed tokens "
                    "of a request; worst client: the highest per-client median gap.")
     return [t]

@@ -42,7 +42,7 @@ IDLE_CAPTURE_BUDGET_S = 0.05  # short, so a request arriving mid-capture waits l
 class Worker:
     def __init__(self, engine: Engine, jobs: FairQueue[Job], loop: asyncio.AbstractEventLoop,
                  finish: Callable[[Job, dict[str, Any]], None],
-                 send_token: Callable[[Job, int, int], None]) -> None:
+                 send_token: Callable[[Job, int, int, str], None]) -> None:
         self.engine, self.jobs, self.loop = engine, jobs, loop
         self.finish, self.send_token = finish, send_token
         self.scheduler = Scheduler(engine)

@@ -137,3 +137,56 @@ def test_sigterm_drains_every_row(sockdir: str, expected: dict[int, list[int]]) 
         assert srv.proc.wait(60) == 0  # type: ignore[union-attr]
     for i in range(4):
         assert replies[i]["tokens"] == expected[i] and replies[i]["finish_reason"] == "length"
+
+
+def test_socket_and_http_requests_share_one_batch(sockdir: str,
+                                                  expected: dict[int, list[int]]) -> None:
+    openai = pytest.importorskip("openai")
+    path = os.path.join(sockdir, "h.sock")
+    spans: dict[int, tuple[float, float]] = {}
+    tokens: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+    with ServerProcess(path, "tiny", ["--device", "cpu", "--max-batch", "4"],
+                       http="127.0.0.1:0") as srv:
+        client = openai.OpenAI(base_url=f"{srv.http_url}/v1", api_key="none", max_retries=0,
+                               timeout=120)
+        go = threading.Barrier(4)
+
+        def over_http(i: int) -> None:
+            go.wait()
+            times, ids = [], []
+            for c in client.completions.create(model="tiny", prompt=PROMPTS[i],
+                                               max_tokens=N_NEW[i], temperature=0, stream=True,
+                                               extra_body={"stop_token_ids": []}):
+                if c.choices and c.choices[0].model_extra["token_ids"]:
+                    times.append(time.perf_counter())
+                    ids += c.choices[0].model_extra["token_ids"]
+            spans[i], tokens[i] = (times[0], times[-1]), ids
+
+        def over_socket(i: int) -> None:
+            with Client(path, timeout=120) as c:
+                go.wait()
+                times, ids = [], []
+                for t in c.stream(prompt_ids=PROMPTS[i], max_new_tokens=N_NEW[i], stop_ids=[]):
+                    times.append(time.perf_counter())
+                    ids.append(t)
+                spans[i], tokens[i] = (times[0], times[-1]), ids
+
+        def guarded(fn: Any, i: int) -> None:
+            try:
+                fn(i)
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=guarded, args=(over_http if i % 2 else over_socket, i))
+                   for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    for i in range(4):
+        assert tokens[i] == expected[i], f"request {i} ({'http' if i % 2 else 'socket'})"
+    # an HTTP request and a socket request were generating at the same time
+    assert any(spans[h][0] < spans[s][1] and spans[s][0] < spans[h][1]
+               for h in (1, 3) for s in (0, 2)), spans

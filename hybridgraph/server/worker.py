@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hybridgraph.engine import Engine, RequestError
+from hybridgraph.engine import Engine, GenerationResult, RequestError
 from hybridgraph.scheduler import Scheduler, Ticket
 from hybridgraph.server.connection import Job
 from hybridgraph.server.fair_queue import FairQueue
@@ -42,9 +42,11 @@ IDLE_CAPTURE_BUDGET_S = 0.05  # short, so a request arriving mid-capture waits l
 class Worker:
     def __init__(self, engine: Engine, jobs: FairQueue[Job], loop: asyncio.AbstractEventLoop,
                  finish: Callable[[Job, dict[str, Any]], None],
-                 send_token: Callable[[Job, int, int, str], None]) -> None:
+                 send_token: Callable[[Job, int, int, str], None],
+                 observe: Callable[[GenerationResult], None] | None = None) -> None:
         self.engine, self.jobs, self.loop = engine, jobs, loop
         self.finish, self.send_token = finish, send_token
+        self.observe = observe  # metrics: sees each finished generation, on this thread
         self.scheduler = Scheduler(engine)
         self.running: dict[Job, Ticket] = {}     # jobs holding (or queued for) a row
         self.held: Job | None = None             # a capture waiting for the batch to drain
@@ -128,6 +130,8 @@ class Worker:
                 e = ticket.error
                 msg = error_reply(req.request_id, INTERNAL, f"{type(e).__name__}: {e}")
             else:
+                if self.observe is not None:
+                    self.observe(res)
                 msg = self._result(job, res.tokens, res.finish_reason, res.ttft_ms, res.text)
             self._reply(job, msg)
 

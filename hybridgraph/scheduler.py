@@ -105,6 +105,11 @@ class Scheduler:
         if not isinstance(max_batch, int) or not 1 <= max_batch <= engine.max_batch:
             raise ValueError(f"max_batch must be an integer in [1, {engine.max_batch}] (the "
                              f"engine's max_batch), got {max_batch!r}")
+        if max_batch > 1 and engine.engine_config.tp != 1:
+            # Followers mirror a step's prompt and the parameters of rows [:b] only, not
+            # the row a newcomer goes to nor the decode mask (parallel/control.py).
+            raise ValueError(f"max_batch {max_batch} with tp {engine.engine_config.tp}: "
+                             f"continuous batching runs on one rank only; use max_batch 1")
         if not isinstance(prefills_per_step, int) or not 1 <= prefills_per_step <= 4:
             raise ValueError(f"prefills_per_step must be an integer in [1, 4], "
                              f"got {prefills_per_step!r}")

@@ -389,3 +389,13 @@ def test_stop_strings_and_text_deltas_match_alone() -> None:
     got = [(t.result.tokens, t.result.finish_reason, t.result.text, "".join(deltas[i]))
            for i, t in enumerate(tickets)]
     assert got == want
+
+
+def test_tensor_parallel_engines_batch_one_row_only(engine: Engine,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    monkeypatch.setattr(engine, "engine_config", replace(engine.engine_config, tp=2))
+    with pytest.raises(ValueError, match="tp 2"):
+        Scheduler(engine)
+    assert Scheduler(engine, max_batch=1).max_batch == 1

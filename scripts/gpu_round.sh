@@ -15,16 +15,16 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 case "${1:-}" in
   tests)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu-tests.log"
-    (cd "$root" && PYTHONPATH=$root python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu \
+    (cd "$root" && PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu \
       2>&1 | tee -a "$OUT/gpu-tests.log" | tail -25) ;;
   bench)
     model=$2 suites=$3; shift 3
-    (cd "$root" && PYTHONPATH=$root python3 -m hybridgraph.cli bench "$suites" --model "$model" \
+    (cd "$root" && PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} python3 -m hybridgraph.cli bench "$suites" --model "$model" \
       --out "/tmp/res/$model" "$@" 2>&1 | tee "/tmp/res/bench-$model.log" | grep -v "it/s\]" \
       | tail -40)
     tar czf "$OUT/$model.tgz" -C /tmp/res "$model" "bench-$model.log" ;;
   base-ablation)
-    (cd "$root/.base" && PYTHONPATH=$root/.base python3 -m hybridgraph.cli bench ablation \
+    (cd "$root/.base" && PYTHONPATH=$root/.base${PYTHONPATH:+:$PYTHONPATH} python3 -m hybridgraph.cli bench ablation \
       --model llama-2-7b --out /tmp/res/base-ablation 2>&1 | grep -v "it/s\]" | tail -30)
     tar czf "$OUT/base-ablation.tgz" -C /tmp/res base-ablation ;;
   *) echo "usage: $0 tests | bench MODEL SUITES [ARGS] | base-ablation" >&2; exit 2 ;;

@@ -190,8 +190,11 @@ class Scheduler:
                 for _ in range(self.prefills_per_step):
                     if not self.free or not self._admit():
                         break
-                self._launch_decode()
-                keep = 1 if self.pipelined and self.inflight and self.inflight[-1].decode else 0
+                launched = self._launch_decode()
+                # Keep only the decode just launched in flight (the host reads the previous
+                # one meanwhile). With nothing launched this boundary, read everything: a
+                # row whose last token is in flight must get it, or it would wait forever.
+                keep = 1 if self.pipelined and launched else 0
                 while len(self.inflight) > keep:
                     self._deliver(self.inflight.popleft())
         except Exception as e:
@@ -227,11 +230,12 @@ class Scheduler:
         ticket.pos, ticket.launched = len(ticket.prompt), 1
         return True
 
-    def _launch_decode(self) -> None:
-        # Rows that still owe tokens; a row whose last token is launched waits masked.
+    def _launch_decode(self) -> bool:
+        """Launch one decode step over the rows that still owe tokens; False if none do."""
+        # A row whose last token is launched waits masked.
         rows = [r for r, t in self.live.items() if t.launched < t.max_new]
         if not rows:
-            return
+            return False
         b = choose_bucket(max(self.live) + 1, self.buckets)
         active = [0] * self.engine.max_batch
         for r in rows:
@@ -245,6 +249,7 @@ class Scheduler:
             t.pos += 1
             t.launched += 1
         self.steps_by_bucket[b] = self.steps_by_bucket.get(b, 0) + 1
+        return True
 
     def _push(self, ids: torch.Tensor, decode: bool) -> _Launch:
         launch = _Launch(self.launches, decode=decode)

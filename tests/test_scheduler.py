@@ -399,3 +399,19 @@ def test_tensor_parallel_engines_batch_one_row_only(engine: Engine,
     with pytest.raises(ValueError, match="tp 2"):
         Scheduler(engine)
     assert Scheduler(engine, max_batch=1).max_batch == 1
+
+
+def test_pipelined_scheduler_delivers_every_last_token(engine: Engine) -> None:
+    """One step ahead (as on CUDA): when no row owes another launch, the decode still in
+    flight is read, so requests finish (this hung on the GPU before it was fixed)."""
+    reqs = _requests(6, seed=21)
+    want = [_alone(engine, r) for r in reqs]
+    sched = Scheduler(engine)
+    sched.pipelined = True
+    tickets = [sched.submit(**r) for r in reqs]
+    for _ in range(10 * MAX_SEQ):
+        if sched.idle:
+            break
+        sched.step()
+    assert sched.idle, "requests left waiting for a token that stays in flight"
+    assert [(t.result.tokens, t.result.finish_reason) for t in tickets] == want

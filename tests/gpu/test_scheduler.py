@@ -41,6 +41,23 @@ def _requests(n: int, seed: int) -> list[dict]:
     return out
 
 
+def _waves(n: int) -> tuple[list[dict], list[int]]:
+    """n waves of MAX_BATCH requests 200 boundaries apart, each wave's later arrivals (its
+    higher rows) shorter: the bucket climbs 1 -> 2 -> 4 -> 8 as a wave is admitted (one
+    prefill a boundary) and steps back down 8 -> 4 -> 2 -> 1 as its tail finishes."""
+    rng = random.Random(1)
+    news = [150, 110, 80, 60, 40, 20, 8, 2]
+    reqs, arrivals = [], []
+    for w in range(n):
+        for i in range(MAX_BATCH):
+            length = rng.choice([1, 5, 16, 40, 100])
+            reqs.append({"prompt_ids": [rng.randrange(3, SMALL.vocab_size) for _ in range(length)],
+                         "max_new_tokens": news[i], "sampling": SAMPLERS[i % len(SAMPLERS)],
+                         "stop_ids": []})
+            arrivals.append(200 * w)
+    return reqs, arrivals
+
+
 def _serve(sched: Scheduler, reqs: list[dict], arrivals: list[int]) -> list:
     tickets, boundary = [None] * len(reqs), 0
     while any(t is None for t in tickets) or not sched.idle:
@@ -54,7 +71,7 @@ def _serve(sched: Scheduler, reqs: list[dict], arrivals: list[int]) -> list:
 
 def test_batched_equals_alone_with_graphs(engine: Engine,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    reqs = _requests(24, seed=1)
+    reqs, arrivals = _waves(3)
     want = [engine.generate(**r).tokens for r in reqs]
     fallbacks = engine.graphs.stats.fallbacks
     buckets: list[int] = []
@@ -65,8 +82,6 @@ def test_batched_equals_alone_with_graphs(engine: Engine,
         real(b, active, max_pos, kind)
 
     monkeypatch.setattr(engine, "decode_rows", spy)
-    rng = random.Random(2)
-    arrivals = sorted(rng.choice([0, 0, 5, 30, 80, 200]) for _ in reqs)
     tickets = _serve(Scheduler(engine), reqs, arrivals)
     for i, t in enumerate(tickets):
         assert t.result.tokens == want[i], f"request {i}"

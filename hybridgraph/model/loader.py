@@ -8,8 +8,10 @@ unpickled. Random weights are drawn on the target device, so a 7B preset takes s
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -28,7 +30,8 @@ class LoadError(ValueError):
     """A model directory or checkpoint that cannot be loaded (message says which and why)."""
 
 
-def _empty_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
+def empty_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """A Transformer of `config` with uninitialized weights on `device` (nothing drawn)."""
     with torch.device("meta"):
         model = Transformer(config)
     model = model.to_empty(device=device).to(dtype)
@@ -37,16 +40,22 @@ def _empty_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) 
     return model
 
 
+def draw_random_(name: str, p: torch.Tensor, gen: torch.Generator) -> None:
+    """The random weights of a preset: norms 1, the rest N(0, 0.02). One owner, so the
+    ranks of parallel.load draw exactly the numbers random_model does."""
+    if name.endswith("norm.weight"):
+        p.fill_(1.0)
+    else:
+        p.normal_(0.0, 0.02, generator=gen)
+
+
 def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype,
                  seed: int = 0) -> Transformer:
-    model = _empty_model(config, device, dtype)
+    model = empty_model(config, device, dtype)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
+            draw_random_(name, p, gen)
     return model.eval()
 
 
@@ -95,37 +104,88 @@ def _checkpoint_files(model_dir: Path) -> list[Path]:
                     "(only safetensors checkpoints are loaded; pickled .bin files never are)")
 
 
-def load_checkpoint(model_dir: Path, config: ModelConfig, device: torch.device,
-                    dtype: torch.dtype) -> Transformer:
-    model = _empty_model(config, device, dtype)
-    params = dict(model.named_parameters())
+@dataclass(frozen=True)
+class CheckpointTensor:
+    """One checkpoint tensor, named and shape-checked but not yet read: it fills rows
+    [row, row + rows) of the whole model's parameter `ours` (q/k/v and gate/up are fused)."""
+
+    name: str
+    ours: str
+    row: int
+    rows: int
+    shape: tuple[int, ...]
+    _file: Any  # the open safe_open handle: nothing is read until read() or part()
+
+    def read(self) -> torch.Tensor:
+        """The whole tensor."""
+        return self._file.get_tensor(self.name)
+
+    def part(self, index: tuple[slice, ...]) -> torch.Tensor:
+        """Only `index` of the tensor (e.g. a rank's rows or columns): the rest never
+        leaves the file."""
+        return self._file.get_slice(self.name)[index]
+
+
+def checkpoint_tensors(model_dir: Path, config: ModelConfig,
+                       device: torch.device) -> Iterator[CheckpointTensor]:
+    """The one walk over a checkpoint's tensors: rotary tables and a tied head skipped, each
+    name checked against the HF -> ours map and each shape against the whole model of
+    `config`, then none missing. Yields lazily: callers read all or part of each."""
     wanted = _hf_param_map(config)
+    with torch.device("meta"):
+        whole = {name: tuple(p.shape) for name, p in Transformer(config).named_parameters()}
     seen: set[str] = set()
     dev = str(device) if device.type != "cuda" or device.index is not None else "cuda:0"
-    with torch.no_grad():
-        for file in _checkpoint_files(model_dir):
-            with safe_open(str(file), framework="pt", device=dev) as f:
-                for name in f.keys():
-                    if name.endswith("rotary_emb.inv_freq"):
-                        continue
-                    if name == "lm_head.weight" and config.tie_word_embeddings:
-                        continue
-                    if name not in wanted:
-                        raise LoadError(f"{file.name}: unexpected tensor {name!r} "
-                                        f"(not a {config.name} Llama-family weight)")
-                    ours, row, rows = wanted[name]
-                    tensor = f.get_tensor(name)
-                    target = params[ours][row:row + rows]
-                    if tuple(tensor.shape) != tuple(target.shape):
-                        raise LoadError(f"{file.name}: {name} has shape {tuple(tensor.shape)}, "
-                                        f"config.json implies {tuple(target.shape)}")
-                    target.copy_(tensor.to(dtype))
-                    seen.add(name)
+    for file in _checkpoint_files(model_dir):
+        with safe_open(str(file), framework="pt", device=dev) as f:
+            for name in f.keys():
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                if name == "lm_head.weight" and config.tie_word_embeddings:
+                    continue
+                if name not in wanted:
+                    raise LoadError(f"{file.name}: unexpected tensor {name!r} "
+                                    f"(not a {config.name} Llama-family weight)")
+                ours, row, rows = wanted[name]
+                shape = tuple(f.get_slice(name).get_shape())
+                implied = (rows, *whole[ours][1:])
+                if shape != implied:
+                    raise LoadError(f"{file.name}: {name} has shape {shape}, "
+                                    f"config.json implies {implied}")
+                yield CheckpointTensor(name, ours, row, rows, shape, f)
+                seen.add(name)
     missing = sorted(set(wanted) - seen)
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise LoadError(f"checkpoint in {model_dir} lacks {', '.join(missing[:3])}{more}")
+
+
+# (our parameter, a checkpoint tensor) -> (the part of the parameter it fills, its values).
+Placer = Callable[[torch.Tensor, CheckpointTensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _whole_rows(param: torch.Tensor, t: CheckpointTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return param[t.row:t.row + t.rows], t.read()
+
+
+def fill_from_checkpoint(model: Transformer, model_dir: Path, config: ModelConfig,
+                         device: torch.device, dtype: torch.dtype,
+                         place: Placer = _whole_rows) -> Transformer:
+    """Fill an empty `model` from the checkpoint of the whole model `config`; `place` picks
+    what of each tensor goes where (default: all of it into its rows; parallel.load: one
+    rank's slice)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for t in checkpoint_tensors(model_dir, config, device):
+            target, values = place(params[t.ours], t)
+            target.copy_(values.to(dtype))
     return model.eval()
+
+
+def load_checkpoint(model_dir: Path, config: ModelConfig, device: torch.device,
+                    dtype: torch.dtype) -> Transformer:
+    return fill_from_checkpoint(empty_model(config, device, dtype), model_dir, config,
+                                device, dtype)
 
 
 # ---- hybridgraph issue 11: GGUF files, embedded models, tokenizers refused, not faked ----
@@ -193,7 +253,7 @@ def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype,
     config = gguf_config(g)
     tok, info = gguf_tokenizer(g)
     template = find_chat_template(None, g.get("tokenizer.chat_template"), chat_override)
-    model = load_gguf_weights(g, _empty_model(config, device, dtype), dtype)
+    model = load_gguf_weights(g, empty_model(config, device, dtype), dtype)
     return model, HFTokenizer(tok, config.bos_token_id, config.eos_token_ids, template,
                               info["bos_token"], info["eos_token"])
 

@@ -90,6 +90,9 @@ class Engine:
             elif cfg.tp != 1:
                 kernels = "inductor"
                 self.steps_note = "auto: Triton decode kernels serve one rank only (tp 1)"
+        # Where start-up time goes (seconds per phase), for stats() and the cost bench.
+        self.startup_s: dict[str, float] = {}
+        t0 = time.perf_counter()
         self.steps = Steps(model, self.bufs, compile_forward=self.spec.compiled_forward
                            and self.ops.backend == "compile", kernels=kernels,
                            plan=KernelPlan(pdl=cfg.pdl))
@@ -104,10 +107,15 @@ class Engine:
             max_graphs=cfg.max_graphs, max_graph_bytes=cfg.max_graph_bytes,
             shared_pool=cfg.shared_pool)
         self.requests_served = 0
+        t1 = time.perf_counter()
+        self.startup_s["kernels"] = t1 - t0  # Steps: the Triton self-check, if asked
         if self.runner.policy.ahead:
             self.runner.capture_ahead(progress=cfg.progress)
+        t2 = time.perf_counter()
+        self.startup_s["capture"] = t2 - t1  # compiling the forward + capturing graphs
         if self.spec.jit_ops or self.spec.uses_graphs:
             self.warmup()
+        self.startup_s["warmup"] = time.perf_counter() - t2  # JIT ops for every bucket
 
     def warmup(self) -> None:
         """Compile the JIT functions for every batch bucket and sampler now, at start-up,
@@ -373,6 +381,7 @@ class Engine:
             "coverage": self.coverage, "requests_served": self.requests_served,
             "kernels": self.steps.kernels, "kernels_reason": self.steps_note or self.steps.kernels_reason,
             "tp": self.engine_config.tp,  # ranks; with tp > 1 this engine is rank 0's share
+            "startup_s": {k: round(v, 3) for k, v in self.startup_s.items()},
         }
         graphs = self.runner.stats()
         if graphs is not None:

@@ -222,7 +222,7 @@ def attention_section(name: str, dtype: torch.dtype) -> None:
 
 
 def decode_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: list[str],
-                   tuned: dict | None = None, window: int = 512) -> None:
+                   tuned: dict | None = None, window: int = 512, rows: int = 1) -> None:
     from hybridgraph.model.fast_decode import PROJECTIONS, KernelPlan, TritonDecode
     from hybridgraph.model.llama import Block
     from hybridgraph.model.loader import random_model
@@ -230,20 +230,22 @@ def decode_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: list
 
     cfg = preset(name)
     model = random_model(cfg, torch.device("cuda"), dtype)
-    model.setup_caches(1, 2048)
+    model.setup_caches(rows, 2048)
     wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if not cfg.tie_word_embeddings:
         wbytes -= model.tok_embeddings.weight.numel() * dtype.itemsize  # one row is read
     floor_us = wbytes / floor_tbps / 1e6
-    ids = torch.tensor([5], device="cuda")
-    pos = torch.tensor([window // 2], device="cuda")
+    ids = torch.full((rows,), 5, device="cuda")
+    pos = torch.full((rows,), window // 2, device="cuda")
     fns = {}
-    for plan in plans:  # "inductor", "eager", or "<proj+proj...|none>[:pdl]"
+    for plan in plans:  # "inductor", "eager", or "<proj+proj...|none>[:pdl[-late]][:pfN]"
         if plan in ("inductor", "eager"):
             blk = compiled_blocks()[1] if plan == "inductor" else Block.decode
             fns[plan] = lambda i, blk=blk: model.decode(ids, pos, window, block=blk)
         else:
             projs, _, pdl = plan.partition(":")
+            pdl, _, pf = pdl.partition(":")
+            prefetch = int(pf.removeprefix("pf")) if pf else None
             tuned = tuned or {}
             if projs == "auto":  # each projection where its best GEMV beat cuBLAS + glue
                 gemvs = tuple(p for p, (_, t, c) in tuned.items() if t < c)
@@ -255,16 +257,16 @@ def decode_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: list
             elif projs == "all":
                 gemvs = PROJECTIONS
                 configs = {p: tuned[p][0] for p in gemvs if p in tuned}
-            fast = TritonDecode(model, 1, KernelPlan(gemv=gemvs, pdl=pdl.startswith("pdl"),
+            fast = TritonDecode(model, rows, KernelPlan(gemv=gemvs, pdl=pdl.startswith("pdl"),
                                                      pdl_late=pdl == "pdl-late",
-                                                     configs=configs))
+                                                     configs=configs, prefetch=prefetch))
             print(plan, "->", gemvs, {p: list(c) for p, c in configs.items()}, flush=True)
             fns[plan] = lambda i, fast=fast: fast.forward(ids, pos, window)
     for plan, fn in fns.items():
         with torch.no_grad():
             t0 = time.time()
             us = graph_time(fn, 4)
-        row(section="decode", model=name, plan=plan, ms=round(us / 1e3, 4),
+        row(section="decode", model=name, plan=plan, rows=rows, ms=round(us / 1e3, 4),
             floor_ms=round(floor_us / 1e3, 4), floor_frac=round(floor_us / us, 3),
             setup_s=round(time.time() - t0, 1))
     model.caches = torch.nn.ModuleList()
@@ -287,6 +289,8 @@ def main() -> None:
     ap.add_argument("--sweep", type=int, default=len(SWEEP_SPEC))
     ap.add_argument("--budget", type=float, default=300.0, help="seconds for the gemv sweep")
     ap.add_argument("--batches", default="1")
+    ap.add_argument("--models", default="llama-2-7b,llama-3.2-1b", help="decode section")
+    ap.add_argument("--decode-rows", default="1", help="decode section: batch rows, e.g. 1,4,16")
     ap.add_argument("--plans", default="inductor,none:pdl,wo+w2,default:pdl,wo+w2:pdl-late,"
                     "auto,auto:pdl-late,all,all:pdl-late")
     a = ap.parse_args()
@@ -313,7 +317,11 @@ def main() -> None:
         guarded(attention_section, "llama-3.2-1b", torch.bfloat16)
     if "decode" in sections:
         for name, dtype in (("llama-2-7b", torch.float16), ("llama-3.2-1b", torch.bfloat16)):
-            guarded(decode_section, name, dtype, tbps, a.plans.split(","), tuned.get(name))
+            if name not in a.models.split(","):
+                continue
+            for r in (int(x) for x in a.decode_rows.split(",")):
+                guarded(decode_section, name, dtype, tbps, a.plans.split(","), tuned.get(name),
+                        512, r)
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "kernel_bench.json"), "w") as f:
@@ -325,7 +333,7 @@ def print_table() -> None:
     print("\n== summary (" + torch.cuda.get_device_name() + ") ==")
     for r in ROWS:
         if r["section"] == "decode":
-            print(f"decode {r['model']:14s} {r['plan']:26s} {r['ms']:8.4f} ms  "
+            print(f"decode {r['model']:14s} {r['plan']:26s} x{r.get('rows', 1):<2d} {r['ms']:8.4f} ms  "
                   f"floor {r['floor_ms']:.4f} ({r['floor_frac']:.0%})")
     for r in ROWS:
         if r["section"] == "selfcheck":

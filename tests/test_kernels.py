@@ -137,7 +137,7 @@ def test_triton_decode_matches_block_decode(gemvs, b) -> None:
         model.output.weight.mul_(20.0)
     model.setup_caches(3, 512)
     model.prefill(torch.randint(0, 97, (3, 12)))
-    fast = TritonDecode(model, 3, KernelPlan(gemv=gemvs))
+    fast = TritonDecode(model, 3, KernelPlan(gemv=gemvs, gemv_batched=gemvs))
     ids, pos = torch.tensor([1, 2, 3])[:b], torch.tensor([12, 5, 300])[:b]
     snap = [(c.k.clone(), c.v.clone()) for c in model.caches]
     got = fast.forward(ids, pos, 512)
@@ -156,6 +156,41 @@ def test_kernel_plan_rejects_unknown_projection() -> None:
     from hybridgraph.model.fast_decode import KernelPlan
     with pytest.raises(ValueError, match="unknown projections"):
         KernelPlan(gemv=("qkv", "mlp"))
+    with pytest.raises(ValueError, match="unknown projections"):
+        KernelPlan(gemv_batched=("mlp",))
+
+
+def test_kernel_plan_picks_projections_by_rows() -> None:
+    from hybridgraph.model.fast_decode import KernelPlan
+    plan = KernelPlan(gemv=("wo", "w13"), gemv_batched=("w2",))
+    assert plan.uses(1) == ("wo", "w13")
+    assert plan.uses(2) == plan.uses(16) == ("w2",)
+    assert KernelPlan(gemv=("wo",), gemv_batched=None).uses(8) == ("wo",)
+
+
+@needs_interpreter
+def test_batches_over_max_rows_decode_on_the_blocks() -> None:
+    """KernelPlan.max_rows: the kernels serve buckets up to it; Steps runs larger ones on
+    the model's blocks, and the kernels refuse a batch they were not sized for."""
+    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
+    from hybridgraph.runtime.step import StepBuffers, Steps
+    model = random_model(SMALL, torch.device("cpu"), F16, seed=1)
+    model.setup_caches(4, 64)
+    bufs = StepBuffers(4, 64, torch.device("cpu"))
+    steps = Steps(model, bufs)
+    # As Steps(kernels="triton") installs it on a GPU (its self-check needs CUDA).
+    steps.fast = TritonDecode(model, 4, KernelPlan(max_rows=2, pdl=False))
+    assert steps.fast.rows == 2
+    bufs.ids[:4], bufs.pos[:4] = torch.tensor([1, 2, 3, 4]), torch.tensor([3, 4, 5, 6])
+    calls = []
+    real = steps.fast.forward
+    steps.fast.forward = lambda *a: calls.append(a[0].shape[0]) or real(*a)
+    with torch.no_grad():
+        steps.forward_decode(2, 64)
+        steps.forward_decode(4, 64)
+        with pytest.raises(ValueError, match="serves 2 rows"):
+            real(bufs.ids[:3], bufs.pos[:3], 64)
+    assert calls == [2]
 
 
 def test_steps_rejects_unknown_kernels() -> None:

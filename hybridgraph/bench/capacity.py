@@ -97,8 +97,8 @@ def batch_suite(cfg: BenchConfig, engines: Engines, floor_ms: float) -> list[Tab
 
 def cost_suite(cfg: BenchConfig) -> list[Table]:
     t = Table("cost", "Start-up cost per mode (fresh process each): model loaded -> ready",
-              ["mode", "ready_s", "first_token_s", "load_s", "weights_mib", "peak_mib",
-               "extra_mib", "graphs", "graph_mib"])
+              ["mode", "ready_s", "kernels_s", "capture_s", "warmup_s", "first_token_s",
+               "load_s", "weights_mib", "peak_mib", "extra_mib", "graphs", "graph_mib"])
     kind = ""
     for mode in tqdm(cfg.modes, desc="cost", unit="mode"):
         free_memory()
@@ -110,11 +110,15 @@ def cost_suite(cfg: BenchConfig) -> list[Table]:
             raise RuntimeError(f"cost child for {mode} failed:\n{out.stderr[-3000:]}")
         r = json.loads(out.stdout.strip().splitlines()[-1])
         kind = r["peak_kind"]
-        t.add(mode, r["ready_s"], r["first_token_s"], r["load_s"], r["weights_bytes"] / MIB,
+        ph = r.get("phases_s", {})
+        t.add(mode, r["ready_s"], ph.get("kernels", 0.0), ph.get("capture", 0.0),
+              ph.get("warmup", 0.0), r["first_token_s"], r["load_s"], r["weights_bytes"] / MIB,
               r["peak_bytes"] / MIB, (r["peak_bytes"] - r["weights_bytes"]) / MIB, r["graphs"],
               r["graph_bytes"] / MIB)
     t.notes.append("ready_s: Engine construction (warm-up, JIT compilation, graph capture) after "
-                   "the weights are in memory; first_token_s adds the first 10-token request. "
+                   "the weights are in memory (kernels_s: the Triton self-check; capture_s: compiling the "
+                   "forward and capturing graphs; warmup_s: the JIT ops per batch bucket); "
+                   "first_token_s adds the first 10-token request. "
                    f"peak_mib: {kind} (weights included); extra_mib = peak - weights. "
                    "torch.compile's on-disk caches are left as found, as a restart would.")
     return [t]

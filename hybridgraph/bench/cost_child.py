@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                       "first_token_s": first_token_s, "first_ttft_ms": res.ttft_ms,
                       "weights_bytes": weights, "peak_bytes": peak, "peak_reserved_bytes": reserved,
                       "peak_kind": kind, "graphs": graphs.get("held", 0),
-                      "graph_bytes": graphs.get("bytes_held", 0)}))
+                      "graph_bytes": graphs.get("bytes_held", 0),
+                      "phases_s": engine.startup_s}))
     return 0
 
 

@@ -31,22 +31,34 @@ class KernelPlan:
     kernels use programmatic dependent launch (dropped where the GPU lacks it).
 
     The default is the fastest plan measured on an H100 for llama-2-7b (docs/KERNELS.md):
-    O, gate/up, down and the LM head on the GEMV, QKV on cuBLAS (+ fused norm and
-    RoPE/cache-write kernels), PDL on with the late trigger.
+    one row: O, gate/up, down and the LM head on the GEMV, QKV on cuBLAS (+ fused norm and
+    RoPE/cache-write kernels), PDL on with the late trigger; 2-16 rows: O, down and the
+    head on the GEMV, QKV and gate/up on cuBLAS (its GEMM beat the tensor-core GEMV there:
+    16 rows 6.24 vs 7.21 ms).
     """
 
     gemv: tuple[str, ...] = ("wo", "w13", "w2", "head")
+    gemv_batched: tuple[str, ...] | None = ("wo", "w2", "head")  # the same for batches of
+    #                                         2+ rows (tensor-core GEMV); None: as `gemv`
     pdl: bool = True
     pdl_late: bool = True                   # GEMV/attention let the next kernel launch only
     #                                         after their main loop, not at once
     block_t: int = 64                       # keys per attention tile
+    prefetch: int | None = None             # L2 lines per weight row each GEMV program
+    #                                         prefetches before its PDL wait (None: config's)
+    max_rows: int = 16                      # decode batches of up to this many rows run on
+    #                                         the kernels; larger ones on the model's blocks
     configs: dict[str, object] = field(default_factory=dict)  # projection -> GemvConfig
 
     def __post_init__(self) -> None:
-        unknown = set(self.gemv) - set(PROJECTIONS)
+        unknown = (set(self.gemv) | set(self.gemv_batched or ())) - set(PROJECTIONS)
         if unknown:
             raise ValueError(f"KernelPlan.gemv: unknown projections {sorted(unknown)}; "
                              f"known: {', '.join(PROJECTIONS)}")
+
+    def uses(self, rows: int) -> tuple[str, ...]:
+        """The projections on the GEMV for a batch of `rows` (the rest on cuBLAS)."""
+        return self.gemv_batched if rows > 1 and self.gemv_batched is not None else self.gemv
 
 
 class TritonDecode:
@@ -66,8 +78,10 @@ class TritonDecode:
         self.model, self.plan = model, plan
         self._pdl = (2 if self.plan.pdl_late else 1) if self.plan.pdl else 0
         cfg = model.config
-        if max_batch > 16:
-            raise ValueError(f"max_batch {max_batch}: the Triton decode serves at most 16 rows")
+        # The GEMV serves at most 16 rows; Steps runs larger batches on the model's blocks.
+        self.rows = min(max_batch, plan.max_rows, 16)
+        if self.rows < 1:
+            raise ValueError(f"KernelPlan.max_rows {plan.max_rows}: must be >= 1")
         self.heads, self.kv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.eps = cfg.rms_norm_eps
         dev = model.tok_embeddings.weight.device
@@ -80,7 +94,7 @@ class TritonDecode:
                   "head": (cfg.vocab_size, cfg.hidden_size, gemv.EPI_PLAIN)}
         self.configs: dict[str, gemv.GemvConfig] = {}
         floats, counters = 0, 0
-        for name in self.plan.gemv:
+        for name in dict.fromkeys(self.plan.gemv + (self.plan.gemv_batched or ())):
             n, k, epi = shapes[name]
             rope = epi == gemv.EPI_ROPE
             c = self.plan.configs.get(name)
@@ -88,6 +102,8 @@ class TritonDecode:
                 half = gemv.rope_half(self.d // 2, 32) if rope else 32
                 c = gemv.default_config(gemv.n_tiles(epi, n, half, self.d // 2), k, self.sms,
                                         epi, norm=name in ("qkv", "w13", "head"))
+            if self.plan.prefetch is not None:
+                c = c._replace(prefetch=self.plan.prefetch)
             self.configs[name] = c
             # Sized for the config and for its multi-row fallback (gemv swaps a one-row
             # register config for the tensor-core default when more rows come).
@@ -100,14 +116,16 @@ class TritonDecode:
         rep_pad = max(16, 1 << (self.heads // self.kv - 1).bit_length())
         # attention_splits keeps batch * kv * splits under 4 * SMs whenever it splits.
         floats = max(floats, 4 * self.sms * rep_pad * (d_pad + 2))
-        counters = max(counters, max_batch * self.kv)
+        counters = max(counters, self.rows * self.kv)
         self.ws = Workspace(floats, counters, dev)
 
     def forward(self, ids: Tensor, pos: Tensor, window: int) -> Tensor:
         """Transformer.decode on the kernels; with "head" in the plan the final norm and the
-        LM head are one GEMV too. Returns [B, V] float32 logits."""
+        LM head are one GEMV too. Returns [B, V] float32 logits (B <= self.rows)."""
+        if ids.shape[0] > self.rows:
+            raise ValueError(f"TritonDecode serves {self.rows} rows, got {ids.shape[0]}")
         m = self.model
-        if "head" not in self.plan.gemv:
+        if "head" not in self.plan.uses(ids.shape[0]):
             return m.decode(ids, pos, window, block=self.block)
         cos, sin = m.rope_cos[pos][:, None], m.rope_sin[pos][:, None]
         x = m.tok_embeddings(ids)[:, None]
@@ -122,14 +140,15 @@ class TritonDecode:
     def block(self, layer: Block, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache,
               pos: Tensor, window: int) -> Tensor:
         """Block.decode on the kernels. x: [B, 1, hidden]; cos, sin: [B, 1, D]."""
-        g, plan, pdl = self._gemv, self.plan, self._pdl
+        g, pdl = self._gemv, self._pdl
         b, hidden = x.shape[0], x.shape[-1]
+        on_gemv = self.plan.uses(b)
         x2 = x.reshape(b, hidden)
         cos2, sin2 = cos.reshape(b, -1), sin.reshape(b, -1)
         att, ff = layer.attention, layer.feed_forward
         new = x2.new_empty
         q = new(b, self.heads * self.d)
-        if "qkv" in plan.gemv:
+        if "qkv" in on_gemv:
             g.gemv(x2, att.wqkv.weight, q, self.ws, self.configs["qkv"], epi=g.EPI_ROPE,
                    norm_w=layer.attention_norm.weight, eps=self.eps, pdl=pdl,
                    rope=g.RopeArgs(cos2, sin2, pos, cache.k, cache.v, self.heads, self.kv))
@@ -140,11 +159,11 @@ class TritonDecode:
             glue.rope_kv(F.linear(xn, att.wqkv.weight), cos2, sin2, pos, cache.k, cache.v, q,
                          self.heads, self.kv, pdl=pdl)
         o = self._attn.decode_attention(q, cache.k, cache.v, pos, window, new(q.shape),
-                                        self.ws, block_t=plan.block_t, pdl=pdl)
+                                        self.ws, block_t=self.plan.block_t, pdl=pdl)
         inter = ff.w2.weight.shape[1]
         h = new(b, inter)
-        if "w13" in plan.gemv:
-            if "wo" in plan.gemv:
+        if "w13" in on_gemv:
+            if "wo" in on_gemv:
                 x1 = g.gemv(o, att.wo.weight, new(b, hidden), self.ws, self.configs["wo"],
                             epi=g.EPI_RESID, residual=x2, pdl=pdl)
             else:
@@ -154,7 +173,7 @@ class TritonDecode:
         else:
             from hybridgraph.kernels import glue
             xn = new(b, hidden)
-            if "wo" in plan.gemv:
+            if "wo" in on_gemv:
                 x1 = g.gemv(o, att.wo.weight, new(b, hidden), self.ws, self.configs["wo"],
                             epi=g.EPI_RESID, residual=x2, pdl=pdl)
                 glue.add_rmsnorm(x1, layer.ffn_norm.weight, self.eps, xn, pdl=pdl)
@@ -163,7 +182,7 @@ class TritonDecode:
                 glue.add_rmsnorm(F.linear(o, att.wo.weight), layer.ffn_norm.weight, self.eps,
                                  xn, residual=x2, sum_out=x1, pdl=pdl)
             glue.silu_mul(F.linear(xn, ff.w13.weight), h, pdl=pdl)
-        if "w2" in plan.gemv:
+        if "w2" in on_gemv:
             out = g.gemv(h, ff.w2.weight, new(b, hidden), self.ws, self.configs["w2"],
                          epi=g.EPI_RESID, residual=x1, pdl=pdl)
         else:
@@ -184,8 +203,6 @@ def triton_decode(model: Transformer, max_batch: int, plan: KernelPlan | None = 
     if plan.pdl and not pdl_supported(p.device):
         plan = replace(plan, pdl=False)
         note = " (without PDL: it needs sm_90 or newer)"
-    if max_batch > 16:
-        return None, f"max_batch {max_batch} is over the Triton decode's 16 rows"
     ok, reason = check_kernels(p.device, p.dtype, plan.pdl)
     if not ok:
         return None, reason

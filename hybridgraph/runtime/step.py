@@ -127,7 +127,11 @@ class Steps:
                 log.warning("Triton decode kernels not used, decoding with the %s blocks: %s",
                             "compiled" if compile_forward else "eager", reason)
             else:
-                self.fast, self.decode_block, self.kernels = fast, fast.block, "triton"
+                self.fast, self.kernels = fast, "triton"
+                if fast.rows < bufs.ids.shape[0]:
+                    self.kernels_reason += (f"; batches of more than {fast.rows} rows decode "
+                                            "on the " + ("compiled" if compile_forward else
+                                                         "eager") + " blocks")
                 log.info("decoding with the Triton kernels: %s", reason)
 
     def forward_prefill(self, b: int, t: int) -> Tensor:
@@ -135,7 +139,7 @@ class Steps:
                                   block=self.prefill_block, rows=self.bufs.rows[:b])
 
     def forward_decode(self, b: int, window: int) -> Tensor:
-        if self.fast is not None:
+        if self.fast is not None and b <= self.fast.rows:
             return self.fast.forward(self.bufs.ids[:b], self.bufs.pos[:b], window)
         return self.model.decode(self.bufs.ids[:b], self.bufs.pos[:b], window,
                                  block=self.decode_block)

@@ -187,7 +187,8 @@ def test_self_check_passes(dtype, pdl) -> None:
     assert check_kernels(torch.device("cuda"), dtype, pdl) == (True, "ok")
 
 
-@pytest.mark.parametrize("gemvs", [("qkv", "wo", "w13", "w2", "head"), ("wo", "w2"), ()])
+@pytest.mark.parametrize("gemvs", [("qkv", "wo", "w13", "w2", "head"), ("wo", "w2"), (),
+                                   "default"])
 @pytest.mark.parametrize("pdl", _pdl_options() + ("late",))
 def test_triton_decode_matches_the_model_in_graphs(gemvs, pdl) -> None:
     """Steps(kernels="triton"): captured decode logits within fp16 tolerance of the
@@ -203,7 +204,8 @@ def test_triton_decode_matches_the_model_in_graphs(gemvs, pdl) -> None:
     b, max_seq, window = 3, 1024, 256
     model.setup_caches(b, max_seq)
     bufs = StepBuffers(b, max_seq, torch.device("cuda"))
-    plan = KernelPlan(gemv=gemvs, pdl=bool(pdl), pdl_late=pdl == "late")
+    plan = (KernelPlan(pdl=bool(pdl), pdl_late=pdl == "late") if gemvs == "default" else
+            KernelPlan(gemv=gemvs, gemv_batched=gemvs, pdl=bool(pdl), pdl_late=pdl == "late"))
     fast = Steps(model, bufs, kernels="triton", plan=plan)
     slow = Steps(model, bufs)
     assert fast.kernels == "triton", fast.kernels_reason

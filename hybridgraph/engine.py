@@ -109,6 +109,8 @@ class Engine:
         self.requests_served = 0
         t1 = time.perf_counter()
         self.startup_s["kernels"] = t1 - t0  # Steps: the Triton self-check, if asked
+        # The tensor-parallel all-reduce in use and why (parallel.build_rank sets them).
+        self.allreduce, self.allreduce_reason = "none", "one rank"
         if self.runner.policy.ahead:
             self.runner.capture_ahead(progress=cfg.progress)
         t2 = time.perf_counter()
@@ -382,6 +384,7 @@ class Engine:
             "kernels": self.steps.kernels, "kernels_reason": self.steps_note or self.steps.kernels_reason,
             "tp": self.engine_config.tp,  # ranks; with tp > 1 this engine is rank 0's share
             "startup_s": {k: round(v, 3) for k, v in self.startup_s.items()},
+            "allreduce": self.allreduce, "allreduce_reason": self.allreduce_reason,
         }
         graphs = self.runner.stats()
         if graphs is not None:

@@ -15,6 +15,10 @@ from typing import Any
 from hybridgraph.runtime.modes import BACKENDS, CAPTURE_MODES, KERNEL_CHOICES, MODES, mode_spec
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
+# Tensor-parallel all-reduce (parallel/group.py choose_allreduce): auto is PyTorch's
+# symmetric-memory one-shot kernel where it works on this host, else NCCL; CPU ranks
+# always sum over gloo.
+ALLREDUCE_CHOICES = ("auto", "nccl", "symm_mem")
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class EngineConfig:
     # Tensor-parallel ranks, one process (and GPU) each: hybridgraph/parallel. Engine.load
     # builds one-rank engines only; parallel.load_engine builds a rank's share.
     tp: int = 1
+    allreduce: str = "auto"            # ALLREDUCE_CHOICES; read only with tp > 1
 
     def __post_init__(self) -> None:
         if self.mode != "auto":
@@ -58,6 +63,9 @@ class EngineConfig:
                              f"choose from {CAPTURE_MODES}")
         if self.kernels not in KERNEL_CHOICES:
             raise ValueError(f"unknown kernels {self.kernels!r}; choose from {KERNEL_CHOICES}")
+        if self.allreduce not in ALLREDUCE_CHOICES:
+            raise ValueError(f"unknown allreduce {self.allreduce!r}; choose from "
+                             f"{', '.join(ALLREDUCE_CHOICES)}")
         if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPE_NAMES)}")
         _check_int("max_batch", self.max_batch, 1)
@@ -114,6 +122,9 @@ class EngineConfig:
         p.add_argument("--tp", type=int, default=1,
                        help="tensor-parallel ranks: N processes, one GPU each (gloo on CPU); "
                             "started here, or under torchrun with --nproc-per-node N")
+        p.add_argument("--allreduce", default="auto", choices=list(ALLREDUCE_CHOICES),
+                       help="tp > 1 on GPUs: auto (symmetric-memory one-shot where this host "
+                            "supports it, else NCCL), nccl, symm_mem")
 
 
 def _check_int(name: str, value: Any, low: int, optional: bool = False) -> None:

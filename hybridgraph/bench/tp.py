@@ -3,7 +3,8 @@
 Records N, the interconnect (nvidia-smi topology), the weight bytes each rank holds and
 reads per token, the per-rank decode floor (those bytes / this run's copy bandwidth), the
 all-reduce time per call (NCCL and symmetric-memory one-shot, eager and graph-replayed,
-at decode's message sizes), and the TP engine's TTFT and decode latency.
+at decode's message sizes, and the engine's own symm_mem path), the all-reduce the engine
+uses and why, and the TP engine's TTFT and decode latency.
 
 Every rank runs the all-reduce measurement together, then builds its engine; rank 0 then
 measures through its engine while the others follow it (parallel/control.py). At --tp 1
@@ -13,6 +14,7 @@ the same suite gives the single-GPU baseline (no all-reduce).
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 from dataclasses import replace
 
@@ -31,8 +33,11 @@ from hybridgraph.parallel.load import model_config, rank_weight_bytes
 
 
 def engine_config(cfg: BenchConfig) -> EngineConfig:
-    """The engine every rank builds (the same on all of them, or they fall out of step)."""
-    return cfg.engine_config(cfg.default_mode, tp=cfg.tp)
+    """The engine every rank builds (the same on all of them, or they fall out of step).
+    HG_TP_ALLREDUCE (auto | nccl | symm_mem, EngineConfig.allreduce) picks its all-reduce,
+    so the same suite measures decode with each; every rank inherits the variable."""
+    return cfg.engine_config(cfg.default_mode, tp=cfg.tp,
+                             allreduce=os.environ.get("HG_TP_ALLREDUCE", "auto"))
 
 
 def _allreduce(cfg: BenchConfig) -> list[allreduce.AllReduceTiming]:
@@ -86,26 +91,29 @@ def tp_suite(cfg: BenchConfig, copy_bandwidth_gbs: float) -> list[Table]:
     dec = summarize(lat.ravel())
 
     calls = 2 * engine.config.num_layers   # one after attention, one after feed-forward
-    graphed = [t for t in timings if t.rows == 1 and not t.error and t.method != "gloo"]
-    eager = [t for t in timings if t.rows == 1 and not t.error]
-    best = (min(graphed, key=lambda t: t.graph_us) if graphed
-            else min(eager, key=lambda t: t.eager_us) if eager else None)
-    best_us = (best.graph_us if graphed else best.eager_us) if best is not None else float("nan")
+    # What the engine's own all-reduce costs per call at batch 1 (graph-replayed on GPUs).
+    timed = {"symm_mem": "symm_mem_engine"}.get(engine.allreduce, engine.allreduce)
+    mine = [t for t in timings if t.rows == 1 and t.method == timed and not t.error]
+    per_call = (mine[0].eager_us if engine.device.type != "cuda" else mine[0].graph_us) \
+        if mine else float("nan")
     summary = Table("tp", f"Tensor parallelism: {engine.config.name} at TP={cfg.tp} ({system})",
                     ["system", "tp", "rank_weight_bytes", "rank_bytes_per_token",
                      "rank_floor_ms", "decode_ms", "floor_frac", "allreduce_calls_per_token",
-                     "allreduce_us_best", "allreduce_best", "allreduce_ms_per_token"]
+                     "allreduce", "allreduce_us", "allreduce_ms_per_token"]
                     + [f"ttft_{n}_ms" for n in cfg.tp_ttft_lengths])
     summary.add(system, cfg.tp, held, read, floor_ms, dec["mean"], floor_frac(dec["mean"], floor_ms),
-                calls if cfg.tp > 1 else 0, best_us, best.method if best else "n/a",
-                best_us * calls / 1e3 if cfg.tp > 1 else 0.0,
+                calls if cfg.tp > 1 else 0, engine.allreduce, per_call,
+                per_call * calls / 1e3 if cfg.tp > 1 else 0.0,
                 *[ttft_med[n] for n in cfg.tp_ttft_lengths])
     summary.notes += [
         "rank_weight_bytes: weights one rank holds (embedding and LM head replicated); "
         "rank_bytes_per_token: what one rank reads per decode step; rank_floor_ms = that / "
         "this run's copy bandwidth (rank 0's device).",
-        "allreduce_ms_per_token: the fastest method's per-call time at batch 1 (graph-replayed "
-        "on GPUs) x calls per token: the communication floor added to the rank's floor.",
+        f"allreduce: the engine's all-reduce ({engine.allreduce_reason}); allreduce_us: its "
+        "per-call time at batch 1 from tp_allreduce (graph-replayed on GPUs; symm_mem: the "
+        "symm_mem_engine row); allreduce_ms_per_token = that x calls per token: the "
+        "communication floor added to the rank's floor. Compare methods by rerunning with "
+        "HG_TP_ALLREDUCE=nccl|symm_mem.",
         f"decode_ms: mean over {cfg.decode_runs} runs of {cfg.tp_decode_new} tokens after a "
         f"{cfg.decode_prompt}-token prompt."]
 

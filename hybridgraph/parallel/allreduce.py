@@ -1,6 +1,12 @@
 """How long one all-reduce takes at decode's message sizes: NCCL against PyTorch's
 symmetric-memory one-shot all-reduce (GPUs), or gloo (CPUs).
 
+Three methods on GPUs: `nccl`; `symm_mem_one_shot`, torch's kernel alone on a buffer
+already in symmetric memory (bf16/fp32 only: torch has no fp16 kernel); and
+`symm_mem_engine`, the path the engine's all-reduce takes with `--allreduce symm_mem`
+(parallel/symm.py: the copy into the staging buffer, float16 cast through float32 and
+back), i.e. what decode pays per call.
+
 A decode step all-reduces [batch, hidden] activations twice per layer: a few KB to a
 few hundred KB, where latency, not bandwidth, decides. NCCL's ring/tree needs several
 steps; `one_shot_all_reduce` has every rank read every peer's buffer over NVLink once.
@@ -18,12 +24,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hybridgraph.parallel import symm
 from hybridgraph.parallel.group import TPGroup
 
 
 @dataclass
 class AllReduceTiming:
-    method: str           # nccl | symm_mem_one_shot | gloo
+    method: str           # nccl | symm_mem_one_shot | symm_mem_engine | gloo
     rows: int             # activation rows (the decode batch)
     nbytes: int
     eager_us: float       # per call, launched one by one
@@ -83,6 +90,25 @@ def _symm_mem(group: TPGroup, numel: int, dtype: torch.dtype, iters: int,
     return _cuda_us(lambda: op(buf, "sum", name), iters, group)
 
 
+def _symm_engine(group: TPGroup, numel: int, dtype: torch.dtype, iters: int,
+                 ) -> tuple[float, float]:
+    """The engine's symm_mem all-reduce (the custom op over a staging buffer of numel)."""
+    name = group.group.group_name
+    before = symm.registered(name)
+    staging = symm.create(group.group, group.device, numel, [dtype])
+    try:
+        x = torch.zeros(numel, dtype=dtype, device=group.device)
+        if staging.refusal(x):
+            raise RuntimeError(staging.refusal(x))
+        op = torch.ops.hybridgraph.symm_all_reduce
+        return _cuda_us(lambda: op(x, name), iters, group)
+    finally:   # leave the group's own staging (an engine's, if any) as it was
+        if before is not None:
+            symm.register(before)
+        else:
+            symm.drop(name)
+
+
 def _gloo(group: TPGroup, numel: int, dtype: torch.dtype, iters: int) -> tuple[float, float]:
     x = torch.zeros(numel, dtype=dtype)
     for _ in range(3):
@@ -98,7 +124,8 @@ def measure(group: TPGroup, hidden: int, dtype: torch.dtype, rows: Sequence[int]
             iters: int = 200) -> list[AllReduceTiming]:
     """Per-call times at [rows, hidden] for each method this device has (collective)."""
     if group.device.type == "cuda":
-        methods = {"nccl": _nccl, "symm_mem_one_shot": _symm_mem}
+        methods = {"nccl": _nccl, "symm_mem_one_shot": _symm_mem,
+                   "symm_mem_engine": _symm_engine}
     else:
         methods = {"gloo": _gloo}
         iters = min(iters, 50)

@@ -22,10 +22,14 @@ from hybridgraph.parallel.load import load_shard, model_config
 
 def shard_model(model: str, group: TPGroup, dtype: torch.dtype, seed: int = 0,
                 tokenizer: str | None = None, chat_template: str | None = None,
+                allreduce: str = "auto", max_batch: int = 1,
                 ) -> tuple[Transformer, Tokenizer]:
-    """This rank's share of `model`, its blocks summing their partial outputs over the group."""
+    """This rank's share of `model`, its blocks summing their partial outputs over the group
+    with the all-reduce `allreduce` picks (EngineConfig.allreduce; group.allreduce says
+    which runs and why), staged for decode batches of up to `max_batch` rows."""
     shard, tok = load_shard(model, group.size, group.rank, group.device, dtype, seed,
                             tokenizer, chat_template)
+    group.use_allreduce(allreduce, shard.config.hidden_size, max_batch, [dtype])
     # One callable object for every layer: the compiled block's guards see the same one.
     reduce = group.all_reduce
     for layer in shard.layers:
@@ -44,9 +48,10 @@ def build_rank(model: str, config: EngineConfig) -> tuple[Engine, TPGroup]:
     dtype = (auto_dtype(model, group.device) if config.dtype == "auto"
              else DTYPES[config.dtype])
     shard, tokenizer = shard_model(model, group, dtype, config.weights_seed, config.tokenizer,
-                                   config.chat_template)
+                                   config.chat_template, config.allreduce, config.max_batch)
     engine = Engine(shard, tokenizer, replace(config, device=str(group.device),
                                               dtype=str(dtype).removeprefix("torch.")))
+    engine.allreduce, engine.allreduce_reason = group.allreduce, group.allreduce_reason
     if group.leader:
         lead(engine, group)
     return engine, group

@@ -5,13 +5,17 @@ torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); our own 
 (parallel/launch.py) sets the same variables, so both start the same code. Two groups:
 `group` carries the all-reduces (NCCL on GPUs, gloo on CPUs) and the per-step inputs,
 `control` (always gloo, host memory) carries the leader's step headers, so a follower
-learns what to run without synchronising its GPU. Every wait is bounded: a rank that
+learns what to run without synchronising its GPU. On GPUs the all-reduce is NCCL's or
+PyTorch's symmetric-memory one-shot kernel (parallel/symm.py), chosen once per group by
+`choose_allreduce` from EngineConfig.allreduce. Every wait is bounded: a rank that
 dies or hangs brings the others down with an error, never a silent hang.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -20,7 +24,11 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
+from hybridgraph.engine_config import ALLREDUCE_CHOICES
 from hybridgraph.model.config import ModelConfig
+from hybridgraph.parallel import symm
+
+log = logging.getLogger(__name__)
 
 # NVLink multicast (NVLS) must stay off on shared hosts, for NCCL and for PyTorch's
 # symmetric memory alike: every process we start gets these, overriding the caller's.
@@ -89,6 +97,30 @@ def heartbeat_s() -> float:
     return control_timeout_s() / HEARTBEATS_PER_TIMEOUT
 
 
+def choose_allreduce(asked: str, device_type: str, start: Callable[[], symm.Staging],
+                     ) -> tuple[str, str, symm.Staging | None]:
+    """(method, why, staging) for EngineConfig.allreduce `asked`: the one owner of the
+    choice. CPU ranks always sum over gloo. On CUDA, nccl is NCCL; auto and symm_mem call
+    `start` (collective: every rank must reach the same answer) and take the one-shot
+    kernel where it succeeds, NCCL where it raises (symm_mem, asked for, warns)."""
+    if asked not in ALLREDUCE_CHOICES:
+        raise ValueError(f"unknown allreduce {asked!r}; choose from {', '.join(ALLREDUCE_CHOICES)}")
+    if device_type != "cuda":
+        return "gloo", f"{asked}: CPU ranks sum over gloo", None
+    if asked == "nccl":
+        return "nccl", "asked for", None
+    try:
+        staging = start()
+    except Exception as e:  # noqa: BLE001 - no symmetric memory here is an answer, not a crash
+        why = f"{asked}: symmetric memory unavailable ({type(e).__name__}: {e})"[:300]
+        if asked == "symm_mem":
+            log.warning("all-reduce over NCCL, not symm_mem: %s", why)
+        return "nccl", why, None
+    dtypes = ", ".join(str(d).removeprefix("torch.") for d in staging.buffers)
+    return "symm_mem", (f"{asked}: one-shot over symmetric memory ({dtypes} staging) for "
+                        f"messages up to {staging.numel} elements, NCCL above"), staging
+
+
 @dataclass
 class TPGroup:
     rank: int
@@ -96,17 +128,52 @@ class TPGroup:
     device: torch.device
     group: dist.ProcessGroup      # all-reduces and step inputs (NCCL or gloo)
     control: dist.ProcessGroup    # step headers, host memory (gloo)
+    # The all-reduce Block calls (gloo | nccl | symm_mem) and why: `use_allreduce` sets them.
+    allreduce: str = "nccl"
+    allreduce_reason: str = "default, until use_allreduce"
+    staging: symm.Staging | None = None   # the symmetric buffers, when allreduce is symm_mem
 
     @property
     def leader(self) -> bool:
         return self.rank == 0
 
+    def use_allreduce(self, asked: str, hidden: int, max_batch: int,
+                      dtypes: Sequence[torch.dtype]) -> None:
+        """Choose this group's all-reduce (collective: every rank calls it together) for
+        [rows, hidden] messages of `dtypes`, staging max(max_batch, STAGING_ROWS) rows."""
+        numel = max(max_batch, symm.STAGING_ROWS) * hidden
+        self.allreduce, self.allreduce_reason, self.staging = choose_allreduce(
+            asked, self.device.type, lambda: self._staging(numel, dtypes))
+
+    def _staging(self, numel: int, dtypes: Sequence[torch.dtype]) -> symm.Staging:
+        """symm.create on every rank, or an error on every rank: the ranks agree (over
+        the control group) before any of them uses it, so none sums alone."""
+        staging, error = None, None
+        try:
+            staging = symm.create(self.group, self.device, numel, dtypes)
+        except Exception as e:  # noqa: BLE001 - reported below, on every rank
+            error = e
+        ok = torch.tensor([0 if error else 1])
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.control)
+        if error is not None:
+            raise error
+        if staging is None or not ok.item():
+            symm.drop(self.group.group_name)
+            raise RuntimeError("symmetric memory failed on another rank")
+        return staging
+
     def all_reduce(self, x: Tensor) -> Tensor:
         """Sum x over ranks: the hook Block calls after attention and feed-forward.
 
-        Under torch.compile the functional collective (traceable, lowered by Inductor);
-        eagerly the in-place one, which NCCL records into a CUDA graph under capture.
+        symm_mem: the custom op (parallel/symm.py), eagerly and under torch.compile alike;
+        eagerly a message its staging refuses goes straight to NCCL, in place (compiled,
+        the op itself falls back). NCCL/gloo: under torch.compile the functional collective
+        (traceable, lowered by Inductor); eagerly the in-place one, which NCCL records into
+        a CUDA graph under capture.
         """
+        if self.staging is not None and (torch.compiler.is_compiling()
+                                         or not self.staging.refusal(x)):
+            return torch.ops.hybridgraph.symm_all_reduce(x, self.staging.name)
         if torch.compiler.is_compiling():
             return funcol.all_reduce(x, "sum", self.group)
         dist.all_reduce(x, group=self.group)
@@ -115,6 +182,8 @@ class TPGroup:
     def close(self) -> None:
         # After NCCL work was captured in CUDA graphs, destroying the group can hang
         # (pytorch#115388); the process is about to exit, which frees it anyway.
+        if self.staging is not None:
+            symm.drop(self.staging.name)
         if self.device.type != "cuda" and dist.is_initialized():
             dist.destroy_process_group()
         _JOINED.clear()
@@ -168,5 +237,6 @@ def init_group(tp: int, device: str) -> TPGroup:
     else:
         dist.init_process_group("gloo", rank=rank, world_size=size, timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=timedelta(seconds=control_timeout_s()))
-    _JOINED.append(TPGroup(rank, size, dev, dist.group.WORLD, control))
+    method = "nccl" if dev.type == "cuda" else "gloo"
+    _JOINED.append(TPGroup(rank, size, dev, dist.group.WORLD, control, method))
     return _JOINED[0]

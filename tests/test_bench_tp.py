@@ -28,6 +28,8 @@ def test_bench_tp_quick_two_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert int(row["rank_weight_bytes"]) < tiny.num_params() * 4
     assert int(row["allreduce_calls_per_token"]) == 2 * tiny.num_layers
     assert float(row["decode_ms"]) > 0 and float(row["rank_floor_ms"]) > 0
+    # The engine's own all-reduce, and its measured per-call time.
+    assert row["allreduce"] == "gloo" and float(row["allreduce_us"]) > 0
     _, ar = read_csv(tmp_path / "tp_allreduce.csv")
     assert [r["method"] for r in ar] == ["gloo"] * 3 and all(float(r["eager_us"]) > 0 for r in ar)
     assert (tmp_path / "tp_topology.csv").is_file()

@@ -95,7 +95,8 @@ GENERATE = ["generate", "--model", "tiny", "--prompt-ids", "5,17,42", "--max-new
 
 def test_generate_cli_with_tp_2_prints_the_one_rank_text() -> None:
     one = _cli("-m", "hybridgraph.cli", *GENERATE)
-    two = _cli("-m", "hybridgraph.cli", *GENERATE, "--tp", "2")
+    # --allreduce reaches every rank; CPU ranks sum over gloo whatever it asks.
+    two = _cli("-m", "hybridgraph.cli", *GENERATE, "--tp", "2", "--allreduce", "symm_mem")
     assert two[0] == one[0]            # the generated text
     assert "tp 2] prompt 3 tokens, 6 new" in two[1]
 
@@ -195,6 +196,9 @@ def test_serve_with_tp_2(tmp_path: Path) -> None:
     with srv:
         with Client(sock) as client:
             reply = client.generate(prompt_ids=[5, 17, 42], max_new_tokens=6, seed=0)
-            assert client.status()["tp"] == 2
+            status = client.status()
+            assert status["tp"] == 2
+            # The engine says which all-reduce it uses and why (gloo: CPU ranks).
+            assert status["allreduce"] == "gloo" and "CPU" in status["allreduce_reason"]
         assert reply["tokens"] == want
     assert srv.proc is not None and srv.proc.returncode == 0, srv.log()

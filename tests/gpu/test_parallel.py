@@ -1,6 +1,8 @@
-"""Tensor parallelism on 2 and 4 GPUs of one host (NCCL): tokens equal one GPU's on the
-same float32 weights, with every decode step replayed from a CUDA graph that holds the
-step's all-reduces. Skipped unless at least 2 GPUs are visible.
+"""Tensor parallelism on 2 and 4 GPUs of one host: tokens equal one GPU's on the same
+float32 weights, with every decode step replayed from a CUDA graph that holds the step's
+all-reduces, over NCCL and over the symmetric-memory one-shot all-reduce (symm_mem); in
+float16 and bfloat16, symm_mem gives NCCL's tokens; the symm_mem op sums like NCCL.
+Skipped unless at least 2 GPUs are visible.
 
 Not yet run on GPUs (written on a CPU-only machine; the same code path is checked on the
 CPU over gloo in tests/test_parallel.py).
@@ -20,7 +22,7 @@ from hybridgraph.engine import Engine
 from hybridgraph.model.loader import load_model
 from hybridgraph.parallel.launch import launch
 from tests.conftest import TINY, make_hf_checkpoint
-from tests.gpu.tp_worker import engine_config, generate
+from tests.gpu.tp_worker import engine_config, generate, tag
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs >= 2 GPUs")]
@@ -55,21 +57,64 @@ def _one_gpu(checkpoint: Path, mode: str) -> list[list[int]]:
     return tokens
 
 
-@pytest.mark.parametrize("mode", ["graph", "hybrid"])
-@pytest.mark.parametrize("tp", [2, 4])
-def test_tp_tokens_equal_one_gpu_with_graphs(tp: int, mode: str, checkpoint: Path,
-                                            tmp_path: Path) -> None:
-    if torch.cuda.device_count() < tp:
-        pytest.skip(f"needs {tp} GPUs")
-    want = _one_gpu(checkpoint, mode)
-    assert launch(tp, ["-m", "tests.gpu.tp_worker", str(tmp_path), str(checkpoint), mode],
-                  env=_env()) == 0
-    got = json.loads((tmp_path / f"{mode}.json").read_text())
-    assert got["tokens"] == want
+def _tp(tp: int, checkpoint: Path, out: Path, mode: str, dtype: str, allreduce: str) -> dict:
+    """Rank 0's tokens, graph stats and all-reduce from a `tp`-rank run."""
+    assert launch(tp, ["-m", "tests.gpu.tp_worker", str(out), str(checkpoint), mode, dtype,
+                       allreduce], env=_env()) == 0
+    got = json.loads((out / f"{tag(mode, dtype, allreduce)}.json").read_text())
     graphs = got["graphs"]
     # Decode replayed captured graphs (their all-reduces inside), never fell back to eager.
     assert graphs["captures"] > 0 and graphs["hits"] > 0
     assert graphs["capture_failures"] == 0 and graphs["fallbacks"] == 0
+    # The method asked for is the one that ran (symm_mem never fell back to NCCL here).
+    assert got["allreduce"] == allreduce, got["allreduce_reason"]
+    return got
+
+
+@pytest.mark.parametrize("allreduce", ["nccl", "symm_mem"])
+@pytest.mark.parametrize("mode", ["graph", "hybrid"])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp_tokens_equal_one_gpu_with_graphs(tp: int, mode: str, allreduce: str,
+                                            checkpoint: Path, tmp_path: Path) -> None:
+    if torch.cuda.device_count() < tp:
+        pytest.skip(f"needs {tp} GPUs")
+    want = _one_gpu(checkpoint, mode)
+    assert _tp(tp, checkpoint, tmp_path, mode, "float32", allreduce)["tokens"] == want
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("mode", ["graph", "hybrid"])
+def test_symm_mem_tokens_equal_nccl_in_half_precision(mode: str, dtype: str,
+                                                      checkpoint: Path, tmp_path: Path) -> None:
+    """Two ranks in float16 (staged through float32) and bfloat16: the same greedy tokens
+    as NCCL's. Not compared with one GPU: in half precision each rank rounds its partial
+    sum before the all-reduce, so TP=2 may legitimately pick another token than TP=1 where
+    two logits nearly tie; two ranks' a + b rounds the same under both all-reduces."""
+    nccl = _tp(2, checkpoint, tmp_path, mode, dtype, "nccl")
+    symm_mem = _tp(2, checkpoint, tmp_path, mode, dtype, "symm_mem")
+    assert symm_mem["tokens"] == nccl["tokens"]
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_symm_mem_op_sums_like_nccl(tp: int, tmp_path: Path) -> None:
+    """float16, bfloat16 and float32 messages: eager (contiguous, strided, misaligned, and
+    too big for the staging), replayed from a CUDA graph, and compiled."""
+    if torch.cuda.device_count() < tp:
+        pytest.skip(f"needs {tp} GPUs")
+    assert launch(tp, ["-m", "tests.gpu.allreduce_worker", str(tmp_path)], env=_env()) == 0
+    cases = json.loads((tmp_path / "allreduce.json").read_text())
+    fused = cases.pop("fused_copy")
+    assert len(cases) == 3 * (6 + 3 + 4), sorted(cases)
+    for key, case in cases.items():
+        if tp == 2:
+            # Two ranks: both compute round(a + b) (float16 exactly in float32, once
+            # rounded back), so the sums are bit-equal.
+            assert case["equal"], (key, case, fused)
+        else:
+            # Four: the two sum in other orders: a few roundings apart at most (sums of
+            # four standard normals stay below ~16, where these are ~4 units of the last place).
+            tol = {"float16": 5e-2, "bfloat16": 0.25, "float32": 1e-5}[key.split("/")[0]]
+            assert case["max_diff"] <= tol, (key, case, fused)
 
 
 def test_bench_tp_records_nccl_and_symmetric_memory(tmp_path: Path,
@@ -82,6 +127,10 @@ def test_bench_tp_records_nccl_and_symmetric_memory(tmp_path: Path,
                  "--out", str(tmp_path)]) == 0
     _, rows = read_csv(tmp_path / "tp_allreduce.csv")
     methods = {r["method"] for r in rows}
-    assert methods == {"nccl", "symm_mem_one_shot"}
-    nccl = [r for r in rows if r["method"] == "nccl"]
-    assert all(float(r["graph_us"]) > 0 for r in nccl), nccl
+    assert methods == {"nccl", "symm_mem_one_shot", "symm_mem_engine"}
+    # The engine's path serves tinyllama's float16 (through float32), eager and graphed.
+    for method in ("nccl", "symm_mem_engine"):
+        timed = [r for r in rows if r["method"] == method]
+        assert all(not r["error"] and float(r["graph_us"]) > 0 for r in timed), timed
+    _, (summary,) = read_csv(tmp_path / "tp.csv")
+    assert summary["allreduce"] == "symm_mem" and float(summary["allreduce_us"]) > 0

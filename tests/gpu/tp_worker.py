@@ -1,9 +1,11 @@
 """One rank of the GPU tensor-parallel checks (tests/gpu/test_parallel.py starts N).
 
-Every rank loads its shard of a float32 checkpoint and builds an engine in MODE (graphs
-captured ahead, so each decode step replays a graph with its all-reduces inside); rank 0
-generates greedy tokens and writes them, with its graph stats, to OUT/MODE.json.
-Usage: python -m tests.gpu.tp_worker OUT MODEL_DIR MODE
+Every rank loads its shard of a checkpoint in DTYPE (default float32), sums over the
+all-reduce ALLREDUCE picks (EngineConfig.allreduce, default nccl), and builds an engine
+in MODE (graphs captured ahead, so each decode step replays a graph with its all-reduces
+inside); rank 0 generates greedy tokens and writes them, with its graph stats and the
+all-reduce in use, to OUT/tag(MODE, DTYPE, ALLREDUCE).json.
+Usage: python -m tests.gpu.tp_worker OUT MODEL_DIR MODE [DTYPE [ALLREDUCE]]
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from hybridgraph.engine import Engine
+from hybridgraph.engine import DTYPES, Engine
 from hybridgraph.engine_config import EngineConfig
 from hybridgraph.parallel.control import follow, lead
 from hybridgraph.parallel.engine import shard_model
@@ -36,23 +38,31 @@ def generate(engine: Engine) -> list[list[int]]:
     return [r.tokens for r in engine.generate_batch(PROMPTS, NEW, stop_ids=[])]
 
 
-def main(out: Path, model_dir: str, mode: str) -> int:
+def tag(mode: str, dtype: str = "float32", allreduce: str = "nccl") -> str:
+    return f"{mode}-{dtype}-{allreduce}"
+
+
+def main(out: Path, model_dir: str, mode: str, dtype: str = "float32",
+         allreduce: str = "nccl") -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     tp = int(os.environ["WORLD_SIZE"])
     group = init_group(tp, "cuda")
-    model, tok = shard_model(model_dir, group, torch.float32)
-    engine = Engine(model, tok, engine_config(mode, tp))
+    config = engine_config(mode, tp)
+    model, tok = shard_model(model_dir, group, DTYPES[dtype], allreduce=allreduce,
+                             max_batch=config.max_batch)
+    engine = Engine(model, tok, config)
     if not group.leader:
         follow(engine, group)
         return 0
     leader = lead(engine, group)
     tokens = generate(engine)
     leader.stop()
-    (out / f"{mode}.json").write_text(json.dumps({"tokens": tokens,
-                                                  "graphs": engine.stats().get("graphs")}))
+    (out / f"{tag(mode, dtype, allreduce)}.json").write_text(json.dumps({
+        "tokens": tokens, "graphs": engine.stats().get("graphs"),
+        "allreduce": group.allreduce, "allreduce_reason": group.allreduce_reason}))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1]), sys.argv[2], sys.argv[3]))
+    sys.exit(main(Path(sys.argv[1]), *sys.argv[2:]))

@@ -81,8 +81,7 @@ def _symm_mem(group: TPGroup, numel: int, dtype: torch.dtype, iters: int,
     import torch.distributed._symmetric_memory as symm_mem
 
     name = group.group.group_name
-    # Needed before torch 2.9's implicit enablement; a no-op once enabled.
-    symm_mem.enable_symm_mem_for_group(name)
+    symm.enable(name)
     buf = symm_mem.empty(numel, dtype=dtype, device=group.device)
     buf.zero_()
     symm_mem.rendezvous(buf, name)

@@ -18,6 +18,7 @@ reads peers through plain peer mappings, never multicast.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,6 +54,17 @@ def missing() -> str:
     except ImportError as e:
         return f"torch.distributed._symmetric_memory: {e}"
     return ""
+
+
+def enable(group_name: str) -> None:
+    """Symmetric memory for the group: needed before torch 2.9's implicit enablement,
+    deprecated (a FutureWarning) since."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    if hasattr(symm_mem, "enable_symm_mem_for_group"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            symm_mem.enable_symm_mem_for_group(group_name)
 
 
 @dataclass
@@ -110,9 +122,7 @@ def create(group: dist.ProcessGroup, device: torch.device, numel: int,
     import torch.distributed._symmetric_memory as symm_mem
 
     name = group.group_name
-    # Needed before torch 2.9's implicit enablement; a no-op once enabled.
-    if hasattr(symm_mem, "enable_symm_mem_for_group"):
-        symm_mem.enable_symm_mem_for_group(name)
+    enable(name)
     buffers = {}
     for staged in dict.fromkeys(staging_dtype(d) for d in dtypes):
         if staged is None:

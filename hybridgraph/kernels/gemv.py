@@ -129,17 +129,13 @@ def _rows(tile, offs_h, N, D_HALF, EPI: tl.constexpr, HALF: tl.constexpr):
 
 
 @triton.jit
-def gemv_kernel(x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
-                cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, ws_ptr, cnt_ptr,
-                B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out, stride_res,
-                HEADS, KV_HEADS, MAX_SEQ, D_HALF,
-                NORM: tl.constexpr, EPI: tl.constexpr, SPLIT_K: tl.constexpr,
-                BLOCK_B: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr,
-                PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, DOT: tl.constexpr):
-    # Work items (tile, split) are dealt round-robin over the programs: a grid smaller
-    # than the item count makes the kernel persistent, which evens out the last wave.
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
+def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
+          vc_ptr, ws_ptr, cnt_ptr, B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out,
+          stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF,
+          NORM: tl.constexpr, EPI: tl.constexpr, SPLIT_K: tl.constexpr,
+          BLOCK_B: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr,
+          USE_PDL: tl.constexpr, DOT: tl.constexpr):
+    """One work item: a tile of rows over one split of K (the whole of K if unsplit)."""
     offs_h = tl.arange(0, HALF)
     offs_k = tl.arange(0, BLOCK_K)
     offs_b = tl.arange(0, BLOCK_B)
@@ -147,11 +143,118 @@ def gemv_kernel(x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
     size = BLOCK_B * HALF
     item_floats = 2 * size + BLOCK_B
     offs2 = offs_b[:, None] * HALF + offs_h[None, :]
+    tile = item % TILES
+    split = item // TILES
+    rows_a, rows_b, mask_a, mask_b = _rows(tile, offs_h, N, D_HALF, EPI, HALF)
+    wa_ptrs = w_ptr + rows_a.to(tl.int64)[:, None] * K + offs_k[None, :]
+    wb_ptrs = w_ptr + rows_b.to(tl.int64)[:, None] * K + offs_k[None, :]
+    k_start = split * K_SPLIT
+    k_end = tl.minimum(k_start + K_SPLIT, K)
+    if DOT:
+        acc_a = tl.zeros([BLOCK_B, HALF], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_B, HALF], dtype=tl.float32)
+        # Squares summed elementwise in the loop, reduced once after it: a cross-warp
+        # reduction per step stalled the weight pipeline (57 vs 45 us, KERNELS.md).
+        sq = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+        for k in range(k_start, k_end, BLOCK_K):
+            km = (k + offs_k) < k_end
+            xt = tl.load(x_ptr + offs_b[:, None] * stride_x + (k + offs_k)[None, :],
+                         mask=mask_bb[:, None] & km[None, :], other=0.0)
+            if NORM:
+                # RMSNorm folded in: y = rstd * (W @ (norm_w * x)), rstd from the sum of
+                # squares gathered here, so no extra pass over x.
+                xf = xt.to(tl.float32)
+                sq += xf * xf
+                nw = tl.load(normw_ptr + k + offs_k, mask=km, other=0.0)
+                xt = (xf * nw.to(tl.float32)[None, :]).to(xt.dtype)
+            wa = tl.load(wa_ptrs + k, mask=mask_a[:, None] & km[None, :], other=0.0)
+            wb = tl.load(wb_ptrs + k, mask=mask_b[:, None] & km[None, :], other=0.0)
+            acc_a = tl.dot(xt, tl.trans(wa), acc_a)
+            acc_b = tl.dot(xt, tl.trans(wb), acc_b)
+        ss = tl.sum(sq, axis=1)
+    else:
+        # One row (BLOCK_B == 1): products accumulated elementwise in registers, no
+        # shared memory and no per-step reduction; one reduction after the loop. The
+        # two row sets stream as ONE interleaved block (row 2r from A, 2r + 1 from B):
+        # two separate loads measured up to 2x slower (the second was issued only after
+        # the first one's products, halving the bytes in flight: KERNELS.md run 6).
+        offs_i = tl.arange(0, 2 * HALF)
+        ia, ib, ma_i, mb_i = _rows(tile, offs_i // 2, N, D_HALF, EPI, HALF)
+        from_a = (offs_i % 2) == 0
+        w_ptrs = w_ptr + tl.where(from_a, ia, ib).to(tl.int64)[:, None] * K + offs_k[None, :]
+        m_rows = tl.where(from_a, ma_i, mb_i)
+        # x, the norm weight and the squares are [1, BLOCK_K] tiles, not vectors, so they
+        # share the weight block's layout and broadcast over its rows with no conversion.
+        p = tl.zeros([2 * HALF, BLOCK_K], dtype=tl.float32)
+        sq = tl.zeros([1, BLOCK_K], dtype=tl.float32)
+        for k in range(k_start, k_end, BLOCK_K):
+            km = ((k + offs_k) < k_end)[None, :]
+            xv = tl.load(x_ptr + k + offs_k[None, :], mask=km, other=0.0)
+            xf = xv.to(tl.float32)
+            if NORM:
+                sq += xf * xf
+                nw = tl.load(normw_ptr + k + offs_k[None, :], mask=km, other=0.0)
+                xf = (xf * nw.to(tl.float32)).to(xv.dtype).to(tl.float32)
+            w = tl.load(w_ptrs + k, mask=m_rows[:, None] & km, other=0.0)
+            p += w.to(tl.float32) * xf
+        acc_a, acc_b = tl.split(tl.reshape(tl.sum(p, axis=1), [HALF, 2]))
+        acc_a = tl.reshape(acc_a, [BLOCK_B, HALF])
+        acc_b = tl.reshape(acc_b, [BLOCK_B, HALF])
+        ss = tl.zeros([BLOCK_B], dtype=tl.float32) + tl.sum(tl.sum(sq, axis=1), axis=0)
+    if USE_PDL == 2:  # late trigger: the next kernel launches as the weights run out
+        tl.extra.cuda.gdc_launch_dependents()
+
+    if SPLIT_K == 1:
+        if NORM:
+            rstd = tl.rsqrt(ss / K + eps)
+            acc_a = acc_a * rstd[:, None]
+            acc_b = acc_b * rstd[:, None]
+        _epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b, mask_a,
+                  mask_b, out_ptr, stride_out, res_ptr, stride_res, cos_ptr, sin_ptr,
+                  pos_ptr, kc_ptr, vc_ptr, HEADS, KV_HEADS, MAX_SEQ, D_HALF, EPI, HALF)
+    else:
+        mine = ws_ptr + (tile * SPLIT_K + split) * item_floats
+        tl.store(mine + offs2, acc_a)
+        tl.store(mine + size + offs2, acc_b)
+        tl.store(mine + 2 * size + offs_b, ss)
+        tl.debug_barrier()  # every thread's partial is stored before the counter moves
+        done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if done == SPLIT_K - 1:  # the last split of this tile: reduce, in split order
+            acc_a = tl.zeros([BLOCK_B, HALF], dtype=tl.float32)
+            acc_b = tl.zeros([BLOCK_B, HALF], dtype=tl.float32)
+            ss = tl.zeros([BLOCK_B], dtype=tl.float32)
+            for s in range(SPLIT_K):
+                part = ws_ptr + (tile * SPLIT_K + s) * item_floats
+                acc_a += tl.load(part + offs2, cache_modifier=".cg")
+                acc_b += tl.load(part + size + offs2, cache_modifier=".cg")
+                ss += tl.load(part + 2 * size + offs_b, cache_modifier=".cg")
+            tl.store(cnt_ptr + tile, 0)
+            if NORM:
+                rstd = tl.rsqrt(ss / K + eps)
+                acc_a = acc_a * rstd[:, None]
+                acc_b = acc_b * rstd[:, None]
+            _epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b,
+                      mask_a, mask_b, out_ptr, stride_out, res_ptr, stride_res, cos_ptr,
+                      sin_ptr, pos_ptr, kc_ptr, vc_ptr, HEADS, KV_HEADS, MAX_SEQ, D_HALF,
+                      EPI, HALF)
+
+
+@triton.jit
+def gemv_kernel(x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
+                cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, ws_ptr, cnt_ptr,
+                B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out, stride_res,
+                HEADS, KV_HEADS, MAX_SEQ, D_HALF,
+                NORM: tl.constexpr, EPI: tl.constexpr, SPLIT_K: tl.constexpr,
+                BLOCK_B: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr,
+                PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, DOT: tl.constexpr,
+                PERSIST: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_h = tl.arange(0, HALF)
 
     if USE_PDL > 0:
         if PREFETCH > 0:  # the first item's weights: they never change, so no wait needed
-            rows_a, rows_b, mask_a, mask_b = _rows(pid // SPLIT_K, offs_h, N, D_HALF, EPI, HALF)
-            k0 = (pid % SPLIT_K) * K_SPLIT
+            rows_a, rows_b, mask_a, mask_b = _rows(pid % TILES, offs_h, N, D_HALF, EPI, HALF)
+            k0 = (pid // TILES) * K_SPLIT
             lines = k0 + tl.arange(0, PREFETCH)[None, :] * 64
             ok = (pid < TILES * SPLIT_K) & (lines < K)
             _prefetch_l2(tl.where(mask_a[:, None] & ok,
@@ -162,93 +265,21 @@ def gemv_kernel(x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
             tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
 
-    for item in range(pid, TILES * SPLIT_K, nprog):
-        tile = item // SPLIT_K
-        split = item % SPLIT_K
-        rows_a, rows_b, mask_a, mask_b = _rows(tile, offs_h, N, D_HALF, EPI, HALF)
-        wa_ptrs = w_ptr + rows_a.to(tl.int64)[:, None] * K + offs_k[None, :]
-        wb_ptrs = w_ptr + rows_b.to(tl.int64)[:, None] * K + offs_k[None, :]
-        k_start = split * K_SPLIT
-        k_end = tl.minimum(k_start + K_SPLIT, K)
-        if DOT:
-            acc_a = tl.zeros([BLOCK_B, HALF], dtype=tl.float32)
-            acc_b = tl.zeros([BLOCK_B, HALF], dtype=tl.float32)
-            # Squares summed elementwise in the loop, reduced once after it: a cross-warp
-            # reduction per step stalled the weight pipeline (57 vs 45 us, KERNELS.md).
-            sq = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
-            for k in range(k_start, k_end, BLOCK_K):
-                km = (k + offs_k) < k_end
-                xt = tl.load(x_ptr + offs_b[:, None] * stride_x + (k + offs_k)[None, :],
-                             mask=mask_bb[:, None] & km[None, :], other=0.0)
-                if NORM:
-                    # RMSNorm folded in: y = rstd * (W @ (norm_w * x)), rstd from the sum of
-                    # squares gathered here, so no extra pass over x.
-                    xf = xt.to(tl.float32)
-                    sq += xf * xf
-                    nw = tl.load(normw_ptr + k + offs_k, mask=km, other=0.0)
-                    xt = (xf * nw.to(tl.float32)[None, :]).to(xt.dtype)
-                wa = tl.load(wa_ptrs + k, mask=mask_a[:, None] & km[None, :], other=0.0)
-                wb = tl.load(wb_ptrs + k, mask=mask_b[:, None] & km[None, :], other=0.0)
-                acc_a = tl.dot(xt, tl.trans(wa), acc_a)
-                acc_b = tl.dot(xt, tl.trans(wb), acc_b)
-            ss = tl.sum(sq, axis=1)
-        else:
-            # One row (BLOCK_B == 1): products accumulated elementwise in registers, no
-            # shared memory and no per-step reduction; one reduction after the loop.
-            pa = tl.zeros([HALF, BLOCK_K], dtype=tl.float32)
-            pb = tl.zeros([HALF, BLOCK_K], dtype=tl.float32)
-            sqv = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k in range(k_start, k_end, BLOCK_K):
-                km = (k + offs_k) < k_end
-                xv = tl.load(x_ptr + k + offs_k, mask=km, other=0.0)
-                xf = xv.to(tl.float32)
-                if NORM:
-                    sqv += xf * xf
-                    nw = tl.load(normw_ptr + k + offs_k, mask=km, other=0.0)
-                    xf = (xf * nw.to(tl.float32)).to(xv.dtype).to(tl.float32)
-                wa = tl.load(wa_ptrs + k, mask=mask_a[:, None] & km[None, :], other=0.0)
-                wb = tl.load(wb_ptrs + k, mask=mask_b[:, None] & km[None, :], other=0.0)
-                pa += wa.to(tl.float32) * xf[None, :]
-                pb += wb.to(tl.float32) * xf[None, :]
-            acc_a = tl.reshape(tl.sum(pa, axis=1), [BLOCK_B, HALF])
-            acc_b = tl.reshape(tl.sum(pb, axis=1), [BLOCK_B, HALF])
-            ss = tl.zeros([BLOCK_B], dtype=tl.float32) + tl.sum(sqv, axis=0)
-        if USE_PDL == 2:  # late trigger: the next kernel launches as the weights run out
-            tl.extra.cuda.gdc_launch_dependents()
-
-        if SPLIT_K == 1:
-            if NORM:
-                rstd = tl.rsqrt(ss / K + eps)
-                acc_a = acc_a * rstd[:, None]
-                acc_b = acc_b * rstd[:, None]
-            _epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b, mask_a,
-                      mask_b, out_ptr, stride_out, res_ptr, stride_res, cos_ptr, sin_ptr,
-                      pos_ptr, kc_ptr, vc_ptr, HEADS, KV_HEADS, MAX_SEQ, D_HALF, EPI, HALF)
-        else:
-            mine = ws_ptr + item * item_floats
-            tl.store(mine + offs2, acc_a)
-            tl.store(mine + size + offs2, acc_b)
-            tl.store(mine + 2 * size + offs_b, ss)
-            tl.debug_barrier()  # every thread's partial is stored before the counter moves
-            done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-            if done == SPLIT_K - 1:  # the last split of this tile: reduce, in split order
-                acc_a = tl.zeros([BLOCK_B, HALF], dtype=tl.float32)
-                acc_b = tl.zeros([BLOCK_B, HALF], dtype=tl.float32)
-                ss = tl.zeros([BLOCK_B], dtype=tl.float32)
-                for s in range(SPLIT_K):
-                    part = ws_ptr + (tile * SPLIT_K + s) * item_floats
-                    acc_a += tl.load(part + offs2, cache_modifier=".cg")
-                    acc_b += tl.load(part + size + offs2, cache_modifier=".cg")
-                    ss += tl.load(part + 2 * size + offs_b, cache_modifier=".cg")
-                tl.store(cnt_ptr + tile, 0)
-                if NORM:
-                    rstd = tl.rsqrt(ss / K + eps)
-                    acc_a = acc_a * rstd[:, None]
-                    acc_b = acc_b * rstd[:, None]
-                _epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b,
-                          mask_a, mask_b, out_ptr, stride_out, res_ptr, stride_res, cos_ptr,
-                          sin_ptr, pos_ptr, kc_ptr, vc_ptr, HEADS, KV_HEADS, MAX_SEQ, D_HALF,
-                          EPI, HALF)
+    # Work items (tile, split), tile fastest, are dealt round-robin over the programs: a
+    # grid smaller than the item count makes the kernel persistent (PERSIST), which evens
+    # out the last wave. Without it each program runs one item and there is no outer loop
+    # (the loop cost registers, hence occupancy: KERNELS.md run 6).
+    if PERSIST:
+        for item in range(pid, TILES * SPLIT_K, tl.num_programs(0)):
+            _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
+                  vc_ptr, ws_ptr, cnt_ptr, B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out,
+                  stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, NORM, EPI, SPLIT_K, BLOCK_B,
+                  HALF, BLOCK_K, USE_PDL, DOT)
+    else:
+        _item(pid, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
+                  vc_ptr, ws_ptr, cnt_ptr, B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out,
+                  stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, NORM, EPI, SPLIT_K, BLOCK_B,
+                  HALF, BLOCK_K, USE_PDL, DOT)
 
 
 # ------------------------------------------------------------------------------ launch
@@ -264,26 +295,27 @@ class GemvConfig(NamedTuple):
     dot: bool = True       # False: one-row launches multiply in registers, not on tensor cores
 
 
-def default_config(tiles: int, k: int, sms: int = 132, epi: int = EPI_PLAIN,
-                   norm: bool = False) -> GemvConfig:
-    """The config that measured best for one row on an H100 (docs/KERNELS.md).
+def default_config(n: int, k: int, sms: int = 132, epi: int = EPI_PLAIN,
+                   norm: bool = False, d_half: int = 64) -> GemvConfig:
+    """The config that measured best for one row of an [n, k] projection on an H100
+    (docs/KERNELS.md run 6: llama-2-7b, llama-3.2-1b).
 
-    The wide projections (gate/up, and the LM head with its norm) stream fastest on the
-    one-row register path; the rest on the tensor-core path, split over K while the grid
-    stays under half the SMs (each split keeping >= 512 of K), which was the best split at
-    every llama-2-7b and llama-3.2-1b shape. Launches of more rows use the tensor-core
-    path whatever the config says (`gemv`).
+    Every projection streams fastest on the one-row register path with small tiles: 4
+    warps, 256 of K a step, 16 rows a program (32 where the projection has tiles enough
+    to keep >= 4.5 programs per SM busy, and always for QKV, whose RoPE pairs want them),
+    split over K until there are >= 2.5 programs per SM (each split keeping >= 512 of K).
+    n is the output width (for EPI_SILU: the intermediate size). Launches of more rows use
+    the tensor-core path whatever the config says (`gemv`).
     """
-    if epi == EPI_SILU:
-        return GemvConfig(half=32, block_k=256, num_warps=8, num_stages=1, dot=False)
-    if epi == EPI_PLAIN and norm:
-        return GemvConfig(half=32, block_k=128, split_k=2, num_stages=1, dot=False)
-    if epi == EPI_ROPE:
-        return GemvConfig(half=16, block_k=512, num_warps=8, num_stages=1, dot=False)
+    half = 16 if epi == EPI_ROPE else 8
+    if epi != EPI_ROPE and n_tiles(epi, n, 16, d_half) >= 4.5 * sms:
+        half = 16
+    tiles = n_tiles(epi, n, rope_half(d_half, half) if epi == EPI_ROPE else half, d_half)
     split = 1
-    while tiles * split * 2 <= sms and k // (split * 2) >= 512:
+    while tiles * split < 2.5 * sms and k // (split * 2) >= 512:
         split *= 2
-    return GemvConfig(split_k=split)
+    return GemvConfig(half=half, block_k=256, split_k=split, num_warps=4, num_stages=1,
+                      dot=False)
 
 
 def n_tiles(epi: int, n: int, half: int, d_half: int) -> int:
@@ -331,14 +363,15 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
         d_half = rope.k_cache.shape[-1] // 2
         max_seq = rope.k_cache.shape[2]
         half = rope_half(d_half, half)
-    if half < 16:
+    if b > 1 and not cfg.dot:  # register configs are tuned for one row
+        cfg = GemvConfig(split_k=cfg.split_k)
+        half = rope_half(d_half, cfg.half) if epi == EPI_ROPE else cfg.half
+    dot = cfg.dot
+    if half < (16 if dot else 1):
         raise ValueError(f"gemv: row sets of {half} rows are too small for tl.dot (>= 16)")
     tiles = n_tiles(epi, n, half, d_half)
     k_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     split = triton.cdiv(k, k_split)
-    if b > 1 and not cfg.dot:  # register configs are tuned for one row
-        cfg = GemvConfig(split_k=cfg.split_k)
-    dot = cfg.dot
     block_b = 16 if dot else 1
     if split > 1:
         ws.check(workspace_floats(tiles, split, half, block_b), tiles, "gemv")
@@ -357,6 +390,7 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
     gemv_kernel[(grid,)](
         *args, NORM=norm_w is not None, EPI=epi, SPLIT_K=split, BLOCK_B=block_b, HALF=half,
         BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, USE_PDL=int(pdl), DOT=dot,
+        PERSIST=grid < items,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
     return out
 

@@ -30,14 +30,14 @@ class KernelPlan:
     """Which projections run on the Triton GEMV (the rest on cuBLAS), and whether the
     kernels use programmatic dependent launch (dropped where the GPU lacks it).
 
-    The default is the fastest plan measured on an H100 for llama-2-7b (docs/KERNELS.md):
-    one row: O, gate/up, down and the LM head on the GEMV, QKV on cuBLAS (+ fused norm and
-    RoPE/cache-write kernels), PDL on with the late trigger; 2-16 rows: O, down and the
-    head on the GEMV, QKV and gate/up on cuBLAS (its GEMM beat the tensor-core GEMV there:
-    16 rows 6.24 vs 7.21 ms).
+    The default is the fastest plan measured on an H100 (docs/KERNELS.md run 6): one row:
+    all five projections on the GEMV (its small register tiles beat cuBLAS + the fused
+    glue at every llama-2-7b and llama-3.2-1b shape), PDL on with the late trigger; 2-16
+    rows: O, down and the head on the GEMV, QKV and gate/up on cuBLAS (its GEMM beat the
+    tensor-core GEMV there: 16 rows 6.24 vs 7.21 ms).
     """
 
-    gemv: tuple[str, ...] = ("wo", "w13", "w2", "head")
+    gemv: tuple[str, ...] = PROJECTIONS
     gemv_batched: tuple[str, ...] | None = ("wo", "w2", "head")  # the same for batches of
     #                                         2+ rows (tensor-core GEMV); None: as `gemv`
     pdl: bool = True
@@ -99,9 +99,8 @@ class TritonDecode:
             rope = epi == gemv.EPI_ROPE
             c = self.plan.configs.get(name)
             if c is None:
-                half = gemv.rope_half(self.d // 2, 32) if rope else 32
-                c = gemv.default_config(gemv.n_tiles(epi, n, half, self.d // 2), k, self.sms,
-                                        epi, norm=name in ("qkv", "w13", "head"))
+                c = gemv.default_config(n, k, self.sms, epi, norm=name in ("qkv", "w13", "head"),
+                                        d_half=self.d // 2)
             if self.plan.prefetch is not None:
                 c = c._replace(prefetch=self.plan.prefetch)
             self.configs[name] = c

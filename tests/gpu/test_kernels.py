@@ -250,11 +250,13 @@ def test_triton_decode_matches_the_model_in_graphs(gemvs, pdl) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("split,programs", [(1, 0), (2, 0), (4, 40)])
-def test_gemv_one_row_register_path(dtype, split, programs) -> None:
-    """dot=False (one row multiplied in registers): every epilogue against its reference."""
+@pytest.mark.parametrize("half", [8, 16])
+def test_gemv_one_row_register_path(dtype, split, programs, half) -> None:
+    """dot=False (one row multiplied in registers): every epilogue against its reference,
+    at the row-set sizes the default configs use (16 and 32 rows a program)."""
     from hybridgraph.kernels import gemv as g
     ws, k, heads, kv, d, seq = _ws(), 2048, 16, 4, 128, 256
-    cfg = g.GemvConfig(half=16, block_k=256, split_k=split, programs=programs, dot=False)
+    cfg = g.GemvConfig(half=half, block_k=256, split_k=split, programs=programs, dot=False)
     x, nw = _rnd(1, k, dtype=dtype), 1 + _rnd(k, dtype=dtype, scale=0.2)
     w = _rnd(3000, k, dtype=dtype, scale=k ** -0.5)
     res = _rnd(1, 3000, dtype=dtype)

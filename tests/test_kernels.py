@@ -205,6 +205,21 @@ def test_triton_decode_honours_the_all_reduce_hook(gemvs, b, in_place) -> None:
     assert ref.rel_err(model.decode(ids, pos, 512), expect) > 20 * TOL
 
 
+@needs_interpreter
+def test_kernels_reason_says_a_rank_is_tensor_parallel(monkeypatch) -> None:
+    import hybridgraph.kernels.selfcheck as selfcheck
+    from hybridgraph.model.fast_decode import KernelPlan, triton_decode
+    monkeypatch.setattr(selfcheck, "check_kernels", lambda *_: (True, "ok"))  # no GPU here
+    model = random_model(SMALL, torch.device("cpu"), F16, seed=1)
+    model.setup_caches(1, 64)
+    fast, reason = triton_decode(model, 1, KernelPlan(pdl=False))
+    assert fast is not None and reason == "ok"
+    for layer in model.layers:
+        layer.all_reduce = _Doubling(in_place=False)
+    fast, reason = triton_decode(model, 1, KernelPlan(pdl=False))
+    assert fast is not None and "tensor parallel" in reason
+
+
 def test_kernel_plan_rejects_unknown_projection() -> None:
     from hybridgraph.model.fast_decode import KernelPlan
     with pytest.raises(ValueError, match="unknown projections"):

@@ -247,6 +247,8 @@ def triton_decode(model: Transformer, max_batch: int, plan: KernelPlan | None = 
     ok, reason = check_kernels(p.device, p.dtype, plan.pdl)
     if not ok:
         return None, reason
+    if any(layer.all_reduce is not no_reduce for layer in model.layers):
+        note += " (tensor parallel: O and down add the residual after the all-reduce)"
     try:
         return TritonDecode(model, max_batch, plan), "ok" + note
     except Exception as e:  # a shape the kernels do not serve

@@ -15,7 +15,7 @@ from hybridgraph.cli_chat import (
     cmd_chat,
     stream_generate,
 )
-from hybridgraph.engine_config import EngineConfig
+from hybridgraph.engine_config import ALLREDUCE_CHOICES, EngineConfig
 from hybridgraph.server.limits import add_serve_args
 
 
@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
     b.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks for the tp suite (`bench tp --tp N`)")
+    b.add_argument("--allreduce", default="auto", choices=list(ALLREDUCE_CHOICES),
+                   help="the tp suite's engine all-reduce with --tp > 1: auto, nccl, symm_mem")
     b.set_defaults(func=cmd_bench, follow=_follow_bench)
     return parser
 

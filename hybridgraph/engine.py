@@ -87,9 +87,6 @@ class Engine:
             kernels = auto_kernels(self.spec, self.device.type, cap)
             if kernels == "inductor":
                 self.steps_note = "auto: Triton decode kernels serve hybrid mode on sm_90+ only"
-            elif cfg.tp != 1:
-                kernels = "inductor"
-                self.steps_note = "auto: Triton decode kernels serve one rank only (tp 1)"
         # Where start-up time goes (seconds per phase), for stats() and the cost bench.
         self.startup_s: dict[str, float] = {}
         t0 = time.perf_counter()

@@ -73,12 +73,6 @@ class EngineConfig:
         _check_int("max_seq_len", self.max_seq_len, 2, optional=True)
         _check_int("max_graphs", self.max_graphs, 1, optional=True)
         _check_int("max_graph_bytes", self.max_graph_bytes, 1, optional=True)
-        if self.tp != 1 and self.kernels == "triton":
-            # Its GEMVs add the residual inside the projection, before any all-reduce could
-            # sum the ranks' partial outputs: every rank would add the residual once.
-            raise ValueError(f"kernels 'triton' does not run with tp {self.tp} (the Triton "
-                             "decode fuses the residual add ahead of the all-reduce); use "
-                             "--kernels auto or inductor")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> EngineConfig:

@@ -25,6 +25,7 @@ if INTERPRET:
 
 from hybridgraph.kernels.selfcheck import TOLERANCE, check_kernels  # noqa: E402
 from hybridgraph.model.config import ModelConfig  # noqa: E402
+from hybridgraph.model.llama import no_reduce  # noqa: E402
 from hybridgraph.model.loader import random_model  # noqa: E402
 from hybridgraph.runtime.step import StepBuffers, Steps  # noqa: E402
 
@@ -151,6 +152,73 @@ def test_triton_decode_matches_block_decode(gemvs, b) -> None:
     assert torch.equal(got.argmax(-1), expect.argmax(-1))
     for mine, theirs in zip(written, (c.k for c in model.caches), strict=True):
         assert ref.rel_err(mine, theirs) < TOL
+
+
+class _Doubling:
+    """A stand-in for a 2-rank all-reduce whose peer holds the same partial sum: the sum is
+    twice the input. In place like NCCL's, or a new tensor like symm_mem's; counts calls."""
+
+    def __init__(self, in_place: bool) -> None:
+        self.in_place, self.calls = in_place, 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x.mul_(2) if self.in_place else x * 2
+
+
+@needs_interpreter
+@pytest.mark.parametrize("gemvs,b,in_place", [
+    (("qkv", "wo", "w13", "w2", "head"), 1, True), (("qkv", "wo", "w13", "w2", "head"), 3, False),
+    ((), 3, True), (("wo", "w2", "head"), 1, False), (("w13",), 2, True)])
+def test_triton_decode_honours_the_all_reduce_hook(gemvs, b, in_place) -> None:
+    """A tensor-parallel rank's blocks sum attention's and feed-forward's partial outputs
+    over the ranks (Block.all_reduce) before the residual add: the kernels do the same,
+    with O and down on the GEMV or cuBLAS, the add alone or in the norm kernel."""
+    from hybridgraph.kernels import reference as ref
+    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
+    torch.manual_seed(0)
+    model = random_model(SMALL, torch.device("cpu"), F16, seed=1)
+    with torch.no_grad():
+        model.output.weight.mul_(20.0)
+    hooks = [_Doubling(in_place) for _ in model.layers]
+    for layer, hook in zip(model.layers, hooks, strict=True):
+        layer.all_reduce = hook
+    model.setup_caches(3, 512)
+    model.prefill(torch.randint(0, 97, (3, 12)))
+    fast = TritonDecode(model, 3, KernelPlan(gemv=gemvs, gemv_batched=gemvs, pdl=False))
+    ids, pos = torch.tensor([1, 2, 3])[:b], torch.tensor([12, 5, 300])[:b]
+    snap = [(c.k.clone(), c.v.clone()) for c in model.caches]
+    for hook in hooks:
+        hook.calls = 0  # prefill called them too
+    got = fast.forward(ids, pos, 512)
+    assert [h.calls for h in hooks] == [2] * len(hooks)  # attention's and feed-forward's
+    for c, (k, v) in zip(model.caches, snap, strict=True):
+        c.k.copy_(k)
+        c.v.copy_(v)
+    expect = model.decode(ids, pos, 512)
+    assert ref.rel_err(got, expect) < 4 * TOL
+    assert torch.equal(got.argmax(-1), expect.argmax(-1))
+    # The hook matters: without it the same step's logits are far from these.
+    for layer, c, (k, v) in zip(model.layers, model.caches, snap, strict=True):
+        layer.all_reduce = no_reduce
+        c.k.copy_(k)
+        c.v.copy_(v)
+    assert ref.rel_err(model.decode(ids, pos, 512), expect) > 20 * TOL
+
+
+@needs_interpreter
+def test_kernels_reason_says_a_rank_is_tensor_parallel(monkeypatch) -> None:
+    import hybridgraph.kernels.selfcheck as selfcheck
+    from hybridgraph.model.fast_decode import KernelPlan, triton_decode
+    monkeypatch.setattr(selfcheck, "check_kernels", lambda *_: (True, "ok"))  # no GPU here
+    model = random_model(SMALL, torch.device("cpu"), F16, seed=1)
+    model.setup_caches(1, 64)
+    fast, reason = triton_decode(model, 1, KernelPlan(pdl=False))
+    assert fast is not None and reason == "ok"
+    for layer in model.layers:
+        layer.all_reduce = _Doubling(in_place=False)
+    fast, reason = triton_decode(model, 1, KernelPlan(pdl=False))
+    assert fast is not None and "tensor parallel" in reason
 
 
 def test_kernel_plan_rejects_unknown_projection() -> None:

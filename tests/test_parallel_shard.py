@@ -150,18 +150,24 @@ def test_engine_load_refuses_tp() -> None:
         Engine.load("tiny", tp=2)
 
 
-def test_auto_kernels_keep_a_rank_off_the_triton_decode(monkeypatch: pytest.MonkeyPatch,
-                                                        ) -> None:
-    """Where auto would pick the Triton decode (hybrid on sm_90+), a rank of tp > 1 gets the
-    blocks with the all-reduce hook instead, and says why."""
+def test_auto_kernels_put_a_rank_on_the_triton_decode(monkeypatch: pytest.MonkeyPatch,
+                                                      ) -> None:
+    """Where auto picks the Triton decode (hybrid on sm_90+), a rank of tp > 1 asks for it
+    too (it honours the all-reduce hook); without a GPU its self-check refuses it, and the
+    reason says that, not tp."""
     import hybridgraph.engine as engine_module
 
     monkeypatch.setattr(engine_module, "auto_kernels", lambda *_: "triton")
+    asked = []
+    real = engine_module.Steps
+    monkeypatch.setattr(engine_module, "Steps",
+                        lambda *a, **kw: asked.append(kw["kernels"]) or real(*a, **kw))
     model = random_shard(preset("tiny"), 2, 0, CPU, torch.float32)
     from hybridgraph.model.tokenizer import ByteTokenizer
 
     stats = Engine(model, ByteTokenizer(), mode="eager", tp=2).stats()
-    assert stats["kernels"] == "inductor" and "tp 1" in stats["kernels_reason"]
+    assert asked == ["triton"]
+    assert stats["kernels"] == "inductor" and "CUDA" in stats["kernels_reason"]
 
 
 def test_a_gguf_file_is_refused_by_name(tmp_path) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hybridgraph.engine_config import EngineConfig
+from hybridgraph.engine_config import ALLREDUCE_CHOICES, EngineConfig
 from hybridgraph.runtime.modes import MODE_SPECS, auto_mode
 
 
@@ -58,6 +58,7 @@ class BenchConfig:
     serve_max_batch: int = 16
     modes: list[str] = field(default_factory=list)
     tp: int = 1                            # tensor-parallel ranks (the tp suite)
+    allreduce: str = "auto"                # the TP engine's all-reduce (EngineConfig.allreduce)
     tp_ttft_lengths: list[int] = field(default_factory=lambda: [10, 500])
     tp_decode_new: int = 397
     tp_rows: list[int] = field(default_factory=lambda: [1, 8, 64])  # all-reduce [rows, hidden]
@@ -100,6 +101,10 @@ def from_args(args: argparse.Namespace) -> BenchConfig:
     if args.runs is not None:
         cfg.ttft_runs = args.runs
     cfg.tp = getattr(args, "tp", 1)
+    cfg.allreduce = getattr(args, "allreduce", "auto")
+    if cfg.allreduce not in ALLREDUCE_CHOICES:
+        raise ValueError(f"--allreduce {cfg.allreduce!r}: choose from "
+                         f"{', '.join(ALLREDUCE_CHOICES)}")
     cuda = cfg.device.startswith("cuda")
     # Modes that replay CUDA graphs exist only where CUDA does.
     cfg.modes = [name for name, spec in MODE_SPECS.items() if cuda or not spec.needs_cuda]

@@ -14,7 +14,6 @@ the same suite gives the single-GPU baseline (no all-reduce).
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 from dataclasses import replace
 
@@ -34,10 +33,9 @@ from hybridgraph.parallel.load import model_config, rank_weight_bytes
 
 def engine_config(cfg: BenchConfig) -> EngineConfig:
     """The engine every rank builds (the same on all of them, or they fall out of step).
-    HG_TP_ALLREDUCE (auto | nccl | symm_mem, EngineConfig.allreduce) picks its all-reduce,
-    so the same suite measures decode with each; every rank inherits the variable."""
-    return cfg.engine_config(cfg.default_mode, tp=cfg.tp,
-                             allreduce=os.environ.get("HG_TP_ALLREDUCE", "auto"))
+    `--allreduce auto|nccl|symm_mem` (BenchConfig.allreduce) picks its all-reduce, so the
+    same suite measures decode with each; every rank parses the same command line."""
+    return cfg.engine_config(cfg.default_mode, tp=cfg.tp, allreduce=cfg.allreduce)
 
 
 def _allreduce(cfg: BenchConfig) -> list[allreduce.AllReduceTiming]:
@@ -113,7 +111,8 @@ def tp_suite(cfg: BenchConfig, copy_bandwidth_gbs: float) -> list[Table]:
         "per-call time at batch 1 from tp_allreduce (graph-replayed on GPUs; symm_mem: the "
         "symm_mem_engine row); allreduce_ms_per_token = that x calls per token: the "
         "communication floor added to the rank's floor. Compare methods by rerunning with "
-        "HG_TP_ALLREDUCE=nccl|symm_mem.",
+        "--allreduce nccl|symm_mem (this run asked for "
+        f"{engine.engine_config.allreduce}).",
         f"decode_ms: mean over {cfg.decode_runs} runs of {cfg.tp_decode_new} tokens after a "
         f"{cfg.decode_prompt}-token prompt."]
 

@@ -10,6 +10,10 @@ A projection may instead stay on cuBLAS (`KernelPlan`), with the elementwise wor
 it fused into one Triton kernel (glue.py): the plan is whichever measured faster
 (docs/KERNELS.md). Every intermediate is rounded to the model dtype where the PyTorch
 block rounds it, so the two blocks agree to fp16/bf16 rounding.
+
+On a tensor-parallel rank (`Block.all_reduce` set) O and down give a partial sum that is
+summed over the ranks before the residual add, so they run plain and the add follows the
+all-reduce (`_reduced_tail`), riding in the next norm kernel where there is one.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hybridgraph.model.llama import Block, KVCache, Transformer
+from hybridgraph.model.llama import Block, KVCache, Transformer, no_reduce
 
 PROJECTIONS = ("qkv", "wo", "w13", "w2", "head")
 
@@ -92,6 +96,7 @@ class TritonDecode:
                   "w13": (cfg.intermediate_size, cfg.hidden_size, gemv.EPI_SILU),
                   "w2": (cfg.hidden_size, cfg.intermediate_size, gemv.EPI_RESID),
                   "head": (cfg.vocab_size, cfg.hidden_size, gemv.EPI_PLAIN)}
+        # A tensor-parallel rank runs O and down with EPI_PLAIN: the same config and tiles.
         self.configs: dict[str, gemv.GemvConfig] = {}
         floats, counters = 0, 0
         for name in dict.fromkeys(self.plan.gemv + (self.plan.gemv_batched or ())):
@@ -159,6 +164,8 @@ class TritonDecode:
                          self.heads, self.kv, pdl=pdl)
         o = self._attn.decode_attention(q, cache.k, cache.v, pos, window, new(q.shape),
                                         self.ws, block_t=self.plan.block_t, pdl=pdl)
+        if layer.all_reduce is not no_reduce:  # a tensor-parallel rank
+            return self._reduced_tail(layer, x2, o, on_gemv).view(b, 1, hidden)
         inter = ff.w2.weight.shape[1]
         h = new(b, inter)
         if "w13" in on_gemv:
@@ -188,6 +195,40 @@ class TritonDecode:
             out = x1 + F.linear(h, ff.w2.weight)
         return out.view(b, 1, hidden)
 
+    def _reduced_tail(self, layer: Block, x2: Tensor, o: Tensor, on_gemv: tuple[str, ...],
+                      ) -> Tensor:
+        """The block after attention on a tensor-parallel rank: O and down return this
+        rank's partial sum, which `layer.all_reduce` sums over the ranks before the residual
+        add, so neither GEMV may fuse the add (EPI_PLAIN) as the one-rank path does. Kept
+        apart so that path (tuned) stays as it is. x2: [B, hidden]; o: [B, heads * D]."""
+        g, pdl, reduce = self._gemv, self._pdl, layer.all_reduce
+        att, ff = layer.attention, layer.feed_forward
+        b, hidden = x2.shape
+        new = x2.new_empty
+        # The hook may sum in place (NCCL) or return a new tensor (symm_mem): use its result.
+        if "wo" in on_gemv:
+            part = reduce(g.gemv(o, att.wo.weight, new(b, hidden), self.ws, self.configs["wo"],
+                                 epi=g.EPI_PLAIN, pdl=pdl))
+        else:
+            part = reduce(F.linear(o, att.wo.weight))
+        h = new(b, ff.w2.weight.shape[1])
+        if "w13" in on_gemv:  # the norm rides in the GEMV's prologue; the add stays apart
+            x1 = x2 + part
+            g.gemv(x1, ff.w13.weight, h, self.ws, self.configs["w13"], epi=g.EPI_SILU,
+                   norm_w=layer.ffn_norm.weight, eps=self.eps, pdl=pdl)
+        else:  # the residual add rides in the norm kernel
+            from hybridgraph.kernels import glue
+            x1, xn = new(b, hidden), new(b, hidden)
+            glue.add_rmsnorm(part, layer.ffn_norm.weight, self.eps, xn, residual=x2,
+                             sum_out=x1, pdl=pdl)
+            glue.silu_mul(F.linear(xn, ff.w13.weight), h, pdl=pdl)
+        if "w2" in on_gemv:
+            part = reduce(g.gemv(h, ff.w2.weight, new(b, hidden), self.ws, self.configs["w2"],
+                                 epi=g.EPI_PLAIN, pdl=pdl))
+        else:
+            part = reduce(F.linear(h, ff.w2.weight))
+        return x1 + part
+
 
 def triton_decode(model: Transformer, max_batch: int, plan: KernelPlan | None = None,
                   ) -> tuple[TritonDecode | None, str]:
@@ -205,6 +246,8 @@ def triton_decode(model: Transformer, max_batch: int, plan: KernelPlan | None = 
     ok, reason = check_kernels(p.device, p.dtype, plan.pdl)
     if not ok:
         return None, reason
+    if any(layer.all_reduce is not no_reduce for layer in model.layers):
+        note += " (tensor parallel: O and down add the residual after the all-reduce)"
     try:
         return TritonDecode(model, max_batch, plan), "ok" + note
     except Exception as e:  # a shape the kernels do not serve

@@ -5,7 +5,9 @@ float16 and bfloat16, symm_mem gives NCCL's tokens; the symm_mem op sums like NC
 Skipped unless at least 2 GPUs are visible.
 
 Not yet run on GPUs (written on a CPU-only machine; the same code path is checked on the
-CPU over gloo in tests/test_parallel.py).
+CPU over gloo in tests/test_parallel.py). The Triton decode on TP ranks
+(test_tp_triton_decode_matches_the_blocks, test_tp_auto_kernels_decode_on_triton) came
+later, also written without a GPU; its CPU check is tests/test_kernels.py.
 """
 
 from __future__ import annotations
@@ -57,11 +59,15 @@ def _one_gpu(checkpoint: Path, mode: str) -> list[list[int]]:
     return tokens
 
 
-def _tp(tp: int, checkpoint: Path, out: Path, mode: str, dtype: str, allreduce: str) -> dict:
-    """Rank 0's tokens, graph stats and all-reduce from a `tp`-rank run."""
+def _tp(tp: int, checkpoint: Path, out: Path, mode: str, dtype: str, allreduce: str,
+        kernels: str = "inductor") -> dict:
+    """Rank 0's tokens, graph stats and all-reduce from a `tp`-rank run, and under "ranks"
+    every rank's decode kernels and why."""
     assert launch(tp, ["-m", "tests.gpu.tp_worker", str(out), str(checkpoint), mode, dtype,
-                       allreduce], env=_env()) == 0
-    got = json.loads((out / f"{tag(mode, dtype, allreduce)}.json").read_text())
+                       allreduce, kernels], env=_env()) == 0
+    name = tag(mode, dtype, allreduce, kernels)
+    got = json.loads((out / f"{name}.json").read_text())
+    got["ranks"] = [json.loads((out / f"{name}.rank{r}.json").read_text()) for r in range(tp)]
     graphs = got["graphs"]
     # Decode replayed captured graphs (their all-reduces inside), never fell back to eager.
     assert graphs["captures"] > 0 and graphs["hits"] > 0
@@ -93,6 +99,37 @@ def test_symm_mem_tokens_equal_nccl_in_half_precision(mode: str, dtype: str,
     nccl = _tp(2, checkpoint, tmp_path, mode, dtype, "nccl")
     symm_mem = _tp(2, checkpoint, tmp_path, mode, dtype, "symm_mem")
     assert symm_mem["tokens"] == nccl["tokens"]
+
+
+def test_tp_triton_decode_matches_the_blocks(checkpoint: Path, tmp_path: Path) -> None:
+    """Two ranks in float16, each decoding on the Triton kernels (O and down without their
+    fused residual add, the add after the all-reduce; graph-replayed, PDL where the GPU has
+    it): logits within fp16 tolerance of the same rank's PyTorch blocks (same hook, same
+    cache), and the blocks' greedy token wherever their best logit leads by more than
+    rounding. Both ranks hold the same logits (the head is replicated)."""
+    from hybridgraph.kernels.selfcheck import TOLERANCE
+
+    assert launch(2, ["-m", "tests.gpu.tp_kernels_worker", str(tmp_path), str(checkpoint)],
+                  env=_env()) == 0
+    for rank in range(2):
+        got = json.loads((tmp_path / f"kernels-rank{rank}.json").read_text())
+        assert got["kernels"] == "triton", got["kernels_reason"]
+        assert got["rel_err"] < TOLERANCE[torch.float16], got
+        assert got["differed"] == 0, got
+        assert got["compared"] >= got["steps"] // 2, got  # logits peaked: mostly separated
+
+
+@pytest.mark.parametrize("allreduce", ["nccl", "symm_mem"])
+def test_tp_auto_kernels_decode_on_triton(allreduce: str, checkpoint: Path,
+                                         tmp_path: Path) -> None:
+    """kernels=auto in hybrid mode on sm_90+: every rank of TP=2 (float16) decodes on the
+    Triton kernels, captured in graphs with its all-reduces and replayed without fallback;
+    below sm_90, auto keeps every rank on the blocks and says why."""
+    got = _tp(2, checkpoint, tmp_path, "hybrid", "float16", allreduce, kernels="auto")
+    hopper = torch.cuda.get_device_capability(0) >= (9, 0)
+    for rank in got["ranks"]:
+        assert rank["kernels"] == ("triton" if hopper else "inductor"), rank["kernels_reason"]
+    assert all(len(t) == 24 for t in got["tokens"])
 
 
 @pytest.mark.parametrize("tp", [2, 4])

@@ -2,10 +2,11 @@
 
 Every rank loads its shard of a checkpoint in DTYPE (default float32), sums over the
 all-reduce ALLREDUCE picks (EngineConfig.allreduce, default nccl), and builds an engine
-in MODE (graphs captured ahead, so each decode step replays a graph with its all-reduces
-inside); rank 0 generates greedy tokens and writes them, with its graph stats and the
-all-reduce in use, to OUT/tag(MODE, DTYPE, ALLREDUCE).json.
-Usage: python -m tests.gpu.tp_worker OUT MODEL_DIR MODE [DTYPE [ALLREDUCE]]
+in MODE with KERNELS (default inductor; graphs captured ahead, so each decode step replays
+a graph with its all-reduces inside); rank 0 generates greedy tokens and writes them, with
+its graph stats and the all-reduce in use, to OUT/tag(...).json, and every rank writes the
+decode kernels it runs and why to OUT/tag(...).rank{r}.json.
+Usage: python -m tests.gpu.tp_worker OUT MODEL_DIR MODE [DTYPE [ALLREDUCE [KERNELS]]]
 """
 
 from __future__ import annotations
@@ -27,38 +28,43 @@ PROMPTS = [[5, 17, 42, 9, 33, 7, 21], [11, 3, 60]]
 NEW = 24
 
 
-def engine_config(mode: str, tp: int) -> EngineConfig:
-    # The blocks on every rank count (tp > 1 never decodes on the Triton kernels), so the
-    # one-GPU reference uses them too: same function, same roundings.
+def engine_config(mode: str, tp: int, kernels: str = "inductor") -> EngineConfig:
+    # Token-equality checks use the blocks on every rank and on the one-GPU reference: same
+    # function, same roundings (the Triton kernels serve float16 and bfloat16 only).
     return EngineConfig(mode=mode, max_batch=2, max_seq_len=256, coverage="16,64",
-                        kernels="inductor", tp=tp)
+                        kernels=kernels, tp=tp)
 
 
 def generate(engine: Engine) -> list[list[int]]:
     return [r.tokens for r in engine.generate_batch(PROMPTS, NEW, stop_ids=[])]
 
 
-def tag(mode: str, dtype: str = "float32", allreduce: str = "nccl") -> str:
-    return f"{mode}-{dtype}-{allreduce}"
+def tag(mode: str, dtype: str = "float32", allreduce: str = "nccl",
+        kernels: str = "inductor") -> str:
+    return f"{mode}-{dtype}-{allreduce}" + ("" if kernels == "inductor" else f"-{kernels}")
 
 
 def main(out: Path, model_dir: str, mode: str, dtype: str = "float32",
-         allreduce: str = "nccl") -> int:
+         allreduce: str = "nccl", kernels: str = "inductor") -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     tp = int(os.environ["WORLD_SIZE"])
     group = init_group(tp, "cuda")
-    config = engine_config(mode, tp)
+    config = engine_config(mode, tp, kernels)
     model, tok = shard_model(model_dir, group, DTYPES[dtype], allreduce=allreduce,
                              max_batch=config.max_batch)
     engine = Engine(model, tok, config)
+    name = tag(mode, dtype, allreduce, kernels)
+    stats = engine.stats()
+    (out / f"{name}.rank{group.rank}.json").write_text(json.dumps({
+        "kernels": stats["kernels"], "kernels_reason": stats["kernels_reason"]}))
     if not group.leader:
         follow(engine, group)
         return 0
     leader = lead(engine, group)
     tokens = generate(engine)
     leader.stop()
-    (out / f"{tag(mode, dtype, allreduce)}.json").write_text(json.dumps({
+    (out / f"{name}.json").write_text(json.dumps({
         "tokens": tokens, "graphs": engine.stats().get("graphs"),
         "allreduce": group.allreduce, "allreduce_reason": group.allreduce_reason}))
     return 0

@@ -6,6 +6,9 @@ Everything is small enough for a 2-core CPU: the reference is a real transformer
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -73,6 +76,15 @@ def make_hf_checkpoint(config: ModelConfig, directory: Path, seed: int = 0,
     (Path(directory) / "generation_config.json").unlink(missing_ok=True)
     write_word_tokenizer(Path(directory) / "tokenizer.json", config.vocab_size)
     return hf
+
+
+@pytest.fixture(scope="module")
+def sockdir() -> Iterator[str]:
+    """A fresh directory for a module's server sockets, under /tmp: AF_UNIX paths are at
+    most 107 bytes, and pytest's tmp_path can be longer."""
+    d = tempfile.mkdtemp(prefix="hg", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

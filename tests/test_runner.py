@@ -17,7 +17,7 @@ import torch
 
 from hybridgraph.engine import Engine
 from hybridgraph.model.loader import load_model
-from hybridgraph.runtime.graphs import CapturedGraph, GraphKey, GraphPolicy, GraphStats
+from hybridgraph.runtime.graphs import CapturedGraph, GraphKey, HeldGraphs
 from hybridgraph.runtime.modes import CAPTURE_POLICIES, MODE_SPECS
 from hybridgraph.runtime.runner import GRAPH_MEMORY_FRACTION, GraphRunner, default_graph_bytes
 
@@ -37,23 +37,12 @@ class ReplayedFn:
             self.output.copy_(out)
 
 
-class StandInCache:
-    """GraphCache's interface over the real GraphPolicy, without CUDA."""
+class StandInCache(HeldGraphs):
+    """GraphCache without CUDA: the real store and policy, a stand-in capture."""
 
     def __init__(self, fail: set[GraphKey] | None = None) -> None:
-        self.policy = GraphPolicy()
-        self.graphs: dict[GraphKey, CapturedGraph] = {}
+        super().__init__()
         self.fail = fail or set()
-
-    @property
-    def stats(self) -> GraphStats:
-        return self.policy.stats
-
-    def lookup(self, key: GraphKey) -> GraphKey | None:
-        return self.policy.lookup(key)
-
-    def __contains__(self, key: GraphKey) -> bool:
-        return key in self.graphs
 
     def capture(self, key: GraphKey, fn: Callable[[], Any],
                 prepare: Callable[[], None] | None = None) -> CapturedGraph | None:
@@ -63,10 +52,7 @@ class StandInCache:
         if prepare is not None:
             prepare()
         graph = ReplayedFn(fn)
-        self.graphs[key] = entry = CapturedGraph(graph, graph.output, 1)  # type: ignore[arg-type]
-        self.policy.add(key, 1)
-        self.stats.captures += 1
-        return entry
+        return self.hold(key, CapturedGraph(graph, graph.output, 1))  # type: ignore[arg-type]
 
 
 def engine_with_runner(mode: str, capture: str, cache: StandInCache,

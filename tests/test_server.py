@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 import signal
 import socket
 import stat
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -31,13 +29,6 @@ from hybridgraph.server.protocol import encode_frame, recv_frame
 MAX_FRAME = 4096
 PROMPTS = [[1] + [3 + (7 * i + 5 * j) % 250 for j in range(3 + i)] for i in range(8)]
 N_NEW = 48
-
-
-@pytest.fixture(scope="module")
-def sockdir() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="hg", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

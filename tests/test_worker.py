@@ -6,9 +6,7 @@ drains every row."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -21,13 +19,6 @@ from hybridgraph.server.launch import ServerProcess
 
 PROMPTS = [[1] + [3 + (11 * i + 5 * j) % 250 for j in range(2 + 3 * i)] for i in range(8)]
 N_NEW = [40 + 7 * i for i in range(8)]
-
-
-@pytest.fixture(scope="module")
-def sockdir() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="hgb", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

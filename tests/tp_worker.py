@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from hybridgraph.engine import Engine, SamplingParams
 from hybridgraph.engine_config import EngineConfig
-from hybridgraph.parallel.control import follow, lead
+from hybridgraph.parallel.control import Leader, follow, lead
 from hybridgraph.parallel.engine import shard_model
 from hybridgraph.parallel.group import init_group
 from hybridgraph.runtime.step import compiled_blocks
@@ -48,15 +48,27 @@ def generate(engine: Engine) -> list[list[int]]:
     return [r.tokens for r in engine.generate_batch(PROMPTS, NEW, sampling, stop_ids=[])]
 
 
-def loop(out: Path, tp: int) -> int:
-    """Generate forever (rank 0) / follow (others): the killed-rank check's target."""
+def engine_of(model, tok, tp: int) -> Engine:
+    return Engine(model, tok, EngineConfig(mode="eager", max_batch=2, max_seq_len=32, tp=tp))
+
+
+def lead_tiny(tp: int) -> tuple[Engine, Leader] | None:
+    """Rank 0: an engine over the sharded tiny model, leading the others. The others
+    follow it until it stops, then get None."""
     group = init_group(tp, "cpu")
-    model, tok = shard_model("tiny", group, torch.float32, seed=3)
-    engine = Engine(model, tok, EngineConfig(mode="eager", max_batch=2, max_seq_len=32, tp=tp))
+    engine = engine_of(*shard_model("tiny", group, torch.float32, seed=3), tp)
     if not group.leader:
         follow(engine, group)
+        return None
+    return engine, lead(engine, group)
+
+
+def loop(out: Path, tp: int) -> int:
+    """Generate forever (rank 0) / follow (others): the killed-rank check's target."""
+    led = lead_tiny(tp)
+    if led is None:
         return 0
-    lead(engine, group)
+    engine, _ = led
     generate(engine)
     (out / "looping").touch()
     while True:
@@ -65,13 +77,10 @@ def loop(out: Path, tp: int) -> int:
 
 def idle(out: Path, tp: int, seconds: float) -> int:
     """Generate, stay idle for `seconds`, generate again: followers must wait it out."""
-    group = init_group(tp, "cpu")
-    model, tok = shard_model("tiny", group, torch.float32, seed=3)
-    engine = Engine(model, tok, EngineConfig(mode="eager", max_batch=2, max_seq_len=32, tp=tp))
-    if not group.leader:
-        follow(engine, group)
+    led = lead_tiny(tp)
+    if led is None:
         return 0
-    leader = lead(engine, group)
+    engine, leader = led
     first = generate(engine)
     time.sleep(seconds)
     assert generate(engine) == first
@@ -92,8 +101,7 @@ def main(out: Path, sources: list[str]) -> int:
         got = logits(model)
         if source == "tiny":
             got.update({f"{k}_compiled": v for k, v in logits(model, compiled=True).items()})
-        engine = Engine(model, tok, EngineConfig(mode="eager", max_batch=2, max_seq_len=32,
-                                                 tp=tp))
+        engine = engine_of(model, tok, tp)
         name = Path(source).name
         if group.leader:
             save_file({k: v.contiguous() for k, v in got.items()}, str(out / f"{name}.safetensors"))

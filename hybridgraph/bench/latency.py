@@ -31,6 +31,15 @@ def ttft_samples(engine: Engine, prompt: list[int], runs: int, warmup: int,
     return out
 
 
+def ttft_by_length(engine: Engine, lengths: list[int], runs: int, warmup: int,
+                   desc: str) -> list[tuple[int, dict[str, float]]]:
+    """(prompt length, summary of its TTFT samples) per length, under one progress bar."""
+    vocab = engine.config.vocab_size
+    with tqdm(total=len(lengths) * runs, desc=desc, unit="run") as bar:
+        return [(n, summarize(ttft_samples(engine, make_prompt(n, vocab), runs, warmup, bar)))
+                for n in lengths]
+
+
 def decode_samples(engine: Engine, prompt: list[int], new: int, runs: int,
                    warmup: int = 1) -> list[list[float]]:
     """Per-token latencies (ms) of every token after the first, one list per run."""
@@ -44,17 +53,13 @@ def decode_samples(engine: Engine, prompt: list[int], new: int, runs: int,
 
 def ttft_suite(cfg: BenchConfig, engines: Engines) -> list[Table]:
     engine = engines.get(cfg.default_mode)
-    vocab = engine.config.vocab_size
     t = Table("ttft", f"TTFT by prompt length (hybridgraph {engine.mode}, {cfg.ttft_runs} runs "
                       f"each after {cfg.warmup} warm-up)",
               ["system", "prompt_len", "runs", "median_ms", "mean_ms", "std_ms", "p99_ms",
                "min_ms"])
-    with tqdm(total=len(cfg.ttft_lengths) * cfg.ttft_runs, desc="ttft", unit="run") as bar:
-        for n in cfg.ttft_lengths:
-            s = summarize(ttft_samples(engine, make_prompt(n, vocab), cfg.ttft_runs,
-                                       cfg.warmup, bar))
-            t.add(f"hybridgraph-{engine.mode}", n, s["n"], s["median"], s["mean"], s["std"],
-                  s["p99"], s["min"])
+    for n, s in ttft_by_length(engine, cfg.ttft_lengths, cfg.ttft_runs, cfg.warmup, "ttft"):
+        t.add(f"hybridgraph-{engine.mode}", n, s["n"], s["median"], s["mean"], s["std"],
+              s["p99"], s["min"])
     t.notes.append("TTFT: prompt ids on the host -> first token id on the host.")
     return [t]
 
@@ -95,17 +100,13 @@ def decode_suite(cfg: BenchConfig, engines: Engines, floor_ms: float) -> list[Ta
 
 def p99_suite(cfg: BenchConfig, engines: Engines) -> list[Table]:
     engine = engines.get(cfg.default_mode)
-    vocab = engine.config.vocab_size
     t = Table("p99", f"TTFT tail over {cfg.p99_runs} runs per prompt length "
                      f"(hybridgraph {engine.mode})",
               ["system", "prompt_len", "runs", "median_ms", "p90_ms", "p99_ms", "max_ms",
                "p99_over_median"])
-    with tqdm(total=len(cfg.p99_lengths) * cfg.p99_runs, desc="p99", unit="run") as bar:
-        for n in cfg.p99_lengths:
-            s = summarize(ttft_samples(engine, make_prompt(n, vocab), cfg.p99_runs,
-                                       cfg.warmup, bar))
-            t.add(f"hybridgraph-{engine.mode}", n, s["n"], s["median"], s["p90"], s["p99"],
-                  s["max"], s["p99"] / s["median"])
+    for n, s in ttft_by_length(engine, cfg.p99_lengths, cfg.p99_runs, cfg.warmup, "p99"):
+        t.add(f"hybridgraph-{engine.mode}", n, s["n"], s["median"], s["p90"], s["p99"],
+              s["max"], s["p99"] / s["median"])
     return [t]
 
 
@@ -139,12 +140,9 @@ def ablation_suite(cfg: BenchConfig, engines: Engines, floor_ms: float) -> list[
     for mode, label, options in ablation_variants(cfg):
         engine = engines.get(mode, **options)
         vocab = engine.config.vocab_size
-        with tqdm(total=len(cfg.ablation_lengths) * cfg.ttft_runs, desc=f"ablation {label}",
-                  unit="run") as bar:
-            for n in cfg.ablation_lengths:
-                s = summarize(ttft_samples(engine, make_prompt(n, vocab), cfg.ttft_runs,
-                                           cfg.warmup, bar))
-                ttft.add(label, n, s["n"], s["median"], s["mean"], s["std"], s["p99"])
+        for n, s in ttft_by_length(engine, cfg.ablation_lengths, cfg.ttft_runs, cfg.warmup,
+                                   f"ablation {label}"):
+            ttft.add(label, n, s["n"], s["median"], s["mean"], s["std"], s["p99"])
         runs = decode_samples(engine, make_prompt(cfg.decode_prompt, vocab), cfg.decode_new,
                               cfg.ablation_decode_runs)
         per_run = [float(np.mean(r)) for r in runs]

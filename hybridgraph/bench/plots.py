@@ -43,6 +43,20 @@ def _series(rows: list[dict[str, Any]], key: str, x: str, y: str) -> dict[str, t
     return out
 
 
+def _log_axes(ax: Any, legend_size: int = 8, **labels: str) -> None:
+    """A log y axis (latencies and rates span decades), grid lines at both tick levels,
+    the legend: the frame the line plots share. labels: xlabel, ylabel, title."""
+    ax.set(yscale="log", **labels)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def _log2_x(ax: Any, sizes: list[int]) -> None:
+    """A log2 x axis ticked at exactly the sizes measured (batches, client counts)."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(x) for x in sizes])
+
+
 def plot_ttft(res: Results, out: Path) -> str | None:
     t = res.tables
     if not any(k in t for k in ("ttft", "peers_ttft", "ablation_ttft")):
@@ -57,9 +71,7 @@ def plot_ttft(res: Results, out: Path) -> str | None:
         for mode, (xs, ys) in _series(t["ablation_ttft"].records(), "mode", "prompt_len",
                                       "median_ms").items():
             ax.plot(xs, ys, marker="x", linestyle=":", label=f"ablation: {mode}")
-    ax.set(xlabel="prompt length (tokens)", ylabel="TTFT, median (ms)", yscale="log")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _log_axes(ax, xlabel="prompt length (tokens)", ylabel="TTFT, median (ms)")
     return _save(fig, res, out, "ttft.png", "Time to first token vs prompt length")
 
 
@@ -78,9 +90,7 @@ def plot_decode(res: Results, out: Path) -> str | None:
             ax.axhline(r["ms_per_token"], linestyle="-.", color="gray", alpha=0.8)
             ax.annotate(f"{r['system']} (from generate totals)", (ax.get_xlim()[0], r["ms_per_token"]),
                         fontsize=7, va="bottom")
-    ax.set(xlabel="context (tokens)", ylabel="decode latency (ms/token)", yscale="log")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _log_axes(ax, xlabel="context (tokens)", ylabel="decode latency (ms/token)")
     return _save(fig, res, out, "decode.png", "Per-token decode latency vs context")
 
 
@@ -128,12 +138,8 @@ def plot_batch(res: Results, out: Path) -> str | None:
     series = _series(res.tables["batch"].records(), "mode", "batch", "tokens_per_s")
     for mode, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", label=mode)
-    ax.set(xlabel="batch", ylabel="tokens/s", yscale="log")
-    ax.set_xscale("log", base=2)
-    sizes = sorted({x for xs, _ in series.values() for x in xs})
-    ax.set_xticks(sizes, [str(x) for x in sizes])
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _log2_x(ax, sorted({x for xs, _ in series.values() for x in xs}))
+    _log_axes(ax, xlabel="batch", ylabel="tokens/s")
     return _save(fig, res, out, "batch.png", "Batch throughput")
 
 
@@ -160,12 +166,8 @@ def plot_serve(res: Results, out: Path) -> str | None:
     for ax, ylabel, title in ((a1, "tokens/s, all clients", "Aggregate throughput"),
                               (a2, "ms between tokens", "Per-token latency"),
                               (a3, "ms to first token", "TTFT")):
-        ax.set(xlabel="concurrent clients", ylabel=ylabel, title=title, yscale="log")
-        ax.set_xscale("log", base=2)
-        sizes = sorted({r["clients"] for r in rows})
-        ax.set_xticks(sizes, [str(x) for x in sizes])
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        _log2_x(ax, sorted({r["clients"] for r in rows}))
+        _log_axes(ax, legend_size=7, xlabel="concurrent clients", ylabel=ylabel, title=title)
     return _save(fig, res, out, "serve.png", "Serving concurrent clients: batching on vs off")
 
 

@@ -79,27 +79,26 @@ def _ours(res: Results) -> tuple[str | None, dict[int, float], float | None]:
     return name, ttft, dec
 
 
+def _ttft_and_decode(res: Results, ttft_table: str, decode_table: str,
+                     key: str) -> dict[str, tuple[dict[int, float], float | None]]:
+    """Per `key` (system or mode): its median TTFT by prompt length, and its decode ms per
+    token (None where the decode table lacks it)."""
+    out: dict[str, tuple[dict[int, float], float | None]] = {}
+    if ttft_table in res.tables:
+        for r in res.tables[ttft_table].records():
+            out.setdefault(r[key], ({}, None))[0][r["prompt_len"]] = r["median_ms"]
+    if decode_table in res.tables:
+        for r in res.tables[decode_table].records():
+            out[r[key]] = (out.get(r[key], ({}, None))[0], r["ms_per_token"])
+    return out
+
+
 def _peers(res: Results) -> dict[str, tuple[dict[int, float], float | None]]:
-    peers: dict[str, tuple[dict[int, float], float | None]] = {}
-    if "peers_ttft" in res.tables:
-        for r in res.tables["peers_ttft"].records():
-            peers.setdefault(r["system"], ({}, None))[0][r["prompt_len"]] = r["median_ms"]
-    if "peers_decode" in res.tables:
-        for r in res.tables["peers_decode"].records():
-            ttft, _ = peers.get(r["system"], ({}, None))
-            peers[r["system"]] = (ttft, r["ms_per_token"])
-    return peers
+    return _ttft_and_decode(res, "peers_ttft", "peers_decode", "system")
 
 
 def _ablation(res: Results) -> dict[str, tuple[dict[int, float], float | None]]:
-    modes: dict[str, tuple[dict[int, float], float | None]] = {}
-    if "ablation_ttft" in res.tables:
-        for r in res.tables["ablation_ttft"].records():
-            modes.setdefault(r["mode"], ({}, None))[0][r["prompt_len"]] = r["median_ms"]
-    if "ablation_decode" in res.tables:
-        for r in res.tables["ablation_decode"].records():
-            modes[r["mode"]] = (modes.get(r["mode"], ({}, None))[0], r["ms_per_token"])
-    return modes
+    return _ttft_and_decode(res, "ablation_ttft", "ablation_decode", "mode")
 
 
 def headline(res: Results) -> Table | None:

@@ -17,6 +17,18 @@ class ConfigError(ValueError):
     """A config.json that is missing, malformed or describes a model we do not run."""
 
 
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in the file at `path`; a ConfigError naming `what` (the file's role,
+    e.g. "config.json") if it is not valid JSON or not an object."""
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"malformed {what} at {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"malformed {what} at {path}: not a JSON object")
+    return d
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -154,13 +166,7 @@ class ModelConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"no config.json at {path}")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"malformed config.json at {path}: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"malformed config.json at {path}: not a JSON object")
-        return cls.from_hf_dict(d, name=path.parent.name)
+        return cls.from_hf_dict(read_json_object(path, "config.json"), name=path.parent.name)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The equivalent HF LlamaConfig fields (used by reference tests and peer benches)."""
@@ -191,14 +197,27 @@ _LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
 # Llama 3.2's config.json: the same schedule, stretched 32 times rather than 8.
 _LLAMA32_SCALING = {**_LLAMA3_SCALING, "factor": 32.0}
 
+# What every checkpoint of a family shares. Llama 2: vocabulary and 4K context. Llama 3.x:
+# vocabulary, special ids, RoPE base and schedule, 128K context.
+_LLAMA2: dict[str, Any] = dict(vocab_size=32000, max_position_embeddings=4096)
+_LLAMA3: dict[str, Any] = dict(
+    vocab_size=128256, bos_token_id=128000, eos_token_ids=(128001, 128008, 128009),
+    rope_theta=500000.0, rope_scaling=_LLAMA3_SCALING, max_position_embeddings=131072)
+
+
+def _member(family: dict[str, Any], name: str, **shape: Any) -> ModelConfig:
+    """A preset of a family: the family's fields, with `shape` (the sizes, and any family
+    field this checkpoint changes)."""
+    return ModelConfig(**{**family, **shape}, name=name)
+
+
 # Exact shapes of the public checkpoints; weights are random (no downloads at run time).
 PRESETS: dict[str, ModelConfig] = {
     # CPU demos and tests. Vocab 3 + 256 is exactly the byte tokenizer (pad, bos, eos, bytes).
     "tiny": ModelConfig(vocab_size=259, hidden_size=64, intermediate_size=176, num_layers=2,
                         num_heads=4, num_kv_heads=2, max_position_embeddings=2048, name="tiny"),
-    "llama-2-7b": ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                              num_layers=32, num_heads=32, num_kv_heads=32,
-                              max_position_embeddings=4096, name="llama-2-7b"),
+    "llama-2-7b": _member(_LLAMA2, "llama-2-7b", hidden_size=4096, intermediate_size=11008,
+                          num_layers=32, num_heads=32, num_kv_heads=32),
     "tinyllama-1.1b": ModelConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                                   num_layers=22, num_heads=32, num_kv_heads=4,
                                   max_position_embeddings=2048, name="tinyllama-1.1b"),
@@ -206,30 +225,20 @@ PRESETS: dict[str, ModelConfig] = {
                               num_layers=32, num_heads=32, num_kv_heads=8,
                               rope_theta=1e6, max_position_embeddings=32768,
                               name="mistral-7b"),
-    "llama-3.1-8b": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                                num_layers=32, num_heads=32, num_kv_heads=8,
-                                rope_theta=500000.0, rope_scaling=_LLAMA3_SCALING,
-                                max_position_embeddings=131072, bos_token_id=128000,
-                                eos_token_ids=(128001, 128008, 128009), name="llama-3.1-8b"),
+    "llama-3.1-8b": _member(_LLAMA3, "llama-3.1-8b", hidden_size=4096, intermediate_size=14336,
+                            num_layers=32, num_heads=32, num_kv_heads=8),
     # Llama 3.2 1B: the published decode anchors (979.5 us/step on an H100) use this shape.
-    "llama-3.2-1b": ModelConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                                num_layers=16, num_heads=32, num_kv_heads=8,
-                                rope_theta=500000.0, rope_scaling=_LLAMA32_SCALING,
-                                tie_word_embeddings=True, max_position_embeddings=131072,
-                                bos_token_id=128000, eos_token_ids=(128001, 128008, 128009),
-                                name="llama-3.2-1b"),
+    "llama-3.2-1b": _member(_LLAMA3, "llama-3.2-1b", hidden_size=2048, intermediate_size=8192,
+                            num_layers=16, num_heads=32, num_kv_heads=8,
+                            rope_scaling=_LLAMA32_SCALING, tie_word_embeddings=True),
     # Tensor-parallel targets (hybridgraph/parallel): too big for one card in float16.
-    "llama-2-13b": ModelConfig(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
-                               num_layers=40, num_heads=40, num_kv_heads=40,
-                               max_position_embeddings=4096, name="llama-2-13b"),
-    "llama-2-70b": ModelConfig(vocab_size=32000, hidden_size=8192, intermediate_size=28672,
-                               num_layers=80, num_heads=64, num_kv_heads=8,
-                               max_position_embeddings=4096, name="llama-2-70b"),
-    "llama-3.1-70b": ModelConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
-                                 num_layers=80, num_heads=64, num_kv_heads=8,
-                                 rope_theta=500000.0, rope_scaling=_LLAMA3_SCALING,
-                                 max_position_embeddings=131072, bos_token_id=128000,
-                                 eos_token_ids=(128001, 128008, 128009), name="llama-3.1-70b"),
+    "llama-2-13b": _member(_LLAMA2, "llama-2-13b", hidden_size=5120, intermediate_size=13824,
+                           num_layers=40, num_heads=40, num_kv_heads=40),
+    "llama-2-70b": _member(_LLAMA2, "llama-2-70b", hidden_size=8192, intermediate_size=28672,
+                           num_layers=80, num_heads=64, num_kv_heads=8),
+    "llama-3.1-70b": _member(_LLAMA3, "llama-3.1-70b", hidden_size=8192,
+                             intermediate_size=28672, num_layers=80, num_heads=64,
+                             num_kv_heads=8),
 }
 
 

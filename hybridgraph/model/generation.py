@@ -7,12 +7,11 @@ generation_config.json alone; reading one file runs past the answer into a new t
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hybridgraph.model.config import ConfigError
+from hybridgraph.model.config import ConfigError, read_json_object
 
 # HF's GenerationConfig defaults when do_sample is true and a field is absent.
 _HF_TOP_K = 50
@@ -70,13 +69,7 @@ def read_generation_config(model_dir: str | Path) -> GenerationDefaults:
     path = Path(model_dir) / "generation_config.json"
     if not path.is_file():
         return GenerationDefaults()
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"malformed generation_config.json at {path}: {e}") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"malformed generation_config.json at {path}: not a JSON object")
-    return generation_defaults(d)
+    return generation_defaults(read_json_object(path, "generation_config.json"))
 
 
 def merge_eos(*groups: tuple[int, ...]) -> tuple[int, ...]:

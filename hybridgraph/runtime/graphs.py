@@ -1,7 +1,8 @@
 """GraphCache: CUDA graphs of the step, captured into one shared pool, kept under limits.
 
 Two halves. `GraphPolicy` is plain Python (keys, LRU order, limits, bucket lookup,
-stats) so CI tests it without a GPU. `GraphCache` drives CUDA capture and replay with it.
+stats) so CI tests it without a GPU; `HeldGraphs` keeps captured graphs under it, still
+without CUDA. `GraphCache` adds CUDA capture and replay.
 """
 
 from __future__ import annotations
@@ -134,20 +135,13 @@ class CapturedGraph:
     nbytes: int
 
 
-class GraphCache:
-    """Capture, replay and evict CUDA graphs of step functions under the policy's limits."""
+class HeldGraphs:
+    """The store half of GraphCache: captured graphs by key, kept under a GraphPolicy. It
+    makes no CUDA call, so the runner's CPU tests capture stand-in graphs into it."""
 
-    def __init__(self, max_graphs: int | None = None, max_bytes: int | None = None,
-                 shared_pool: bool = True, warmup_iters: int = 2) -> None:
+    def __init__(self, max_graphs: int | None = None, max_bytes: int | None = None) -> None:
         self.policy = GraphPolicy(max_graphs, max_bytes)
         self.graphs: dict[GraphKey, CapturedGraph] = {}
-        self.failed: set[GraphKey] = set()  # not retried: each try costs warm-ups and time
-        self.shared_pool = shared_pool
-        self.pool = torch.cuda.graph_pool_handle() if shared_pool else None
-        self.warmup_iters = warmup_iters
-        # One stream for every warm-up and capture: libraries cache per-stream state (the
-        # cuBLAS workspace), and a fresh stream per capture would leak one per graph.
-        self.stream = torch.cuda.Stream()
 
     @property
     def stats(self) -> GraphStats:
@@ -163,6 +157,28 @@ class GraphCache:
     def evict(self, key: GraphKey) -> None:
         self.graphs.pop(key)
         self.policy.remove(key)
+
+    def hold(self, key: GraphKey, entry: CapturedGraph) -> CapturedGraph:
+        """Keep a freshly captured graph, counted as a capture."""
+        self.graphs[key] = entry
+        self.policy.add(key, entry.nbytes)
+        self.stats.captures += 1
+        return entry
+
+
+class GraphCache(HeldGraphs):
+    """Capture, replay and evict CUDA graphs of step functions under the policy's limits."""
+
+    def __init__(self, max_graphs: int | None = None, max_bytes: int | None = None,
+                 shared_pool: bool = True, warmup_iters: int = 2) -> None:
+        super().__init__(max_graphs, max_bytes)
+        self.failed: set[GraphKey] = set()  # not retried: each try costs warm-ups and time
+        self.shared_pool = shared_pool
+        self.pool = torch.cuda.graph_pool_handle() if shared_pool else None
+        self.warmup_iters = warmup_iters
+        # One stream for every warm-up and capture: libraries cache per-stream state (the
+        # cuBLAS workspace), and a fresh stream per capture would leak one per graph.
+        self.stream = torch.cuda.Stream()
 
     def clear(self) -> None:
         """Evict every graph; with none left, the shared pool is dropped too, so
@@ -238,9 +254,6 @@ class GraphCache:
             return None
         for victim in self.policy.victims(nbytes):
             self.evict(victim)
-        entry = CapturedGraph(graph, output, nbytes)
-        self.graphs[key] = entry
-        self.policy.add(key, nbytes)
-        self.stats.captures += 1
+        entry = self.hold(key, CapturedGraph(graph, output, nbytes))
         self.stats.capture_ms += (time.perf_counter() - t0) * 1e3
         return entry

@@ -12,6 +12,9 @@ No torch import here: the CLI builds its parser from these tables without loadin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
 
 BACKENDS = ("compile", "torchscript", "eager")   # JIT backends of the dynamic ops
 KERNEL_CHOICES = ("auto", "inductor", "triton")  # decode kernels (EngineConfig.kernels)
@@ -43,12 +46,17 @@ MODE_SPECS: dict[str, ModeSpec] = {m.name: m for m in (
 MODES = tuple(MODE_SPECS)
 
 
+def _named(table: dict[str, T], name: str, what: str) -> T:
+    """table[name]; for an unknown name, a ValueError that lists the choices."""
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"unknown {what} {name!r}; choose from {tuple(table)}") from None
+
+
 def mode_spec(name: str) -> ModeSpec:
     """The spec of a mode by name; a clear error for an unknown one."""
-    try:
-        return MODE_SPECS[name]
-    except KeyError:
-        raise ValueError(f"unknown mode {name!r}; choose from {MODES}") from None
+    return _named(MODE_SPECS, name, "mode")
 
 
 def auto_kernels(spec: ModeSpec, device_type: str, capability: tuple[int, int] | None) -> str:
@@ -83,7 +91,4 @@ CAPTURE_MODES = tuple(CAPTURE_POLICIES)
 
 
 def capture_policy(name: str) -> CapturePolicy:
-    try:
-        return CAPTURE_POLICIES[name]
-    except KeyError:
-        raise ValueError(f"unknown capture mode {name!r}; choose from {CAPTURE_MODES}") from None
+    return _named(CAPTURE_POLICIES, name, "capture mode")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
 from typing import Any
 
 from hybridgraph.request import SamplingParams
@@ -16,6 +17,7 @@ from hybridgraph.server.client import (
     _generate_msg,
     _ids,
     _in_flight,
+    _Pending,
     _sampling,
 )
 from hybridgraph.server.protocol import RequestId, encode_frame, read_frame
@@ -154,26 +156,16 @@ class AsyncClient:
                         ignore_eos=ignore_eos)
         if not stream:
             return await self._call(msg)
-        rid = msg["request_id"]
-        q = await self._open(msg)
-        done = False
-        try:
-            while True:
-                m = await self._next(rid, q)
-                if m["type"] != "token":
-                    done = True
-                    return m
+        reply: dict[str, Any] = {}
+        async with aclosing(self._frames(msg)) as frames:
+            async for reply in frames:
+                if reply["type"] != "token":
+                    break
                 if on_token is not None:
-                    on_token(m["token"])
+                    on_token(reply["token"])
                 if on_text is not None:
-                    on_text(m.get("text") or "")
-        except ServerError:
-            done = True
-            raise
-        finally:
-            if not done:
-                self._abandon(rid)
-            self._queues.pop(rid, None)
+                    on_text(reply.get("text") or "")
+        return reply  # _frames ends with the final reply (or raises)
 
     async def stream(self, prompt_ids: Sequence[int] | None = None, text: str | None = None,
                      max_new_tokens: int = 32, sampling: SamplingParams | None = None, *,
@@ -184,23 +176,25 @@ class AsyncClient:
         msg = self._msg(prompt_ids, text, max_new_tokens, sampling,
                         dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
                         stop_ids, True, request_id)
-        rid = msg["request_id"]
-        q = await self._open(msg)
-        done = False
-        try:
-            while True:
-                try:
-                    m = await self._next(rid, q)
-                except ServerError:
-                    done = True
-                    raise
+        async with aclosing(self._frames(msg)) as frames:
+            async for m in frames:
                 if m["type"] != "token":
-                    done = True
                     return
                 yield m["token"]
+
+    async def _frames(self, msg: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Send a streamed request; yield its token frames, then its final reply. Callers
+        close it at once (aclosing), so leaving early cancels the request then, not
+        whenever the loop finalizes the generator."""
+        rid = msg["request_id"]
+        q = await self._open(msg)
+        try:
+            with _Pending(lambda: self._abandon(rid)) as pending:
+                while not pending.done:
+                    m = await self._next(rid, q)
+                    pending.done = m["type"] != "token"
+                    yield m
         finally:
-            if not done:
-                self._abandon(rid)
             self._queues.pop(rid, None)
 
     async def status(self) -> dict[str, Any]:

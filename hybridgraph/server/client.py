@@ -86,6 +86,24 @@ def _check(reply: dict[str, Any]) -> dict[str, Any]:
     return reply
 
 
+class _Pending:
+    """A streamed request in flight, for both clients. Leaving its `with` block before it
+    ended (the caller sets `done` at the final reply; an error reply ends it too), say by
+    a timeout or a consumer that stopped early, abandons it: `abandon` cancels it on the
+    server and drops its late frames, so the request id does not stay half-read."""
+
+    def __init__(self, abandon: Callable[[], None]) -> None:
+        self.abandon, self.done = abandon, False
+
+    def __enter__(self) -> _Pending:
+        return self
+
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        if not self.done and not isinstance(exc, ServerError):
+            self.abandon()
+
+
 class Client:
     """Blocking client over one connection. Use one per thread."""
 
@@ -208,22 +226,15 @@ class Client:
         """Token ids (or, with frames, whole token frames: token, index, text)."""
         rid = msg["request_id"]
         self._send(msg)
-        done = False
-        try:
+        with _Pending(lambda: self._abandon(rid)) as pending:
             while True:
                 reply = _check(self._recv(rid))
                 if reply["type"] == "token":
                     yield reply if frames else reply["token"]
                     continue
-                done = True
+                pending.done = True
                 self.last_reply = reply
                 return
-        except ServerError:
-            done = True
-            raise
-        finally:
-            if not done:
-                self._abandon(rid)
 
     def _abandon(self, rid: RequestId) -> None:
         self._discard.add(rid)

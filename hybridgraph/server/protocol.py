@@ -336,30 +336,30 @@ class _Fields:
                                     name, self.rid)
         return v
 
-
-    # issue 11. Wire types only: how many messages a request may carry is the model
-    # layer's bound (model.chat), checked when the request is admitted.
-    def str_list(self, name: str) -> list[str] | None:
+    def _list(self, name: str, of: str) -> list[Any] | None:
+        """The field as a list of at most MAX_LIST_LEN items (`of` names them in the error);
+        None if absent. The caller checks the items."""
         v = self.msg.get(name)
         if v is None:
             return None
         if not isinstance(v, list) or len(v) > MAX_LIST_LEN:
-            raise ProtocolError(BAD_TYPE, f"field {name!r} must be a list of strings, got "
+            raise ProtocolError(BAD_TYPE, f"field {name!r} must be a list of {of}, got "
                                           f"{_type_name(v)}", name, self.rid)
-        for i, x in enumerate(v):
+        return v
+
+    # issue 11. Wire types only: how many messages a request may carry is the model
+    # layer's bound (model.chat), checked when the request is admitted.
+    def str_list(self, name: str) -> list[str] | None:
+        v = self._list(name, "strings")
+        for i, x in enumerate(v or ()):
             if not isinstance(x, str):
                 raise ProtocolError(BAD_TYPE, f"field {name!r}[{i}] must be a string, got "
                                               f"{_type_name(x)}", name, self.rid)
         return v
 
     def messages(self, name: str) -> list[dict[str, str]] | None:
-        v = self.msg.get(name)
-        if v is None:
-            return None
-        if not isinstance(v, list) or len(v) > MAX_LIST_LEN:
-            raise ProtocolError(BAD_TYPE, f"field {name!r} must be a list of maps, got "
-                                          f"{_type_name(v)}", name, self.rid)
-        for i, m in enumerate(v):
+        v = self._list(name, "maps")
+        for i, m in enumerate(v or ()):
             if not isinstance(m, dict) or set(m) != {"role", "content"} or \
                     not all(isinstance(x, str) for x in m.values()):
                 raise ProtocolError(BAD_TYPE, f"field {name!r}[{i}] must be a map of exactly "

@@ -276,29 +276,31 @@ class Server:
             conn.send({"type": "shutdown", "request_id": rid})
             self.begin_shutdown("shutdown request")
         else:
-            self._check_room(conn, rid)
-            prompt = await self._admit(req)
-            self._check_room(conn, rid)  # again: the loop ran other clients meanwhile
-            job = Job(req, conn, prompt, t_recv)
-            conn.jobs[rid] = job
-            self.peer_jobs[conn.peer] = self.peer_jobs.get(conn.peer, 0) + 1
-            self.jobs.put(conn.peer, job)
+            await self._enqueue(req, conn, t_recv)
 
     async def submit(self, req: GenerateRequest, stream: RequestStream,
                      t_recv: float | None = None) -> Job:
         """Queue a generate request from another front (HTTP), admitted and bounded as a
         socket request is, in the fair queue under stream.peer; ProtocolError if refused.
         Its replies go to stream.send, on the loop."""
-        t_recv = t_recv or time.perf_counter()
-        rid = req.request_id
-        self._check_room(stream, rid)
-        prompt = await self._admit(req)
-        self._check_room(stream, rid)  # again: the loop ran other clients meanwhile
-        job = Job(req, stream, prompt, t_recv)
-        stream.jobs[rid] = job
-        self.peer_jobs[stream.peer] = self.peer_jobs.get(stream.peer, 0) + 1
+        job = await self._enqueue(req, stream, t_recv or time.perf_counter())
+        # No await since the job was queued, so this runs before its _finish can (that
+        # runs on this loop too).
         self.streams.add(stream)
-        self.jobs.put(stream.peer, job)
+        return job
+
+    async def _enqueue(self, req: GenerateRequest | CaptureRequest,
+                       conn: Connection | RequestStream, t_recv: float) -> Job:
+        """Admit `req` within the limits and queue it in conn.peer's turn of the fair
+        queue; ProtocolError if refused."""
+        rid = req.request_id
+        self._check_room(conn, rid)
+        prompt = await self._admit(req)
+        self._check_room(conn, rid)  # again: the loop ran other clients meanwhile
+        job = Job(req, conn, prompt, t_recv)
+        conn.jobs[rid] = job
+        self.peer_jobs[conn.peer] = self.peer_jobs.get(conn.peer, 0) + 1
+        self.jobs.put(conn.peer, job)
         return job
 
     def _check_room(self, conn: Connection | RequestStream, rid: RequestId) -> None:

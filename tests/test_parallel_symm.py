@@ -109,6 +109,15 @@ def test_symmetric_memory_where_it_starts(asked: str) -> None:
     assert "float32 staging" in why and "4096 elements" in why
 
 
+def test_auto_takes_nccl_for_staged_messages_symm_mem_still_serves_them() -> None:
+    """float16 would be summed via float32: auto takes NCCL (measured faster) without
+    setting symmetric memory up; asked for by name, symm_mem still stages them."""
+    assert choose_allreduce("auto", "cuda", _never, staged=True)[0] == "nccl"
+    assert "float32" in choose_allreduce("auto", "cuda", _never, staged=True)[1]
+    st = staging(4096, (torch.float16,))
+    assert choose_allreduce("symm_mem", "cuda", lambda: st, staged=True)[0] == "symm_mem"
+
+
 @pytest.mark.parametrize("asked", ["auto", "symm_mem"])
 def test_nccl_where_symmetric_memory_fails(asked: str, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="hybridgraph.parallel.group"):

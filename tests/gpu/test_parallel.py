@@ -114,7 +114,11 @@ def test_tp_triton_decode_matches_the_blocks(checkpoint: Path, tmp_path: Path) -
     for rank in range(2):
         got = json.loads((tmp_path / f"kernels-rank{rank}.json").read_text())
         assert got["kernels"] == "triton", got["kernels_reason"]
-        assert got["rel_err"] < TOLERANCE[torch.float16], got
+        # A whole model's logits, not one kernel's output: rounding differences from every
+        # layer add up (2.9e-3 measured on 2x H200; the single-GPU whole-model test's
+        # smaller model stays under the per-kernel 2e-3), so 2.5x the per-kernel bound.
+        # A missing or doubled all-reduce or residual would be off by tens of percent.
+        assert got["rel_err"] < 2.5 * TOLERANCE[torch.float16], got
         assert got["differed"] == 0, got
         assert got["compared"] >= got["steps"] // 2, got  # logits peaked: mostly separated
 
@@ -160,8 +164,9 @@ def test_bench_tp_records_nccl_and_symmetric_memory(tmp_path: Path,
     from hybridgraph.cli import main
 
     monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
+    # symm_mem by name: auto takes NCCL for float16 (group.choose_allreduce).
     assert main(["bench", "tp", "--tp", "2", "--model", "tinyllama-1.1b", "--runs", "3",
-                 "--out", str(tmp_path)]) == 0
+                 "--allreduce", "symm_mem", "--out", str(tmp_path)]) == 0
     _, rows = read_csv(tmp_path / "tp_allreduce.csv")
     methods = {r["method"] for r in rows}
     assert methods == {"nccl", "symm_mem_one_shot", "symm_mem_engine"}

@@ -123,7 +123,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from hybridgraph.server.server import serve_main
+    from hybridgraph.server.main import serve_main
 
     return serve_main(args)
 

@@ -2,7 +2,9 @@
 # One GPU round on a lent machine, in one call: the GPU tests on this tree, then the benches
 # asked for. Everything lands under $OUT (the device tool brings it back).
 #   scripts/gpu_round.sh tests                      pytest -m gpu -> $OUT/gpu-tests.log
-#   scripts/gpu_round.sh bench MODEL SUITES [ARGS]  hybridgraph bench -> $OUT/<model>.tgz
+#   scripts/gpu_round.sh tests-tp                   the multi-GPU tests only -> $OUT/tp-tests.log
+#   scripts/gpu_round.sh bench MODEL SUITES [ARGS]  hybridgraph bench -> $OUT/<TAG or model>.tgz
+#                                                   (TAG=name keeps two runs of one model apart)
 #   scripts/gpu_round.sh base-ablation              ablation of the tree in .base (a copy of
 #                                                   an older commit) -> $OUT/base-ablation.tgz
 # (The tool brings back at most 8 files: result folders travel as one tarball each.)
@@ -17,15 +19,22 @@ case "${1:-}" in
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu-tests.log"
     (cd "$root" && PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu \
       2>&1 | tee -a "$OUT/gpu-tests.log" | tail -25) ;;
+  tests-tp)  # never wrap it in `timeout`: the launcher passes SIGTERM on to rank 0
+    nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/tp-tests.log"
+    nvidia-smi topo -m | head -6 >> "$OUT/tp-tests.log"
+    (cd "$root" && PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} python3 -m pytest -m gpu -q -rs -p no:cacheprovider \
+      tests/gpu/test_parallel.py 2>&1 | tee -a "$OUT/tp-tests.log" | tail -25) ;;
   bench)
     model=$2 suites=$3; shift 3
+    tag=${TAG:-$model}
     (cd "$root" && PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} python3 -m hybridgraph.cli bench "$suites" --model "$model" \
       --out "/tmp/res/$model" "$@" 2>&1 | tee "/tmp/res/bench-$model.log" | grep -v "it/s\]" \
       | tail -40)
-    tar czf "$OUT/$model.tgz" -C /tmp/res "$model" "bench-$model.log" ;;
+    tar czf "$OUT/$tag.tgz" -C /tmp/res "$model" "bench-$model.log"
+    rm -rf "/tmp/res/$model" ;;
   base-ablation)
     (cd "$root/.base" && PYTHONPATH=$root/.base${PYTHONPATH:+:$PYTHONPATH} python3 -m hybridgraph.cli bench ablation \
       --model llama-2-7b --out /tmp/res/base-ablation 2>&1 | grep -v "it/s\]" | tail -30)
     tar czf "$OUT/base-ablation.tgz" -C /tmp/res base-ablation ;;
-  *) echo "usage: $0 tests | bench MODEL SUITES [ARGS] | base-ablation" >&2; exit 2 ;;
+  *) echo "usage: $0 tests | tests-tp | bench MODEL SUITES [ARGS] | base-ablation" >&2; exit 2 ;;
 esac

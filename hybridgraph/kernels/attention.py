@@ -3,7 +3,9 @@
 Program (b, kv head, split) multiplies the REP query heads that share one kv head by the
 split's keys (so each key and value is read once, not REP times), with an online softmax
 in float32. Keys past pos[b] are neither read nor counted: a short sequence in a large
-window bucket reads only its own keys. The split that finishes a (b, kv head) last
+window bucket reads only its own keys. Row b reads cache row b, or cache_rows[b] where
+given: a short prefill runs as T rows of one sequence, row t at position t attending to
+keys 0..t of the one cache row (causal by construction). The split that finishes a (b, kv head) last
 combines the splits' partial (max, sum, output) in split order and writes the result
 (workspace.py), so there is no second launch.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -21,10 +24,12 @@ from hybridgraph.kernels.workspace import Workspace
 
 @triton.jit
 def decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, ws_ptr, cnt_ptr,
+                            crow_ptr, stride_crow,
                             scale, WINDOW, KV_HEADS, MAX_SEQ, CHUNK,
                             REP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                             BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
-                            SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
+                            SPLITS: tl.constexpr, USE_PDL: tl.constexpr,
+                            HAS_CROW: tl.constexpr):
     bk = tl.program_id(0)
     split = tl.program_id(1)
     b = bk // KV_HEADS
@@ -45,7 +50,11 @@ def decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, ws_ptr, cnt
     pos = tl.load(pos_ptr + b)
     start = split * CHUNK
     end = tl.minimum(tl.minimum(start + CHUNK, pos + 1), WINDOW)
-    base = (b.to(tl.int64) * KV_HEADS + kvh) * MAX_SEQ * D
+    if HAS_CROW:
+        crow = tl.load(crow_ptr + b * stride_crow).to(tl.int64)
+    else:
+        crow = b.to(tl.int64)
+    base = (crow * KV_HEADS + kvh) * MAX_SEQ * D
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, D_PAD], dtype=tl.float32)
@@ -108,12 +117,26 @@ def attention_splits(batch: int, kv_heads: int, window: int, block_t: int,
     return splits
 
 
+def check_cache_rows(cache_rows: Tensor, b: int, what: str) -> None:
+    """A per-row cache-row index: a 1-D int32/int64 tensor of >= b entries, any stride
+    (stride 0: every row reads one cache row). Its values are not checked here (that would
+    sync the device); like any cache index they must lie in [0, max_batch)."""
+    if cache_rows.dim() != 1 or cache_rows.shape[0] < b or cache_rows.dtype not in (
+            torch.int32, torch.int64):
+        raise ValueError(f"{what}: cache_rows must be an int32/int64 vector of >= {b} "
+                         f"entries, got {cache_rows.dtype} {tuple(cache_rows.shape)}")
+
+
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, window: int,
                      out: Tensor, ws: Workspace, *, block_t: int = 64, splits: int | None = None,
-                     num_warps: int = 4, pdl: int = 0) -> Tensor:
+                     num_warps: int = 4, pdl: int = 0,
+                     cache_rows: Tensor | None = None) -> Tensor:
     """q, out: [B, H*D] (model dtype); caches [max_batch, KV, max_seq, D]; pos: [B].
+    cache_rows: [B], the cache row each row reads (None: row b reads row b).
     pdl: 0 off, 1 the next kernel may launch at once, 2 after the key loop."""
     b = q.shape[0]
+    if cache_rows is not None:
+        check_cache_rows(cache_rows, b, "decode_attention")
     kv, max_seq, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     rep = q.shape[1] // (kv * d)
     if rep * kv * d != q.shape[1]:
@@ -131,7 +154,9 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, w
     extra = {"launch_pdl": True} if pdl else {}
     decode_attention_kernel[(b * kv, splits)](
         q, k_cache, v_cache, pos, out, ws.partials, ws.counters,
+        cache_rows if cache_rows is not None else pos,
+        cache_rows.stride(0) if cache_rows is not None else 0,
         1.0 / math.sqrt(d), window, kv, max_seq, chunk,
         REP=rep, D=d, D_PAD=d_pad, BLOCK_R=block_r, BLOCK_T=block_t, SPLITS=splits,
-        USE_PDL=int(pdl), num_warps=num_warps, **extra)
+        USE_PDL=int(pdl), HAS_CROW=cache_rows is not None, num_warps=num_warps, **extra)
     return out

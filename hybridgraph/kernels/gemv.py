@@ -19,6 +19,7 @@ Epilogues:
   EPI_RESID  out = residual + y                    (the O and down projections)
   EPI_SILU   out = silu(y[:, :I]) * y[:, I:]       (the fused gate/up projection, width I)
   EPI_ROPE   q -> out with RoPE; k -> k cache with RoPE at pos[b]; v -> v cache at pos[b]
+             (cache row b, or RopeArgs.cache_rows[b]: a prefill's rows all write one row)
 Epilogue roundings follow the model's PyTorch code (each intermediate the model keeps in
 the model dtype is rounded to it here too), so the kernel path stays within rounding of the
 PyTorch path, not just of a float32 reference.
@@ -37,6 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybridgraph.kernels.attention import check_cache_rows
 from hybridgraph.kernels.workspace import Workspace
 
 EPI_PLAIN, EPI_RESID, EPI_SILU, EPI_ROPE = 0, 1, 2, 3
@@ -52,8 +54,8 @@ def _prefetch_l2(ptrs):
 @triton.jit
 def _epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b, mask_a, mask_b,
               out_ptr, stride_out, res_ptr, stride_res, cos_ptr, sin_ptr, pos_ptr,
-              kc_ptr, vc_ptr, HEADS, KV_HEADS, MAX_SEQ, D_HALF,
-              EPI: tl.constexpr, HALF: tl.constexpr):
+              kc_ptr, vc_ptr, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow,
+              EPI: tl.constexpr, HALF: tl.constexpr, HAS_CROW: tl.constexpr):
     dt = out_ptr.dtype.element_ty
     ma = mask_bb[:, None] & mask_a[None, :]
     mb = mask_bb[:, None] & mask_b[None, :]
@@ -97,7 +99,12 @@ def _epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b, mask_
         else:
             pos = tl.load(pos_ptr + offs_b, mask=mask_bb, other=0)
             kvh = (head - HEADS) % KV_HEADS
-            row = ((offs_b.to(tl.int64) * KV_HEADS + kvh) * MAX_SEQ + pos) * d
+            if HAS_CROW:  # rows name their cache row (a prefill's rows share one)
+                crow = tl.load(crow_ptr + offs_b * stride_crow, mask=mask_bb, other=0)
+                crow = crow.to(tl.int64)
+            else:
+                crow = offs_b.to(tl.int64)
+            row = ((crow * KV_HEADS + kvh) * MAX_SEQ + pos) * d
             if head < HEADS + KV_HEADS:
                 dst = kc_ptr + row[:, None] + col_a[None, :]
             else:
@@ -131,10 +138,10 @@ def _rows(tile, offs_h, N, D_HALF, EPI: tl.constexpr, HALF: tl.constexpr):
 @triton.jit
 def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
           vc_ptr, ws_ptr, cnt_ptr, B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out,
-          stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF,
+          stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow,
           NORM: tl.constexpr, EPI: tl.constexpr, SPLIT_K: tl.constexpr,
           BLOCK_B: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr,
-          USE_PDL: tl.constexpr, DOT: tl.constexpr):
+          USE_PDL: tl.constexpr, DOT: tl.constexpr, HAS_CROW: tl.constexpr):
     """One work item: a tile of rows over one split of K (the whole of K if unsplit)."""
     offs_h = tl.arange(0, HALF)
     offs_k = tl.arange(0, BLOCK_K)
@@ -211,7 +218,8 @@ def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos
             acc_b = acc_b * rstd[:, None]
         _epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b, mask_a,
                   mask_b, out_ptr, stride_out, res_ptr, stride_res, cos_ptr, sin_ptr,
-                  pos_ptr, kc_ptr, vc_ptr, HEADS, KV_HEADS, MAX_SEQ, D_HALF, EPI, HALF)
+                  pos_ptr, kc_ptr, vc_ptr, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr,
+                  stride_crow, EPI, HALF, HAS_CROW)
     else:
         mine = ws_ptr + (tile * SPLIT_K + split) * item_floats
         tl.store(mine + offs2, acc_a)
@@ -236,18 +244,18 @@ def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos
             _epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b,
                       mask_a, mask_b, out_ptr, stride_out, res_ptr, stride_res, cos_ptr,
                       sin_ptr, pos_ptr, kc_ptr, vc_ptr, HEADS, KV_HEADS, MAX_SEQ, D_HALF,
-                      EPI, HALF)
+                      crow_ptr, stride_crow, EPI, HALF, HAS_CROW)
 
 
 @triton.jit
 def gemv_kernel(x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
                 cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, ws_ptr, cnt_ptr,
                 B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out, stride_res,
-                HEADS, KV_HEADS, MAX_SEQ, D_HALF,
+                HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow,
                 NORM: tl.constexpr, EPI: tl.constexpr, SPLIT_K: tl.constexpr,
                 BLOCK_B: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr,
                 PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, DOT: tl.constexpr,
-                PERSIST: tl.constexpr):
+                PERSIST: tl.constexpr, HAS_CROW: tl.constexpr):
     pid = tl.program_id(0)
     offs_h = tl.arange(0, HALF)
 
@@ -273,13 +281,13 @@ def gemv_kernel(x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
         for item in range(pid, TILES * SPLIT_K, tl.num_programs(0)):
             _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
                   vc_ptr, ws_ptr, cnt_ptr, B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out,
-                  stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, NORM, EPI, SPLIT_K, BLOCK_B,
-                  HALF, BLOCK_K, USE_PDL, DOT)
+                  stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow, NORM,
+                  EPI, SPLIT_K, BLOCK_B, HALF, BLOCK_K, USE_PDL, DOT, HAS_CROW)
     else:
         _item(pid, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
                   vc_ptr, ws_ptr, cnt_ptr, B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out,
-                  stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, NORM, EPI, SPLIT_K, BLOCK_B,
-                  HALF, BLOCK_K, USE_PDL, DOT)
+                  stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow, NORM,
+                  EPI, SPLIT_K, BLOCK_B, HALF, BLOCK_K, USE_PDL, DOT, HAS_CROW)
 
 
 # ------------------------------------------------------------------------------ launch
@@ -363,6 +371,8 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
         d_half = rope.k_cache.shape[-1] // 2
         max_seq = rope.k_cache.shape[2]
         half = rope_half(d_half, half)
+        if rope.cache_rows is not None:
+            check_cache_rows(rope.cache_rows, b, "gemv")
     if b > 1 and not cfg.dot:  # register configs are tuned for one row
         cfg = GemvConfig(split_k=cfg.split_k)
         half = rope_half(d_half, cfg.half) if epi == EPI_ROPE else cfg.half
@@ -377,20 +387,22 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
         ws.check(workspace_floats(tiles, split, half, block_b), tiles, "gemv")
     dummy = out
     r = rope
+    crow = r.cache_rows if r is not None else None
     args = (x, w, norm_w if norm_w is not None else w, out,
             residual if residual is not None else dummy,
             r.cos if r else dummy, r.sin if r else dummy, r.pos if r else ws.counters,
             r.k_cache if r else dummy, r.v_cache if r else dummy, ws.partials, ws.counters,
             b, n, k, k_split, tiles, eps, x.stride(0), out.stride(0),
             residual.stride(0) if residual is not None else 0,
-            heads, kv_heads, max_seq, d_half)
+            heads, kv_heads, max_seq, d_half,
+            crow if crow is not None else ws.counters, crow.stride(0) if crow is not None else 0)
     extra = {"launch_pdl": True} if pdl else {}
     items = tiles * split
     grid = min(items, cfg.programs) if cfg.programs > 0 else items
     gemv_kernel[(grid,)](
         *args, NORM=norm_w is not None, EPI=epi, SPLIT_K=split, BLOCK_B=block_b, HALF=half,
         BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, USE_PDL=int(pdl), DOT=dot,
-        PERSIST=grid < items,
+        PERSIST=grid < items, HAS_CROW=crow is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
     return out
 
@@ -403,3 +415,6 @@ class RopeArgs(NamedTuple):
     v_cache: Tensor
     heads: int
     kv_heads: int
+    cache_rows: Tensor | None = None  # [B] int64: the cache row row b writes (any stride,
+    #                                   0 too: a prefill's rows share one); None: row b
+

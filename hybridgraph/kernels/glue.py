@@ -53,8 +53,9 @@ def add_rmsnorm(x: Tensor, weight: Tensor, eps: float, out: Tensor,
 
 @triton.jit
 def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
+                    crow_ptr, stride_crow,
                     HEADS, KV_HEADS, MAX_SEQ, D_HALF: tl.constexpr, BLOCK: tl.constexpr,
-                    USE_PDL: tl.constexpr):
+                    USE_PDL: tl.constexpr, HAS_CROW: tl.constexpr):
     b = tl.program_id(0)
     head = tl.program_id(1)
     if USE_PDL:
@@ -81,7 +82,11 @@ def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
     else:
         pos = tl.load(pos_ptr + b)
         kvh = (head - HEADS) % KV_HEADS
-        row = ((b.to(tl.int64) * KV_HEADS + kvh) * MAX_SEQ + pos) * d
+        if HAS_CROW:  # rows name their cache row (a prefill's rows share one)
+            crow = tl.load(crow_ptr + b * stride_crow).to(tl.int64)
+        else:
+            crow = b.to(tl.int64)
+        row = ((crow * KV_HEADS + kvh) * MAX_SEQ + pos) * d
         if head < HEADS + KV_HEADS:
             dst = kc_ptr + row + offs
         else:
@@ -92,15 +97,22 @@ def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
 
 def rope_kv(qkv: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, k_cache: Tensor,
             v_cache: Tensor, q_out: Tensor, heads: int, kv_heads: int,
-            pdl: bool = False) -> Tensor:
-    """qkv: [B, (H + 2KV) * D] -> q_out [B, H*D] (RoPE'd); k (RoPE'd), v into the caches."""
+            pdl: bool = False, cache_rows: Tensor | None = None) -> Tensor:
+    """qkv: [B, (H + 2KV) * D] -> q_out [B, H*D] (RoPE'd); k (RoPE'd), v into the caches
+    at pos[b] of cache row b (or cache_rows[b], as in attention.decode_attention)."""
     b = qkv.shape[0]
+    if cache_rows is not None:
+        from hybridgraph.kernels.attention import check_cache_rows
+        check_cache_rows(cache_rows, b, "rope_kv")
     d_half = k_cache.shape[-1] // 2
     extra = {"launch_pdl": True} if pdl else {}
     _rope_kv_kernel[(b, heads + 2 * kv_heads)](
-        qkv, cos, sin, pos, q_out, k_cache, v_cache, heads, kv_heads, k_cache.shape[2],
-        D_HALF=d_half, BLOCK=triton.next_power_of_2(d_half), USE_PDL=pdl, num_warps=1,
-        **extra)
+        qkv, cos, sin, pos, q_out, k_cache, v_cache,
+        cache_rows if cache_rows is not None else pos,
+        cache_rows.stride(0) if cache_rows is not None else 0,
+        heads, kv_heads, k_cache.shape[2],
+        D_HALF=d_half, BLOCK=triton.next_power_of_2(d_half), USE_PDL=pdl,
+        HAS_CROW=cache_rows is not None, num_warps=1, **extra)
     return q_out
 
 

@@ -14,6 +14,9 @@ block rounds it, so the two blocks agree to fp16/bf16 rounding.
 On a tensor-parallel rank (`Block.all_reduce` set) O and down give a partial sum that is
 summed over the ranks before the residual add, so they run plain and the add follows the
 all-reduce (`_reduced_tail`), riding in the next norm kernel where there is one.
+
+A one-prompt prefill of at most 16 tokens runs on the same blocks (`prefill`): its tokens
+are decode rows at positions 0..T-1 of one cache row.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import Tensor
 from hybridgraph.model.llama import Block, KVCache, Transformer, no_reduce
 
 PROJECTIONS = ("qkv", "wo", "w13", "w2", "head")
+MAX_ROWS = 16  # rows one GEMV launch serves (kernels/gemv.py)
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,8 @@ class KernelPlan:
     #                                         prefetches before its PDL wait (None: config's)
     max_rows: int = 16                      # decode batches of up to this many rows run on
     #                                         the kernels; larger ones on the model's blocks
+    prefill_rows: int = 16                  # one-prompt prefills of up to this many tokens
+    #                                         run on the kernels (`prefill`); 0: none do
     configs: dict[str, object] = field(default_factory=dict)  # projection -> GemvConfig
 
     def __post_init__(self) -> None:
@@ -59,6 +65,9 @@ class KernelPlan:
         if unknown:
             raise ValueError(f"KernelPlan.gemv: unknown projections {sorted(unknown)}; "
                              f"known: {', '.join(PROJECTIONS)}")
+        if not 0 <= self.prefill_rows <= MAX_ROWS:  # the GEMV serves at most 16 rows
+            raise ValueError(f"KernelPlan.prefill_rows {self.prefill_rows}: must be in "
+                             f"[0, {MAX_ROWS}]")
 
     def uses(self, rows: int) -> tuple[str, ...]:
         """The projections on the GEMV for a batch of `rows` (the rest on cuBLAS)."""
@@ -83,7 +92,8 @@ class TritonDecode:
         self._pdl = (2 if self.plan.pdl_late else 1) if self.plan.pdl else 0
         cfg = model.config
         # The GEMV serves at most 16 rows; Steps runs larger batches on the model's blocks.
-        self.rows = min(max_batch, plan.max_rows, 16)
+        self.rows = min(max_batch, plan.max_rows, MAX_ROWS)
+        self.prefill_rows = plan.prefill_rows  # validated <= MAX_ROWS by KernelPlan
         if self.rows < 1:
             raise ValueError(f"KernelPlan.max_rows {plan.max_rows}: must be >= 1")
         self.heads, self.kv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -120,8 +130,10 @@ class TritonDecode:
         rep_pad = max(16, 1 << (self.heads // self.kv - 1).bit_length())
         # attention_splits keeps batch * kv * splits under 4 * SMs whenever it splits.
         floats = max(floats, 4 * self.sms * rep_pad * (d_pad + 2))
-        counters = max(counters, self.rows * self.kv)
+        counters = max(counters, max(self.rows, self.prefill_rows) * self.kv)
         self.ws = Workspace(floats, counters, dev)
+        # A prefill's positions 0..T-1, allocated before any capture (fixed address).
+        self._positions = torch.arange(max(1, self.prefill_rows), device=dev)
 
     def forward(self, ids: Tensor, pos: Tensor, window: int) -> Tensor:
         """Transformer.decode on the kernels; with "head" in the plan the final norm and the
@@ -141,9 +153,54 @@ class TritonDecode:
                         norm_w=m.norm.weight, eps=self.eps, pdl=self._pdl)
         return logits.float()
 
+    def prefill(self, ids: Tensor, cache_row: Tensor, last_idx: Tensor) -> Tensor:
+        """Transformer.prefill of ONE prompt of T <= prefill_rows tokens on the decode kernels.
+
+        Short prefills are weight-bound like a decode step, so the prompt runs as T decode
+        rows at positions 0..T-1 that all write and read one KV-cache row: row t's decode
+        attention over keys 0..t is exactly the prefill's causal attention (the QKV launch
+        writes every row's key before the attention launch reads any). Padding past the
+        prompt's last token writes keys at positions > last_idx, as Transformer.prefill
+        does; decode writes each position before it reads it, so they are never seen.
+
+        ids: [T] or [1, T]; cache_row: the cache row written (an int tensor of one element);
+        last_idx: the row whose logits are returned (int tensor of one element). The final
+        norm and the LM head run on that row only. Returns [1, V] float32 logits.
+        """
+        if ids.dim() == 2:
+            if ids.shape[0] != 1:
+                raise ValueError(f"TritonDecode.prefill: ids holds {ids.shape[0]} prompts; "
+                                 "it serves one")
+            ids = ids[0]
+        t = ids.shape[0]
+        m = self.model
+        max_seq = m.caches[0].k.shape[2]
+        if not 1 <= t <= min(self.prefill_rows, max_seq):
+            raise ValueError(f"TritonDecode.prefill serves 1..{min(self.prefill_rows, max_seq)} "
+                             f"tokens (KernelPlan.prefill_rows), got {t}")
+        if cache_row.numel() != 1 or last_idx.numel() != 1:
+            raise ValueError("TritonDecode.prefill: cache_row and last_idx must each hold one "
+                             f"index, got {tuple(cache_row.shape)} and {tuple(last_idx.shape)}")
+        window = prefill_window(t, max_seq)
+        pos = self._positions[:t]
+        rows = cache_row.reshape(1).expand(t)  # stride 0: every row names the one cache row
+        cos, sin = m.rope_cos[:t][:, None], m.rope_sin[:t][:, None]
+        x = m.tok_embeddings(ids)[:, None]
+        for layer, cache in zip(m.layers, m.caches, strict=True):
+            x = self.block(layer, x, cos, sin, cache, pos, window, cache_rows=rows)
+        x = x[:, 0].index_select(0, last_idx.reshape(1))
+        if "head" not in self.plan.uses(1):
+            return m.output(m.norm(x)).float()
+        logits = x.new_empty(1, m.output.weight.shape[0])
+        self._gemv.gemv(x, m.output.weight, logits, self.ws, self.configs["head"],
+                        norm_w=m.norm.weight, eps=self.eps, pdl=self._pdl)
+        return logits.float()
+
     def block(self, layer: Block, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache,
-              pos: Tensor, window: int) -> Tensor:
-        """Block.decode on the kernels. x: [B, 1, hidden]; cos, sin: [B, 1, D]."""
+              pos: Tensor, window: int, cache_rows: Tensor | None = None) -> Tensor:
+        """Block.decode on the kernels. x: [B, 1, hidden]; cos, sin: [B, 1, D].
+        cache_rows: [B], the cache row each row writes and reads (None: row b; `prefill`
+        passes one row for all)."""
         g, pdl = self._gemv, self._pdl
         b, hidden = x.shape[0], x.shape[-1]
         on_gemv = self.plan.uses(b)
@@ -155,15 +212,17 @@ class TritonDecode:
         if "qkv" in on_gemv:
             g.gemv(x2, att.wqkv.weight, q, self.ws, self.configs["qkv"], epi=g.EPI_ROPE,
                    norm_w=layer.attention_norm.weight, eps=self.eps, pdl=pdl,
-                   rope=g.RopeArgs(cos2, sin2, pos, cache.k, cache.v, self.heads, self.kv))
+                   rope=g.RopeArgs(cos2, sin2, pos, cache.k, cache.v, self.heads, self.kv,
+                                   cache_rows))
         else:
             from hybridgraph.kernels import glue
             xn = glue.add_rmsnorm(x2, layer.attention_norm.weight, self.eps, new(b, hidden),
                                   pdl=pdl)
             glue.rope_kv(F.linear(xn, att.wqkv.weight), cos2, sin2, pos, cache.k, cache.v, q,
-                         self.heads, self.kv, pdl=pdl)
+                         self.heads, self.kv, pdl=pdl, cache_rows=cache_rows)
         o = self._attn.decode_attention(q, cache.k, cache.v, pos, window, new(q.shape),
-                                        self.ws, block_t=self.plan.block_t, pdl=pdl)
+                                        self.ws, block_t=self.plan.block_t, pdl=pdl,
+                                        cache_rows=cache_rows)
         if layer.all_reduce is not no_reduce:  # a tensor-parallel rank
             return self._reduced_tail(layer, x2, o, on_gemv).view(b, 1, hidden)
         inter = ff.w2.weight.shape[1]
@@ -228,6 +287,12 @@ class TritonDecode:
         else:
             part = reduce(F.linear(h, ff.w2.weight))
         return x1 + part
+
+
+def prefill_window(t: int, max_seq: int) -> int:
+    """The attention window of a T-token kernel prefill: the smallest power of two >= T
+    (decode's windows are powers of two too: runtime/runner.py), capped at the cache."""
+    return min(1 << (t - 1).bit_length(), max_seq)
 
 
 def triton_decode(model: Transformer, max_batch: int, plan: KernelPlan | None = None,

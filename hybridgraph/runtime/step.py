@@ -104,8 +104,8 @@ class Steps:
     whether the forward's blocks are compiled.
 
     kernels="triton" runs the decode blocks on the Triton kernels (model/fast_decode.py)
-    when they pass their self-check on this device, else falls back to the blocks above and
-    logs why; `self.kernels` is what runs, `self.kernels_reason` why. `plan` (a
+    when they pass their self-check on this device (and one-prompt prefills of at most
+    KernelPlan.prefill_rows tokens too), else falls back to the blocks above and logs why; `self.kernels` is what runs, `self.kernels_reason` why. `plan` (a
     KernelPlan) picks projections and PDL; None takes the default.
     """
 
@@ -135,8 +135,14 @@ class Steps:
                 log.info("decoding with the Triton kernels: %s", reason)
 
     def forward_prefill(self, b: int, t: int) -> Tensor:
-        return self.model.prefill(self.bufs.prompt_ids[:b, :t], self.bufs.last_idx[:b],
-                                  block=self.prefill_block, rows=self.bufs.rows[:b])
+        """Logits [b, V] of each prompt's last token. One prompt of at most
+        KernelPlan.prefill_rows tokens runs on the Triton kernels when they are in use (it
+        is weight-bound like a decode step); anything else on the model's prefill blocks."""
+        s = self.bufs
+        if self.fast is not None and b == 1 and t <= self.fast.prefill_rows:
+            return self.fast.prefill(s.prompt_ids[0, :t], s.rows[:1], s.last_idx[:1])
+        return self.model.prefill(s.prompt_ids[:b, :t], s.last_idx[:b],
+                                  block=self.prefill_block, rows=s.rows[:b])
 
     def forward_decode(self, b: int, window: int) -> Tensor:
         if self.fast is not None and b <= self.fast.rows:

@@ -1,7 +1,7 @@
 # ruff: noqa: B023  (closures are timed inside the loop iteration that makes them)
 """Time the Triton decode kernels against cuBLAS/PyTorch on this GPU; prints a table last.
 
-    python scripts/kernel_bench.py [--sections floor,gemv,attention,decode] [--sweep N]
+    python scripts/kernel_bench.py [--sections floor,gemv,attention,decode,prefill] [--sweep N]
 
 floor:     device-to-device copy bandwidth (the ceiling every decode kernel is held to).
 gemv:      each projection of llama-2-7b (fp16) and llama-3.2-1b (bf16): cuBLAS alone,
@@ -11,6 +11,9 @@ gemv:      each projection of llama-2-7b (fp16) and llama-3.2-1b (bf16): cuBLAS 
 attention: the flash-decoding kernel against the model's PyTorch attention ops.
 decode:    a whole decode step (forward only) in a CUDA graph: the compiled PyTorch block
            ("inductor") against the Triton block with each plan, with and without PDL.
+prefill:   a one-prompt prefill of --prefill-tokens tokens (default 10: the TTFT target)
+           in a CUDA graph: Transformer.prefill with the compiled block ("inductor")
+           against TritonDecode.prefill (the prompt as decode rows) with each plan.
 Random weights at the presets' real shapes. Writes everything as JSON to $OUT if set.
 """
 
@@ -236,10 +239,7 @@ def decode_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: list
     cfg = preset(name)
     model = random_model(cfg, torch.device("cuda"), dtype)
     model.setup_caches(rows, 2048)
-    wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    if not cfg.tie_word_embeddings:
-        wbytes -= model.tok_embeddings.weight.numel() * dtype.itemsize  # one row is read
-    floor_us = wbytes / floor_tbps / 1e6
+    floor_us = weight_floor_us(model, floor_tbps)
     ids = torch.full((rows,), 5, device="cuda")
     pos = torch.full((rows,), window // 2, device="cuda")
     fns = {}
@@ -278,6 +278,61 @@ def decode_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: list
     torch.cuda.empty_cache()
 
 
+def weight_floor_us(model, floor_tbps: float) -> float:
+    """µs to stream the weights a step reads once at floor_tbps (one embedding row unless
+    the head is tied to the embedding)."""
+    wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not model.config.tie_word_embeddings:
+        w = model.tok_embeddings.weight
+        wbytes -= w.numel() * w.element_size()
+    return wbytes / floor_tbps / 1e6
+
+
+def prefill_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: list[str],
+                    tokens: list[int]) -> None:
+    """TTFT's forward: one prompt of t tokens into cache row 0, logits of its last token.
+    Plans: "inductor" (Transformer.prefill, compiled block, as Steps runs it today) or
+    "<default|all|none|proj+proj...>[:pdl[-late]]" for TritonDecode.prefill, the
+    projections on the GEMV for every row count (default: KernelPlan's own)."""
+    from hybridgraph.model.fast_decode import PROJECTIONS, KernelPlan, TritonDecode
+    from hybridgraph.model.loader import random_model
+    from hybridgraph.runtime.step import compiled_blocks
+
+    model = random_model(preset(name), torch.device("cuda"), dtype)
+    model.setup_caches(1, 2048)
+    floor_us = weight_floor_us(model, floor_tbps)
+    row0 = torch.zeros(1, dtype=torch.int64, device="cuda")
+    fasts = {}
+    for plan in plans:
+        if plan == "inductor":
+            continue
+        projs, _, pdl = plan.partition(":")
+        kw = dict(pdl=pdl.startswith("pdl"), pdl_late=pdl == "pdl-late")
+        if projs != "default":
+            gemvs = PROJECTIONS if projs == "all" else () if projs == "none" else \
+                tuple(projs.split("+"))
+            kw.update(gemv=gemvs, gemv_batched=gemvs)
+        fasts[plan] = TritonDecode(model, 1, KernelPlan(**kw))
+    for t in tokens:
+        ids = torch.full((1, t), 5, device="cuda")
+        last = torch.tensor([t - 1], device="cuda")
+        for plan in plans:
+            fast = fasts.get(plan)
+
+            def fn(i, fast=fast):
+                if fast is None:  # "inductor"
+                    return model.prefill(ids, last, block=compiled_blocks()[0], rows=row0)
+                return fast.prefill(ids[0], row0, last)
+            with torch.no_grad():
+                t0 = time.time()
+                us = graph_time(fn, 4)
+            row(section="prefill", model=name, plan=plan, tokens=t, ms=round(us / 1e3, 4),
+                floor_ms=round(floor_us / 1e3, 4), floor_frac=round(floor_us / us, 3),
+                setup_s=round(time.time() - t0, 1))
+    model.caches = torch.nn.ModuleList()
+    torch.cuda.empty_cache()
+
+
 def guarded(fn, *args):
     """Run one section; a failure is printed and the rest still run."""
     try:
@@ -298,6 +353,9 @@ def main() -> None:
     ap.add_argument("--decode-rows", default="1", help="decode section: batch rows, e.g. 1,4,16")
     ap.add_argument("--plans", default="inductor,none:pdl,wo+w2,default:pdl,wo+w2:pdl-late,"
                     "auto,auto:pdl-late,all,all:pdl-late")
+    ap.add_argument("--prefill-tokens", default="10", help="prefill section: prompt lengths")
+    ap.add_argument("--prefill-plans", default="inductor,default:pdl-late,default,"
+                    "all:pdl-late,wo+w2+head:pdl-late,none:pdl-late")
     a = ap.parse_args()
     sections = a.sections.split(",")
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
@@ -327,6 +385,11 @@ def main() -> None:
             for r in (int(x) for x in a.decode_rows.split(",")):
                 guarded(decode_section, name, dtype, tbps, a.plans.split(","), tuned.get(name),
                         512, r)
+    if "prefill" in sections:
+        for name, dtype in (("llama-2-7b", torch.float16), ("llama-3.2-1b", torch.bfloat16)):
+            if name in a.models.split(","):
+                guarded(prefill_section, name, dtype, tbps, a.prefill_plans.split(","),
+                        [int(x) for x in a.prefill_tokens.split(",")])
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "kernel_bench.json"), "w") as f:
@@ -339,6 +402,10 @@ def print_table() -> None:
     for r in ROWS:
         if r["section"] == "decode":
             print(f"decode {r['model']:14s} {r['plan']:26s} x{r.get('rows', 1):<2d} {r['ms']:8.4f} ms  "
+                  f"floor {r['floor_ms']:.4f} ({r['floor_frac']:.0%})")
+    for r in ROWS:
+        if r["section"] == "prefill":
+            print(f"prefill {r['model']:13s} {r['plan']:26s} T={r['tokens']:<3d} {r['ms']:8.4f} ms  "
                   f"floor {r['floor_ms']:.4f} ({r['floor_frac']:.0%})")
     for r in ROWS:
         if r["section"] == "selfcheck":

@@ -279,3 +279,129 @@ def test_gemv_one_row_register_path(dtype, split, programs, half) -> None:
     assert ref.rel_err(vc[:, :, seq - 1], v_ref) < TOLERANCE[dtype]
     torch.cuda.synchronize()
     assert int(ws.counters.abs().sum()) == 0
+
+
+# ------------------------------------------------ short prefills on the decode kernels
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,split,dot", [(1, 2, False), (10, 1, True), (16, 4, True)])
+def test_gemv_rope_writes_the_named_cache_row(dtype, b, split, dot) -> None:
+    """RopeArgs.cache_rows (stride 0, as a prefill passes it): rows at positions 0..b-1
+    write keys and values into one cache row; nothing else in the caches moves."""
+    from hybridgraph.kernels import gemv as g
+    ws, heads, kv, d, seq = _ws(), 32, 8, 64, 256
+    hidden = heads * d
+    x, nw = _rnd(b, hidden, dtype=dtype), 1 + _rnd(hidden, dtype=dtype, scale=0.2)
+    w = _rnd((heads + 2 * kv) * d, hidden, dtype=dtype, scale=hidden ** -0.5)
+    kc, vc = _rnd(3, kv, seq, d, dtype=dtype), _rnd(3, kv, seq, d, dtype=dtype)
+    kc0, vc0 = kc.clone(), vc.clone()
+    pos, crow = torch.arange(b, device="cuda"), torch.tensor([2], device="cuda").expand(b)
+    ang = torch.rand(b, d // 2, device="cuda") * 6
+    cos, sin = ang.cos().repeat(1, 2).to(dtype), ang.sin().repeat(1, 2).to(dtype)
+    q = g.gemv(x, w, _nan(b, heads * d, dtype=dtype), ws,
+               g.GemvConfig(half=16 if not dot else 32, block_k=128, split_k=split, dot=dot),
+               epi=g.EPI_ROPE, norm_w=nw,
+               rope=g.RopeArgs(cos, sin, pos, kc, vc, heads, kv, crow))
+    q_ref, k_ref, v_ref = ref.qkv_rope_ref(x, w, cos, sin, heads, kv, nw)
+    assert ref.rel_err(q, q_ref) < TOLERANCE[dtype]
+    assert ref.rel_err(kc[2, :, :b].transpose(0, 1), k_ref) < TOLERANCE[dtype]
+    assert ref.rel_err(vc[2, :, :b].transpose(0, 1), v_ref) < TOLERANCE[dtype]
+    for after, before in ((kc, kc0), (vc, vc0)):
+        assert torch.equal(after[:2], before[:2]) and torch.equal(after[2, :, b:], before[2, :, b:])
+    torch.cuda.synchronize()
+    assert int(ws.counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv,d", [(32, 32, 128), (32, 8, 64), (9, 3, 64)])
+@pytest.mark.parametrize("b", [1, 10, 16])
+def test_decode_attention_reads_the_named_cache_row(dtype, heads, kv, d, b) -> None:
+    """A prefill's rows (positions 0..b-1, one cache row, window the next power of two):
+    row t attends to keys 0..t of that row."""
+    from hybridgraph.kernels.attention import decode_attention
+    from hybridgraph.model.fast_decode import prefill_window
+    ws, seq = _ws(), 1024
+    q = _rnd(b, heads * d, dtype=dtype)
+    kc, vc = _rnd(3, kv, seq, d, dtype=dtype), _rnd(3, kv, seq, d, dtype=dtype)
+    pos, crow = torch.arange(b, device="cuda"), torch.tensor([1], device="cuda").expand(b)
+    window = prefill_window(b, seq)
+    for pdl in _pdl_options():
+        out = decode_attention(q, kc, vc, pos, window, _nan(b, heads * d, dtype=dtype), ws,
+                               pdl=pdl, cache_rows=crow)
+        expect = ref.decode_attention_ref(q, kc[crow], vc[crow], pos, window)
+        assert ref.rel_err(out, expect) < TOLERANCE[dtype]
+    torch.cuda.synchronize()
+    assert int(ws.counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("gemvs", [("qkv", "wo", "w13", "w2", "head"), (), "default"])
+@pytest.mark.parametrize("pdl", _pdl_options() + ("late",))
+@pytest.mark.parametrize("t,last", [(1, 0), (5, 4), (10, 9), (16, 9), (16, 15)])
+def test_triton_prefill_matches_the_model_in_graphs(gemvs, pdl, t, last) -> None:
+    """Steps(kernels="triton").forward_prefill of one prompt of t <= 16 tokens, captured in
+    a CUDA graph, into cache row 2: logits of row `last` within fp16 tolerance of the
+    model's prefill (run into row 1), the same keys and values at 0..t-1, nothing else
+    written; then greedy decoding from both rows (one batch, the model's blocks, the
+    reference's token fed to both) gives the same tokens wherever the reference's best
+    logit leads the next by more than 0.1 (test_triton_decode_matches_the_model_in_graphs)."""
+    from hybridgraph.model.fast_decode import KernelPlan
+    from hybridgraph.runtime.step import StepBuffers, Steps
+
+    model = small_model(torch.float16, seed=3)
+    with torch.no_grad():  # peaked logits, so greedy tokens are well separated
+        model.output.weight.mul_(50.0)
+    rows, max_seq, window = 3, 1024, 256
+    model.setup_caches(rows, max_seq)
+    bufs = StepBuffers(rows, max_seq, torch.device("cuda"))
+    plan = (KernelPlan(pdl=bool(pdl), pdl_late=pdl == "late") if gemvs == "default" else
+            KernelPlan(gemv=gemvs, gemv_batched=gemvs, pdl=bool(pdl), pdl_late=pdl == "late"))
+    fast = Steps(model, bufs, kernels="triton", plan=plan)
+    slow = Steps(model, bufs)
+    assert fast.kernels == "triton", fast.kernels_reason
+    calls = []
+    real = fast.fast.prefill
+    fast.fast.prefill = lambda *a: calls.append(1) or real(*a)
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    bufs.prompt_ids[0, :t] = torch.randint(0, 512, (t,), device="cuda", generator=gen)
+    bufs.last_idx[0] = last
+    with torch.no_grad():
+        bufs.set_prefill_rows(1)
+        expect = slow.forward_prefill(1, t)
+        bufs.set_prefill_rows(2)
+        snap = [(c.k.clone(), c.v.clone()) for c in model.caches]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fast.forward_prefill(1, t)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = fast.forward_prefill(1, t)
+        assert calls, "the prefill did not run on the kernels"
+        for c, (k, v) in zip(model.caches, snap, strict=True):  # row 2 poisoned
+            c.k.copy_(k)
+            c.v.copy_(v)
+            c.k[2].fill_(float("nan"))
+            c.v[2].fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert ref.rel_err(got, expect) < TOLERANCE[torch.float16]
+        for c, (k, v) in zip(model.caches, snap, strict=True):
+            for now, was in ((c.k, k), (c.v, v)):
+                assert torch.equal(now[:2], was[:2])
+                assert ref.rel_err(now[2, :, :t], was[1, :, :t]) < TOLERANCE[torch.float16]
+                assert torch.isnan(now[2, :, t:]).all()  # past the prompt: not written
+                now[2, :, t:] = 0  # so the decode below reads no NaN through masked lanes
+        compared = 0
+        logits = torch.stack((expect[0], got[0]))
+        bufs.ids[:rows] = logits[0].argmax()
+        bufs.pos[:rows] = last + 1
+        for _ in range(12):
+            top2 = logits[0].topk(2).values
+            if top2[0] - top2[1] > 0.1:
+                compared += 1
+                assert int(logits[1].argmax()) == int(logits[0].argmax())
+            bufs.ids[:rows] = logits[0].argmax()  # the reference's token, fed to both
+            logits = slow.forward_decode(rows, window)[1:]
+            bufs.pos[:rows] += 1
+    assert compared >= 9  # of 12: the model's logits are mostly well separated

@@ -106,10 +106,25 @@ SWEEP_SPEC = [(8, 256, 1, 4, 1, 0, False), (8, 256, 2, 4, 1, 0, False),
               (16, 256, 1, 4, 1, 4, False), (16, 256, 4, 4, 1, 0, False)]
 
 
-def sweep_configs(n: int, sms: int) -> list[gemv.GemvConfig]:
+# Batched launches (2-16 rows) run on the tensor-core path only: its own sweep.
+SWEEP_DOT = [(16, 256, 1, 4, 1, 0, True), (16, 256, 2, 4, 1, 0, True),
+             (16, 256, 4, 4, 1, 0, True), (16, 256, 1, 4, 2, 0, True),
+             (16, 256, 2, 4, 2, 0, True), (16, 128, 2, 4, 2, 0, True),
+             (16, 128, 4, 4, 3, 0, True), (16, 512, 1, 4, 1, 0, True),
+             (16, 512, 2, 8, 1, 0, True), (32, 256, 1, 4, 1, 0, True),
+             (32, 256, 2, 4, 1, 0, True), (32, 256, 1, 4, 3, 0, True),
+             (32, 256, 2, 4, 3, 0, True), (32, 128, 2, 4, 3, 0, True),
+             (32, 128, 1, 8, 3, 0, True), (16, 256, 2, 4, 1, 2, True),
+             (64, 128, 2, 4, 3, 0, True), (64, 128, 1, 8, 3, 0, True),
+             (64, 64, 2, 4, 4, 0, True), (32, 128, 4, 4, 3, 0, True),
+             (32, 64, 2, 4, 4, 0, True)]
+
+
+def sweep_configs(n: int, sms: int, rows: int = 1) -> list[gemv.GemvConfig]:
+    spec = SWEEP_SPEC if rows == 1 else SWEEP_DOT
     return [gemv.GemvConfig(half=h, block_k=k, split_k=s, num_warps=w, num_stages=st,
                             programs=p * sms, dot=dot)
-            for (h, k, s, w, st, p, dot) in SWEEP_SPEC[:n]]
+            for (h, k, s, w, st, p, dot) in spec[:n]]
 
 
 def gemv_section(name: str, dtype: torch.dtype, batches: list[int], sweep: int,
@@ -157,13 +172,14 @@ def gemv_section(name: str, dtype: torch.dtype, batches: list[int], sweep: int,
                 else:
                     torch.add(res, F.linear(x, w), out=out)
 
-            def triton_fn(c, pdl=False):
+            def triton_fn(c, pdl=False, norm=True):
                 def run(i):
                     w = ws_[i % copies]
+                    n_w = nw if norm else None
                     if epi == gemv.EPI_ROPE:
-                        gemv.gemv(x, w, q, ws, c, epi=epi, norm_w=nw, rope=rope, pdl=pdl)
+                        gemv.gemv(x, w, q, ws, c, epi=epi, norm_w=n_w, rope=rope, pdl=pdl)
                     elif epi in (gemv.EPI_SILU, gemv.EPI_PLAIN):
-                        gemv.gemv(x, w, out, ws, c, epi=epi, norm_w=nw, pdl=pdl)
+                        gemv.gemv(x, w, out, ws, c, epi=epi, norm_w=n_w, pdl=pdl)
                     else:
                         gemv.gemv(x, w, out, ws, c, epi=epi, residual=res, pdl=pdl)
                 return run
@@ -176,7 +192,7 @@ def gemv_section(name: str, dtype: torch.dtype, batches: list[int], sweep: int,
             fused_us = us
             best = None
             sms = torch.cuda.get_device_properties(0).multi_processor_count
-            for c in sweep_configs(sweep, sms):
+            for c in sweep_configs(sweep, sms, b):
                 if time.time() > deadline:
                     break
                 try:
@@ -192,6 +208,10 @@ def gemv_section(name: str, dtype: torch.dtype, batches: list[int], sweep: int,
                 us = graph_time(triton_fn(best[1], pdl=True), calls)
                 row(**base, kernel="triton+pdl", cfg=list(best[1]), us=round(us, 2),
                     TBps=round(nbytes / us / 1e6, 3))
+                if epi != gemv.EPI_RESID:  # what the RMSNorm prologue costs at this tile
+                    us = graph_time(triton_fn(best[1], norm=False), calls)
+                    row(**base, kernel="triton-nonorm", cfg=list(best[1]), us=round(us, 2),
+                        TBps=round(nbytes / us / 1e6, 3))
                 if b == 1:
                     tuned[proj] = (best[1], best[0], fused_us)
     return tuned
@@ -262,9 +282,12 @@ def decode_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: list
             elif projs == "all":
                 gemvs = PROJECTIONS
                 configs = {p: tuned[p][0] for p in gemvs if p in tuned}
+            # A named set serves every batch size; "default" keeps the plan's batched set.
+            batched = {} if projs == "default" else {"gemv_batched": gemvs}
             fast = TritonDecode(model, rows, KernelPlan(gemv=gemvs, pdl=pdl.startswith("pdl"),
                                                      pdl_late=pdl == "pdl-late",
-                                                     configs=configs, prefetch=prefetch))
+                                                     configs=configs, prefetch=prefetch,
+                                                     **batched))
             print(plan, "->", gemvs, {p: list(c) for p, c in configs.items()}, flush=True)
             fns[plan] = lambda i, fast=fast: fast.forward(ids, pos, window)
     for plan, fn in fns.items():

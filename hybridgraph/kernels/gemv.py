@@ -1,8 +1,10 @@
 """Weight-streaming GEMV for 1-16 rows with fused prologue and epilogues.
 
-y[b, n] = sum_k x[b, k] * W[n, k], W row-major [N, K] (an nn.Linear weight). The rows
-are padded to 16 and multiplied on the tensor cores: at decode sizes the weights are the
-only traffic that matters, and tl.dot lets Triton pipeline them through shared memory.
+y[b, n] = sum_k x[b, k] * W[n, k], W row-major [N, K] (an nn.Linear weight). At decode
+sizes the weights are the only traffic that matters. One row (DOT=False) multiplies in
+registers: products accumulate elementwise and are reduced once after the K loop. 2-16
+rows (DOT) are padded to 16 and multiplied on the tensor cores, tl.dot letting Triton
+pipeline the weights through shared memory. Tile rules: gemv_config.py.
 
 Each program owns two row sets of HALF rows, A and B, whose pairing is what the epilogue
 needs: a RoPE pair (d, d + D/2) of one head, a gate row and its up row, or simply two
@@ -39,9 +41,22 @@ import triton.language as tl
 from torch import Tensor
 
 from hybridgraph.kernels.attention import check_cache_rows
+from hybridgraph.kernels.gemv_config import (
+    EPI_PLAIN,
+    EPI_RESID,
+    EPI_ROPE,
+    EPI_SILU,
+    GemvConfig,
+    default_config,
+    n_tiles,
+    rope_half,
+    workspace_floats,
+)
 from hybridgraph.kernels.workspace import Workspace
 
-EPI_PLAIN, EPI_RESID, EPI_SILU, EPI_ROPE = 0, 1, 2, 3
+# Callers name the epilogues and the config as gemv.X: one module to import for a launch.
+__all__ = ["EPI_PLAIN", "EPI_RESID", "EPI_ROPE", "EPI_SILU", "GemvConfig", "RopeArgs",
+           "default_config", "gemv", "gemv_kernel", "n_tiles", "rope_half", "workspace_floats"]
 
 
 @triton.jit
@@ -153,11 +168,11 @@ def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos
     tile = item % TILES
     split = item // TILES
     rows_a, rows_b, mask_a, mask_b = _rows(tile, offs_h, N, D_HALF, EPI, HALF)
-    wa_ptrs = w_ptr + rows_a.to(tl.int64)[:, None] * K + offs_k[None, :]
-    wb_ptrs = w_ptr + rows_b.to(tl.int64)[:, None] * K + offs_k[None, :]
     k_start = split * K_SPLIT
     k_end = tl.minimum(k_start + K_SPLIT, K)
     if DOT:
+        wa_ptrs = w_ptr + rows_a.to(tl.int64)[:, None] * K + offs_k[None, :]
+        wb_ptrs = w_ptr + rows_b.to(tl.int64)[:, None] * K + offs_k[None, :]
         acc_a = tl.zeros([BLOCK_B, HALF], dtype=tl.float32)
         acc_b = tl.zeros([BLOCK_B, HALF], dtype=tl.float32)
         # Squares summed elementwise in the loop, reduced once after it: a cross-warp
@@ -292,59 +307,6 @@ def gemv_kernel(x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
 
 # ------------------------------------------------------------------------------ launch
 
-class GemvConfig(NamedTuple):
-    half: int = 32         # rows per row set (a program owns 2 * half rows)
-    block_k: int = 256
-    split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 3
-    prefetch: int = 4      # 128-byte lines per weight row prefetched before the PDL wait
-    programs: int = 0      # grid size; 0: one program per (tile, split), else persistent
-    dot: bool = True       # False: one-row launches multiply in registers, not on tensor cores
-
-
-def default_config(n: int, k: int, sms: int = 132, epi: int = EPI_PLAIN,
-                   norm: bool = False, d_half: int = 64) -> GemvConfig:
-    """The config that measured best for one row of an [n, k] projection on an H100
-    (docs/KERNELS.md run 6: llama-2-7b, llama-3.2-1b).
-
-    Every projection streams fastest on the one-row register path with small tiles: 4
-    warps, 256 of K a step, 16 rows a program (32 where the projection has tiles enough
-    to keep >= 4.5 programs per SM busy, and always for QKV, whose RoPE pairs want them),
-    split over K until there are >= 2.5 programs per SM (each split keeping >= 512 of K).
-    n is the output width (for EPI_SILU: the intermediate size). Launches of more rows use
-    the tensor-core path whatever the config says (`gemv`).
-    """
-    half = 16 if epi == EPI_ROPE else 8
-    if epi != EPI_ROPE and n_tiles(epi, n, 16, d_half) >= 4.5 * sms:
-        half = 16
-    tiles = n_tiles(epi, n, rope_half(d_half, half) if epi == EPI_ROPE else half, d_half)
-    split = 1
-    while tiles * split < 2.5 * sms and k // (split * 2) >= 512:
-        split *= 2
-    return GemvConfig(half=half, block_k=256, split_k=split, num_warps=4, num_stages=1,
-                      dot=False)
-
-
-def n_tiles(epi: int, n: int, half: int, d_half: int) -> int:
-    if epi == EPI_SILU:
-        return triton.cdiv(n, half)
-    if epi == EPI_ROPE:
-        return (n // (2 * d_half)) * (d_half // half)
-    return triton.cdiv(n, 2 * half)
-
-
-def workspace_floats(tiles: int, split: int, half: int, block_b: int = 16) -> int:
-    """Partial floats a split launch needs: per (tile, split) two accumulators and the
-    rows' sums of squares."""
-    return tiles * split * (2 * block_b * half + block_b) if split > 1 else 0
-
-
-def rope_half(d_half: int, half: int) -> int:
-    """The row-set size for a RoPE epilogue: a power of two dividing D/2, <= half."""
-    return min(half, d_half & -d_half)
-
-
 def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
          epi: int = EPI_PLAIN, norm_w: Tensor | None = None, eps: float = 1e-5,
          residual: Tensor | None = None, rope: RopeArgs | None = None,
@@ -373,8 +335,8 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
         half = rope_half(d_half, half)
         if rope.cache_rows is not None:
             check_cache_rows(rope.cache_rows, b, "gemv")
-    if b > 1 and not cfg.dot:  # register configs are tuned for one row
-        cfg = GemvConfig(split_k=cfg.split_k)
+    if b > 1 and not cfg.dot:  # the register path serves one row: take the batched rule
+        cfg = default_config(n, k, epi=epi, norm=norm_w is not None, d_half=d_half, rows=b)
         half = rope_half(d_half, cfg.half) if epi == EPI_ROPE else cfg.half
     dot = cfg.dot
     if half < (16 if dot else 1):

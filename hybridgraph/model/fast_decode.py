@@ -112,16 +112,18 @@ class TritonDecode:
         for name in dict.fromkeys(self.plan.gemv + (self.plan.gemv_batched or ())):
             n, k, epi = shapes[name]
             rope = epi == gemv.EPI_ROPE
+            norm = name in ("qkv", "w13", "head")
             c = self.plan.configs.get(name)
             if c is None:
-                c = gemv.default_config(n, k, self.sms, epi, norm=name in ("qkv", "w13", "head"),
-                                        d_half=self.d // 2)
+                c = gemv.default_config(n, k, self.sms, epi, norm=norm, d_half=self.d // 2)
             if self.plan.prefetch is not None:
                 c = c._replace(prefetch=self.plan.prefetch)
             self.configs[name] = c
-            # Sized for the config and for its multi-row fallback (gemv swaps a one-row
-            # register config for the tensor-core default when more rows come).
-            for cc in (c, gemv.GemvConfig(split_k=c.split_k)):
+            # Sized for the config and for its multi-row rule (gemv swaps a one-row
+            # register config for the batched tensor-core config when more rows come).
+            batched = gemv.default_config(n, k, self.sms, epi, norm=norm, d_half=self.d // 2,
+                                          rows=2)
+            for cc in (c, batched):
                 half = gemv.rope_half(self.d // 2, cc.half) if rope else cc.half
                 tiles = gemv.n_tiles(epi, n, half, self.d // 2)
                 floats = max(floats, gemv.workspace_floats(tiles, cc.split_k, half))

@@ -1,0 +1,76 @@
+"""The GEMV's launch configuration and the rules that pick it (kernels/gemv.py runs it).
+
+One owner for the tiling arithmetic the launcher, the decode blocks (sizing their split-K
+workspace) and the benches share: what a config is, which config a projection gets for one
+row and for a batch of rows, and how many tiles and workspace floats a config makes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import triton
+
+EPI_PLAIN, EPI_RESID, EPI_SILU, EPI_ROPE = 0, 1, 2, 3
+
+
+class GemvConfig(NamedTuple):
+    half: int = 32         # rows per row set (a program owns 2 * half rows)
+    block_k: int = 256
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    prefetch: int = 4      # 128-byte lines per weight row prefetched before the PDL wait
+    programs: int = 0      # grid size; 0: one program per (tile, split), else persistent
+    dot: bool = True       # False: one-row launches multiply in registers, not on tensor cores
+
+
+def default_config(n: int, k: int, sms: int = 132, epi: int = EPI_PLAIN,
+                   norm: bool = False, d_half: int = 64, rows: int = 1) -> GemvConfig:
+    """The config that measured best for `rows` rows of an [n, k] projection on an H100.
+    n is the output width (for EPI_SILU: the intermediate size).
+
+    One row (docs/KERNELS.md run 6: llama-2-7b, llama-3.2-1b): every projection streams
+    fastest on the register path with small tiles: 4 warps, 256 of K a step, 16 rows a
+    program (32 where the projection has tiles enough to keep >= 4.5 programs per SM busy,
+    and always for QKV, whose RoPE pairs want them), split over K until there are >= 2.5
+    programs per SM (each split keeping >= 512 of K).
+
+    2-16 rows run on the tensor cores (KERNELS.md run 7, a sweep at 10 rows): large tiles
+    pipelined 3 deep, 128 of K a step; 128 rows a program split 2 over K for projections
+    with the RMSNorm prologue (QKV, gate/up, LM head), 64 rows split 4 for those without
+    (O and down), keeping >= 512 of K a split.
+    """
+    if rows > 1:
+        half, split = (64, 2) if norm else (32, 4)
+        while split > 1 and k // split < 512:
+            split //= 2
+        return GemvConfig(half=half, block_k=128, split_k=split, num_warps=4, num_stages=3)
+    half = 16 if epi == EPI_ROPE else 8
+    if epi != EPI_ROPE and n_tiles(epi, n, 16, d_half) >= 4.5 * sms:
+        half = 16
+    tiles = n_tiles(epi, n, rope_half(d_half, half) if epi == EPI_ROPE else half, d_half)
+    split = 1
+    while tiles * split < 2.5 * sms and k // (split * 2) >= 512:
+        split *= 2
+    return GemvConfig(half=half, block_k=256, split_k=split, num_warps=4, num_stages=1,
+                      dot=False)
+
+
+def n_tiles(epi: int, n: int, half: int, d_half: int) -> int:
+    if epi == EPI_SILU:
+        return triton.cdiv(n, half)
+    if epi == EPI_ROPE:
+        return (n // (2 * d_half)) * (d_half // half)
+    return triton.cdiv(n, 2 * half)
+
+
+def workspace_floats(tiles: int, split: int, half: int, block_b: int = 16) -> int:
+    """Partial floats a split launch needs: per (tile, split) two accumulators and the
+    rows' sums of squares."""
+    return tiles * split * (2 * block_b * half + block_b) if split > 1 else 0
+
+
+def rope_half(d_half: int, half: int) -> int:
+    """The row-set size for a RoPE epilogue: a power of two dividing D/2, <= half."""
+    return min(half, d_half & -d_half)

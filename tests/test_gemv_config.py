@@ -1,0 +1,53 @@
+"""The GEMV's tile rules (kernels/gemv_config.py): pure arithmetic, no GPU."""
+
+import pytest
+
+from hybridgraph.kernels.gemv_config import (
+    EPI_RESID,
+    EPI_ROPE,
+    EPI_SILU,
+    default_config,
+    n_tiles,
+    rope_half,
+    workspace_floats,
+)
+
+# (n, k, epi, norm) of llama-2-7b's five projections (n: output width; SiLU: intermediate)
+SEVEN_B = {"qkv": (12288, 4096, EPI_ROPE, True), "wo": (4096, 4096, EPI_RESID, False),
+           "w13": (11008, 4096, EPI_SILU, True), "w2": (4096, 11008, EPI_RESID, False),
+           "head": (32000, 4096, 0, True)}
+
+
+@pytest.mark.parametrize("proj", sorted(SEVEN_B))
+def test_one_row_takes_the_register_path_with_enough_programs(proj):
+    n, k, epi, norm = SEVEN_B[proj]
+    c = default_config(n, k, 132, epi, norm=norm, d_half=64)
+    assert not c.dot and c.block_k == 256 and c.num_warps == 4
+    half = rope_half(64, c.half) if epi == EPI_ROPE else c.half
+    programs = n_tiles(epi, n, half, 64) * c.split_k
+    assert programs >= 2.5 * 132 or k // c.split_k < 1024  # split until busy, or K runs out
+
+
+@pytest.mark.parametrize("proj", sorted(SEVEN_B))
+@pytest.mark.parametrize("rows", [2, 10, 16])
+def test_batched_rows_take_the_tensor_core_rule(proj, rows):
+    n, k, epi, norm = SEVEN_B[proj]
+    c = default_config(n, k, 132, epi, norm=norm, d_half=64, rows=rows)
+    assert c.dot and c.half >= 16 and c.block_k == 128 and c.num_stages == 3
+    # norm'd projections (small K) split 2 with large tiles; O and down split 4
+    assert (c.half, c.split_k) == ((64, 2) if norm else (32, 4))
+
+
+def test_batched_split_keeps_512_of_k():
+    assert default_config(2048, 1024, rows=4).split_k == 2      # 4 would leave 256
+    assert default_config(2048, 600, rows=4).split_k == 1
+    assert default_config(2048, 600, norm=True, rows=4).split_k == 1
+
+
+def test_tiles_and_workspace():
+    assert n_tiles(EPI_SILU, 11008, 16, 64) == 688          # gate rows, paired with up rows
+    assert n_tiles(EPI_ROPE, 12288, 16, 64) == 96 * 4       # whole heads, 4 chunks of D/2
+    assert n_tiles(0, 32000, 16, 64) == 1000                # two row sets of 16
+    assert workspace_floats(10, 1, 16) == 0                 # unsplit needs none
+    assert workspace_floats(10, 2, 16, 1) == 10 * 2 * (2 * 16 + 1)
+    assert rope_half(64, 128) == 64 and rope_half(48, 64) == 16

@@ -6,6 +6,8 @@ Everything is small enough for a 2-core CPU: the reference is a real transformer
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -17,6 +19,13 @@ import pytest
 import torch
 
 from hybridgraph.model.config import ModelConfig
+
+# Triton decides interpreted or compiled when triton.language is first imported, and any
+# test module may import it (`import triton` alone does). Without CUDA the CPU tests run
+# the kernels in its interpreter, so the switch is set here, before any test module loads
+# (tests/triton_interpreter.py reads it).
+if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # head_dim 16; vocab large enough that a greedy/sampled token is not trivially predictable.
 TINY = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2,

@@ -1,0 +1,292 @@
+"""The decode blocks on the Triton kernels (model/fast_decode.py) on the CPU through
+Triton's interpreter (tests/triton_interpreter.py): TritonDecode against the model's own
+blocks, the tensor-parallel all-reduce hook, KernelPlan, Steps' choice and fallback, and
+short prefills on the kernels.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybridgraph.kernels.selfcheck import check_kernels
+from hybridgraph.model.config import ModelConfig
+from hybridgraph.model.llama import no_reduce
+from hybridgraph.model.loader import random_model
+from hybridgraph.runtime.step import StepBuffers, Steps
+from tests.triton_interpreter import F16, TOL, needs_interpreter, only_written, rnd
+
+SMALL = ModelConfig(vocab_size=97, hidden_size=128, intermediate_size=96, num_layers=2,
+                    num_heads=4, num_kv_heads=2, max_position_embeddings=512, name="t")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("gemvs,b", [(("qkv", "wo", "w13", "w2", "head"), 3),
+                                     (("qkv", "wo", "w13", "w2", "head"), 1), ((), 3)])
+def test_triton_decode_matches_block_decode(gemvs, b) -> None:
+    """Multi-row launches swap the one-row register configs for the tensor-core path;
+    b=1 runs the register path (the default configs)."""
+    from hybridgraph.kernels import reference as ref
+    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
+    torch.manual_seed(0)
+    model = random_model(SMALL, torch.device("cpu"), F16, seed=1)
+    with torch.no_grad():
+        model.output.weight.mul_(20.0)
+    model.setup_caches(3, 512)
+    model.prefill(torch.randint(0, 97, (3, 12)))
+    fast = TritonDecode(model, 3, KernelPlan(gemv=gemvs, gemv_batched=gemvs))
+    ids, pos = torch.tensor([1, 2, 3])[:b], torch.tensor([12, 5, 300])[:b]
+    snap = [(c.k.clone(), c.v.clone()) for c in model.caches]
+    got = fast.forward(ids, pos, 512)
+    written = [c.k.clone() for c in model.caches]
+    for c, (k, v) in zip(model.caches, snap, strict=True):
+        c.k.copy_(k)
+        c.v.copy_(v)
+    expect = model.decode(ids, pos, 512)
+    assert ref.rel_err(got, expect) < 4 * TOL  # two layers of fp16 roundings apart
+    assert torch.equal(got.argmax(-1), expect.argmax(-1))
+    for mine, theirs in zip(written, (c.k for c in model.caches), strict=True):
+        assert ref.rel_err(mine, theirs) < TOL
+
+
+class _Doubling:
+    """A stand-in for a 2-rank all-reduce whose peer holds the same partial sum: the sum is
+    twice the input. In place like NCCL's, or a new tensor like symm_mem's; counts calls."""
+
+    def __init__(self, in_place: bool) -> None:
+        self.in_place, self.calls = in_place, 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x.mul_(2) if self.in_place else x * 2
+
+
+@needs_interpreter
+@pytest.mark.parametrize("gemvs,b,in_place", [
+    (("qkv", "wo", "w13", "w2", "head"), 1, True), (("qkv", "wo", "w13", "w2", "head"), 3, False),
+    ((), 3, True), (("wo", "w2", "head"), 1, False), (("w13",), 2, True)])
+def test_triton_decode_honours_the_all_reduce_hook(gemvs, b, in_place) -> None:
+    """A tensor-parallel rank's blocks sum attention's and feed-forward's partial outputs
+    over the ranks (Block.all_reduce) before the residual add: the kernels do the same,
+    with O and down on the GEMV or cuBLAS, the add alone or in the norm kernel."""
+    from hybridgraph.kernels import reference as ref
+    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
+    torch.manual_seed(0)
+    model = random_model(SMALL, torch.device("cpu"), F16, seed=1)
+    with torch.no_grad():
+        model.output.weight.mul_(20.0)
+    hooks = [_Doubling(in_place) for _ in model.layers]
+    for layer, hook in zip(model.layers, hooks, strict=True):
+        layer.all_reduce = hook
+    model.setup_caches(3, 512)
+    model.prefill(torch.randint(0, 97, (3, 12)))
+    fast = TritonDecode(model, 3, KernelPlan(gemv=gemvs, gemv_batched=gemvs, pdl=False))
+    ids, pos = torch.tensor([1, 2, 3])[:b], torch.tensor([12, 5, 300])[:b]
+    snap = [(c.k.clone(), c.v.clone()) for c in model.caches]
+    for hook in hooks:
+        hook.calls = 0  # prefill called them too
+    got = fast.forward(ids, pos, 512)
+    assert [h.calls for h in hooks] == [2] * len(hooks)  # attention's and feed-forward's
+    for c, (k, v) in zip(model.caches, snap, strict=True):
+        c.k.copy_(k)
+        c.v.copy_(v)
+    expect = model.decode(ids, pos, 512)
+    assert ref.rel_err(got, expect) < 4 * TOL
+    assert torch.equal(got.argmax(-1), expect.argmax(-1))
+    # The hook matters: without it the same step's logits are far from these.
+    for layer, c, (k, v) in zip(model.layers, model.caches, snap, strict=True):
+        layer.all_reduce = no_reduce
+        c.k.copy_(k)
+        c.v.copy_(v)
+    assert ref.rel_err(model.decode(ids, pos, 512), expect) > 20 * TOL
+
+
+@needs_interpreter
+def test_kernels_reason_says_a_rank_is_tensor_parallel(monkeypatch) -> None:
+    import hybridgraph.kernels.selfcheck as selfcheck
+    from hybridgraph.model.fast_decode import KernelPlan, triton_decode
+    monkeypatch.setattr(selfcheck, "check_kernels", lambda *_: (True, "ok"))  # no GPU here
+    model = random_model(SMALL, torch.device("cpu"), F16, seed=1)
+    model.setup_caches(1, 64)
+    fast, reason = triton_decode(model, 1, KernelPlan(pdl=False))
+    assert fast is not None and reason == "ok"
+    for layer in model.layers:
+        layer.all_reduce = _Doubling(in_place=False)
+    fast, reason = triton_decode(model, 1, KernelPlan(pdl=False))
+    assert fast is not None and "tensor parallel" in reason
+
+
+def test_kernel_plan_rejects_unknown_projection() -> None:
+    from hybridgraph.model.fast_decode import KernelPlan
+    with pytest.raises(ValueError, match="unknown projections"):
+        KernelPlan(gemv=("qkv", "mlp"))
+    with pytest.raises(ValueError, match="unknown projections"):
+        KernelPlan(gemv_batched=("mlp",))
+
+
+def test_kernel_plan_picks_projections_by_rows() -> None:
+    from hybridgraph.model.fast_decode import KernelPlan
+    plan = KernelPlan(gemv=("wo", "w13"), gemv_batched=("w2",))
+    assert plan.uses(1) == ("wo", "w13")
+    assert plan.uses(2) == plan.uses(16) == ("w2",)
+    assert KernelPlan(gemv=("wo",), gemv_batched=None).uses(8) == ("wo",)
+
+
+@needs_interpreter
+def test_batches_over_max_rows_decode_on_the_blocks() -> None:
+    """KernelPlan.max_rows: the kernels serve buckets up to it; Steps runs larger ones on
+    the model's blocks, and the kernels refuse a batch they were not sized for."""
+    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
+    from hybridgraph.runtime.step import StepBuffers, Steps
+    model = random_model(SMALL, torch.device("cpu"), F16, seed=1)
+    model.setup_caches(4, 64)
+    bufs = StepBuffers(4, 64, torch.device("cpu"))
+    steps = Steps(model, bufs)
+    # As Steps(kernels="triton") installs it on a GPU (its self-check needs CUDA).
+    steps.fast = TritonDecode(model, 4, KernelPlan(max_rows=2, pdl=False))
+    assert steps.fast.rows == 2
+    bufs.ids[:4], bufs.pos[:4] = torch.tensor([1, 2, 3, 4]), torch.tensor([3, 4, 5, 6])
+    calls = []
+    real = steps.fast.forward
+    steps.fast.forward = lambda *a: calls.append(a[0].shape[0]) or real(*a)
+    with torch.no_grad():
+        steps.forward_decode(2, 64)
+        steps.forward_decode(4, 64)
+        with pytest.raises(ValueError, match="serves 2 rows"):
+            real(bufs.ids[:3], bufs.pos[:3], 64)
+    assert calls == [2]
+
+
+def test_steps_rejects_unknown_kernels() -> None:
+    model = random_model(SMALL, torch.device("cpu"), torch.float32, seed=0)
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        Steps(model, StepBuffers(1, 64, torch.device("cpu")), kernels="cuda")
+
+
+def test_triton_kernels_fall_back_without_a_gpu(caplog) -> None:
+    """On a CPU the kernel path is refused with a reason, and decode still runs."""
+    model = random_model(SMALL, torch.device("cpu"), torch.float32, seed=0)
+    model.setup_caches(1, 64)
+    bufs = StepBuffers(1, 64, torch.device("cpu"))
+    with caplog.at_level("WARNING"):
+        steps = Steps(model, bufs, kernels="triton")
+    assert steps.kernels == "inductor" and steps.fast is None
+    assert "CUDA" in steps.kernels_reason or "triton" in steps.kernels_reason
+    assert "Triton decode kernels not used" in caplog.text
+    assert steps.forward_decode(1, 64).shape == (1, SMALL.vocab_size)
+    ok, reason = check_kernels(torch.device("cpu"), torch.float16)
+    assert not ok and reason
+
+
+# ------------------------------------------------ short prefills on the decode kernels
+
+def _prefill_model():
+    torch.manual_seed(0)
+    model = random_model(SMALL, torch.device("cpu"), F16, seed=1)
+    with torch.no_grad():
+        model.output.weight.mul_(20.0)
+    model.setup_caches(3, 64)
+    for c in model.caches:  # stale contents, so "untouched" means something
+        c.k.copy_(rnd(*c.k.shape))
+        c.v.copy_(rnd(*c.v.shape))
+    return model
+
+
+def _caches(model):
+    return [(c.k.clone(), c.v.clone()) for c in model.caches]
+
+
+def _restore(model, snap) -> None:
+    for c, (k, v) in zip(model.caches, snap, strict=True):
+        c.k.copy_(k)
+        c.v.copy_(v)
+
+
+ALL = ("qkv", "wo", "w13", "w2", "head")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("t,last,gemvs", [(1, 0, "default"), (5, 4, "default"),
+                                          (16, 16 - 1, "default"), (16, 9, "default"),
+                                          (5, 4, ALL), (16, 11, ())])
+def test_triton_prefill_matches_model_prefill(t, last, gemvs) -> None:
+    """TritonDecode.prefill: the logits of row `last` equal Transformer.prefill's within
+    fp16 rounding, the one cache row named gets the model's keys and values at 0..t-1,
+    and every other cache entry is left as it was. "default": T > 1 runs the batched plan
+    (QKV and gate/up on cuBLAS + glue), T = 1 the one-row plan (all on the GEMV)."""
+    from hybridgraph.kernels import reference as ref
+    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
+    model = _prefill_model()
+    plan = KernelPlan(pdl=False) if gemvs == "default" else \
+        KernelPlan(gemv=gemvs, gemv_batched=gemvs, pdl=False)
+    fast = TritonDecode(model, 3, plan)
+    ids = torch.randint(0, SMALL.vocab_size, (t,))
+    row, li = torch.tensor([2]), torch.tensor([last])
+    before = _caches(model)
+    with torch.no_grad():
+        got = fast.prefill(ids, row, li)
+        written = _caches(model)
+        _restore(model, before)
+        expect = model.prefill(ids[None], li, rows=row)
+    assert got.shape == (1, SMALL.vocab_size) and got.dtype == torch.float32
+    assert ref.rel_err(got, expect) < 4 * TOL  # two layers of fp16 roundings apart
+    assert torch.equal(got.argmax(-1), expect.argmax(-1))
+    for (k, v), c, (k0, v0) in zip(written, model.caches, before, strict=True):
+        assert ref.rel_err(k[2, :, :t], c.k[2, :, :t]) < TOL
+        assert ref.rel_err(v[2, :, :t], c.v[2, :, :t]) < TOL
+        rows, pos = torch.full((t,), 2), torch.arange(t)
+        assert only_written(k0, k, rows, pos) and only_written(v0, v, rows, pos)
+
+
+@needs_interpreter
+def test_triton_prefill_refuses_what_it_does_not_serve() -> None:
+    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode, prefill_window
+    model = _prefill_model()
+    fast = TritonDecode(model, 3, KernelPlan(pdl=False, prefill_rows=4))
+    one = torch.tensor([0])
+    with pytest.raises(ValueError, match="serves 1..4 tokens"):
+        fast.prefill(torch.zeros(5, dtype=torch.int64), one, one)
+    with pytest.raises(ValueError, match="serves one"):
+        fast.prefill(torch.zeros(2, 3, dtype=torch.int64), one, one)
+    with pytest.raises(ValueError, match="one index"):
+        fast.prefill(torch.zeros(3, dtype=torch.int64), torch.tensor([0, 1]), one)
+    with pytest.raises(ValueError, match="prefill_rows"):
+        KernelPlan(prefill_rows=17)
+    assert [prefill_window(t, 64) for t in (1, 2, 3, 5, 10, 16)] == [1, 2, 4, 8, 16, 16]
+    assert prefill_window(16, 12) == 12
+
+
+@needs_interpreter
+@pytest.mark.parametrize("prefill_rows,b,t,on_kernels", [
+    (16, 1, 10, True), (16, 1, 16, True), (16, 1, 17, False), (0, 1, 5, False),
+    (16, 2, 5, False), (4, 1, 5, False)])
+def test_steps_prefill_on_the_kernels(prefill_rows, b, t, on_kernels) -> None:
+    """Steps.forward_prefill runs one prompt of <= KernelPlan.prefill_rows tokens on the
+    kernels, into the cache row `bufs.rows` names, with `last_idx`'s logits; more tokens,
+    more prompts or prefill_rows=0 run on the model's blocks, as before."""
+    from hybridgraph.kernels import reference as ref
+    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
+    model = _prefill_model()
+    bufs = StepBuffers(3, 64, torch.device("cpu"))
+    steps = Steps(model, bufs)
+    # As Steps(kernels="triton") installs it on a GPU (its self-check needs CUDA).
+    steps.fast = TritonDecode(model, 3, KernelPlan(pdl=False, prefill_rows=prefill_rows))
+    calls = []
+    real = steps.fast.prefill
+    steps.fast.prefill = lambda *a: calls.append(a[0].shape[0]) or real(*a)
+    bufs.prompt_ids[:b, :t] = torch.randint(0, SMALL.vocab_size, (b, t))
+    bufs.last_idx[:b] = torch.tensor([t - 1, t - 2])[:b]
+    bufs.set_prefill_rows(1)
+    before = _caches(model)
+    with torch.no_grad():
+        got = steps.forward_prefill(b, t)
+        written = _caches(model)
+        _restore(model, before)
+        expect = model.prefill(bufs.prompt_ids[:b, :t], bufs.last_idx[:b],
+                               rows=torch.arange(1, 1 + b))
+    assert calls == ([t] if on_kernels else [])
+    assert ref.rel_err(got, expect) < 4 * TOL
+    assert torch.equal(got.argmax(-1), expect.argmax(-1))
+    for (k, _), c in zip(written, model.caches, strict=True):
+        assert ref.rel_err(k[1:1 + b, :, :t], c.k[1:1 + b, :, :t]) < TOL
+        assert torch.equal(k[0], c.k[0])  # row 0 is nobody's

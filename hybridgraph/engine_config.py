@@ -117,8 +117,9 @@ class EngineConfig:
                        help="tensor-parallel ranks: N processes, one GPU each (gloo on CPU); "
                             "started here, or under torchrun with --nproc-per-node N")
         p.add_argument("--allreduce", default="auto", choices=list(ALLREDUCE_CHOICES),
-                       help="tp > 1 on GPUs: auto (symmetric-memory one-shot where this host "
-                            "supports it, else NCCL), nccl, symm_mem")
+                       help="tp > 1 on GPUs: auto (symmetric-memory one-shot for bf16/fp32 "
+                            "where this host supports it; NCCL for fp16 and otherwise), "
+                            "nccl, symm_mem")
 
 
 def _check_int(name: str, value: Any, low: int, optional: bool = False) -> None:

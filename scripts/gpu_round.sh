@@ -3,6 +3,7 @@
 # asked for. Everything lands under $OUT (the device tool brings it back).
 #   scripts/gpu_round.sh tests                      pytest -m gpu -> $OUT/gpu-tests.log
 #   scripts/gpu_round.sh tests-tp                   the multi-GPU tests only -> $OUT/tp-tests.log
+#   scripts/gpu_round.sh tests-tp4                  only those needing 4 GPUs -> $OUT/tp4-tests.log
 #   scripts/gpu_round.sh bench MODEL SUITES [ARGS]  hybridgraph bench -> $OUT/<TAG or model>.tgz
 #                                                   (TAG=name keeps two runs of one model apart)
 #   scripts/gpu_round.sh base-ablation              ablation of the tree in .base (a copy of
@@ -24,6 +25,11 @@ case "${1:-}" in
     nvidia-smi topo -m | head -6 >> "$OUT/tp-tests.log"
     (cd "$root" && PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} python3 -m pytest -m gpu -q -rs -p no:cacheprovider \
       tests/gpu/test_parallel.py 2>&1 | tee -a "$OUT/tp-tests.log" | tail -25) ;;
+  tests-tp4)  # only the tests that need 4 GPUs (the whole file took ~9 min on 2x H100)
+    nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/tp4-tests.log"
+    (cd "$root" && export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} &&
+      ids=$(python3 -m pytest -m gpu --collect-only -q -p no:cacheprovider tests/gpu/test_parallel.py 2>/dev/null | grep '\[4') &&
+      python3 -m pytest -m gpu -q -rs -p no:cacheprovider $ids 2>&1 | tee -a "$OUT/tp4-tests.log" | tail -25) ;;
   bench)
     model=$2 suites=$3; shift 3
     tag=${TAG:-$model}
@@ -36,5 +42,5 @@ case "${1:-}" in
     (cd "$root/.base" && PYTHONPATH=$root/.base${PYTHONPATH:+:$PYTHONPATH} python3 -m hybridgraph.cli bench ablation \
       --model llama-2-7b --out /tmp/res/base-ablation 2>&1 | grep -v "it/s\]" | tail -30)
     tar czf "$OUT/base-ablation.tgz" -C /tmp/res base-ablation ;;
-  *) echo "usage: $0 tests | tests-tp | bench MODEL SUITES [ARGS] | base-ablation" >&2; exit 2 ;;
+  *) echo "usage: $0 tests | tests-tp | tests-tp4 | bench MODEL SUITES [ARGS] | base-ablation" >&2; exit 2 ;;
 esac

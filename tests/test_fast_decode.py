@@ -20,6 +20,26 @@ SMALL = ModelConfig(vocab_size=97, hidden_size=128, intermediate_size=96, num_la
                     num_heads=4, num_kv_heads=2, max_position_embeddings=512, name="t")
 
 
+def _peaked_model(max_seq: int):
+    """SMALL in fp16 with peaked logits (greedy tokens well separated), caches of 3 rows."""
+    torch.manual_seed(0)
+    model = random_model(SMALL, torch.device("cpu"), F16, seed=1)
+    with torch.no_grad():
+        model.output.weight.mul_(20.0)
+    model.setup_caches(3, max_seq)
+    return model
+
+
+def _caches(model):
+    return [(c.k.clone(), c.v.clone()) for c in model.caches]
+
+
+def _restore(model, snap) -> None:
+    for c, (k, v) in zip(model.caches, snap, strict=True):
+        c.k.copy_(k)
+        c.v.copy_(v)
+
+
 @needs_interpreter
 @pytest.mark.parametrize("gemvs,b", [(("qkv", "wo", "w13", "w2", "head"), 3),
                                      (("qkv", "wo", "w13", "w2", "head"), 1), ((), 3)])
@@ -28,20 +48,14 @@ def test_triton_decode_matches_block_decode(gemvs, b) -> None:
     b=1 runs the register path (the default configs)."""
     from hybridgraph.kernels import reference as ref
     from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
-    torch.manual_seed(0)
-    model = random_model(SMALL, torch.device("cpu"), F16, seed=1)
-    with torch.no_grad():
-        model.output.weight.mul_(20.0)
-    model.setup_caches(3, 512)
+    model = _peaked_model(512)
     model.prefill(torch.randint(0, 97, (3, 12)))
     fast = TritonDecode(model, 3, KernelPlan(gemv=gemvs, gemv_batched=gemvs))
     ids, pos = torch.tensor([1, 2, 3])[:b], torch.tensor([12, 5, 300])[:b]
-    snap = [(c.k.clone(), c.v.clone()) for c in model.caches]
+    snap = _caches(model)
     got = fast.forward(ids, pos, 512)
     written = [c.k.clone() for c in model.caches]
-    for c, (k, v) in zip(model.caches, snap, strict=True):
-        c.k.copy_(k)
-        c.v.copy_(v)
+    _restore(model, snap)
     expect = model.decode(ids, pos, 512)
     assert ref.rel_err(got, expect) < 4 * TOL  # two layers of fp16 roundings apart
     assert torch.equal(got.argmax(-1), expect.argmax(-1))
@@ -71,33 +85,26 @@ def test_triton_decode_honours_the_all_reduce_hook(gemvs, b, in_place) -> None:
     with O and down on the GEMV or cuBLAS, the add alone or in the norm kernel."""
     from hybridgraph.kernels import reference as ref
     from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
-    torch.manual_seed(0)
-    model = random_model(SMALL, torch.device("cpu"), F16, seed=1)
-    with torch.no_grad():
-        model.output.weight.mul_(20.0)
+    model = _peaked_model(512)
     hooks = [_Doubling(in_place) for _ in model.layers]
     for layer, hook in zip(model.layers, hooks, strict=True):
         layer.all_reduce = hook
-    model.setup_caches(3, 512)
     model.prefill(torch.randint(0, 97, (3, 12)))
     fast = TritonDecode(model, 3, KernelPlan(gemv=gemvs, gemv_batched=gemvs, pdl=False))
     ids, pos = torch.tensor([1, 2, 3])[:b], torch.tensor([12, 5, 300])[:b]
-    snap = [(c.k.clone(), c.v.clone()) for c in model.caches]
+    snap = _caches(model)
     for hook in hooks:
         hook.calls = 0  # prefill called them too
     got = fast.forward(ids, pos, 512)
     assert [h.calls for h in hooks] == [2] * len(hooks)  # attention's and feed-forward's
-    for c, (k, v) in zip(model.caches, snap, strict=True):
-        c.k.copy_(k)
-        c.v.copy_(v)
+    _restore(model, snap)
     expect = model.decode(ids, pos, 512)
     assert ref.rel_err(got, expect) < 4 * TOL
     assert torch.equal(got.argmax(-1), expect.argmax(-1))
     # The hook matters: without it the same step's logits are far from these.
-    for layer, c, (k, v) in zip(model.layers, model.caches, snap, strict=True):
+    for layer in model.layers:
         layer.all_reduce = no_reduce
-        c.k.copy_(k)
-        c.v.copy_(v)
+    _restore(model, snap)
     assert ref.rel_err(model.decode(ids, pos, 512), expect) > 20 * TOL
 
 
@@ -181,25 +188,11 @@ def test_triton_kernels_fall_back_without_a_gpu(caplog) -> None:
 # ------------------------------------------------ short prefills on the decode kernels
 
 def _prefill_model():
-    torch.manual_seed(0)
-    model = random_model(SMALL, torch.device("cpu"), F16, seed=1)
-    with torch.no_grad():
-        model.output.weight.mul_(20.0)
-    model.setup_caches(3, 64)
+    model = _peaked_model(64)
     for c in model.caches:  # stale contents, so "untouched" means something
         c.k.copy_(rnd(*c.k.shape))
         c.v.copy_(rnd(*c.v.shape))
     return model
-
-
-def _caches(model):
-    return [(c.k.clone(), c.v.clone()) for c in model.caches]
-
-
-def _restore(model, snap) -> None:
-    for c, (k, v) in zip(model.caches, snap, strict=True):
-        c.k.copy_(k)
-        c.v.copy_(v)
 
 
 ALL = ("qkv", "wo", "w13", "w2", "head")

@@ -47,6 +47,7 @@ class BenchConfig:
     peer_decode_runs: int = 2
     ipc_requests: int = 1000
     profile_tokens: int = 32               # decode tokens under the profiler
+    profile_prefill_lengths: list[int] = field(default_factory=lambda: [10, 256, 500])
     serve_clients: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
     serve_requests: int = 2                # per client, one after another...
     serve_min_requests: int = 16           # ...and at least this many in all (TTFT samples)

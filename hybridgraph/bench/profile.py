@@ -1,4 +1,5 @@
-"""`bench profile`: where a decode token's GPU time goes, for the default engine.
+"""`bench profile`: where a decode token's GPU time goes, for the default engine, and where
+a prefill's goes.
 
 torch.profiler (CUPTI) records every kernel, those replayed from CUDA graphs too. Two
 generations are profiled, `short` and `short + tokens` new tokens from the same prompt;
@@ -6,7 +7,10 @@ their difference is exactly `tokens` decode steps, so prefill, the first token a
 host-side set-up cancel out. Kernels are grouped into families by name; the weight-streaming
 families (cuBLAS GEMMs and our Triton GEMV) are also shown as achieved GB/s over the
 projection weights that a decode step reads, so the next bottleneck is visible without
-anyone re-deriving it.
+anyone re-deriving it. A prefill is profiled whole (prompt in, first token out) at the
+lengths `profile_prefill_lengths`: long prompts are matmul-bound, so their GEMM family is
+also shown as achieved TFLOP/s over the projections' useful work (the prompt's own tokens,
+not the bucket's padding), beside the matmul rate measured in the same run.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ from hybridgraph.bench.engines import Engines
 from hybridgraph.bench.hw import weight_bytes_per_token
 from hybridgraph.bench.table import Table, make_prompt
 from hybridgraph.engine import Engine
+from hybridgraph.model.llama import Transformer
 
 # (family, substrings of a lower-cased kernel name), first match wins.
 FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("triton gemv", ("gemv_kernel",)),
     ("triton attention", ("decode_attention", "attention_kernel", "attn_kernel")),
+    ("flash attention", ("flash", "fmha", "efficient_attention", "cudnn")),
     ("triton glue", ("add_rmsnorm", "rope_kv", "silu_mul")),
     ("cublas gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "splitk", "gemv2")),
     ("inductor fused", ("triton_",)),
@@ -57,6 +63,16 @@ def kernel_times(engine: Engine, prompt: list[int], new: int) -> dict[str, tuple
     return out
 
 
+def families(kernels: dict[str, tuple[float, float]]) -> dict[str, list[float]]:
+    """Family -> [launches, µs], summed over `kernels` (name -> (launches, µs))."""
+    fams: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for name, (n, us) in kernels.items():
+        f = fams[family(name)]
+        f[0] += n
+        f[1] += us
+    return fams
+
+
 def per_token(long: dict[str, tuple[int, float]], short: dict[str, tuple[int, float]],
               tokens: int) -> dict[str, tuple[float, float]]:
     """Kernel name -> (launches, µs) per decode token: the long run minus the short one."""
@@ -68,18 +84,15 @@ def per_token(long: dict[str, tuple[int, float]], short: dict[str, tuple[int, fl
     return out
 
 
-def profile_suite(cfg: BenchConfig, engines: Engines, floor_ms: float) -> list[Table]:
+def profile_suite(cfg: BenchConfig, engines: Engines, floor_ms: float,
+                  matmul_tflops: float) -> list[Table]:
     engine = engines.get(cfg.default_mode)
     prompt = make_prompt(cfg.decode_prompt, engine.config.vocab_size)
     short, tokens = 8, cfg.profile_tokens
     engine.generate(prompt, short + tokens, stop_ids=[])   # warm: every graph and kernel
     steps = per_token(kernel_times(engine, prompt, short + tokens),
                       kernel_times(engine, prompt, short), tokens)
-    fams: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for name, (n, us) in steps.items():
-        f = fams[family(name)]
-        f[0] += n
-        f[1] += us
+    fams = families(steps)
     busy = sum(us for _, us in fams.values())
     kernels = sum(n for n, _ in fams.values())
     stats = engine.stats()
@@ -103,4 +116,49 @@ def profile_suite(cfg: BenchConfig, engines: Engines, floor_ms: float) -> list[T
                 ["kernel", "family", "calls_per_token", "us_per_token", "us_per_call"])
     for name, (n, us) in sorted(steps.items(), key=lambda kv: -kv[1][1])[:10]:
         top.add(name[:80], family(name), n, us, us / n if n else float("nan"))
-    return [t, top]
+    # Prompts that fit with their first token (a short test cache caps the long ones).
+    lengths = sorted({min(n, cfg.max_seq_len - 1) for n in cfg.profile_prefill_lengths})
+    return [t, top, *prefill_profile(engine, lengths, matmul_tflops)]
+
+
+def prefill_flops(model: Transformer, tokens: int) -> float:
+    """Useful matmul FLOPs of a `tokens`-token prefill: every layer's projections for each
+    token, the LM head for the last one only (attention's own matmuls left out)."""
+    block = sum(m.weight.numel() for layer in model.layers for m in layer.modules()
+                if isinstance(m, torch.nn.Linear))
+    return 2.0 * (block * tokens + model.output.weight.numel())
+
+
+def prefill_profile(engine: Engine, lengths: list[int], matmul_tflops: float,
+                    ) -> tuple[Table, Table]:
+    """Kernel families of one whole prefill (prompt ids in, first token out) per length,
+    and the ten costliest kernels of the longest."""
+    t = Table("profile_prefill", f"Profile: one prefill on the GPU (hybridgraph {engine.mode}, "
+                                 "prompt in, first token out)",
+              ["prompt_len", "family", "kernels", "us", "share", "tflops"])
+    for n in lengths:
+        prompt = make_prompt(n, engine.config.vocab_size)
+        engine.generate(prompt, 1, stop_ids=[])          # warm: its graph and kernels
+        kernels = kernel_times(engine, prompt, 1)
+        fams = families(kernels)
+        busy = sum(us for _, us in fams.values())
+        gemm_us = sum(fams[f][1] for f in WEIGHT_FAMILIES)
+        flops = prefill_flops(engine.model, n)
+        for name, (k, us) in sorted(fams.items(), key=lambda kv: -kv[1][1]):
+            t.add(n, name, k, us, us / busy if busy else float("nan"), "")
+        gemm_k = sum(fams[f][0] for f in WEIGHT_FAMILIES)
+        t.add(n, "weight matmuls", gemm_k, gemm_us, gemm_us / busy if busy else float("nan"),
+              flops / (gemm_us * 1e6) if gemm_us else float("nan"))
+        t.add(n, "all kernels", sum(k for k, _ in fams.values()), busy, 1.0,
+              flops / (busy * 1e6) if busy else float("nan"))
+        t.notes.append(
+            f"{n} tokens: GPU busy {busy / 1e3:.3f} ms; projection matmuls {gemm_us / 1e3:.3f} ms "
+            f"= {flops / (gemm_us * 1e6) if gemm_us else float('nan'):.0f} TFLOP/s of useful "
+            f"work against {matmul_tflops:.0f} measured for one large matmul "
+            f"(the floor: {flops / (matmul_tflops * 1e9):.3f} ms).")
+    top = Table("profile_prefill_kernels",
+                f"Profile: the ten costliest kernels of a {lengths[-1]}-token prefill",
+                ["kernel", "family", "calls", "us", "us_per_call"])
+    for name, (k, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:10]:
+        top.add(name[:80], family(name), k, us, us / k if k else float("nan"))
+    return t, top

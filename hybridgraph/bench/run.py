@@ -64,13 +64,14 @@ def default_out(cfg: BenchConfig, meta: dict) -> Path:
 
 
 def _suite_fns(cfg: BenchConfig, engines: Engines, floor_ms: float,
-               copy_bandwidth_gbs: float) -> dict[str, Callable[[], list[Table]]]:
+               copy_bandwidth_gbs: float, matmul_tflops: float,
+               ) -> dict[str, Callable[[], list[Table]]]:
     return {
         "ttft": lambda: ttft_suite(cfg, engines),
         "decode": lambda: decode_suite(cfg, engines, floor_ms),
         "p99": lambda: p99_suite(cfg, engines),
         "ablation": lambda: ablation_suite(cfg, engines, floor_ms),
-        "profile": lambda: profile_suite(cfg, engines, floor_ms),
+        "profile": lambda: profile_suite(cfg, engines, floor_ms, matmul_tflops),
         "coverage": lambda: coverage_suite(cfg, engines),
         "ipc": lambda: ipc_suite(cfg),
         "batch": lambda: batch_suite(cfg, engines, floor_ms),
@@ -85,7 +86,8 @@ def run_suites(cfg: BenchConfig, names: list[str], res: Results) -> tuple[dict[s
                                                                          dict[str, str]]:
     """Run `names` in SUITES order into res; returns (seconds per suite, failures)."""
     engines = Engines(cfg)
-    fns = _suite_fns(cfg, engines, res.meta["decode_floor_ms"], res.meta["copy_bandwidth_gbs"])
+    fns = _suite_fns(cfg, engines, res.meta["decode_floor_ms"], res.meta["copy_bandwidth_gbs"],
+                     res.meta["matmul_tflops"])
     timings: dict[str, float] = {}
     failures: dict[str, str] = {}
     if not cfg.is_cuda and ("ablation" in names or "batch" in names or "cost" in names):

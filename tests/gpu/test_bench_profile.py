@@ -13,10 +13,11 @@ pytestmark = [pytest.mark.gpu, needs_cuda]
 
 def test_profile_counts_decode_kernels_inside_graphs() -> None:
     cfg = BenchConfig(model="tiny", device="cuda", dtype="float16", max_seq_len=256,
-                      modes=["eager", "jit", "graph", "hybrid"], profile_tokens=8)
+                      modes=["eager", "jit", "graph", "hybrid"], profile_tokens=8,
+                      profile_prefill_lengths=[10, 300])
     engines = Engines(cfg)
     try:
-        fams, top = profile_suite(cfg, engines, floor_ms=0.01)
+        fams, top, prefill, prefill_top = profile_suite(cfg, engines, floor_ms=0.01, matmul_tflops=100.0)
     finally:
         engines.close()
     rows = {r["family"]: r for r in fams.records()}
@@ -26,3 +27,15 @@ def test_profile_counts_decode_kernels_inside_graphs() -> None:
     assert sum(r["us_per_token"] for f, r in rows.items() if f != "all kernels") \
         == pytest.approx(total["us_per_token"])
     assert 1 <= len(top.rows) <= 10
+    # The prefill profile: one block of rows per length (300 is capped to the cache), the
+    # families summing to the whole, the matmuls' rate a positive number.
+    by_len: dict[int, dict[str, dict]] = {}
+    for r in prefill.records():
+        by_len.setdefault(r["prompt_len"], {})[r["family"]] = r
+    assert sorted(by_len) == [10, 255]
+    for rows in by_len.values():
+        total = rows["all kernels"]
+        parts = [r["us"] for f, r in rows.items() if f not in ("all kernels", "weight matmuls")]
+        assert sum(parts) == pytest.approx(total["us"]) and total["us"] > 0
+        assert rows["weight matmuls"]["tflops"] > 0
+    assert 1 <= len(prefill_top.rows) <= 10

@@ -1,0 +1,92 @@
+"""How fast are a long prefill's projection matmuls on cuBLAS? (issue 10 experiment)
+
+    python scripts/prefill_gemm.py [--model llama-2-7b] [--tokens 256,500,512]
+
+A 500-token llama-2-7b prefill is matmul-bound (~6.7 TFLOP against ~750 TFLOP/s), yet its
+TTFT was 13.2 ms against a ~9 ms floor. This times F.linear (cuBLAS, what the Inductor
+prefill block calls) for each projection of one layer at each prompt length, in a CUDA
+graph of many calls (warm-up, median of several replays), and prints the achieved TFLOP/s
+and the number of 128x128 output tiles against the SM count (a tile count just above a
+multiple of the SMs leaves the last wave mostly idle). One JSON row per measurement, all
+of them also in $OUT/prefill_gemm.json when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+
+import torch
+
+from hybridgraph.model.config import preset
+
+
+def time_us(fn, calls: int = 20, reps: int = 7) -> float:
+    """Median microseconds per call of fn, replayed `calls` at a time from a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-2-7b")
+    ap.add_argument("--tokens", default="256,500,512")
+    ap.add_argument("--dtype", default="float16")
+    args = ap.parse_args()
+    cfg = preset(args.model)
+    dtype = getattr(torch, args.dtype)
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    h, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    shapes = {"qkv": (h, (cfg.num_heads + 2 * cfg.num_kv_heads) * hd),
+              "o": (cfg.num_heads * hd, h), "w13": (h, 2 * f), "w2": (f, h)}
+    rows = []
+    for m in (int(t) for t in args.tokens.split(",")):
+        total_us, total_flops = 0.0, 0.0
+        for name, (k, n) in shapes.items():
+            x = torch.randn(m, k, device=dev, dtype=dtype)
+            w = torch.randn(n, k, device=dev, dtype=dtype) / math.sqrt(k)
+            out = torch.empty(m, n, device=dev, dtype=dtype)
+            us = time_us(lambda x=x, w=w, out=out: torch.matmul(x, w.t(), out=out))
+            flops = 2.0 * m * n * k
+            total_us += us
+            total_flops += flops
+            tiles = math.ceil(m / 128) * math.ceil(n / 128)
+            rows.append({"tokens": m, "proj": name, "k": k, "n": n, "us": round(us, 2),
+                         "tflops": round(flops / us / 1e6, 1), "tiles_128": tiles,
+                         "waves": round(tiles / sms, 2)})
+            print(json.dumps(rows[-1]), flush=True)
+        layers_ms = total_us * cfg.num_layers / 1e3
+        rows.append({"tokens": m, "proj": "layer", "us": round(total_us, 2),
+                     "tflops": round(total_flops / total_us / 1e6, 1),
+                     "all_layers_ms": round(layers_ms, 3)})
+        print(json.dumps(rows[-1]), flush=True)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "prefill_gemm.json"), "w") as fh:
+            json.dump({"device": torch.cuda.get_device_name(dev), "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

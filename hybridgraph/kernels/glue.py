@@ -5,7 +5,10 @@ prologue/epilogue): each replaces a chain of PyTorch kernels by one launch.
   add_rmsnorm   x + residual and RMSNorm of the sum, both written (one read of each row)
   rope_kv       split q/k/v, RoPE on q and k, k and v written into the cache at pos[b]
   silu_mul      silu(gate) * up of the fused gate/up output
-Roundings follow the model's PyTorch code, as in gemv.py.
+Roundings follow the model's PyTorch code, as in gemv.py. PDL here is just Triton's two
+builtins (let the next kernel launch, wait for the previous one) at the top of each kernel;
+gemv.py's preamble adds the L2 weight prefetch and the late trigger, so it shares nothing
+worth a helper with these.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from hybridgraph.kernels.attention import check_cache_rows
 
 
 @triton.jit
@@ -102,7 +107,6 @@ def rope_kv(qkv: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, k_cache: Tensor,
     at pos[b] of cache row b (or cache_rows[b], as in attention.decode_attention)."""
     b = qkv.shape[0]
     if cache_rows is not None:
-        from hybridgraph.kernels.attention import check_cache_rows
         check_cache_rows(cache_rows, b, "rope_kv")
     d_half = k_cache.shape[-1] // 2
     extra = {"launch_pdl": True} if pdl else {}

@@ -149,11 +149,7 @@ class TritonDecode:
         x = m.tok_embeddings(ids)[:, None]
         for layer, cache in zip(m.layers, m.caches, strict=True):
             x = self.block(layer, x, cos, sin, cache, pos, window)
-        x = x[:, 0]
-        logits = x.new_empty(x.shape[0], m.output.weight.shape[0])
-        self._gemv.gemv(x, m.output.weight, logits, self.ws, self.configs["head"],
-                        norm_w=m.norm.weight, eps=self.eps, pdl=self._pdl)
-        return logits.float()
+        return self._logits(x[:, 0])
 
     def prefill(self, ids: Tensor, cache_row: Tensor, last_idx: Tensor) -> Tensor:
         """Transformer.prefill of ONE prompt of T <= prefill_rows tokens on the decode kernels.
@@ -193,7 +189,13 @@ class TritonDecode:
         x = x[:, 0].index_select(0, last_idx.reshape(1))
         if "head" not in self.plan.uses(1):
             return m.output(m.norm(x)).float()
-        logits = x.new_empty(1, m.output.weight.shape[0])
+        return self._logits(x)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        """The final norm and the LM head as one GEMV (norm prologue). x: [B, hidden];
+        returns [B, V] float32 logits."""
+        m = self.model
+        logits = x.new_empty(x.shape[0], m.output.weight.shape[0])
         self._gemv.gemv(x, m.output.weight, logits, self.ws, self.configs["head"],
                         norm_w=m.norm.weight, eps=self.eps, pdl=self._pdl)
         return logits.float()

@@ -187,6 +187,28 @@ def test_self_check_passes(dtype, pdl) -> None:
     assert check_kernels(torch.device("cuda"), dtype, pdl) == (True, "ok")
 
 
+def _kernel_and_model_steps(gemvs, pdl, rows: int):
+    """The model the two graph tests compare on: small, float16, with peaked logits (so
+    greedy tokens are well separated), caches of `rows` rows of 1024 positions; returns
+    (model, bufs, Steps on the kernels, Steps on the model's blocks). gemvs: the
+    projections on the GEMV ("default": KernelPlan's); pdl: False, True or "late"."""
+    from hybridgraph.model.fast_decode import KernelPlan
+    from hybridgraph.runtime.step import StepBuffers, Steps
+
+    model = small_model(torch.float16, seed=3)
+    with torch.no_grad():
+        model.output.weight.mul_(50.0)
+    max_seq = 1024
+    model.setup_caches(rows, max_seq)
+    bufs = StepBuffers(rows, max_seq, torch.device("cuda"))
+    plan = (KernelPlan(pdl=bool(pdl), pdl_late=pdl == "late") if gemvs == "default" else
+            KernelPlan(gemv=gemvs, gemv_batched=gemvs, pdl=bool(pdl), pdl_late=pdl == "late"))
+    fast = Steps(model, bufs, kernels="triton", plan=plan)
+    slow = Steps(model, bufs)
+    assert fast.kernels == "triton", fast.kernels_reason
+    return model, bufs, fast, slow
+
+
 @pytest.mark.parametrize("gemvs", [("qkv", "wo", "w13", "w2", "head"), ("wo", "w2"), (),
                                    "default"])
 @pytest.mark.parametrize("pdl", _pdl_options() + ("late",))
@@ -195,20 +217,8 @@ def test_triton_decode_matches_the_model_in_graphs(gemvs, pdl) -> None:
     PyTorch block's, and the same greedy tokens over 12 steps wherever the reference's
     best logit leads the next by more than rounding (0.1; the paths differ by ~0.02):
     a near-tie may go either way and says nothing about the kernels."""
-    from hybridgraph.model.fast_decode import KernelPlan
-    from hybridgraph.runtime.step import StepBuffers, Steps
-
-    model = small_model(torch.float16, seed=3)
-    with torch.no_grad():  # peaked logits, so greedy tokens are well separated
-        model.output.weight.mul_(50.0)
-    b, max_seq, window = 3, 1024, 256
-    model.setup_caches(b, max_seq)
-    bufs = StepBuffers(b, max_seq, torch.device("cuda"))
-    plan = (KernelPlan(pdl=bool(pdl), pdl_late=pdl == "late") if gemvs == "default" else
-            KernelPlan(gemv=gemvs, gemv_batched=gemvs, pdl=bool(pdl), pdl_late=pdl == "late"))
-    fast = Steps(model, bufs, kernels="triton", plan=plan)
-    slow = Steps(model, bufs)
-    assert fast.kernels == "triton", fast.kernels_reason
+    b, window = 3, 256
+    model, bufs, fast, slow = _kernel_and_model_steps(gemvs, pdl, b)
     gen = torch.Generator(device="cuda").manual_seed(11)
     bufs.prompt_ids[:b, :9] = torch.randint(0, 512, (b, 9), device="cuda", generator=gen)
     bufs.last_idx[:b] = torch.tensor([8, 4, 6], device="cuda")
@@ -344,20 +354,8 @@ def test_triton_prefill_matches_the_model_in_graphs(gemvs, pdl, t, last) -> None
     written; then greedy decoding from both rows (one batch, the model's blocks, the
     reference's token fed to both) gives the same tokens wherever the reference's best
     logit leads the next by more than 0.1 (test_triton_decode_matches_the_model_in_graphs)."""
-    from hybridgraph.model.fast_decode import KernelPlan
-    from hybridgraph.runtime.step import StepBuffers, Steps
-
-    model = small_model(torch.float16, seed=3)
-    with torch.no_grad():  # peaked logits, so greedy tokens are well separated
-        model.output.weight.mul_(50.0)
-    rows, max_seq, window = 3, 1024, 256
-    model.setup_caches(rows, max_seq)
-    bufs = StepBuffers(rows, max_seq, torch.device("cuda"))
-    plan = (KernelPlan(pdl=bool(pdl), pdl_late=pdl == "late") if gemvs == "default" else
-            KernelPlan(gemv=gemvs, gemv_batched=gemvs, pdl=bool(pdl), pdl_late=pdl == "late"))
-    fast = Steps(model, bufs, kernels="triton", plan=plan)
-    slow = Steps(model, bufs)
-    assert fast.kernels == "triton", fast.kernels_reason
+    rows, window = 3, 256
+    model, bufs, fast, slow = _kernel_and_model_steps(gemvs, pdl, rows)
     calls = []
     real = fast.fast.prefill
     fast.fast.prefill = lambda *a: calls.append(1) or real(*a)

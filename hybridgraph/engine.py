@@ -33,11 +33,11 @@ from hybridgraph.request import (
     TokenCallback,
     check_stop_ids,
 )
-from hybridgraph.runtime.dynamic import choose_bucket, dynamic_ops, pow2_buckets
+from hybridgraph.runtime.dynamic import choose_bucket, dynamic_ops, fit_to_bucket, pow2_buckets
 from hybridgraph.runtime.graphs import GraphCache, GraphKey, parse_coverage
 from hybridgraph.runtime.modes import MODES, auto_kernels, auto_mode, capture_policy, mode_spec
 from hybridgraph.runtime.runner import GraphRunner, decode_windows
-from hybridgraph.runtime.step import StepBuffers, Steps, TokenReader
+from hybridgraph.runtime.step import GREEDY, StepBuffers, Steps, TokenReader
 from hybridgraph.text import TextStream, validate_stop
 
 __all__ = ["DTYPES", "MODES", "Engine", "EngineConfig", "GenerationResult", "RequestError",
@@ -294,19 +294,14 @@ class Engine:
                 launch(i + 1)
         return results
 
-    def _load_sampling(self, sampling: list[SamplingParams], b: int, first: int = 0,
-                       non_blocking: bool = False) -> None:
-        """Sampling parameters of rows first..first+b-1 (padded with greedy rows).
-        non_blocking: don't wait for the GPU (other rows' steps may be in flight)."""
-        rows = len(sampling)
-        pad = [SamplingParams()] * (b - rows)
-        params = sampling + pad
-        seeds = [s.seed if s.seed is not None else random.getrandbits(62) for s in params]
-        bufs, at, nb = self.bufs, slice(first, first + b), non_blocking
-        bufs.temperature[at].copy_(torch.tensor([float(s.temperature) for s in params]), nb)
-        bufs.top_k[at].copy_(torch.tensor([s.top_k for s in params]), nb)
-        bufs.top_p[at].copy_(torch.tensor([float(s.top_p) for s in params]), nb)
-        bufs.seed[at].copy_(torch.tensor(seeds), nb)
+    def _load_sampling(self, sampling: list[SamplingParams], b: int, first: int = 0) -> None:
+        """Sampling parameters of rows first..first+b-1 (padded with greedy rows); never
+        waits for the GPU (other rows' steps may be in flight)."""
+        params = [GREEDY if s.temperature == 0 else
+                  (float(s.temperature), s.top_k, float(s.top_p),
+                   s.seed if s.seed is not None else random.getrandbits(62))
+                  for s in sampling]
+        self.bufs.set_sampling(first, params + [GREEDY] * (b - len(params)))
 
     # ---------------------------------------------------- rows chosen at run time
 
@@ -314,7 +309,7 @@ class Engine:
         """Prefill one validated prompt into cache row `row` (the others untouched) and
         sample its token 0 into that row's slot of the step buffers; nothing is read back.
         For the batching scheduler, which keeps other rows decoding around it."""
-        self._load_sampling([sampling], 1, first=row, non_blocking=True)
+        self._load_sampling([sampling], 1, first=row)
         self.bufs.set_prefill_rows(row)
         self._prefill([prompt], [len(prompt)], 1, "greedy" if sampling.temperature == 0
                       else "sample")
@@ -332,15 +327,10 @@ class Engine:
         """Fit prompts to the planned shape, run the forward (replayed or eager), sample
         token 0."""
         plan = self.runner.plan("prefill", b, max(lengths), kind)
-        t = plan.length
-        host = torch.full((len(prompts), max(lengths)), PAD_ID, dtype=torch.int64)
-        for r, p in enumerate(prompts):
-            host[r, :len(p)] = torch.tensor(p, dtype=torch.int64)
-        ids = host.to(self.device, non_blocking=True)
-        lens = torch.tensor(lengths, dtype=torch.int64).to(self.device, non_blocking=True)
-        padded, last = self.ops.fit_to_bucket(ids, lens, b, t, PAD_ID)
-        self.bufs.prompt_ids[:b, :t].copy_(padded)
-        self.bufs.last_idx[:b].copy_(last)
+        t, cuda = plan.length, self.device.type == "cuda"
+        ids, last = fit_to_bucket(prompts, b, t, PAD_ID, pin=cuda)
+        self.bufs.prompt_ids[:b, :t].copy_(ids, non_blocking=cuda)
+        self.bufs.last_idx[:b].copy_(last, non_blocking=cuda)
         self.runner.run(plan)
 
     def _decode(self, b: int, max_pos: int, kind: str) -> None:

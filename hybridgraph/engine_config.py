@@ -28,7 +28,7 @@ class EngineConfig:
     max_batch: int = 1
     max_seq_len: int | None = None     # KV cache positions; None: the model's context limit,
                                        # capped by free memory (model.kv_budget)
-    coverage: str = "pow2"             # prefill lengths that get graphs
+    coverage: str = "pow2-fine"        # prefill lengths that get graphs (graphs.parse_coverage)
     capture: str = "ahead"             # when graphs are captured (runtime.modes.CAPTURE_POLICIES)
     max_graphs: int | None = None
     # Graph memory budget in bytes. None: in graph modes, a fraction of the GPU memory free
@@ -96,8 +96,9 @@ class EngineConfig:
         p.add_argument("--max-batch", type=int, default=1,
                        help="KV-cache rows; serve batches up to this many requests at once "
                             "(continuous batching; 1: one at a time)")
-        p.add_argument("--coverage", default="pow2",
-                       help="prefill graphs: exact | every:N | pow2 | a,b,c")
+        p.add_argument("--coverage", default="pow2-fine",
+                       help="prefill graphs: exact | every:N | pow2 | pow2-fine (powers of two "
+                            "and, from 384 tokens, their midpoints) | a,b,c")
         p.add_argument("--capture", default="ahead", choices=list(CAPTURE_MODES))
         p.add_argument("--kernels", default="auto", choices=list(KERNEL_CHOICES),
                        help="decode kernels: auto (Triton where measured faster and its "

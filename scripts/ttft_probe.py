@@ -5,6 +5,8 @@
 For each prompt length: which graph serves it, the TTFT the engine gives (host ids in,
 token id out), the served graph's replay alone (CUDA events) and the rest of the
 prefill step pieces timed on the host, so a gap between TTFT and the kernels is placed.
+With --gaps, one replay of each served graph is profiled: GPU busy against the replay's
+span, and the largest idle gaps between consecutive kernels with their neighbours.
 """
 
 from __future__ import annotations
@@ -24,15 +26,100 @@ def med(xs: list[float]) -> float:
     return round(statistics.median(xs), 3)
 
 
+def gaps(graph: torch.cuda.CUDAGraph, top: int = 12) -> dict[str, object]:
+    """Profile one replay of `graph`: busy vs span, idle between kernels, the worst gaps."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from hybridgraph.bench.profile import family
+
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    ks = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                if e.device_type == DeviceType.CUDA)
+    if not ks:
+        return {"kernels": 0}
+    busy = sum(b - a for a, b, _ in ks)
+    holes = [(ks[i + 1][0] - ks[i][1], ks[i][2], ks[i + 1][2]) for i in range(len(ks) - 1)]
+    idle = sum(max(0.0, h) for h, _, _ in holes)
+    fams: dict[str, float] = {}
+    per: dict[str, list[float]] = {}
+    for a, b, name in ks:
+        fams[family(name)] = fams.get(family(name), 0.0) + b - a
+        per.setdefault(name[:70], []).append(b - a)
+    by_next: dict[str, float] = {}
+    for h, _, nxt in holes:
+        by_next[family(nxt)] = by_next.get(family(nxt), 0.0) + max(0.0, h)
+    return {"kernels": len(ks), "span_us": round(ks[-1][1] - ks[0][0], 1),
+            "busy_us": round(busy, 1), "idle_us": round(idle, 1),
+            "idle_before_family_us": {k: round(v, 1) for k, v in
+                                      sorted(by_next.items(), key=lambda kv: -kv[1])},
+            "busy_by_family_us": {k: round(v, 1) for k, v in
+                                  sorted(fams.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [(k, len(v), round(sum(v) / len(v), 1)) for k, v in
+                            sorted(per.items(), key=lambda kv: -sum(kv[1]))[:8]],
+            "gaps_over_5us": sum(1 for h, _, _ in holes if h > 5),
+            "worst": [(round(h, 1), a[:60], b[:60]) for h, a, b in sorted(holes)[-top:]]}
+
+
+def host_split(engine, prompt: list[int], runs: int) -> dict[str, float]:
+    """Median host µs per generate(prompt, 1) spent in each piece of the prefill path
+    (methods wrapped with timers; the GPU is idle until the graph launches)."""
+    acc: dict[str, list[float]] = {}
+    undo = []
+
+    def wrap(obj, name: str, label: str) -> None:
+        fn = getattr(obj, name)
+        undo.append((obj, name, fn))
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc.setdefault(label, []).append((time.perf_counter() - t0) * 1e6)
+        object.__setattr__(obj, name, timed)   # DynamicOps is a frozen dataclass
+
+    wrap(engine, "_load_sampling", "load_sampling")
+    wrap(engine, "_prefill", "prefill_host_total")
+    if hasattr(engine.ops, "fit_to_bucket"):   # older trees fitted prompts on the device
+        wrap(engine.ops, "fit_to_bucket", "fit_to_bucket")
+    wrap(engine.runner, "plan", "plan")
+    wrap(engine.runner.cache.graphs[engine.runner.plan("prefill", 1, len(prompt),
+                                                       "greedy").served].graph,
+         "replay", "graph_replay_launch")
+    wrap(engine.steps, "finish_prefill", "finish_prefill")
+    wrap(engine.reader, "read", "read_token (sync)")
+    total = []
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.generate(prompt, 1, stop_ids=[])
+        total.append((time.perf_counter() - t0) * 1e6)
+    for obj, name, fn in reversed(undo):
+        object.__setattr__(obj, name, fn)
+    out = {k: round(statistics.median(v), 1) for k, v in acc.items()}
+    out["generate_total"] = round(statistics.median(total), 1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-2-7b")
     ap.add_argument("--lengths", default="10,256,300,500")
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--gaps", action="store_true", help="profile one replay per graph")
+    ap.add_argument("--host", action="store_true", help="host µs per prefill piece")
+    ap.add_argument("--coverage", default=None, help="EngineConfig.coverage (default: its)")
     args = ap.parse_args()
     cfg = BenchConfig(model=args.model, device="cuda", dtype="float16")
     engines = Engines(cfg)
-    engine = engines.get(cfg.default_mode)
+    options = {"coverage": args.coverage} if args.coverage else {}
+    engine = engines.get(cfg.default_mode, **options)
     runner = engine.runner
     for n in (int(x) for x in args.lengths.split(",")):
         prompt = make_prompt(n, engine.config.vocab_size)
@@ -57,6 +144,16 @@ def main() -> None:
                 b.record()
                 b.synchronize()
                 replay.append(a.elapsed_time(b))
+        rested = []   # each replay after 0.3 s idle: clocks as a first request finds them
+        if plan.served is not None:
+            for _ in range(5):
+                time.sleep(0.3)
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                graph.replay()
+                b.record()
+                b.synchronize()
+                rested.append(a.elapsed_time(b))
         step = []
         for _ in range(args.runs):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -68,8 +165,13 @@ def main() -> None:
             step.append(a.elapsed_time(b))
         print({"len": n, "served": str(plan.served), "length": plan.length,
                "ttft_ms": med(ttft), "generate_wall_ms": med(wall),
-               "replay_ms": med(replay) if replay else None, "run_step_ms": med(step)},
+               "replay_ms": med(replay) if replay else None,
+               "rested_replay_ms": med(rested) if rested else None, "run_step_ms": med(step)},
               flush=True)
+        if args.host and plan.served is not None:
+            print({"len": n, "host_us": host_split(engine, prompt, args.runs)}, flush=True)
+        if args.gaps and plan.served is not None:
+            print({"len": n, "gaps": gaps(runner.cache.graphs[plan.served].graph)}, flush=True)
     print(engine.stats().get("graphs"))
 
 

@@ -154,6 +154,13 @@ def test_coverage_pow2() -> None:
     assert parse_coverage(" pow2 ", 1) == [1]
 
 
+def test_coverage_pow2_fine_adds_midpoints_where_prefill_is_compute_bound() -> None:
+    assert parse_coverage("pow2-fine", 100) == parse_coverage("pow2", 100)
+    assert parse_coverage("pow2-fine", 512) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512]
+    assert parse_coverage("pow2-fine", 2048)[-5:] == [512, 768, 1024, 1536, 2048]
+    assert parse_coverage("pow2-fine", 400)[-3:] == [256, 384, 400]
+
+
 @pytest.mark.parametrize("spec", ["3,5,9", "list:3,5,9", " 9, 3 ,5,5 ", "5,3,9,"])
 def test_coverage_list(spec: str) -> None:
     assert parse_coverage(spec, 12) == [3, 5, 9, 12]
@@ -175,7 +182,8 @@ def test_bad_every_names_the_spec() -> None:
         parse_coverage("every:x", 64)
 
 
-@pytest.mark.parametrize("spec", ["exact", "every:10", "every:7", "pow2", "5,50,300"])
+@pytest.mark.parametrize("spec", ["exact", "every:10", "every:7", "pow2", "pow2-fine",
+                                  "5,50,300"])
 def test_lookup_serves_every_length_from_its_bucket(spec: str) -> None:
     max_len = 300
     lengths = parse_coverage(spec, max_len)

@@ -34,7 +34,8 @@ class BenchConfig:
     p99_runs: int = 100
     ablation_lengths: list[int] = field(default_factory=lambda: [10, 100, 250, 500])
     ablation_decode_runs: int = 3
-    coverage_strategies: list[str] = field(default_factory=lambda: ["exact", "every:10", "pow2"])
+    coverage_strategies: list[str] = field(default_factory=lambda: ["exact", "every:10", "pow2",
+                                                                        "pow2-fine"])
     coverage_max_len: int = 500
     coverage_runs: int = 1                 # timed runs per length, after one untimed
     pool_strategy: str = "every:10"        # shared pool vs one pool per graph

@@ -1,8 +1,8 @@
 """The dynamic part of a step: fitting inputs to a captured shape, and sampling.
 
-Everything here is a pure tensor function with sampling parameters held as tensors, so
-the same code runs eager, under torch.compile, under TorchScript, or captured inside a
-CUDA graph. Randomness is counter-based (a hash of seed, position and token id), not a
+Prompts are fitted on the host (`fit_to_bucket`: plain Python, one copy in). The samplers
+are pure tensor functions with sampling parameters held as tensors, so the same code runs
+eager, under torch.compile, under TorchScript, or captured inside a CUDA graph. Randomness is counter-based (a hash of seed, position and token id), not a
 generator's state: the same seed gives the same tokens in every mode and backend, and a
 graph replay needs no generator bookkeeping.
 """
@@ -40,24 +40,30 @@ def choose_bucket(n: int, buckets: Sequence[int]) -> int:
 
 # ------------------------------------------------------------------------ preprocessing
 
-def fit_to_bucket(ids: Tensor, lengths: Tensor, rows: int, cols: int, pad_id: int,
-                  ) -> tuple[Tensor, Tensor]:
-    """Right-pad (or left-truncate) ragged prompts [B, L] to [rows, cols].
+def fit_to_bucket(prompts: Sequence[Sequence[int]], rows: int, cols: int, pad_id: int,
+                  pin: bool = False) -> tuple[Tensor, Tensor]:
+    """Right-pad (or left-truncate) prompts to [rows, cols] int64 ids, on the host.
 
-    Rows beyond B are one-token dummy prompts. A prompt longer than cols keeps its last
-    cols tokens. Returns the padded ids and each row's last real index.
+    Rows beyond the prompts are one-token dummy prompts. A prompt longer than cols keeps
+    its last cols tokens. Returns the padded ids and each row's last real index [rows].
+    pin: page-locked tensors, so their copy to the GPU is asynchronous.
+
+    On the host on purpose: a prompt arrives as a Python list, and padding it here costs a
+    few µs and one copy. The compiled device version this replaced spent ~370 µs of host
+    time per prefill (Dynamo's guards, three launches) on an H100 machine while the GPU
+    sat idle waiting for the prefill graph (scripts/ttft_probe.py --host).
     """
-    b, width = ids.shape[0], ids.shape[1]
-    col = torch.arange(cols, device=ids.device)[None, :]
-    start = torch.clamp(lengths - cols, min=0)
-    taken = ids.gather(1, torch.clamp(col + start[:, None], max=width - 1))
-    kept = torch.clamp(lengths, max=cols)
-    taken = torch.where(col < kept[:, None], taken, torch.full_like(taken, pad_id))
-    out = torch.full((rows, cols), pad_id, dtype=ids.dtype, device=ids.device)
-    out[:b] = taken
-    last = torch.zeros(rows, dtype=torch.int64, device=ids.device)
-    last[:b] = kept.to(torch.int64) - 1
-    return out, last
+    if len(prompts) > rows:
+        raise ValueError(f"{len(prompts)} prompts do not fit {rows} rows")
+    out = torch.full((rows, cols), pad_id, dtype=torch.int64, pin_memory=pin)
+    last = [0] * rows
+    for r, p in enumerate(prompts):
+        if not len(p):
+            raise ValueError(f"prompt {r} is empty")
+        kept = p[-cols:]
+        out[r, :len(kept)] = torch.as_tensor(kept, dtype=torch.int64)
+        last[r] = len(kept) - 1
+    return out, torch.tensor(last, dtype=torch.int64, pin_memory=pin)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -123,12 +129,11 @@ Sampler = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
 @dataclass(frozen=True)
 class DynamicOps:
-    """The dynamic ops under one backend."""
+    """The samplers under one backend."""
 
     backend: str
     greedy: Sampler
     sample: Sampler
-    fit_to_bucket: Callable[..., tuple[Tensor, Tensor]]
 
     def sampler(self, kind: str) -> Sampler:
         return self.greedy if kind == "greedy" else self.sample
@@ -138,23 +143,20 @@ _CACHE: dict[str, DynamicOps] = {}
 
 
 def dynamic_ops(backend: str = "compile") -> DynamicOps:
-    """The sampling and preprocessing functions compiled by `backend` (built once)."""
+    """The sampling functions compiled by `backend` (built once)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown dynamic backend {backend!r}; choose from {BACKENDS}")
     if backend not in _CACHE:
         if backend == "eager":
-            ops = DynamicOps("eager", greedy, sample, fit_to_bucket)
+            ops = DynamicOps("eager", greedy, sample)
         elif backend == "torchscript":
-            ops = DynamicOps("torchscript", torch.jit.script(greedy), torch.jit.script(sample),
-                             torch.jit.script(fit_to_bucket))
+            ops = DynamicOps("torchscript", torch.jit.script(greedy), torch.jit.script(sample))
         else:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             # dynamic=False: one specialised kernel per batch bucket, nothing symbolic
             # to guard at replay time; fullgraph so a graph break is an error, not a slowdown.
             ops = DynamicOps("compile",
                              torch.compile(greedy, dynamic=False, fullgraph=True),
-                             torch.compile(sample, dynamic=False, fullgraph=True),
-                             # prompt widths vary per request: symbolic shapes, one kernel
-                             torch.compile(fit_to_bucket, dynamic=True, fullgraph=True))
+                             torch.compile(sample, dynamic=False, fullgraph=True))
         _CACHE[backend] = ops
     return _CACHE[backend]

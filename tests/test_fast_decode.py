@@ -108,6 +108,45 @@ def test_triton_decode_honours_the_all_reduce_hook(gemvs, b, in_place) -> None:
     assert ref.rel_err(model.decode(ids, pos, 512), expect) > 20 * TOL
 
 
+class _DoublingAdd:
+    """The fused hook beside _Doubling (Block.reduce_add): residual + twice the input, as a
+    new tensor like the one-shot kernel's; counts calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return residual + x * 2
+
+
+@needs_interpreter
+@pytest.mark.parametrize("gemvs,fused_adds", [
+    (("qkv", "wo", "w13", "w2", "head"), 2), ((), 1), (("wo", "w2", "head"), 1)])
+def test_triton_decode_takes_the_fused_add_where_offered(gemvs, fused_adds) -> None:
+    """With Block.reduce_add set, _reduced_tail gives it both residual adds (one where
+    gate/up's norm kernel takes the add on cuBLAS: that one stays all_reduce + the norm
+    kernel's add), and the logits are bit-equal to all_reduce-then-add's: the fused add
+    rounds the same."""
+    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
+    model = _peaked_model(512)
+    for layer in model.layers:
+        layer.all_reduce = _Doubling(in_place=False)
+    model.prefill(torch.randint(0, 97, (3, 12)))
+    fast = TritonDecode(model, 3, KernelPlan(gemv=gemvs, gemv_batched=gemvs, pdl=False))
+    ids, pos = torch.tensor([1, 2]), torch.tensor([12, 5])
+    snap = _caches(model)
+    unfused = fast.forward(ids, pos, 512)
+    adds = [_DoublingAdd() for _ in model.layers]
+    for layer, add in zip(model.layers, adds, strict=True):
+        layer.reduce_add, layer.all_reduce.calls = add, 0
+    _restore(model, snap)
+    fused = fast.forward(ids, pos, 512)
+    assert [a.calls for a in adds] == [fused_adds] * len(adds)
+    assert [layer.all_reduce.calls for layer in model.layers] == [2 - fused_adds] * len(adds)
+    assert torch.equal(fused, unfused)
+
+
 @needs_interpreter
 def test_kernels_reason_says_a_rank_is_tensor_parallel(monkeypatch) -> None:
     import hybridgraph.kernels.selfcheck as selfcheck

@@ -2,9 +2,10 @@
 
 Records N, the interconnect (nvidia-smi topology), the weight bytes each rank holds and
 reads per token, the per-rank decode floor (those bytes / this run's copy bandwidth), the
-all-reduce time per call (NCCL and symmetric-memory one-shot, eager and graph-replayed,
-at decode's message sizes, and the engine's own symm_mem path), the all-reduce the engine
-uses and why, and the TP engine's TTFT and decode latency.
+all-reduce time per call (NCCL, torch's symmetric-memory one-shot and our one-shot Triton
+kernel, eager and graph-replayed, at decode's message sizes, and the engine's own symm_mem
+op: parallel/allreduce.py), the all-reduce the engine uses and why, and the TP engine's
+TTFT and decode latency.
 
 Every rank runs the all-reduce measurement together, then builds its engine; rank 0 then
 measures through its engine while the others follow it (parallel/control.py). At --tp 1

@@ -13,7 +13,9 @@ block rounds it, so the two blocks agree to fp16/bf16 rounding.
 
 On a tensor-parallel rank (`Block.all_reduce` set) O and down give a partial sum that is
 summed over the ranks before the residual add, so they run plain and the add follows the
-all-reduce (`_reduced_tail`), riding in the next norm kernel where there is one.
+all-reduce (`_reduced_tail`): in the next norm kernel where gate/up is on cuBLAS, else
+inside the all-reduce where the group fuses it (`Block.reduce_add`, the one-shot kernel),
+else a plain add.
 
 A one-prompt prefill of at most 16 tokens runs on the same blocks (`prefill`): its tokens
 are decode rows at positions 0..T-1 of one cache row.
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hybridgraph.model.llama import Block, KVCache, Transformer, no_reduce
+from hybridgraph.model.llama import Block, KVCache, Transformer, add_residual, no_reduce
 
 PROJECTIONS = ("qkv", "wo", "w13", "w2", "head")
 MAX_ROWS = 16  # rows one GEMV launch serves (kernels/gemv.py)
@@ -261,36 +263,44 @@ class TritonDecode:
     def _reduced_tail(self, layer: Block, x2: Tensor, o: Tensor, on_gemv: tuple[str, ...],
                       ) -> Tensor:
         """The block after attention on a tensor-parallel rank: O and down return this
-        rank's partial sum, which `layer.all_reduce` sums over the ranks before the residual
-        add, so neither GEMV may fuse the add (EPI_PLAIN) as the one-rank path does. Kept
-        apart so that path (tuned) stays as it is. x2: [B, hidden]; o: [B, heads * D]."""
+        rank's partial sum, which is summed over the ranks before the residual add, so
+        neither GEMV may fuse the add (EPI_PLAIN) as the one-rank path does. Where the
+        group offers the add fused into its all-reduce (`layer.reduce_add` set: the
+        one-shot kernel sums and adds in one launch) both adds go there; otherwise
+        `layer.all_reduce` and then the add, which rounds the same. Kept apart so the
+        one-rank path (tuned) stays as it is. x2: [B, hidden]; o: [B, heads * D]."""
         g, pdl, reduce = self._gemv, self._pdl, layer.all_reduce
+        fused = layer.reduce_add is not add_residual
+
+        def reduce_add(part: Tensor, residual: Tensor) -> Tensor:
+            # The hook may sum in place (NCCL) or return a new tensor: use its result.
+            return layer.reduce_add(part, residual) if fused else residual + reduce(part)
+
         att, ff = layer.attention, layer.feed_forward
         b, hidden = x2.shape
         new = x2.new_empty
-        # The hook may sum in place (NCCL) or return a new tensor (symm_mem): use its result.
         if "wo" in on_gemv:
-            part = reduce(g.gemv(o, att.wo.weight, new(b, hidden), self.ws, self.configs["wo"],
-                                 epi=g.EPI_PLAIN, pdl=pdl))
+            attn = g.gemv(o, att.wo.weight, new(b, hidden), self.ws, self.configs["wo"],
+                          epi=g.EPI_PLAIN, pdl=pdl)
         else:
-            part = reduce(F.linear(o, att.wo.weight))
+            attn = F.linear(o, att.wo.weight)
         h = new(b, ff.w2.weight.shape[1])
-        if "w13" in on_gemv:  # the norm rides in the GEMV's prologue; the add stays apart
-            x1 = x2 + part
+        if "w13" in on_gemv:  # the norm rides in the GEMV's prologue, the add in the reduce
+            x1 = reduce_add(attn, x2)
             g.gemv(x1, ff.w13.weight, h, self.ws, self.configs["w13"], epi=g.EPI_SILU,
                    norm_w=layer.ffn_norm.weight, eps=self.eps, pdl=pdl)
         else:  # the residual add rides in the norm kernel
             from hybridgraph.kernels import glue
             x1, xn = new(b, hidden), new(b, hidden)
-            glue.add_rmsnorm(part, layer.ffn_norm.weight, self.eps, xn, residual=x2,
+            glue.add_rmsnorm(reduce(attn), layer.ffn_norm.weight, self.eps, xn, residual=x2,
                              sum_out=x1, pdl=pdl)
             glue.silu_mul(F.linear(xn, ff.w13.weight), h, pdl=pdl)
         if "w2" in on_gemv:
-            part = reduce(g.gemv(h, ff.w2.weight, new(b, hidden), self.ws, self.configs["w2"],
-                                 epi=g.EPI_PLAIN, pdl=pdl))
+            down = g.gemv(h, ff.w2.weight, new(b, hidden), self.ws, self.configs["w2"],
+                          epi=g.EPI_PLAIN, pdl=pdl)
         else:
-            part = reduce(F.linear(h, ff.w2.weight))
-        return x1 + part
+            down = F.linear(h, ff.w2.weight)
+        return reduce_add(down, x1)
 
 
 def prefill_window(t: int, max_seq: int) -> int:

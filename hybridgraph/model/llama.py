@@ -167,6 +167,11 @@ def no_reduce(x: Tensor) -> Tensor:
     return x
 
 
+def add_residual(part: Tensor, residual: Tensor) -> Tensor:
+    """Block.reduce_add's default: residual + part, with nothing summed over ranks."""
+    return residual + part
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -178,6 +183,10 @@ class Block(nn.Module):
         # return one rank's partial sum, and this sums it over ranks. One rank: identity,
         # which torch.compile traces away and eager pays one Python call for.
         self.all_reduce: Callable[[Tensor], Tensor] = no_reduce
+        # residual + all_reduce(part) in one call, where the all-reduce can fuse the add
+        # (the one-shot kernel: parallel/symm.py); set beside all_reduce. Left at the
+        # default, callers that use it (TritonDecode._reduced_tail) reduce, then add.
+        self.reduce_add: Callable[[Tensor, Tensor], Tensor] = add_residual
 
     def prefill(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache,
                 rows: Tensor | None = None) -> Tensor:

@@ -1,11 +1,13 @@
-"""How long one all-reduce takes at decode's message sizes: NCCL against PyTorch's
-symmetric-memory one-shot all-reduce (GPUs), or gloo (CPUs).
+"""How long one all-reduce takes at decode's message sizes: NCCL against one-shot
+all-reduces over symmetric memory (GPUs), or gloo (CPUs).
 
-Three methods on GPUs: `nccl`; `symm_mem_one_shot`, torch's kernel alone on a buffer
-already in symmetric memory (bf16/fp32 only: torch has no fp16 kernel); and
-`symm_mem_engine`, the path the engine's all-reduce takes with `--allreduce symm_mem`
-(parallel/symm.py: the copy into the staging buffer, float16 cast through float32 and
-back), i.e. what decode pays per call.
+Four methods on GPUs: `nccl`; `symm_mem_one_shot`, torch's own kernel alone on a buffer
+already in symmetric memory (bf16/fp32 only: torch has no fp16 kernel), for comparison;
+`oneshot_kernel`, our Triton kernel (kernels/oneshot.py) through the engine's staging
+(`Staging.reduce`: its copy-in is inside the kernel), no residual, no custom-op dispatch;
+and `symm_mem_engine`, the custom op the engine's blocks call with `--allreduce symm_mem`
+(parallel/symm.py: the same kernel behind `hybridgraph::symm_all_reduce`), i.e. what
+decode pays per call.
 
 A decode step all-reduces [batch, hidden] activations twice per layer: a few KB to a
 few hundred KB, where latency, not bandwidth, decides. NCCL's ring/tree needs several
@@ -30,7 +32,7 @@ from hybridgraph.parallel.group import TPGroup
 
 @dataclass
 class AllReduceTiming:
-    method: str           # nccl | symm_mem_one_shot | symm_mem_engine | gloo
+    method: str           # nccl | symm_mem_one_shot | oneshot_kernel | symm_mem_engine | gloo
     rows: int             # activation rows (the decode batch)
     nbytes: int
     eager_us: float       # per call, launched one by one
@@ -89,9 +91,11 @@ def _symm_mem(group: TPGroup, numel: int, dtype: torch.dtype, iters: int,
     return _cuda_us(lambda: op(buf, "sum", name), iters, group)
 
 
-def _symm_engine(group: TPGroup, numel: int, dtype: torch.dtype, iters: int,
-                 ) -> tuple[float, float]:
-    """The engine's symm_mem all-reduce (the custom op over a staging buffer of numel)."""
+def _with_staging(group: TPGroup, numel: int, dtype: torch.dtype,
+                  fn: Callable[[symm.Staging, torch.Tensor], object], iters: int,
+                  ) -> tuple[float, float]:
+    """fn(staging, x) timed over a fresh staging of numel elements (the engine's, if any,
+    put back after)."""
     name = group.group.group_name
     before = symm.registered(name)
     staging = symm.create(group.group, group.device, numel, [dtype])
@@ -99,13 +103,25 @@ def _symm_engine(group: TPGroup, numel: int, dtype: torch.dtype, iters: int,
         x = torch.zeros(numel, dtype=dtype, device=group.device)
         if staging.refusal(x):
             raise RuntimeError(staging.refusal(x))
-        op = torch.ops.hybridgraph.symm_all_reduce
-        return _cuda_us(lambda: op(x, name), iters, group)
+        return _cuda_us(lambda: fn(staging, x), iters, group)
     finally:   # leave the group's own staging (an engine's, if any) as it was
         if before is not None:
             symm.register(before)
         else:
             symm.drop(name)
+
+
+def _oneshot(group: TPGroup, numel: int, dtype: torch.dtype, iters: int,
+             ) -> tuple[float, float]:
+    """Our one-shot kernel through the engine's staging, without the custom op."""
+    return _with_staging(group, numel, dtype, lambda st, x: st.reduce(x), iters)
+
+
+def _symm_engine(group: TPGroup, numel: int, dtype: torch.dtype, iters: int,
+                 ) -> tuple[float, float]:
+    """The engine's symm_mem all-reduce: the custom op over its staging."""
+    op = torch.ops.hybridgraph.symm_all_reduce
+    return _with_staging(group, numel, dtype, lambda st, x: op(x, st.name), iters)
 
 
 def _gloo(group: TPGroup, numel: int, dtype: torch.dtype, iters: int) -> tuple[float, float]:
@@ -124,7 +140,7 @@ def measure(group: TPGroup, hidden: int, dtype: torch.dtype, rows: Sequence[int]
     """Per-call times at [rows, hidden] for each method this device has (collective)."""
     if group.device.type == "cuda":
         methods = {"nccl": _nccl, "symm_mem_one_shot": _symm_mem,
-                   "symm_mem_engine": _symm_engine}
+                   "oneshot_kernel": _oneshot, "symm_mem_engine": _symm_engine}
     else:
         methods = {"gloo": _gloo}
         iters = min(iters, 50)

@@ -26,14 +26,14 @@ def shard_model(model: str, group: TPGroup, dtype: torch.dtype, seed: int = 0,
                 ) -> tuple[Transformer, Tokenizer]:
     """This rank's share of `model`, its blocks summing their partial outputs over the group
     with the all-reduce `allreduce` picks (EngineConfig.allreduce; group.allreduce says
-    which runs and why), staged for decode batches of up to `max_batch` rows."""
+    which runs and why; a symmetric buffer for decode batches of up to `max_batch` rows)."""
     shard, tok = load_shard(model, group.size, group.rank, group.device, dtype, seed,
                             tokenizer, chat_template)
     group.use_allreduce(allreduce, shard.config.hidden_size, max_batch, [dtype])
     # One callable object for every layer: the compiled block's guards see the same one.
-    reduce = group.all_reduce
+    reduce, reduce_add = group.all_reduce, group.all_reduce_add
     for layer in shard.layers:
-        layer.all_reduce = reduce
+        layer.all_reduce, layer.reduce_add = reduce, reduce_add
     return shard, tok
 
 

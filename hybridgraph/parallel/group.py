@@ -6,8 +6,8 @@ torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); our own 
 `group` carries the all-reduces (NCCL on GPUs, gloo on CPUs) and the per-step inputs,
 `control` (always gloo, host memory) carries the leader's step headers, so a follower
 learns what to run without synchronising its GPU. On GPUs the all-reduce is NCCL's or
-PyTorch's symmetric-memory one-shot kernel (parallel/symm.py), chosen once per group by
-`choose_allreduce` from EngineConfig.allreduce. Every wait is bounded: a rank that
+our one-shot Triton kernel over symmetric memory (parallel/symm.py), chosen once per group
+by `choose_allreduce` from EngineConfig.allreduce. Every wait is bounded: a rank that
 dies or hangs brings the others down with an error, never a silent hang.
 """
 
@@ -98,23 +98,23 @@ def heartbeat_s() -> float:
 
 
 def choose_allreduce(asked: str, device_type: str, start: Callable[[], symm.Staging],
-                     staged: bool = False) -> tuple[str, str, symm.Staging | None]:
+                     ) -> tuple[str, str, symm.Staging | None]:
     """(method, why, staging) for EngineConfig.allreduce `asked`: the one owner of the
-    choice. CPU ranks always sum over gloo. On CUDA, nccl is NCCL; symm_mem, and auto for
-    messages the one-shot kernel sums in their own dtype, call `start` (collective: every
-    rank must reach the same answer) and take the one-shot kernel where it succeeds, NCCL
-    where it raises (symm_mem, asked for, warns). auto takes NCCL for `staged` messages
-    (float16, summed via float32): with the Triton decode, llama-2-7b fp16 TP=2 decoded
-    in 3.23 ms over NCCL against 3.41 ms over the staged one-shot (2x H200, DESIGN.md)."""
+    choice. CPU ranks always sum over gloo. On CUDA, nccl is NCCL; symm_mem and auto call
+    `start` (collective: every rank must reach the same answer) and take our one-shot
+    Triton kernel over symmetric memory (parallel/symm.py, kernels/oneshot.py; float16,
+    bfloat16 and float32 alike) where it succeeds, NCCL where it raises (symm_mem, asked
+    for, warns).
+
+    TODO(2x H100): the speed claim behind auto's choice: the kernel's per-call time and
+    llama-2-7b fp16 TP=2 ms/token against NCCL's (16.5 us a call, 3.81 ms/token), to be
+    filled in from the lead's GPU run; not measured yet."""
     if asked not in ALLREDUCE_CHOICES:
         raise ValueError(f"unknown allreduce {asked!r}; choose from {', '.join(ALLREDUCE_CHOICES)}")
     if device_type != "cuda":
         return "gloo", f"{asked}: CPU ranks sum over gloo", None
     if asked == "nccl":
         return "nccl", "asked for", None
-    if asked == "auto" and staged:
-        return "nccl", ("auto: the one-shot kernel would stage these messages through "
-                        "float32; NCCL decoded faster"), None
     try:
         staging = start()
     except Exception as e:  # noqa: BLE001 - no symmetric memory here is an answer, not a crash
@@ -122,9 +122,8 @@ def choose_allreduce(asked: str, device_type: str, start: Callable[[], symm.Stag
         if asked == "symm_mem":
             log.warning("all-reduce over NCCL, not symm_mem: %s", why)
         return "nccl", why, None
-    dtypes = ", ".join(str(d).removeprefix("torch.") for d in staging.buffers)
-    return "symm_mem", (f"{asked}: one-shot over symmetric memory ({dtypes} staging) for "
-                        f"messages up to {staging.numel} elements, NCCL above"), staging
+    return "symm_mem", (f"{asked}: one-shot Triton kernel over symmetric memory for "
+                        f"messages up to {staging.nbytes} bytes, NCCL above"), staging
 
 
 @dataclass
@@ -146,27 +145,34 @@ class TPGroup:
     def use_allreduce(self, asked: str, hidden: int, max_batch: int,
                       dtypes: Sequence[torch.dtype]) -> None:
         """Choose this group's all-reduce (collective: every rank calls it together) for
-        [rows, hidden] messages of `dtypes`, staging max(max_batch, STAGING_ROWS) rows."""
+        [rows, hidden] messages of `dtypes`, its symmetric buffer holding
+        max(max_batch, STAGING_ROWS) rows in the widest of them."""
         numel = max(max_batch, symm.STAGING_ROWS) * hidden
-        staged = any(symm.staging_dtype(d) != d for d in dtypes)
         self.allreduce, self.allreduce_reason, self.staging = choose_allreduce(
-            asked, self.device.type, lambda: self._staging(numel, dtypes), staged)
+            asked, self.device.type, lambda: self._staging(numel, dtypes))
 
     def _staging(self, numel: int, dtypes: Sequence[torch.dtype]) -> symm.Staging:
         """symm.create on every rank, or an error on every rank: the ranks agree (over
-        the control group) before any of them uses it, so none sums alone."""
+        the control group) before any of them uses it, so none sums alone. They also
+        agree that their buffers sit at the same offset in their symmetric blocks, which
+        the kernel's peer addresses assume (symm.tables)."""
         staging, error = None, None
         try:
             staging = symm.create(self.group, self.device, numel, dtypes)
         except Exception as e:  # noqa: BLE001 - reported below, on every rank
             error = e
-        ok = torch.tensor([0 if error else 1])
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.control)
+        offset = staging.offset if staging is not None else 0
+        # MIN of [ok, offset, -offset]: every rank ok, and the smallest and largest offset.
+        agree = torch.tensor([0 if error else 1, offset, -offset], dtype=torch.int64)
+        dist.all_reduce(agree, op=dist.ReduceOp.MIN, group=self.control)
         if error is not None:
             raise error
-        if staging is None or not ok.item():
+        ok, low, high = agree[0].item(), agree[1].item(), -agree[2].item()
+        if staging is None or not ok or low != high:
             symm.drop(self.group.group_name)
-            raise RuntimeError("symmetric memory failed on another rank")
+            raise RuntimeError("symmetric memory failed on another rank" if not ok else
+                               f"symmetric buffers sit at offsets {low}..{high} of their "
+                               "blocks on different ranks; the kernel needs one offset")
         return staging
 
     def all_reduce(self, x: Tensor) -> Tensor:
@@ -185,6 +191,15 @@ class TPGroup:
             return funcol.all_reduce(x, "sum", self.group)
         dist.all_reduce(x, group=self.group)
         return x
+
+    def all_reduce_add(self, x: Tensor, residual: Tensor) -> Tensor:
+        """residual + the sum of x over ranks: Block.reduce_add, the residual add after an
+        all-reduce. symm_mem: fused into the one-shot kernel (one launch, the same bits as
+        the sum and then the add); NCCL/gloo: `all_reduce`, then the add."""
+        if self.staging is not None and (torch.compiler.is_compiling()
+                                         or not self.staging.refusal(x, residual)):
+            return torch.ops.hybridgraph.symm_all_reduce_add(x, residual, self.staging.name)
+        return residual + self.all_reduce(x)
 
     def close(self) -> None:
         # After NCCL work was captured in CUDA graphs, destroying the group can hang

@@ -1,19 +1,25 @@
-"""The symmetric-memory all-reduce: PyTorch's one-shot kernel behind a staging buffer.
+"""The symmetric-memory all-reduce: our one-shot Triton kernel over one symmetric buffer.
 
-`torch.ops.symm_mem.one_shot_all_reduce` has every rank read every peer's buffer over
-NVLink once: one kernel, no ring steps, about half NCCL's time per decode-sized message
-inside a CUDA graph (docs/DESIGN.md, parallel). Its input must live in symmetric memory
-(allocated by torch's allocator and exchanged once, "rendezvous"), so each group keeps one
-preallocated staging buffer per staging dtype and every call copies its message in.
-torch's kernels dispatch float32 and bfloat16 only: float16 messages are staged through a
-float32 buffer (cast in, summed in float32, cast back), which rounds the same as NCCL's
-float16 sum of two ranks and never worse.
+`kernels/oneshot.py` sums a message in one launch: every rank copies its partial sum into
+its symmetric buffer, meets its peers at a signal-pad barrier, reads every peer's buffer
+over NVLink once and sums in float32 in rank order (bit-identical on every rank), with an
+optional residual add fused in. It serves float16, bfloat16 and float32 alike: nothing is
+staged through another dtype (torch's `one_shot_all_reduce`, used here before, has no
+float16 kernel, which cost a cast in and out around it).
 
-`symm_all_reduce` is a torch.library custom op: opaque to Dynamo (a compiled block calls
-it as one node, with a fake implementation for shapes), replayable inside CUDA graphs.
-A message the staging cannot take (too big, a dtype or size the kernel cannot serve)
-goes to NCCL, per call. NVLink multicast stays off (group.SAFE_ENV): the one-shot kernel
-reads peers through plain peer mappings, never multicast.
+Each group owns ONE symmetric byte buffer (`Staging`), allocated by torch's symmetric
+allocator and exchanged once ("rendezvous"), sized for the largest message in the widest
+dtype served, and shared by every dtype; beside it, int64 tensors of every rank's buffer
+and signal-pad address (the kernel turns them into pointers). We build those tables from
+the handle's `buffer_ptrs` and `signal_pad_ptrs` plus our tensor's offset in its block
+(the symmetric pool may place it past the block's start; torch's own `*_ptrs_dev` tables
+hold the block starts only). Signal pads start zeroed and the kernel leaves them zeroed.
+
+`symm_all_reduce` and `symm_all_reduce_add` (residual + the sum) are torch.library custom
+ops: opaque to Dynamo (a compiled block calls each as one node, with a fake implementation
+for shapes), replayable inside CUDA graphs. A message the buffer refuses (too big, another
+dtype or device) goes to NCCL, per call. NVLink multicast stays off (group.SAFE_ENV): the
+kernel reads peers through plain peer mappings, never multicast.
 """
 
 from __future__ import annotations
@@ -26,34 +32,49 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-# Staging rows: decode batches up to max(max_batch, this) and prefills of up to this many
+# Buffer rows: decode batches up to max(max_batch, this) and prefills of up to this many
 # tokens (the 10-token TTFT target's, with room) take the one-shot path; bigger messages
 # are bandwidth-bound, where NCCL's ring is no worse, and go to NCCL. torch's own
 # intra-node all-reduce switches away from one-shot at 256 KB; 64 rows of a 4096-wide
 # float32 activation are 1 MB, of an 8192-wide (70B) one 2 MB: small next to the weights.
 STAGING_ROWS = 64
-# The kernel's vector loads need the message to be a multiple of 4 bytes.
-MIN_ALIGN = 4
+# The dtypes the kernel sums (kernels/oneshot.DTYPES; repeated so that importing this
+# module never imports Triton).
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_WORLD = 8
+# What the kernel needs of a rendezvous handle.
+HANDLE_ATTRS = ("buffer_ptrs", "signal_pad_ptrs", "rank", "world_size")
+DEFAULT_PAD_BYTES = 1024  # torch's default signal pad, where the handle does not say
 OP = "hybridgraph::symm_all_reduce"
+OP_ADD = "hybridgraph::symm_all_reduce_add"
 
 
-def staging_dtype(dtype: torch.dtype) -> torch.dtype | None:
-    """The dtype a message of `dtype` is summed in (None: the kernel cannot serve it)."""
-    return {torch.float16: torch.float32, torch.bfloat16: torch.bfloat16,
-            torch.float32: torch.float32}.get(dtype)
+def handle_missing(handle: object) -> str:
+    """Why a rendezvous handle (or its class) cannot feed the kernel ("" when it can)."""
+    if handle is None:
+        return f"torch {torch.__version__} has no _SymmetricMemory"
+    lacking = [a for a in HANDLE_ATTRS if not hasattr(handle, a)]
+    if lacking:
+        return (f"torch {torch.__version__}'s symmetric-memory handle lacks "
+                f"{', '.join(lacking)}")
+    return ""
 
 
 def missing() -> str:
-    """Why this torch cannot run the one-shot all-reduce here ("" when it can)."""
+    """Why the one-shot kernel cannot run here ("" when it can): no CUDA, no Triton, or a
+    torch without symmetric memory or the handle attributes the kernel reads."""
     if not torch.cuda.is_available():
         return "no CUDA device"
-    if not hasattr(torch.ops.symm_mem, "one_shot_all_reduce"):
-        return f"torch {torch.__version__} has no symm_mem.one_shot_all_reduce"
+    from hybridgraph.kernels import triton_import_error
+
+    err = triton_import_error()
+    if err is not None:
+        return err
     try:
         from torch.distributed import _symmetric_memory  # noqa: F401
     except ImportError as e:
         return f"torch.distributed._symmetric_memory: {e}"
-    return ""
+    return handle_missing(getattr(torch._C._distributed_c10d, "_SymmetricMemory", None))
 
 
 def enable(group_name: str) -> None:
@@ -69,72 +90,111 @@ def enable(group_name: str) -> None:
 
 @dataclass
 class Staging:
-    """One group's symmetric buffers, each `numel` elements, keyed by staging dtype."""
+    """One group's symmetric buffer and the address tables the kernel reads."""
     group: dist.ProcessGroup
-    name: str                             # the group's name, as the symm_mem ops take it
-    numel: int
-    buffers: dict[torch.dtype, Tensor]
-    fused_copy: bool                      # torch has one_shot_all_reduce_copy
+    name: str                  # the group's name, as the custom ops take it
+    buffer: Tensor             # this rank's symmetric buffer, uint8
+    buffer_ptrs: Tensor        # int64 [world]: every rank's buffer address, on the device
+    signal_pads: Tensor        # int64 [world]: every rank's signal pad address
+    rank: int
+    world: int
+    pad_bytes: int = DEFAULT_PAD_BYTES
+    offset: int = 0            # the buffer's byte offset in its symmetric block
+    handle: object = None      # the rendezvous handle, kept alive with the buffer
 
-    def refusal(self, x: Tensor) -> str:
-        """Why x goes to NCCL instead ("" when the one-shot path takes it)."""
-        staged = staging_dtype(x.dtype)
-        if staged is None or staged not in self.buffers:
-            return f"{x.dtype} is not staged"
-        if x.numel() > self.numel:
-            return f"{x.numel()} elements exceed the {self.numel}-element staging buffer"
-        if x.numel() * self.buffers[staged].element_size() % MIN_ALIGN:
-            return f"{x.numel()} {staged} elements are not a multiple of {MIN_ALIGN} bytes"
-        if x.device != self.buffers[staged].device:
-            return f"x is on {x.device}, the staging on {self.buffers[staged].device}"
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel()
+
+    def refusal(self, x: Tensor, residual: Tensor | None = None) -> str:
+        """Why x goes to NCCL instead ("" when the one-shot kernel takes it)."""
+        if x.dtype not in DTYPES:
+            return f"{x.dtype} has no one-shot kernel"
+        nbytes = x.numel() * x.element_size()
+        if nbytes > self.nbytes:
+            return f"{nbytes} bytes exceed the {self.nbytes}-byte symmetric buffer"
+        if x.device != self.buffer.device:
+            return f"x is on {x.device}, the symmetric buffer on {self.buffer.device}"
+        if residual is not None and residual.device != x.device:
+            return f"the residual is on {residual.device}, x on {x.device}"
         return ""
 
-    def reduce(self, x: Tensor) -> Tensor:
-        """The sum of x over the group through the one-shot kernel (x must pass `refusal`)."""
-        n = x.numel()
-        if n == 0:
-            return x.new_empty(x.shape)
-        buf = self.buffers[staging_dtype(x.dtype)][:n]   # at offset 0: 16-byte aligned
-        # The fused copy needs x laid out like the buffer (contiguous, its start aligned as
-        # the buffer's); anything else is copied (and cast) into the buffer first.
-        if (self.fused_copy and buf.dtype == x.dtype and x.is_contiguous()
-                and x.storage_offset() * x.element_size() % 16 == 0):
-            out = torch.ops.symm_mem.one_shot_all_reduce_copy(buf, x.view(-1), "sum", self.name)
-        else:
-            buf.view(x.shape).copy_(x)
-            out = torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", self.name)
-        return out.view(x.shape).to(x.dtype)
+    def reduce(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """(residual +) the sum of x over the group, a fresh contiguous tensor (x must pass
+        `refusal`; a strided x or residual is copied contiguous first)."""
+        from hybridgraph.kernels import oneshot
+
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        if x.numel() == 0:
+            return out
+        return oneshot.all_reduce(x.contiguous(), out, self.buffer, self.buffer_ptrs,
+                                  self.signal_pads, self.rank, self.world,
+                                  None if residual is None else residual.contiguous(),
+                                  pad_bytes=self.pad_bytes)
 
 
-# Group name -> its staging: the custom op takes the name (a string, which Dynamo and the
+def buffer_bytes(numel: int, dtypes: Sequence[torch.dtype]) -> int:
+    """Bytes for messages of `numel` elements in the widest of `dtypes` the kernel serves;
+    ValueError when it serves none of them."""
+    served = [d for d in dtypes if d in DTYPES]
+    if not served:
+        raise ValueError(f"no dtype of {list(dtypes)} has a one-shot kernel")
+    return numel * max(d.itemsize for d in served)
+
+
+def tables(handle: object, buffer: Tensor) -> tuple[Tensor, Tensor, int]:
+    """(buffer_ptrs, signal_pads, offset) of a rendezvous handle: int64 address tables on
+    the buffer's device. The buffer's offset in its block is the same on every rank (the
+    ranks allocate alike; `TPGroup._staging` checks it), so every peer's address is its
+    block's plus that offset. Raises where the addresses cannot be right."""
+    why = handle_missing(handle)
+    if why:
+        raise RuntimeError(why)
+    rank, world = int(handle.rank), int(handle.world_size)
+    if not 2 <= world <= MAX_WORLD:
+        raise RuntimeError(f"the one-shot kernel serves 2..{MAX_WORLD} ranks, not {world}")
+    bases = [int(p) for p in handle.buffer_ptrs]
+    pads = [int(p) for p in handle.signal_pad_ptrs]
+    if len(bases) != world or len(pads) != world:
+        raise RuntimeError(f"the handle lists {len(bases)} buffers and {len(pads)} signal "
+                           f"pads for {world} ranks")
+    offset = buffer.data_ptr() - bases[rank]
+    size = getattr(handle, "buffer_size", None)
+    if offset < 0 or (size is not None and offset + buffer.numel() > int(size)):
+        raise RuntimeError(f"the buffer (at {buffer.data_ptr():#x}, {buffer.numel()} bytes) "
+                           f"is not inside its symmetric block (at {bases[rank]:#x})")
+    ptrs = [b + offset for b in bases]
+    if any(p % 16 for p in ptrs) or any(p % 4 for p in pads):
+        raise RuntimeError("symmetric buffers must be 16-byte aligned, signal pads 4-byte")
+    dev = buffer.device
+    return (torch.tensor(ptrs, dtype=torch.int64, device=dev),
+            torch.tensor(pads, dtype=torch.int64, device=dev), offset)
+
+
+# Group name -> its staging: the custom ops take the name (a string, which Dynamo and the
 # dispatcher pass through), not the buffers.
 _STAGING: dict[str, Staging] = {}
 
 
 def create(group: dist.ProcessGroup, device: torch.device, numel: int,
            dtypes: Sequence[torch.dtype]) -> Staging:
-    """Allocate and rendezvous the staging buffers for messages of `dtypes` up to `numel`
+    """Allocate and rendezvous the symmetric buffer for messages of `dtypes` up to `numel`
     elements (collective: every rank of `group` calls it with the same arguments).
-    Raises where symmetric memory does not work here."""
+    Raises where symmetric memory or the kernel does not work here."""
     why = missing()
     if why:
         raise RuntimeError(why)
     import torch.distributed._symmetric_memory as symm_mem
 
+    nbytes = buffer_bytes(numel, dtypes)
     name = group.group_name
     enable(name)
-    buffers = {}
-    for staged in dict.fromkeys(staging_dtype(d) for d in dtypes):
-        if staged is None:
-            continue
-        buf = symm_mem.empty(numel, dtype=staged, device=device)
-        buf.zero_()
-        symm_mem.rendezvous(buf, name)
-        buffers[staged] = buf
-    if not buffers:
-        raise RuntimeError(f"no dtype of {list(dtypes)} has a one-shot kernel")
-    staging = Staging(group, name, numel, buffers,
-                      hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy"))
+    buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+    handle = symm_mem.rendezvous(buf, name)
+    ptrs, pads, offset = tables(handle, buf)
+    pad_bytes = int(getattr(handle, "signal_pad_size", DEFAULT_PAD_BYTES))
+    staging = Staging(group, name, buf, ptrs, pads, int(handle.rank), int(handle.world_size),
+                      pad_bytes, offset, handle)
     register(staging)
     return staging
 
@@ -151,18 +211,46 @@ def drop(name: str) -> None:
     _STAGING.pop(name, None)
 
 
+def _nccl(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    out = x.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(out, group=group)
+    return out
+
+
+def _check_residual(x: Tensor, residual: Tensor) -> None:
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"symm_all_reduce_add: residual is {residual.dtype} "
+                         f"{tuple(residual.shape)}, x {x.dtype} {tuple(x.shape)}: they must match")
+
+
 @torch.library.custom_op(OP, mutates_args=())
 def symm_all_reduce(x: Tensor, group_name: str) -> Tensor:
     """Sum x over the group named `group_name` (its staging made by `create`); a fresh
     tensor, x untouched. A message the staging refuses goes to NCCL."""
     staging = _STAGING[group_name]
     if staging.refusal(x):
-        out = x.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, group=staging.group)
-        return out
+        return _nccl(x, staging.group)
     return staging.reduce(x)
 
 
 @symm_all_reduce.register_fake
 def _fake(x: Tensor, group_name: str) -> Tensor:
     return x.new_empty(x.shape)   # contiguous, as both real paths return
+
+
+@torch.library.custom_op(OP_ADD, mutates_args=())
+def symm_all_reduce_add(x: Tensor, residual: Tensor, group_name: str) -> Tensor:
+    """residual + the sum of x over the group, in one kernel (rounded as `residual + sum`
+    is: the same bits as symm_all_reduce and then the add); a fresh tensor. A message the
+    staging refuses goes to NCCL, then the add."""
+    _check_residual(x, residual)
+    staging = _STAGING[group_name]
+    if staging.refusal(x, residual):
+        return _nccl(x, staging.group).add_(residual)   # contiguous, as the fake says
+    return staging.reduce(x, residual)
+
+
+@symm_all_reduce_add.register_fake
+def _fake_add(x: Tensor, residual: Tensor, group_name: str) -> Tensor:
+    _check_residual(x, residual)
+    return x.new_empty(x.shape)

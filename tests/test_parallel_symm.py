@@ -98,19 +98,19 @@ def _fails() -> symm.Staging:
 
 @pytest.mark.parametrize("asked", ALLREDUCE_CHOICES)
 def test_cpu_ranks_always_use_gloo(asked: str) -> None:
-    method, why, st = choose_allreduce(asked, "cpu", _never)
+    method, why, st = choose_allreduce(asked, "cpu", _never, 2)
     assert (method, st) == ("gloo", None) and "gloo" in why
 
 
 def test_nccl_asked_never_sets_up_symmetric_memory() -> None:
-    assert choose_allreduce("nccl", "cuda", _never) == ("nccl", "asked for", None)
+    assert choose_allreduce("nccl", "cuda", _never, 2) == ("nccl", "asked for", None)
 
 
 @pytest.mark.parametrize("asked", ["auto", "symm_mem"])
 def test_symmetric_memory_where_it_starts(asked: str) -> None:
     """Every dtype: the kernel sums float16 too, so auto no longer sends it to NCCL."""
     st = staging(8192)
-    method, why, got = choose_allreduce(asked, "cuda", lambda: st)
+    method, why, got = choose_allreduce(asked, "cuda", lambda: st, 2)
     assert (method, got) == ("symm_mem", st)
     assert "one-shot Triton kernel" in why and "8192 bytes" in why
 
@@ -118,16 +118,24 @@ def test_symmetric_memory_where_it_starts(asked: str) -> None:
 @pytest.mark.parametrize("asked", ["auto", "symm_mem"])
 def test_nccl_where_symmetric_memory_fails(asked: str, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="hybridgraph.parallel.group"):
-        method, why, st = choose_allreduce(asked, "cuda", _fails)
+        method, why, st = choose_allreduce(asked, "cuda", _fails, 2)
     assert (method, st) == ("nccl", None)
     assert why.startswith(f"{asked}: symmetric memory unavailable") and "no P2P" in why
     # Asked for by name, the fallback is worth a warning; auto just records it.
     assert ("not symm_mem" in caplog.text) == (asked == "symm_mem")
 
 
+def test_auto_keeps_nccl_beyond_two_ranks_and_symm_mem_still_forces_the_kernel() -> None:
+    method, why, st = choose_allreduce("auto", "cuda", _never, 4)   # never set up
+    assert (method, st) == ("nccl", None) and "NCCL at 4 ranks" in why
+    st = staging(8192)
+    assert choose_allreduce("symm_mem", "cuda", lambda: st, 4)[0] == "symm_mem"
+    assert choose_allreduce("auto", "cuda", lambda: st, 2)[0] == "symm_mem"
+
+
 def test_unknown_choice_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown allreduce 'ring'"):
-        choose_allreduce("ring", "cuda", _never)
+        choose_allreduce("ring", "cuda", _never, 2)
 
 
 def test_cpu_group_keeps_gloo() -> None:

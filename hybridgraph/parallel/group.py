@@ -97,8 +97,15 @@ def heartbeat_s() -> float:
     return control_timeout_s() / HEARTBEATS_PER_TIMEOUT
 
 
+# auto takes the one-shot kernel up to this many ranks. Its two barriers grow with the
+# ranks: at 4 it lost to NCCL on a whole model (llama-2-70b fp16 TP=4 on 4x H200, one
+# machine: 13.37 against 12.76 ms/token, TTFT10 17.05 against 15.18 ms) although a lone
+# 16 KB call was faster (16.7 against 24.7 us); at 2 it won (see choose_allreduce).
+AUTO_ONESHOT_MAX_RANKS = 2
+
+
 def choose_allreduce(asked: str, device_type: str, start: Callable[[], symm.Staging],
-                     ) -> tuple[str, str, symm.Staging | None]:
+                     ranks: int) -> tuple[str, str, symm.Staging | None]:
     """(method, why, staging) for EngineConfig.allreduce `asked`: the one owner of the
     choice. CPU ranks always sum over gloo. On CUDA, nccl is NCCL; symm_mem and auto call
     `start` (collective: every rank must reach the same answer) and take our one-shot
@@ -109,13 +116,17 @@ def choose_allreduce(asked: str, device_type: str, start: Callable[[], symm.Stag
     Why auto takes it (2x H200, NVLink, one `bench tp` run each, 2026-11-27): 6.5 us a
     call inside a CUDA graph for an 8 KB float16 message against NCCL's 18.9, and
     llama-2-7b fp16 TP=2 decoded in 3.03 ms/token against 3.23 over NCCL. (Its 10-token
-    TTFT was 4.43 ms against NCCL's 4.13 in the same runs, not yet explained.)"""
+    TTFT was 4.43 ms against NCCL's 4.13 in the same runs, not yet explained.) Beyond
+    AUTO_ONESHOT_MAX_RANKS ranks auto keeps NCCL, without setting up symmetric memory."""
     if asked not in ALLREDUCE_CHOICES:
         raise ValueError(f"unknown allreduce {asked!r}; choose from {', '.join(ALLREDUCE_CHOICES)}")
     if device_type != "cuda":
         return "gloo", f"{asked}: CPU ranks sum over gloo", None
     if asked == "nccl":
         return "nccl", "asked for", None
+    if asked == "auto" and ranks > AUTO_ONESHOT_MAX_RANKS:
+        return "nccl", (f"auto: NCCL at {ranks} ranks (the one-shot kernel decoded slower "
+                        f"beyond {AUTO_ONESHOT_MAX_RANKS}; --allreduce symm_mem forces it)"), None
     try:
         staging = start()
     except Exception as e:  # noqa: BLE001 - no symmetric memory here is an answer, not a crash
@@ -150,7 +161,7 @@ class TPGroup:
         max(max_batch, STAGING_ROWS) rows in the widest of them."""
         numel = max(max_batch, symm.STAGING_ROWS) * hidden
         self.allreduce, self.allreduce_reason, self.staging = choose_allreduce(
-            asked, self.device.type, lambda: self._staging(numel, dtypes))
+            asked, self.device.type, lambda: self._staging(numel, dtypes), self.size)
 
     def _staging(self, numel: int, dtypes: Sequence[torch.dtype]) -> symm.Staging:
         """symm.create on every rank, or an error on every rank: the ranks agree (over

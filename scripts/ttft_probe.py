@@ -107,6 +107,17 @@ def host_split(engine, prompt: list[int], runs: int) -> dict[str, float]:
     return out
 
 
+def replay_ms(graph: torch.cuda.CUDAGraph, rest_s: float = 0.0) -> float:
+    """One replay of `graph` timed with CUDA events, after rest_s of idle."""
+    time.sleep(rest_s)
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    graph.replay()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-2-7b")
@@ -134,26 +145,12 @@ def main() -> None:
             engine.generate(prompt, 1, stop_ids=[])
             torch.cuda.synchronize()
             wall.append((time.perf_counter() - t0) * 1e3)
-        replay = []
+        replay, rested = [], []
         if plan.served is not None:
             graph = runner.cache.graphs[plan.served].graph
-            for _ in range(args.runs):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                graph.replay()
-                b.record()
-                b.synchronize()
-                replay.append(a.elapsed_time(b))
-        rested = []   # each replay after 0.3 s idle: clocks as a first request finds them
-        if plan.served is not None:
-            for _ in range(5):
-                time.sleep(0.3)
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                graph.replay()
-                b.record()
-                b.synchronize()
-                rested.append(a.elapsed_time(b))
+            replay = [replay_ms(graph) for _ in range(args.runs)]
+            # each replay after 0.3 s idle: the clocks a first request finds
+            rested = [replay_ms(graph, rest_s=0.3) for _ in range(5)]
         step = []
         for _ in range(args.runs):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hybridgraph.model.llama import Block, KVCache, Transformer, add_residual, no_reduce
+from hybridgraph.model.llama import Block, KVCache, Transformer, no_reduce
 
 PROJECTIONS = ("qkv", "wo", "w13", "w2", "head")
 MAX_ROWS = 16  # rows one GEMV launch serves (kernels/gemv.py)
@@ -264,18 +264,13 @@ class TritonDecode:
                       ) -> Tensor:
         """The block after attention on a tensor-parallel rank: O and down return this
         rank's partial sum, which is summed over the ranks before the residual add, so
-        neither GEMV may fuse the add (EPI_PLAIN) as the one-rank path does. Where the
-        group offers the add fused into its all-reduce (`layer.reduce_add` set: the
-        one-shot kernel sums and adds in one launch) both adds go there; otherwise
-        `layer.all_reduce` and then the add, which rounds the same. Kept apart so the
+        neither GEMV may fuse the add (EPI_PLAIN) as the one-rank path does. Both adds go
+        through `layer.reduce_add`: the one-shot kernel sums and adds in one launch, other
+        all-reduces (and Block's default) reduce and then add, which rounds the same. Where
+        gate/up is on cuBLAS the first add rides in its norm kernel instead. Kept apart so the
         one-rank path (tuned) stays as it is. x2: [B, hidden]; o: [B, heads * D]."""
-        g, pdl, reduce = self._gemv, self._pdl, layer.all_reduce
-        fused = layer.reduce_add is not add_residual
-
-        def reduce_add(part: Tensor, residual: Tensor) -> Tensor:
-            # The hook may sum in place (NCCL) or return a new tensor: use its result.
-            return layer.reduce_add(part, residual) if fused else residual + reduce(part)
-
+        g, pdl = self._gemv, self._pdl
+        reduce, reduce_add = layer.all_reduce, layer.reduce_add
         att, ff = layer.attention, layer.feed_forward
         b, hidden = x2.shape
         new = x2.new_empty

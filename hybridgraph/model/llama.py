@@ -167,11 +167,6 @@ def no_reduce(x: Tensor) -> Tensor:
     return x
 
 
-def add_residual(part: Tensor, residual: Tensor) -> Tensor:
-    """Block.reduce_add's default: residual + part, with nothing summed over ranks."""
-    return residual + part
-
-
 class Block(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -184,9 +179,14 @@ class Block(nn.Module):
         # which torch.compile traces away and eager pays one Python call for.
         self.all_reduce: Callable[[Tensor], Tensor] = no_reduce
         # residual + all_reduce(part) in one call, where the all-reduce can fuse the add
-        # (the one-shot kernel: parallel/symm.py); set beside all_reduce. Left at the
-        # default, callers that use it (TritonDecode._reduced_tail) reduce, then add.
-        self.reduce_add: Callable[[Tensor, Tensor], Tensor] = add_residual
+        # (the one-shot kernel: parallel/symm.py); set beside all_reduce. The default
+        # reduces, then adds (TritonDecode._reduced_tail calls it either way).
+        self.reduce_add: Callable[[Tensor, Tensor], Tensor] = self.reduce_then_add
+
+    def reduce_then_add(self, part: Tensor, residual: Tensor) -> Tensor:
+        """reduce_add's default: residual + all_reduce(part). The hook may sum in place
+        (NCCL) or return a new tensor: its result is used."""
+        return residual + self.all_reduce(part)
 
     def prefill(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache,
                 rows: Tensor | None = None) -> Tensor:

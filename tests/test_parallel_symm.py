@@ -252,27 +252,32 @@ def test_the_op_falls_back_to_nccl_out_of_place(registered: FakeStaging,
     assert torch.equal(x, torch.ones(80, dtype=torch.float16))
 
 
-def test_compile_keeps_the_op_opaque(registered: FakeStaging, nccl_calls: list) -> None:
-    """fullgraph, dynamic: the op is one node of the traced graph (Dynamo does not trace
-    into it, Inductor does not lower it), with shapes from its fake implementation."""
-    graphs = []
+def _compile_traced(fn):
+    """fn compiled fullgraph and dynamic through a backend that keeps each traced graph;
+    returns (compiled, graphs)."""
+    graphs: list[torch.fx.GraphModule] = []
 
     def backend(gm: torch.fx.GraphModule, inputs):
         graphs.append(gm)
         return gm.forward
 
+    return torch.compile(fn, backend=backend, fullgraph=True, dynamic=True), graphs
+
+
+def _calls_op(gm: torch.fx.GraphModule, op) -> bool:
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    return op in targets or op.default in targets
+
+
+def test_compile_keeps_the_op_opaque(registered: FakeStaging, nccl_calls: list) -> None:
+    """fullgraph, dynamic: the op is one node of the traced graph (Dynamo does not trace
+    into it, Inductor does not lower it), with shapes from its fake implementation."""
     group = _symm_group(registered)
-
-    def block(x: torch.Tensor) -> torch.Tensor:
-        return x + group.all_reduce(x * 3)
-
-    compiled = torch.compile(block, backend=backend, fullgraph=True, dynamic=True)
+    compiled, graphs = _compile_traced(lambda x: x + group.all_reduce(x * 3))
     x = torch.ones(2, 8, dtype=torch.float16)
     assert torch.equal(compiled(x), torch.full((2, 8), 7.0, dtype=torch.float16))
     (gm,) = graphs
-    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-    op = torch.ops.hybridgraph.symm_all_reduce
-    assert op in targets or op.default in targets, targets
+    assert _calls_op(gm, torch.ops.hybridgraph.symm_all_reduce), gm.graph
     assert registered.calls == 1 and not nccl_calls
     # Bigger than the staging, the same compiled code: the op falls back inside.
     big = torch.ones(10, 8, dtype=torch.float16)
@@ -327,21 +332,13 @@ def test_the_add_refuses_a_mismatched_residual(registered: FakeStaging) -> None:
 
 
 def test_compile_keeps_the_add_op_opaque(registered: FakeStaging, nccl_calls: list) -> None:
-    graphs = []
-
-    def backend(gm: torch.fx.GraphModule, inputs):
-        graphs.append(gm)
-        return gm.forward
-
     group = _symm_group(registered)
-    compiled = torch.compile(lambda x: group.all_reduce_add(x * 3, x), backend=backend,
-                             fullgraph=True, dynamic=True)
+    compiled, graphs = _compile_traced(lambda x: group.all_reduce_add(x * 3, x))
     x = torch.ones(2, 8, dtype=torch.float16)
     assert torch.equal(compiled(x), torch.full((2, 8), 7.0, dtype=torch.float16))
     (gm,) = graphs
-    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     op = torch.ops.hybridgraph.symm_all_reduce_add
-    assert op in targets or op.default in targets, targets
+    assert _calls_op(gm, op), gm.graph
     with FakeTensorMode():
         out = op(torch.empty(3, 5, dtype=torch.bfloat16), torch.empty(3, 5, dtype=torch.bfloat16),
                  NAME)

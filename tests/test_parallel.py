@@ -202,3 +202,32 @@ def test_serve_with_tp_2(tmp_path: Path) -> None:
             assert status["allreduce"] == "gloo" and "CPU" in status["allreduce_reason"]
         assert reply["tokens"] == want
     assert srv.proc is not None and srv.proc.returncode == 0, srv.log()
+
+
+def test_leader_exit_releases_the_followers_then_closes_the_group() -> None:
+    """The atexit handler: STOP first (even when a follower is gone already), then the
+    group is closed before the interpreter's teardown can destroy it live."""
+    import threading
+
+    from hybridgraph.parallel.control import _stop_quietly
+
+    events: list[str] = []
+
+    class Group:
+        def close(self) -> None:
+            events.append("close")
+
+    class Leader:
+        heartbeat_s, group = 1.0, Group()
+        _beat = threading.Thread(target=lambda: events.append("beat ends"))
+
+        def stop(self) -> None:
+            events.append("stop")
+            raise RuntimeError("a follower is gone")
+
+    leader = Leader()
+    leader._beat.start()
+    _stop_quietly(leader)  # type: ignore[arg-type]
+    # the heartbeat thread is joined before the close; it may end before or after STOP
+    assert events[-1] == "close" and events.index("stop") < events.index("close")
+    assert events.index("beat ends") < events.index("close")

@@ -147,10 +147,16 @@ def lead(engine: Engine, group: TPGroup) -> Leader:
 
 
 def _stop_quietly(leader: Leader) -> None:
+    """At exit: release the followers, then close the group as a follower does
+    (`follow_main`), so the interpreter's teardown never destroys a live gloo group under
+    the heartbeat thread (seen once: rank 0 aborted at exit under torchrun on the CPU,
+    "terminate called without an active exception", after its work was done)."""
     try:
         leader.stop()
     except RuntimeError:
         pass  # a follower is gone already: nothing left to release
+    leader._beat.join(timeout=leader.heartbeat_s)  # it returns once it sees `stopped`
+    leader.group.close()
 
 
 def follow(engine: Engine, group: TPGroup) -> int:

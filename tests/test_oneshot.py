@@ -13,6 +13,8 @@ graph replay, bfloat16 (the interpreter computes it wrongly): tests/gpu/test_one
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -70,6 +72,63 @@ def test_repeated_calls_reuse_the_pads() -> None:
     parts = _parts(2, (2, 1024), F16, seed=3)
     ranks = HostRanks(2, 2 * 1024 * 2)
     got = _run(ranks, 1, parts, calls=3)
+    assert torch.equal(got, oneshot.reference(parts)) and ranks.pads_clear()
+
+
+class _FastPeer(HostRanks):
+    """Three ranks, one program; rank 0 runs the kernel. Peer 1 is fast and peer 2 slow:
+    the rank's barrier lanes must leave a peer alone once its lane is through."""
+
+    def _play_peers(self, rank: int, programs: int, calls: int, deadline: float) -> None:
+        pad, p, q = self.pads, 1, 2
+        self.seen: list[int] = []
+
+        def until(t: torch.Tensor, slot: int, value: int) -> None:
+            while int(t[slot]) != value:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"slot {slot} never became {value}")
+                time.sleep(0.0002)
+
+        # Barrier 1. Rank 0's put to q finds q's slot still raised (q has not consumed a
+        # previous signal), so its put lane to q keeps retrying while p's lane is through.
+        until(pad[0], p, 0)
+        pad[0][p] = 1                     # p signals rank 0
+        until(pad[p], 0, 1)
+        pad[p][0] = 0                     # and consumes rank 0's signal: p is through
+        time.sleep(0.2)                   # rank 0 retries its put to q meanwhile
+        self.seen.append(int(pad[p][0]))  # a second put to p would show here as 1
+        pad[q][0] = 0                     # q consumes the old signal: rank 0's put lands
+        until(pad[0], p, 0)               # rank 0 took p's signal; p signals its NEXT
+        pad[0][p] = 1                     # barrier before q has signalled this one
+        time.sleep(0.2)                   # rank 0 waits on q with p's lane through
+        until(pad[0], q, 0)
+        pad[0][q] = 1
+        until(pad[q], 0, 1)
+        pad[q][0] = 0
+        # Barrier 2: p's signal is already there (unless rank 0 took it too early).
+        until(pad[p], 0, 1)
+        pad[p][0] = 0
+        until(pad[q], 0, 1)
+        pad[q][0] = 0
+        until(pad[0], q, 0)
+        pad[0][q] = 1
+
+
+@needs_interpreter
+def test_barrier_lanes_leave_a_peer_alone_once_through() -> None:
+    """A lane that is through swaps 0 for 0: it neither signals its peer twice nor takes
+    the signal that peer already sent for the next barrier (that would deadlock it)."""
+    parts = _parts(3, (1, 256), F32, seed=6)
+    ranks = _FastPeer(3, 256 * 4)
+    ranks.pads[2][0] = 1                  # q's slot for rank 0 still raised
+    ranks.fill(parts)
+    out = torch.empty_like(parts[0])
+
+    def launch():
+        return oneshot.all_reduce(parts[0], out, ranks.buffers[0], ranks.buffer_ptrs,
+                                  ranks.signal_pads, 0, 3, pad_bytes=ranks.pad_bytes)
+    got = ranks.run(0, 1, launch, timeout_s=30.0)
+    assert ranks.seen == [0]
     assert torch.equal(got, oneshot.reference(parts)) and ranks.pads_clear()
 
 

@@ -16,15 +16,18 @@ float16 had to be staged through float32 around it (three launches). Here one la
 
 The barrier (`_barrier`): program b of rank r raises pad_of_peer[b * world + r] from 0 to 1
 (a compare-and-swap loop: the slot is still 1 while the peer has not consumed the previous
-signal), then lowers its own pad[b * world + peer] from 1 back to 0 for every peer. Every
-put is matched by exactly one wait, in the same order on both sides, so the pads end every
-call at zero: nothing to reset between calls, and the kernel can sit in a CUDA graph and be
-replayed forever. Release on the put and acquire on the wait, both at system scope (peer
-memory), with a CTA barrier on either side: all of a program's stores precede its signal,
-and no thread reads a peer before the signal has arrived. A scalar atomic runs on one thread
-of the program and its result is broadcast to all (Triton), so every thread leaves the loop
-together. Torch's own one-shot kernels use the same slot layout and protocol, so sharing a
-signal pad with them (the symmetric pool may place two buffers in one block) stays sound.
+signal), then lowers its own pad[b * world + peer] from 1 back to 0 for every peer. Each
+peer has its own lane (thread), so the round trips to all peers overlap; a lane that is
+through swaps 0 for 0 until the others are, never signalling twice nor taking a signal its
+peer already sent for the next barrier. Every put is matched by exactly one wait, so the
+pads end every call at zero: nothing to reset between calls, and the kernel can sit in a
+CUDA graph and be replayed forever. Release on the put and acquire on the wait, both at
+system scope (peer memory), with a CTA barrier on either side: all of a program's stores
+precede its signal, and no thread reads a peer before the signal has arrived. The loops'
+conditions are reductions over the lanes, so every thread leaves them together. Torch's own
+one-shot kernels use the same slot layout and protocol (one thread per peer too), so
+sharing a signal pad with them (the symmetric pool may place two buffers in one block)
+stays sound.
 
 Pointers: every rank's buffer and signal pad address sit in int64 tensors and become
 pointers in the kernel (`.to(tl.pointer_type(...))`). The CPU tests run this kernel in
@@ -55,28 +58,43 @@ VECTOR_BYTES = 16          # one 16-byte load per thread per step
 
 
 @triton.jit
-def _barrier(pad_ptrs, pid, rank, WORLD: tl.constexpr):
-    """Program `pid` meets program `pid` of every peer (see the module docstring)."""
+def _barrier(pad_ptrs, pid, rank, WORLD: tl.constexpr, LANES: tl.constexpr):
+    """Program `pid` meets program `pid` of every peer (see the module docstring). One lane
+    per peer, so the remote atomics (each a round trip over NVLink) to all peers are in
+    flight at once: one after another they cost a round trip per peer, which is what made
+    the kernel lose to NCCL at 4 ranks (KERNELS.md run 9)."""
     tl.debug_barrier()  # every thread's stores are made before the release below
-    for p in tl.static_range(WORLD):
-        if p != rank:
-            peer = tl.load(pad_ptrs + p).to(tl.pointer_type(tl.int32))
-            while tl.atomic_cas(peer + pid * WORLD + rank, 0, 1, sem="release",
-                                scope="sys") != 0:
-                pass
+    lane = tl.arange(0, LANES)
+    peer = (lane < WORLD) & (lane != rank)
+    # Lanes that are not peers (this rank, padding) point at this rank's own slot of its
+    # own pad, which no one signals, and compare-and-swap 0 for 0: they never write.
+    idx = tl.where(peer, lane, rank)
+    pads = tl.load(pad_ptrs + idx).to(tl.pointer_type(tl.int32))
+    one = tl.where(peer, 1, 0)
+    zero = tl.zeros([LANES], dtype=tl.int32)
+    # Put: raise our slot on every peer's pad, 0 -> 1 (it is still 1 while that peer has
+    # not consumed our previous signal). A lane that got through swaps 0 for 0 from then on.
+    todo = peer
+    while tl.max(todo.to(tl.int32), axis=0) > 0:
+        old = tl.atomic_cas(pads + pid * WORLD + rank, zero, tl.where(todo, one, zero),
+                            sem="release", scope="sys")
+        todo = todo & (old != 0)
+    # Wait: consume every peer's signal on our own pad, 1 -> 0. A lane that got through
+    # swaps 0 for 0: its peer may already have signalled its next barrier, not ours to take.
     own = tl.load(pad_ptrs + rank).to(tl.pointer_type(tl.int32))
-    for p in tl.static_range(WORLD):
-        if p != rank:
-            while tl.atomic_cas(own + pid * WORLD + p, 1, 0, sem="acquire",
-                                scope="sys") != 1:
-                pass
+    slots = own + pid * WORLD + idx
+    todo = peer
+    while tl.max(todo.to(tl.int32), axis=0) > 0:
+        old = tl.atomic_cas(slots, tl.where(todo, one, zero), zero, sem="acquire",
+                            scope="sys")
+        todo = todo & (old != 1)
     tl.debug_barrier()  # no thread reads a peer's buffer before the acquire above
 
 
 @triton.jit
 def _oneshot_kernel(x_ptr, res_ptr, out_ptr, buf_ptr, buf_ptrs, pad_ptrs, n, chunk, rank,
                     WORLD: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
-                    BARRIER: tl.constexpr):
+                    BARRIER: tl.constexpr, LANES: tl.constexpr):
     pid = tl.program_id(0)
     start = pid * chunk
     end = tl.minimum(start + chunk, n)
@@ -86,7 +104,7 @@ def _oneshot_kernel(x_ptr, res_ptr, out_ptr, buf_ptr, buf_ptrs, pad_ptrs, n, chu
         mask = offs < end
         tl.store(buf_ptr + offs, tl.load(x_ptr + offs, mask=mask), mask=mask)
     if BARRIER:
-        _barrier(pad_ptrs, pid, rank, WORLD)
+        _barrier(pad_ptrs, pid, rank, WORLD, LANES)
     for t in range(start, end, BLOCK):
         offs = t + tl.arange(0, BLOCK)
         mask = offs < end
@@ -100,7 +118,7 @@ def _oneshot_kernel(x_ptr, res_ptr, out_ptr, buf_ptr, buf_ptrs, pad_ptrs, n, chu
             total = (res.to(tl.float32) + total.to(tl.float32)).to(dtype)
         tl.store(out_ptr + offs, total, mask=mask)
     if BARRIER:
-        _barrier(pad_ptrs, pid, rank, WORLD)
+        _barrier(pad_ptrs, pid, rank, WORLD, LANES)
 
 
 def launch_plan(numel: int, element_size: int, world: int,
@@ -177,7 +195,7 @@ def all_reduce(x: Tensor, out: Tensor, buffer: Tensor, buffer_ptrs: Tensor,
     _oneshot_kernel[(programs,)](
         x, residual if residual is not None else x, out, staged, buffer_ptrs, signal_pads,
         n, chunk, rank, WORLD=world, BLOCK=block, HAS_RES=residual is not None,
-        BARRIER=barrier, num_warps=NUM_WARPS)
+        BARRIER=barrier, LANES=triton.next_power_of_2(world), num_warps=NUM_WARPS)
     return out
 
 

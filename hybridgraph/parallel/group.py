@@ -97,10 +97,12 @@ def heartbeat_s() -> float:
     return control_timeout_s() / HEARTBEATS_PER_TIMEOUT
 
 
-# auto takes the one-shot kernel up to this many ranks. Its two barriers grow with the
-# ranks: at 4 it lost to NCCL on a whole model (llama-2-70b fp16 TP=4 on 4x H200, one
-# machine: 13.37 against 12.76 ms/token, TTFT10 17.05 against 15.18 ms) although a lone
-# 16 KB call was faster (16.7 against 24.7 us); at 2 it won (see choose_allreduce).
+# auto takes the one-shot kernel up to this many ranks. At 4 it lost to NCCL on a whole
+# model (llama-2-70b fp16 TP=4 on 4x H200, one machine: 13.37 against 12.76 ms/token,
+# TTFT10 17.05 against 15.18 ms) while its barrier signalled the peers one after another
+# (16.7 us a 16 KB call). With one lane per peer a call takes 8.0 us against NCCL's ~40 in
+# the same micro-benchmark (KERNELS.md run 9), but the whole model has not been re-run at
+# 4 ranks, so auto stays with NCCL there until it is; at 2 it won (see choose_allreduce).
 AUTO_ONESHOT_MAX_RANKS = 2
 
 
@@ -115,8 +117,9 @@ def choose_allreduce(asked: str, device_type: str, start: Callable[[], symm.Stag
 
     Why auto takes it (2x H200, NVLink, one `bench tp` run each, 2026-11-27): 6.5 us a
     call inside a CUDA graph for an 8 KB float16 message against NCCL's 18.9, and
-    llama-2-7b fp16 TP=2 decoded in 3.03 ms/token against 3.23 over NCCL. (Its 10-token
-    TTFT was 4.43 ms against NCCL's 4.13 in the same runs, not yet explained.) Beyond
+    llama-2-7b fp16 TP=2 decoded in 3.03 ms/token against 3.23 over NCCL, on two machines.
+    (The 10-token TTFT swung by ~0.3 ms either way between them: 4.43 against 4.13, then
+    4.10 against 4.36.) Beyond
     AUTO_ONESHOT_MAX_RANKS ranks auto keeps NCCL, without setting up symmetric memory."""
     if asked not in ALLREDUCE_CHOICES:
         raise ValueError(f"unknown allreduce {asked!r}; choose from {', '.join(ALLREDUCE_CHOICES)}")

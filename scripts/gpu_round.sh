@@ -8,6 +8,9 @@
 #                                                   (TAG=name keeps two runs of one model apart)
 #   scripts/gpu_round.sh base-ablation              ablation of the tree in .base (a copy of
 #                                                   an older commit) -> $OUT/base-ablation.tgz
+#   scripts/gpu_round.sh allreduce N [ARGS]         all-reduce per call on N ranks, no model
+#                                                   (scripts/allreduce_bench.py), for .base
+#                                                   first if it exists, then this tree
 # (The tool brings back at most 8 files: result folders travel as one tarball each.)
 # Several steps: scripts/gpu_round.sh tests && scripts/gpu_round.sh bench llama-2-7b ablation
 set -uo pipefail
@@ -42,5 +45,13 @@ case "${1:-}" in
     (cd "$root/.base" && PYTHONPATH=$root/.base${PYTHONPATH:+:$PYTHONPATH} python3 -m hybridgraph.cli bench ablation \
       --model llama-2-7b --out /tmp/res/base-ablation 2>&1 | grep -v "it/s\]" | tail -30)
     tar czf "$OUT/base-ablation.tgz" -C /tmp/res base-ablation ;;
-  *) echo "usage: $0 tests | tests-tp | tests-tp4 | bench MODEL SUITES [ARGS] | base-ablation" >&2; exit 2 ;;
+  allreduce)
+    n=$2; shift 2
+    for tree in base new; do
+      dir=$root; [ $tree = base ] && dir=$root/.base
+      [ -d "$dir/hybridgraph" ] || continue
+      (cd "$root" && PYTHONPATH=$dir${PYTHONPATH:+:$PYTHONPATH} torchrun --nproc-per-node "$n" \
+        scripts/allreduce_bench.py --tag "$tree" "$@" 2>&1 | grep -v "^W[0-9]" | tail -30)
+    done ;;
+  *) echo "usage: $0 tests | tests-tp | tests-tp4 | bench MODEL SUITES [ARGS] | base-ablation | allreduce N [ARGS]" >&2; exit 2 ;;
 esac

@@ -24,7 +24,9 @@ pads end every call at zero: nothing to reset between calls, and the kernel can 
 CUDA graph and be replayed forever. Release on the put and acquire on the wait, both at
 system scope (peer memory), with a CTA barrier on either side: all of a program's stores
 precede its signal, and no thread reads a peer before the signal has arrived. The loops'
-conditions are reductions over the lanes, so every thread leaves them together. Torch's own
+conditions are reductions over the lanes, so every thread leaves them together: a lane's
+atomic runs once, on one thread, and Triton hands its result to every thread that holds a
+copy of the lane (its finalizeTensorAtomicResults). Torch's own
 one-shot kernels use the same slot layout and protocol (one thread per peer too), so
 sharing a signal pad with them (the symmetric pool may place two buffers in one block)
 stays sound.

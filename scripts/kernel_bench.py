@@ -249,6 +249,25 @@ def attention_section(name: str, dtype: torch.dtype) -> None:
                 TBps=round(nbytes / us / 1e6, 3))
 
 
+def plan_options(opts: list[str]) -> dict:
+    """KernelPlan keywords from a plan name's options: pdl | pdl-late (else PDL off), pfN
+    (every GEMV prefetches N lines a row), wopfN (the O GEMV prefetches N), attn0 | attn1
+    (attention lets O launch after its key loop | at once; default: the plan's), btN
+    (attention keys per tile)."""
+    pdl = next((o for o in opts if o.startswith("pdl")), "")
+    kw: dict = dict(pdl=pdl.startswith("pdl"), pdl_late=pdl == "pdl-late")
+    for o in opts:
+        if o.startswith("pf"):
+            kw["prefetch"] = int(o[2:])
+        elif o.startswith("wopf"):
+            kw["wo_prefetch"] = int(o[4:])
+        elif o in ("attn0", "attn1"):
+            kw["attn_early"] = o == "attn1"
+        elif o.startswith("bt"):
+            kw["block_t"] = int(o[2:])
+    return kw
+
+
 def decode_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: list[str],
                    tuned: dict | None = None, window: int = 512, rows: int = 1) -> None:
     from hybridgraph.model.fast_decode import PROJECTIONS, KernelPlan, TritonDecode
@@ -263,14 +282,12 @@ def decode_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: list
     ids = torch.full((rows,), 5, device="cuda")
     pos = torch.full((rows,), window // 2, device="cuda")
     fns = {}
-    for plan in plans:  # "inductor", "eager", or "<proj+proj...|none>[:pdl[-late]][:pfN]"
+    for plan in plans:  # "inductor", "eager", or "<proj+proj...|none>[:option]..." (plan_options)
         if plan in ("inductor", "eager"):
             blk = compiled_blocks()[1] if plan == "inductor" else Block.decode
             fns[plan] = lambda i, blk=blk: model.decode(ids, pos, window, block=blk)
         else:
-            projs, _, pdl = plan.partition(":")
-            pdl, _, pf = pdl.partition(":")
-            prefetch = int(pf.removeprefix("pf")) if pf else None
+            projs, *opts = plan.split(":")
             tuned = tuned or {}
             if projs == "auto":  # each projection where its best GEMV beat cuBLAS + glue
                 gemvs = tuple(p for p, (_, t, c) in tuned.items() if t < c)
@@ -284,17 +301,15 @@ def decode_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: list
                 configs = {p: tuned[p][0] for p in gemvs if p in tuned}
             # A named set serves every batch size; "default" keeps the plan's batched set.
             batched = {} if projs == "default" else {"gemv_batched": gemvs}
-            fast = TritonDecode(model, rows, KernelPlan(gemv=gemvs, pdl=pdl.startswith("pdl"),
-                                                     pdl_late=pdl == "pdl-late",
-                                                     configs=configs, prefetch=prefetch,
-                                                     **batched))
+            fast = TritonDecode(model, rows, KernelPlan(gemv=gemvs, configs=configs,
+                                                     **plan_options(opts), **batched))
             print(plan, "->", gemvs, {p: list(c) for p, c in configs.items()}, flush=True)
             fns[plan] = lambda i, fast=fast: fast.forward(ids, pos, window)
     for plan, fn in fns.items():
         with torch.no_grad():
             t0 = time.time()
             us = graph_time(fn, 4)
-        row(section="decode", model=name, plan=plan, rows=rows, ms=round(us / 1e3, 4),
+        row(section="decode", model=name, plan=plan, rows=rows, window=window, ms=round(us / 1e3, 4),
             floor_ms=round(floor_us / 1e3, 4), floor_frac=round(floor_us / us, 3),
             setup_s=round(time.time() - t0, 1))
     model.caches = torch.nn.ModuleList()
@@ -315,7 +330,7 @@ def prefill_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: lis
                     tokens: list[int]) -> None:
     """TTFT's forward: one prompt of t tokens into cache row 0, logits of its last token.
     Plans: "inductor" (Transformer.prefill, compiled block, as Steps runs it today) or
-    "<default|all|none|proj+proj...>[:pdl[-late]]" for TritonDecode.prefill, the
+    "<default|all|none|proj+proj...>[:option]..." (plan_options) for TritonDecode.prefill, the
     projections on the GEMV for every row count (default: KernelPlan's own)."""
     from hybridgraph.model.fast_decode import PROJECTIONS, KernelPlan, TritonDecode
     from hybridgraph.model.loader import random_model
@@ -329,8 +344,8 @@ def prefill_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: lis
     for plan in plans:
         if plan == "inductor":
             continue
-        projs, _, pdl = plan.partition(":")
-        kw = dict(pdl=pdl.startswith("pdl"), pdl_late=pdl == "pdl-late")
+        projs, *opts = plan.split(":")
+        kw = plan_options(opts)
         if projs != "default":
             gemvs = PROJECTIONS if projs == "all" else () if projs == "none" else \
                 tuple(projs.split("+"))
@@ -374,6 +389,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1")
     ap.add_argument("--models", default="llama-2-7b,llama-3.2-1b", help="decode section")
     ap.add_argument("--decode-rows", default="1", help="decode section: batch rows, e.g. 1,4,16")
+    ap.add_argument("--decode-windows", default="512",
+                    help="decode section: attention windows (position: half the window)")
     ap.add_argument("--plans", default="inductor,none:pdl,wo+w2,default:pdl,wo+w2:pdl-late,"
                     "auto,auto:pdl-late,all,all:pdl-late")
     ap.add_argument("--prefill-tokens", default="10", help="prefill section: prompt lengths")
@@ -406,8 +423,9 @@ def main() -> None:
             if name not in a.models.split(","):
                 continue
             for r in (int(x) for x in a.decode_rows.split(",")):
-                guarded(decode_section, name, dtype, tbps, a.plans.split(","), tuned.get(name),
-                        512, r)
+                for w in (int(x) for x in a.decode_windows.split(",")):
+                    guarded(decode_section, name, dtype, tbps, a.plans.split(","),
+                            tuned.get(name), w, r)
     if "prefill" in sections:
         for name, dtype in (("llama-2-7b", torch.float16), ("llama-3.2-1b", torch.bfloat16)):
             if name in a.models.split(","):

@@ -178,6 +178,22 @@ def test_kernel_plan_picks_projections_by_rows() -> None:
     assert KernelPlan(gemv=("wo",), gemv_batched=None).uses(8) == ("wo",)
 
 
+def test_o_projection_prefetches_while_attention_runs() -> None:
+    """The one-row O GEMV follows attention, which leaves HBM idle: it takes the deeper
+    idle_prefetch rule (or the plan's wo_prefetch); the other projections keep theirs.
+    Hidden 4096 as llama-2-7b: O splits K in 2, so half a slice is 16 lines, not 4."""
+    from dataclasses import replace
+
+    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
+    wide = replace(SMALL, hidden_size=4096, num_heads=32, num_kv_heads=32, num_layers=1)
+    model = random_model(wide, torch.device("cpu"), F16, seed=1)
+    model.setup_caches(1, 64)
+    fast = TritonDecode(model, 1, KernelPlan(pdl=False))
+    assert fast.configs["wo"].prefetch == 16
+    assert fast.configs["w2"].prefetch == fast.configs["qkv"].prefetch == 4
+    assert TritonDecode(model, 1, KernelPlan(wo_prefetch=8)).configs["wo"].prefetch == 8
+
+
 @needs_interpreter
 def test_batches_over_max_rows_decode_on_the_blocks() -> None:
     """KernelPlan.max_rows: the kernels serve buckets up to it; Steps runs larger ones on

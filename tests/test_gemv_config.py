@@ -7,6 +7,7 @@ from hybridgraph.kernels.gemv_config import (
     EPI_ROPE,
     EPI_SILU,
     default_config,
+    idle_prefetch,
     n_tiles,
     rope_half,
     workspace_floats,
@@ -51,3 +52,20 @@ def test_tiles_and_workspace():
     assert workspace_floats(10, 1, 16) == 0                 # unsplit needs none
     assert workspace_floats(10, 2, 16, 1) == 10 * 2 * (2 * 16 + 1)
     assert rope_half(64, 128) == 64 and rope_half(48, 64) == 16
+
+
+@pytest.mark.parametrize(("n", "k", "lines"), [
+    (4096, 4096, 16),   # llama-2-7b O: split 2, 2048 of K a program = 32 lines, half of them
+    (2048, 2048, 4),    # llama-3.2-1b O: split 4, 512 of K = 8 lines
+    (8192, 2048, 16),   # llama-2-70b O on a TP=4 rank: unsplit, 32 lines
+])
+def test_o_projection_prefetches_half_its_slice(n, k, lines):
+    c = default_config(n, k, 132, EPI_RESID)
+    assert idle_prefetch(k, c) == lines
+    assert idle_prefetch(k, c._replace(prefetch=64)) == 64  # never below the config's own
+
+
+def test_idle_prefetch_is_a_power_of_two():
+    for k in (256, 768, 1000, 3072, 5120, 11008):
+        p = idle_prefetch(k, default_config(4096, k, 132, EPI_RESID))
+        assert p >= 4 and p & (p - 1) == 0

@@ -57,6 +57,17 @@ def default_config(n: int, k: int, sms: int = 132, epi: int = EPI_PLAIN,
                       dot=False)
 
 
+def idle_prefetch(k: int, cfg: GemvConfig, itemsize: int = 2) -> int:
+    """L2 lines per weight row for a one-row GEMV that follows a kernel which barely uses
+    HBM (the O projection after attention): half of each program's K slice, at least the
+    config's own. Launched early (PDL), it fetches that much while attention runs. Half
+    measured best on llama-2-7b (16 of 32 lines) and llama-3.2-1b (4 of 8); the whole slice
+    and more were slower (KERNELS.md run 10)."""
+    k_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    lines = max(1, k_split * itemsize // 128 // 2)
+    return max(cfg.prefetch, 1 << (lines.bit_length() - 1))  # a power of two (tl.arange)
+
+
 def n_tiles(epi: int, n: int, half: int, d_half: int) -> int:
     if epi == EPI_SILU:
         return triton.cdiv(n, half)

@@ -56,6 +56,10 @@ class KernelPlan:
     block_t: int = 64                       # keys per attention tile
     prefetch: int | None = None             # L2 lines per weight row each GEMV program
     #                                         prefetches before its PDL wait (None: config's)
+    attn_early: bool = True                 # one row: attention lets the O GEMV launch at
+    #                                         once (PDL), so O's prefetch overlaps attention
+    wo_prefetch: int | None = None          # L2 lines per row the one-row O GEMV prefetches
+    #                                         (None: gemv_config.idle_prefetch's rule)
     max_rows: int = 16                      # decode batches of up to this many rows run on
     #                                         the kernels; larger ones on the model's blocks
     prefill_rows: int = 16                  # one-prompt prefills of up to this many tokens
@@ -120,6 +124,9 @@ class TritonDecode:
                 c = gemv.default_config(n, k, self.sms, epi, norm=norm, d_half=self.d // 2)
             if self.plan.prefetch is not None:
                 c = c._replace(prefetch=self.plan.prefetch)
+            if name == "wo" and not c.dot:  # attention leaves HBM idle: prefetch more
+                wpf = self.plan.wo_prefetch
+                c = c._replace(prefetch=gemv.idle_prefetch(k, c) if wpf is None else wpf)
             self.configs[name] = c
             # Sized for the config and for its multi-row rule (gemv swaps a one-row
             # register config for the batched tensor-core config when more rows come).
@@ -226,9 +233,12 @@ class TritonDecode:
                                   pdl=pdl)
             glue.rope_kv(F.linear(xn, att.wqkv.weight), cos2, sin2, pos, cache.k, cache.v, q,
                          self.heads, self.kv, pdl=pdl, cache_rows=cache_rows)
+        # One row: the O GEMV may launch at once and prefetch its weights while attention
+        # runs (HBM is idle then); with more rows that cost more than it gave (run 10).
+        early = self.plan.attn_early and pdl and b == 1 and "wo" in on_gemv
         o = self._attn.decode_attention(q, cache.k, cache.v, pos, window, new(q.shape),
-                                        self.ws, block_t=self.plan.block_t, pdl=pdl,
-                                        cache_rows=cache_rows)
+                                        self.ws, block_t=self.plan.block_t,
+                                        pdl=1 if early else pdl, cache_rows=cache_rows)
         if layer.all_reduce is not no_reduce:  # a tensor-parallel rank
             return self._reduced_tail(layer, x2, o, on_gemv).view(b, 1, hidden)
         inter = ff.w2.weight.shape[1]

@@ -17,7 +17,7 @@ from hybridgraph.runtime.modes import BACKENDS, CAPTURE_MODES, KERNEL_CHOICES, M
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 # Tensor-parallel all-reduce (parallel/group.py choose_allreduce): auto is our one-shot
 # Triton kernel over symmetric memory (kernels/oneshot.py: one launch a call, fp16, bf16
-# and fp32 alike, the residual add fused on the Triton decode) at 2 ranks where it works
+# and fp32 alike, the residual add fused on the Triton decode) at 2-4 ranks where it works
 # on this host, else NCCL; symm_mem asks for it by name; CPU ranks always sum over gloo.
 ALLREDUCE_CHOICES = ("auto", "nccl", "symm_mem")
 
@@ -119,9 +119,9 @@ class EngineConfig:
                        help="tensor-parallel ranks: N processes, one GPU each (gloo on CPU); "
                             "started here, or under torchrun with --nproc-per-node N")
         p.add_argument("--allreduce", default="auto", choices=list(ALLREDUCE_CHOICES),
-                       help="tp > 1 on GPUs: auto (at 2 ranks the one-shot Triton kernel over "
+                       help="tp > 1 on GPUs: auto (at 2-4 ranks the one-shot Triton kernel over "
                             "symmetric memory, any dtype, where this host supports it; NCCL "
-                            "otherwise, at 4+ ranks and for messages over its buffer), nccl, "
+                            "otherwise, beyond 4 ranks and for messages over its buffer), nccl, "
                             "symm_mem (the kernel at any rank count)")
 
 

@@ -125,12 +125,13 @@ def test_nccl_where_symmetric_memory_fails(asked: str, caplog: pytest.LogCapture
     assert ("not symm_mem" in caplog.text) == (asked == "symm_mem")
 
 
-def test_auto_keeps_nccl_beyond_two_ranks_and_symm_mem_still_forces_the_kernel() -> None:
-    method, why, st = choose_allreduce("auto", "cuda", _never, 4)   # never set up
-    assert (method, st) == ("nccl", None) and "NCCL at 4 ranks" in why
+def test_auto_keeps_nccl_beyond_four_ranks_and_symm_mem_still_forces_the_kernel() -> None:
+    method, why, st = choose_allreduce("auto", "cuda", _never, 8)   # never set up
+    assert (method, st) == ("nccl", None) and "NCCL at 8 ranks" in why
     st = staging(8192)
-    assert choose_allreduce("symm_mem", "cuda", lambda: st, 4)[0] == "symm_mem"
+    assert choose_allreduce("symm_mem", "cuda", lambda: st, 8)[0] == "symm_mem"
     assert choose_allreduce("auto", "cuda", lambda: st, 2)[0] == "symm_mem"
+    assert choose_allreduce("auto", "cuda", lambda: st, 4)[0] == "symm_mem"
 
 
 def test_unknown_choice_is_refused() -> None:

@@ -97,13 +97,11 @@ def heartbeat_s() -> float:
     return control_timeout_s() / HEARTBEATS_PER_TIMEOUT
 
 
-# auto takes the one-shot kernel up to this many ranks. At 4 it lost to NCCL on a whole
-# model (llama-2-70b fp16 TP=4 on 4x H200, one machine: 13.37 against 12.76 ms/token,
-# TTFT10 17.05 against 15.18 ms) while its barrier signalled the peers one after another
-# (16.7 us a 16 KB call). With one lane per peer a call takes 8.0 us against NCCL's ~40 in
-# the same micro-benchmark (KERNELS.md run 9), but the whole model has not been re-run at
-# 4 ranks, so auto stays with NCCL there until it is; at 2 it won (see choose_allreduce).
-AUTO_ONESHOT_MAX_RANKS = 2
+# auto takes the one-shot kernel up to this many ranks: measured winning on whole models at
+# 2 and 4 (llama-2-70b fp16 TP=4 on 4x H200, one machine, 2026-11-27: 11.89 against 12.86
+# ms/token over NCCL, 8.2 against 25.0 us a call; KERNELS.md run 9 for the barrier that
+# made it win, README for the TTFT). Not measured beyond 4 ranks, so auto keeps NCCL there.
+AUTO_ONESHOT_MAX_RANKS = 4
 
 
 def choose_allreduce(asked: str, device_type: str, start: Callable[[], symm.Staging],
@@ -119,8 +117,9 @@ def choose_allreduce(asked: str, device_type: str, start: Callable[[], symm.Stag
     call inside a CUDA graph for an 8 KB float16 message against NCCL's 18.9, and
     llama-2-7b fp16 TP=2 decoded in 3.03 ms/token against 3.23 over NCCL, on two machines.
     (The 10-token TTFT swung by ~0.3 ms either way between them: 4.43 against 4.13, then
-    4.10 against 4.36.) Beyond
-    AUTO_ONESHOT_MAX_RANKS ranks auto keeps NCCL, without setting up symmetric memory."""
+    4.10 against 4.36.) At 4 ranks (4x H200): llama-2-70b fp16 TP=4 11.89 against 12.86.
+    Beyond AUTO_ONESHOT_MAX_RANKS ranks auto keeps NCCL, without setting up symmetric
+    memory."""
     if asked not in ALLREDUCE_CHOICES:
         raise ValueError(f"unknown allreduce {asked!r}; choose from {', '.join(ALLREDUCE_CHOICES)}")
     if device_type != "cuda":
@@ -128,8 +127,8 @@ def choose_allreduce(asked: str, device_type: str, start: Callable[[], symm.Stag
     if asked == "nccl":
         return "nccl", "asked for", None
     if asked == "auto" and ranks > AUTO_ONESHOT_MAX_RANKS:
-        return "nccl", (f"auto: NCCL at {ranks} ranks (the one-shot kernel decoded slower "
-                        f"beyond {AUTO_ONESHOT_MAX_RANKS}; --allreduce symm_mem forces it)"), None
+        return "nccl", (f"auto: NCCL at {ranks} ranks (the one-shot kernel is measured up to "
+                        f"{AUTO_ONESHOT_MAX_RANKS}; --allreduce symm_mem forces it)"), None
     try:
         staging = start()
     except Exception as e:  # noqa: BLE001 - no symmetric memory here is an answer, not a crash

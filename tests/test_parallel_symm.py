@@ -33,9 +33,10 @@ class FakeStaging(symm.Staging):
 
 
 def staging(nbytes: int = 128) -> FakeStaging:
-    """A stand-in for rank 0 of 2 with an nbytes buffer (64 float16 elements by default)."""
+    """A stand-in for rank 0 of 2 taking messages of nbytes (64 float16 elements by
+    default): its buffer holds two halves of that."""
     ptrs = torch.zeros(2, dtype=torch.int64)
-    return FakeStaging(None, NAME, torch.zeros(nbytes, dtype=torch.uint8),  # type: ignore[arg-type]
+    return FakeStaging(None, NAME, torch.zeros(2 * nbytes, dtype=torch.uint8),  # type: ignore[arg-type]
                        ptrs, ptrs.clone(), 0, 2)
 
 

@@ -51,8 +51,8 @@ class HostRanks:
 
     The interpreter runs one launch at a time and its programs one after another, so the
     ranks cannot all run the kernel at once: `run` runs ONE rank's launch while a thread
-    plays every peer's side of each barrier (signal, then consume the rank's signal), with
-    the peers' partial sums already in their buffers. The kernel's own put/wait code runs
+    plays every peer's side of each call's barrier (signal, then consume the rank's
+    signal), with the peers' partial sums already in both halves of their buffers. The kernel's own put/wait code runs
     for real, on real memory, against the same protocol its peers follow on a GPU.
     """
 
@@ -63,11 +63,17 @@ class HostRanks:
         self.buffer_ptrs = torch.tensor([b.data_ptr() for b in self.buffers], dtype=torch.int64)
         self.signal_pads = torch.tensor([p.data_ptr() for p in self.pads], dtype=torch.int64)
         self.pad_bytes = pad_slots * 4
+        self.states = [torch.zeros(2, dtype=torch.int32) for _ in range(world)]
 
     def fill(self, parts: list[torch.Tensor]) -> None:
-        """Every rank's partial sum into its buffer (what its own copy-in would write)."""
+        """Every rank's partial sum into both halves of its buffer (what its own copy-in
+        would write, whichever half a call uses)."""
+        from hybridgraph.kernels.oneshot import half_bytes
         for buf, part in zip(self.buffers, parts, strict=True):
-            buf[:part.numel() * part.element_size()].view(part.dtype).copy_(part.reshape(-1))
+            n = part.numel() * part.element_size()
+            half = half_bytes(buf.numel())
+            for at in (0, half):
+                buf[at:at + n].view(part.dtype).copy_(part.reshape(-1))
 
     def _play_peers(self, rank: int, programs: int, calls: int, deadline: float) -> None:
         def until(pad: torch.Tensor, slot: int, value: int) -> None:
@@ -78,14 +84,13 @@ class HostRanks:
 
         peers = [p for p in range(self.world) if p != rank]
         for _ in range(calls):
-            for b in range(programs):
-                for _barrier in range(2):
-                    for p in peers:      # peer p's program b signals rank
-                        until(self.pads[rank], b * self.world + p, 0)
-                        self.pads[rank][b * self.world + p] = 1
-                    for p in peers:      # and consumes rank's signal to it
-                        until(self.pads[p], b * self.world + rank, 1)
-                        self.pads[p][b * self.world + rank] = 0
+            for b in range(programs):   # one barrier a call
+                for p in peers:      # peer p's program b signals rank
+                    until(self.pads[rank], b * self.world + p, 0)
+                    self.pads[rank][b * self.world + p] = 1
+                for p in peers:      # and consumes rank's signal to it
+                    until(self.pads[p], b * self.world + rank, 1)
+                    self.pads[p][b * self.world + rank] = 0
 
     def run(self, rank: int, programs: int, launch, calls: int = 1,
             timeout_s: float = 120.0):

@@ -4,15 +4,24 @@ Tensor-parallel decode sums a [rows, hidden] partial (8-16 KB at batch 1) twice 
 NCCL's ring takes several steps; PyTorch's `one_shot_all_reduce` has no float16 kernel, so
 float16 had to be staged through float32 around it (three launches). Here one launch does it:
 
-  1. every program copies its chunk of x into this rank's symmetric buffer;
+  1. every program copies its chunk of x into this call's half of this rank's symmetric
+     buffer (the halves alternate from call to call: `state` below);
   2. barrier with the same program on every peer (chunk b is only read by programs b);
-  3. it reads chunk b from every rank's buffer over NVLink, sums in float32 in rank order
-     0..world-1 (so every rank computes bit-identical results), rounds to the dtype, adds
-     the residual if any (rounded as `residual + sum` is in PyTorch), stores out;
-  4. a second barrier: no rank may return, and so start the next call's copy-in over its
-     buffer, while a peer still reads that chunk. Kernels on one stream run in order, so
-     when the next call starts every program of this one has passed it: the next call may
-     chunk the buffer differently.
+  3. it reads chunk b from that half of every rank's buffer over NVLink, sums in float32
+     in rank order 0..world-1 (so every rank computes bit-identical results), rounds to
+     the dtype, adds the residual if any (rounded as `residual + sum` is in PyTorch),
+     stores out.
+
+One barrier a call is enough because the halves alternate. A rank may leave while a peer
+still reads its half of this call; its next call writes the other half, and the call after
+(this half again) starts only once every program of the next call has met its peers, which
+start only once their whole previous call, reads included, is done (kernels on one stream
+run in order; this kernel is never launched early). A second barrier at the end, the older
+protocol, cost one more NVLink round trip a call (KERNELS.md run 11). Which half: `state`,
+int32 [2] on this rank's device (not symmetric), holds the phase and a count of finished
+programs; the last program of a call resets the count and flips the phase, so the next
+call, and every replay of a CUDA graph, finds it ready. Every rank makes the same calls in
+the same order, so the phases agree.
 
 The barrier (`_barrier`): program b of rank r raises pad_of_peer[b * world + r] from 0 to 1
 (a compare-and-swap loop: the slot is still 1 while the peer has not consumed the previous
@@ -94,17 +103,19 @@ def _barrier(pad_ptrs, pid, rank, WORLD: tl.constexpr, LANES: tl.constexpr):
 
 
 @triton.jit
-def _oneshot_kernel(x_ptr, res_ptr, out_ptr, buf_ptr, buf_ptrs, pad_ptrs, n, chunk, rank,
-                    WORLD: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
-                    BARRIER: tl.constexpr, LANES: tl.constexpr):
+def _oneshot_kernel(x_ptr, res_ptr, out_ptr, buf_ptrs, pad_ptrs, state_ptr, n, chunk, half,
+                    rank, programs, WORLD: tl.constexpr, BLOCK: tl.constexpr,
+                    HAS_RES: tl.constexpr, BARRIER: tl.constexpr, LANES: tl.constexpr):
     pid = tl.program_id(0)
     start = pid * chunk
     end = tl.minimum(start + chunk, n)
     dtype = x_ptr.dtype.element_ty
+    base = tl.load(state_ptr) * half   # this call's half of every buffer, in elements
+    mine = tl.multiple_of(tl.load(buf_ptrs + rank).to(tl.pointer_type(dtype)), 16) + base
     for t in range(start, end, BLOCK):
         offs = t + tl.arange(0, BLOCK)
         mask = offs < end
-        tl.store(buf_ptr + offs, tl.load(x_ptr + offs, mask=mask), mask=mask)
+        tl.store(mine + offs, tl.load(x_ptr + offs, mask=mask), mask=mask)
     if BARRIER:
         _barrier(pad_ptrs, pid, rank, WORLD, LANES)
     for t in range(start, end, BLOCK):
@@ -112,15 +123,31 @@ def _oneshot_kernel(x_ptr, res_ptr, out_ptr, buf_ptr, buf_ptrs, pad_ptrs, n, chu
         mask = offs < end
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for p in tl.static_range(WORLD):  # rank order, the same on every rank
-            src = tl.multiple_of(tl.load(buf_ptrs + p).to(tl.pointer_type(dtype)), 16)
+            src = tl.multiple_of(tl.load(buf_ptrs + p).to(tl.pointer_type(dtype)), 16) + base
             acc += tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
         total = acc.to(dtype)
         if HAS_RES:  # rounded as PyTorch rounds `residual + total` in this dtype
             res = tl.load(res_ptr + offs, mask=mask, other=0.0)
             total = (res.to(tl.float32) + total.to(tl.float32)).to(dtype)
         tl.store(out_ptr + offs, total, mask=mask)
-    if BARRIER:
-        _barrier(pad_ptrs, pid, rank, WORLD, LANES)
+    # The last program to finish flips the phase for the next call (every program read it
+    # above, before counting itself here).
+    tl.debug_barrier()
+    done = tl.atomic_add(state_ptr + 1, 1, sem="acq_rel")
+    if done == programs - 1:
+        tl.store(state_ptr + 1, 0)
+        tl.store(state_ptr, 1 - tl.load(state_ptr))
+
+
+def half_bytes(buffer_bytes: int) -> int:
+    """The bytes one call may use of a symmetric buffer: one of its two halves, 16-byte
+    aligned (the calls alternate between them)."""
+    return buffer_bytes // 2 // 16 * 16
+
+
+def new_state(device: torch.device | str) -> Tensor:
+    """A rank's phase and finished-program count for `all_reduce`: zeros, int32 [2]."""
+    return torch.zeros(2, dtype=torch.int32, device=device)
 
 
 def launch_plan(numel: int, element_size: int, world: int,
@@ -139,7 +166,8 @@ def launch_plan(numel: int, element_size: int, world: int,
 
 
 def check_args(x: Tensor, out: Tensor, buffer: Tensor, buffer_ptrs: Tensor,
-               signal_pads: Tensor, rank: int, world: int, residual: Tensor | None) -> None:
+               signal_pads: Tensor, rank: int, world: int, residual: Tensor | None,
+               state: Tensor) -> None:
     """ValueError naming what is wrong with a call's arguments (nothing is launched)."""
     if x.dtype not in DTYPES:
         raise ValueError(f"one-shot all-reduce: dtype {x.dtype} is not one of "
@@ -160,32 +188,38 @@ def check_args(x: Tensor, out: Tensor, buffer: Tensor, buffer_ptrs: Tensor,
         raise ValueError(f"one-shot all-reduce: the symmetric buffer must be a 1-D uint8 "
                          f"tensor, got {buffer.dtype} {tuple(buffer.shape)}")
     nbytes = x.numel() * x.element_size()
-    if buffer.numel() < nbytes:
+    if half_bytes(buffer.numel()) < nbytes:
         raise ValueError(f"one-shot all-reduce: {nbytes} bytes of x exceed the "
+                         f"{half_bytes(buffer.numel())}-byte half of the "
                          f"{buffer.numel()}-byte symmetric buffer")
+    if state.dtype != torch.int32 or tuple(state.shape) != (2,):
+        raise ValueError(f"one-shot all-reduce: state must be int32 of shape (2,), got "
+                         f"{state.dtype} {tuple(state.shape)}")
     for name, t in (("buffer_ptrs", buffer_ptrs), ("signal_pads", signal_pads)):
         if t.dtype != torch.int64 or tuple(t.shape) != (world,):
             raise ValueError(f"one-shot all-reduce: {name} must be int64 of shape "
                              f"({world},), got {t.dtype} {tuple(t.shape)}")
     for name, t in (("out", out), ("buffer", buffer), ("buffer_ptrs", buffer_ptrs),
-                    ("signal_pads", signal_pads), ("residual", residual)):
+                    ("signal_pads", signal_pads), ("residual", residual), ("state", state)):
         if t is not None and t.device != x.device:
             raise ValueError(f"one-shot all-reduce: {name} is on {t.device}, x on {x.device}")
 
 
 def all_reduce(x: Tensor, out: Tensor, buffer: Tensor, buffer_ptrs: Tensor,
-               signal_pads: Tensor, rank: int, world: int, residual: Tensor | None = None,
-               pad_bytes: int = DEFAULT_PAD_BYTES, barrier: bool = True) -> Tensor:
+               signal_pads: Tensor, rank: int, world: int, state: Tensor,
+               residual: Tensor | None = None, pad_bytes: int = DEFAULT_PAD_BYTES,
+               barrier: bool = True) -> Tensor:
     """out = (residual +) the sum of x over `world` ranks; returns out. Collective: every
     rank calls it with the same shape and dtype, in the same order as its other calls.
 
     x: this rank's partial sum (contiguous); buffer: this rank's symmetric buffer (uint8,
-    >= x's bytes); buffer_ptrs, signal_pads: int64 [world], every rank's buffer and signal
-    pad address on this device (buffer_ptrs[rank] is `buffer`); pad_bytes: the signal pad's
-    size (it bounds the programs). barrier=False leaves out both barriers: only for a test
+    each half >= x's bytes); buffer_ptrs, signal_pads: int64 [world], every rank's buffer
+    and signal pad address on this device (buffer_ptrs[rank] is `buffer`); state: this
+    rank's `new_state`, kept for every call on this buffer; pad_bytes: the signal pad's
+    size (it bounds the programs). barrier=False leaves out the barrier: only for a test
     whose peers' buffers are already filled (the kernel's arithmetic alone).
     """
-    check_args(x, out, buffer, buffer_ptrs, signal_pads, rank, world, residual)
+    check_args(x, out, buffer, buffer_ptrs, signal_pads, rank, world, residual, state)
     n = x.numel()
     if n == 0:
         return out
@@ -193,11 +227,11 @@ def all_reduce(x: Tensor, out: Tensor, buffer: Tensor, buffer_ptrs: Tensor,
     if programs * world * 4 > pad_bytes:
         raise ValueError(f"one-shot all-reduce: {programs} programs x {world} ranks need "
                          f"{programs * world * 4} bytes of signal pad, it has {pad_bytes}")
-    staged = buffer[:n * x.element_size()].view(x.dtype)
     _oneshot_kernel[(programs,)](
-        x, residual if residual is not None else x, out, staged, buffer_ptrs, signal_pads,
-        n, chunk, rank, WORLD=world, BLOCK=block, HAS_RES=residual is not None,
-        BARRIER=barrier, LANES=triton.next_power_of_2(world), num_warps=NUM_WARPS)
+        x, residual if residual is not None else x, out, buffer_ptrs, signal_pads, state,
+        n, chunk, half_bytes(buffer.numel()) // x.element_size(), rank, programs,
+        WORLD=world, BLOCK=block, HAS_RES=residual is not None, BARRIER=barrier,
+        LANES=triton.next_power_of_2(world), num_warps=NUM_WARPS)
     return out
 
 

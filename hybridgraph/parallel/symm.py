@@ -1,15 +1,15 @@
 """The symmetric-memory all-reduce: our one-shot Triton kernel over one symmetric buffer.
 
 `kernels/oneshot.py` sums a message in one launch: every rank copies its partial sum into
-its symmetric buffer, meets its peers at a signal-pad barrier, reads every peer's buffer
-over NVLink once and sums in float32 in rank order (bit-identical on every rank), with an
+one half of its symmetric buffer (the halves alternate call by call, so one barrier a call
+suffices), meets its peers at a signal-pad barrier, reads every peer's half over NVLink once and sums in float32 in rank order (bit-identical on every rank), with an
 optional residual add fused in. It serves float16, bfloat16 and float32 alike: nothing is
 staged through another dtype (torch's `one_shot_all_reduce`, used here before, has no
 float16 kernel, which cost a cast in and out around it).
 
 Each group owns ONE symmetric byte buffer (`Staging`), allocated by torch's symmetric
-allocator and exchanged once ("rendezvous"), sized for the largest message in the widest
-dtype served, and shared by every dtype; beside it, int64 tensors of every rank's buffer
+allocator and exchanged once ("rendezvous"), two halves each sized for the largest message
+in the widest dtype served, shared by every dtype, and the phase saying which half is next; beside it, int64 tensors of every rank's buffer
 and signal-pad address (the kernel turns them into pointers). We build those tables from
 the handle's `buffer_ptrs` and `signal_pad_ptrs` plus our tensor's offset in its block
 (the symmetric pool may place it past the block's start; torch's own `*_ptrs_dev` tables
@@ -101,10 +101,19 @@ class Staging:
     pad_bytes: int = DEFAULT_PAD_BYTES
     offset: int = 0            # the buffer's byte offset in its symmetric block
     handle: object = None      # the rendezvous handle, kept alive with the buffer
+    state: Tensor | None = None  # the kernel's phase and program count (int32 [2], this
+    #                              rank's device; oneshot.new_state), made if not given
+
+    def __post_init__(self) -> None:
+        if self.state is None:
+            from hybridgraph.kernels.oneshot import new_state
+            self.state = new_state(self.buffer.device)
 
     @property
     def nbytes(self) -> int:
-        return self.buffer.numel()
+        """The largest message in bytes: one half of the buffer (kernels/oneshot.py)."""
+        from hybridgraph.kernels.oneshot import half_bytes
+        return half_bytes(self.buffer.numel())
 
     def refusal(self, x: Tensor, residual: Tensor | None = None) -> str:
         """Why x goes to NCCL instead ("" when the one-shot kernel takes it)."""
@@ -112,7 +121,7 @@ class Staging:
             return f"{x.dtype} has no one-shot kernel"
         nbytes = x.numel() * x.element_size()
         if nbytes > self.nbytes:
-            return f"{nbytes} bytes exceed the {self.nbytes}-byte symmetric buffer"
+            return f"{nbytes} bytes exceed the {self.nbytes}-byte half of the symmetric buffer"
         if x.device != self.buffer.device:
             return f"x is on {x.device}, the symmetric buffer on {self.buffer.device}"
         if residual is not None and residual.device != x.device:
@@ -128,7 +137,7 @@ class Staging:
         if x.numel() == 0:
             return out
         return oneshot.all_reduce(x.contiguous(), out, self.buffer, self.buffer_ptrs,
-                                  self.signal_pads, self.rank, self.world,
+                                  self.signal_pads, self.rank, self.world, self.state,
                                   None if residual is None else residual.contiguous(),
                                   pad_bytes=self.pad_bytes)
 
@@ -186,10 +195,10 @@ def create(group: dist.ProcessGroup, device: torch.device, numel: int,
         raise RuntimeError(why)
     import torch.distributed._symmetric_memory as symm_mem
 
-    nbytes = buffer_bytes(numel, dtypes)
+    nbytes = -(-buffer_bytes(numel, dtypes) // 16) * 16
     name = group.group_name
     enable(name)
-    buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+    buf = symm_mem.empty(2 * nbytes, dtype=torch.uint8, device=device)  # two halves
     handle = symm_mem.rendezvous(buf, name)
     ptrs, pads, offset = tables(handle, buf)
     pad_bytes = int(getattr(handle, "signal_pad_size", DEFAULT_PAD_BYTES))

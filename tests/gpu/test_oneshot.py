@@ -5,10 +5,9 @@ replayed 20 times with fresh inputs (tests/gpu/oneshot_worker.py). Every result 
 the float32 rank-order sum bit for bit (`oneshot.reference`), the same on every rank, and
 within one rounding of the dtype of a float64 sum. Skipped unless 2 GPUs are visible.
 
-Written on a CPU-only machine and not yet run on GPUs (the CPU check is
-tests/test_oneshot.py, the kernel in Triton's interpreter). A deadlocked barrier ends the
-ranks through the worker's watchdog within ~150 s of the stuck case, and the launcher
-turns that into a failure here.
+Run on 2 and 4 H200s (the CPU check is tests/test_oneshot.py, the kernel in Triton's
+interpreter). A deadlocked barrier ends the ranks through the worker's watchdog within
+~150 s of the stuck case, and the launcher turns that into a failure here.
 """
 
 from __future__ import annotations

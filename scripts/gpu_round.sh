@@ -8,6 +8,9 @@
 #                                                   (TAG=name keeps two runs of one model apart)
 #   scripts/gpu_round.sh base-ablation              ablation of the tree in .base (a copy of
 #                                                   an older commit) -> $OUT/base-ablation.tgz
+#   scripts/gpu_round.sh bench-base MODEL SUITES [ARGS]
+#                                                   hybridgraph bench of the tree in .base
+#                                                   -> $OUT/base-<TAG or model>.tgz
 #   scripts/gpu_round.sh allreduce N [ARGS]         all-reduce per call on N ranks, no model
 #                                                   (scripts/allreduce_bench.py), for .base
 #                                                   first if it exists, then this tree
@@ -41,6 +44,13 @@ case "${1:-}" in
       | tail -40)
     tar czf "$OUT/$tag.tgz" -C /tmp/res "$model" "bench-$model.log"
     rm -rf "/tmp/res/$model" ;;
+  bench-base)
+    model=$2 suites=$3; shift 3
+    tag=base-${TAG:-$model}
+    (cd "$root/.base" && PYTHONPATH=$root/.base${PYTHONPATH:+:$PYTHONPATH} python3 -m hybridgraph.cli bench "$suites" \
+      --model "$model" --out "/tmp/res/$tag" "$@" 2>&1 | tee "/tmp/res/bench-$tag.log" | grep -v "it/s\]" | tail -40)
+    tar czf "$OUT/$tag.tgz" -C /tmp/res "$tag" "bench-$tag.log"
+    rm -rf "/tmp/res/$tag" ;;
   base-ablation)
     (cd "$root/.base" && PYTHONPATH=$root/.base${PYTHONPATH:+:$PYTHONPATH} python3 -m hybridgraph.cli bench ablation \
       --model llama-2-7b --out /tmp/res/base-ablation 2>&1 | grep -v "it/s\]" | tail -30)
@@ -53,5 +63,5 @@ case "${1:-}" in
       (cd "$root" && PYTHONPATH=$dir${PYTHONPATH:+:$PYTHONPATH} torchrun --nproc-per-node "$n" \
         scripts/allreduce_bench.py --tag "$tree" "$@" 2>&1 | grep -v "^W[0-9]" | tail -30)
     done ;;
-  *) echo "usage: $0 tests | tests-tp | tests-tp4 | bench MODEL SUITES [ARGS] | base-ablation | allreduce N [ARGS]" >&2; exit 2 ;;
+  *) echo "usage: $0 tests | tests-tp | tests-tp4 | bench MODEL SUITES [ARGS] | bench-base MODEL SUITES [ARGS] | base-ablation | allreduce N [ARGS]" >&2; exit 2 ;;
 esac

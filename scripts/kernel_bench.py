@@ -282,7 +282,7 @@ def decode_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: list
     ids = torch.full((rows,), 5, device="cuda")
     pos = torch.full((rows,), window // 2, device="cuda")
     fns = {}
-    for plan in plans:  # "inductor", "eager", or "<proj+proj...|none>[:option]..." (plan_options)
+    for plan in plans:  # "inductor", "eager", or "<proj+proj...|none>[:option]..."
         if plan in ("inductor", "eager"):
             blk = compiled_blocks()[1] if plan == "inductor" else Block.decode
             fns[plan] = lambda i, blk=blk: model.decode(ids, pos, window, block=blk)
@@ -309,8 +309,8 @@ def decode_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: list
         with torch.no_grad():
             t0 = time.time()
             us = graph_time(fn, 4)
-        row(section="decode", model=name, plan=plan, rows=rows, window=window, ms=round(us / 1e3, 4),
-            floor_ms=round(floor_us / 1e3, 4), floor_frac=round(floor_us / us, 3),
+        row(section="decode", model=name, plan=plan, rows=rows, window=window,
+            ms=round(us / 1e3, 4), floor_ms=round(floor_us / 1e3, 4), floor_frac=round(floor_us / us, 3),
             setup_s=round(time.time() - t0, 1))
     model.caches = torch.nn.ModuleList()
     torch.cuda.empty_cache()

@@ -57,7 +57,8 @@ from hybridgraph.kernels.workspace import Workspace
 
 # Callers name the epilogues and the config as gemv.X: one module to import for a launch.
 __all__ = ["EPI_PLAIN", "EPI_RESID", "EPI_ROPE", "EPI_SILU", "GemvConfig", "RopeArgs",
-           "default_config", "gemv", "gemv_kernel", "idle_prefetch", "n_tiles", "rope_half", "workspace_floats"]
+           "default_config", "gemv", "gemv_kernel", "idle_prefetch", "n_tiles", "rope_half",
+           "workspace_floats"]
 
 
 @triton.jit

@@ -2,16 +2,17 @@
 
 `kernels/oneshot.py` sums a message in one launch: every rank copies its partial sum into
 one half of its symmetric buffer (the halves alternate call by call, so one barrier a call
-suffices), meets its peers at a signal-pad barrier, reads every peer's half over NVLink once and sums in float32 in rank order (bit-identical on every rank), with an
-optional residual add fused in. It serves float16, bfloat16 and float32 alike: nothing is
+suffices), meets its peers at a signal-pad barrier, reads every peer's half over NVLink
+once and sums in float32 in rank order (bit-identical on every rank), with an optional
+residual add fused in. It serves float16, bfloat16 and float32 alike: nothing is
 staged through another dtype (torch's `one_shot_all_reduce`, used here before, has no
 float16 kernel, which cost a cast in and out around it).
 
 Each group owns ONE symmetric byte buffer (`Staging`), allocated by torch's symmetric
 allocator and exchanged once ("rendezvous"), two halves each sized for the largest message
-in the widest dtype served, shared by every dtype, and the phase saying which half is next; beside it, int64 tensors of every rank's buffer
-and signal-pad address (the kernel turns them into pointers). We build those tables from
-the handle's `buffer_ptrs` and `signal_pad_ptrs` plus our tensor's offset in its block
+in the widest dtype served, shared by every dtype, and the phase saying which half is
+next; beside it, int64 tensors of every rank's buffer and signal-pad address (the kernel
+turns them into pointers). We build those tables from the handle's `buffer_ptrs` and `signal_pad_ptrs` plus our tensor's offset in its block
 (the symmetric pool may place it past the block's start; torch's own `*_ptrs_dev` tables
 hold the block starts only). Signal pads start zeroed and the kernel leaves them zeroed.
 

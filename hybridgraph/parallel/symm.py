@@ -12,9 +12,10 @@ Each group owns ONE symmetric byte buffer (`Staging`), allocated by torch's symm
 allocator and exchanged once ("rendezvous"), two halves each sized for the largest message
 in the widest dtype served, shared by every dtype, and the phase saying which half is
 next; beside it, int64 tensors of every rank's buffer and signal-pad address (the kernel
-turns them into pointers). We build those tables from the handle's `buffer_ptrs` and `signal_pad_ptrs` plus our tensor's offset in its block
-(the symmetric pool may place it past the block's start; torch's own `*_ptrs_dev` tables
-hold the block starts only). Signal pads start zeroed and the kernel leaves them zeroed.
+turns them into pointers). We build those tables from the handle's `buffer_ptrs` and
+`signal_pad_ptrs` plus our tensor's offset in its block (the symmetric pool may place it
+past the block's start; torch's own `*_ptrs_dev` tables hold the block starts only).
+Signal pads start zeroed and the kernel leaves them zeroed.
 
 `symm_all_reduce` and `symm_all_reduce_add` (residual + the sum) are torch.library custom
 ops: opaque to Dynamo (a compiled block calls each as one node, with a fake implementation

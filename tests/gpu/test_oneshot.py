@@ -3,7 +3,8 @@ custom ops (parallel/symm.py): float16, bfloat16 and float32; [rows, 4096] for r
 16, 64 and an odd size; with and without the fused residual; 50 calls in one CUDA graph
 replayed 20 times with fresh inputs (tests/gpu/oneshot_worker.py). Every result must be
 the float32 rank-order sum bit for bit (`oneshot.reference`), the same on every rank, and
-within one rounding of the dtype of a float64 sum. Skipped unless 2 GPUs are visible.
+within one rounding of the dtype of a float64 sum. Every test runs at 2 ranks and again at
+4; each world is skipped unless that many GPUs are visible.
 
 Run on 2 and 4 H200s (the CPU check is tests/test_oneshot.py, the kernel in Triton's
 interpreter). A deadlocked barrier ends the ranks through the worker's watchdog within
@@ -30,13 +31,16 @@ ROOT = Path(__file__).resolve().parents[2]
 TOL = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 1e-6}
 
 
-@pytest.fixture(scope="module")
-def cases(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("oneshot")
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"{w}ranks")
+def cases(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    world = request.param
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    out = tmp_path_factory.mktemp(f"oneshot{world}")
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("HG_TP_TIMEOUT_S", "120")   # NCCL waits bounded too
-    assert launch(2, ["-m", "tests.gpu.oneshot_worker", str(out)], env=env) == 0
+    assert launch(world, ["-m", "tests.gpu.oneshot_worker", str(out)], env=env) == 0
     return json.loads((out / "oneshot.json").read_text())
 
 

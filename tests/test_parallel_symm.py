@@ -34,10 +34,10 @@ class FakeStaging(symm.Staging):
 
 def staging(nbytes: int = 128) -> FakeStaging:
     """A stand-in for rank 0 of 2 taking messages of nbytes (64 float16 elements by
-    default): its buffer holds two halves of that."""
-    ptrs = torch.zeros(2, dtype=torch.int64)
-    return FakeStaging(None, NAME, torch.zeros(2 * nbytes, dtype=torch.uint8),  # type: ignore[arg-type]
-                       ptrs, ptrs.clone(), 0, 2)
+    default): its buffer holds a slot of that per rank and phase."""
+    from hybridgraph.kernels.oneshot import buffer_bytes_for
+    buf = torch.zeros(buffer_bytes_for(nbytes, 2), dtype=torch.uint8)
+    return FakeStaging(None, NAME, buf, torch.zeros(2, dtype=torch.int64), 0, 2)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -187,34 +187,32 @@ def test_missing_names_what_is_absent(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "has no _SymmetricMemory" in symm.handle_missing(None)
 
     class Old:
-        rank, world_size, buffer_ptrs = 0, 2, []
-    assert symm.handle_missing(Old).endswith("lacks signal_pad_ptrs")
+        rank, world_size = 0, 2
+    assert symm.handle_missing(Old).endswith("lacks buffer_ptrs")
 
 
 class _Handle:
     """A rendezvous handle's fields, for `tables`."""
 
-    def __init__(self, rank: int, bases: list[int], pads: list[int], size: int) -> None:
+    def __init__(self, rank: int, bases: list[int], size: int) -> None:
         self.rank, self.world_size = rank, len(bases)
-        self.buffer_ptrs, self.signal_pad_ptrs, self.buffer_size = bases, pads, size
+        self.buffer_ptrs, self.buffer_size = bases, size
 
 
 def test_tables_add_the_buffers_offset_in_its_block() -> None:
     blocks = [torch.zeros(4096, dtype=torch.uint8) for _ in range(2)]
-    pads = [torch.zeros(256, dtype=torch.int32) for _ in range(2)]
     buf = blocks[1][512:1536]                  # rank 1's buffer, 512 bytes into its block
-    handle = _Handle(1, [b.data_ptr() for b in blocks], [p.data_ptr() for p in pads], 4096)
-    ptrs, pad_ptrs, offset = symm.tables(handle, buf)
-    assert offset == 512 and ptrs.dtype == pad_ptrs.dtype == torch.int64
+    handle = _Handle(1, [b.data_ptr() for b in blocks], 4096)
+    ptrs, offset = symm.tables(handle, buf)
+    assert offset == 512 and ptrs.dtype == torch.int64
     assert ptrs.tolist() == [blocks[0].data_ptr() + 512, buf.data_ptr()]
-    assert pad_ptrs.tolist() == [p.data_ptr() for p in pads]
-    small = _Handle(1, handle.buffer_ptrs, handle.signal_pad_ptrs, 1024)
+    small = _Handle(1, handle.buffer_ptrs, 1024)
     with pytest.raises(RuntimeError, match="not inside its symmetric block"):
         symm.tables(small, buf)                 # 512 + 1024 bytes run past a 1 KB block
     with pytest.raises(RuntimeError, match="16-byte aligned"):
         symm.tables(handle, blocks[1][520:1000])
     with pytest.raises(RuntimeError, match="serves 2..8 ranks, not 1"):
-        symm.tables(_Handle(0, [blocks[0].data_ptr()], [pads[0].data_ptr()], 4096), buf)
+        symm.tables(_Handle(0, [blocks[0].data_ptr()], 4096), buf)
     with pytest.raises(RuntimeError, match="lacks"):
         symm.tables(object(), buf)
 
@@ -384,26 +382,24 @@ class _FakePG:
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_the_ops_run_the_kernel(with_residual: bool) -> None:
     """Rank 1 of 2: the custom ops through Staging.reduce into the one-shot kernel (a
-    strided x is made contiguous first), its peer's side of the barrier played by a
-    thread: the reference sum (+ residual), bit for bit."""
+    strided x is made contiguous first), its peer played by a thread: the reference sum
+    (+ residual), bit for bit."""
     from hybridgraph.kernels import oneshot
 
     ranks = HostRanks(2, 8 * 64 * 2)
     parts = [torch.randn(64, 3).to(torch.float16).t() for _ in range(2)]   # strided
     residual = torch.randn(3, 64).to(torch.float16) if with_residual else None
     st = symm.Staging(None, NAME, ranks.buffers[1], ranks.buffer_ptrs,  # type: ignore[arg-type]
-                      ranks.signal_pads, 1, 2, ranks.pad_bytes)
+                      1, 2, state=ranks.states[1])
     symm.register(st)
     try:
-        ranks.fill([p.contiguous() for p in parts])
         if with_residual:
             def launch():
                 return torch.ops.hybridgraph.symm_all_reduce_add(parts[1], residual, NAME)
         else:
             def launch():
                 return torch.ops.hybridgraph.symm_all_reduce(parts[1], NAME)
-        programs = oneshot.launch_plan(parts[1].numel(), 2, 2, ranks.pad_bytes)[0]
-        got = ranks.run(1, programs, launch)
+        got = ranks.run(1, [p.contiguous() for p in parts], launch)
     finally:
         symm.drop(NAME)
-    assert torch.equal(got, oneshot.reference(parts, residual)) and ranks.pads_clear()
+    assert torch.equal(got, oneshot.reference(parts, residual)) and ranks.all_empty()

@@ -45,58 +45,74 @@ def only_written(before: torch.Tensor, after: torch.Tensor, rows, pos) -> bool:
     return torch.equal(restored, before)
 
 
+def _any_empty(region: torch.Tensor, element_size: int) -> bool:
+    """Whether any element (of that size) of a byte region still reads as EMPTY."""
+    if element_size == 4:
+        return bool((region.view(torch.int32) == -2147450880).any())
+    return bool((region.view(torch.int16) == -32768).any())
+
+
 class HostRanks:
-    """`world` ranks' symmetric buffers and signal pads in host memory, for the one-shot
-    all-reduce in the interpreter (tests/test_oneshot.py, tests/test_parallel_symm.py).
+    """`world` ranks' symmetric buffers in host memory, for the one-shot all-reduce in the
+    interpreter (tests/test_oneshot.py, tests/test_parallel_symm.py).
 
     The interpreter runs one launch at a time and its programs one after another, so the
     ranks cannot all run the kernel at once: `run` runs ONE rank's launch while a thread
-    plays every peer's side of each call's barrier (signal, then consume the rank's
-    signal), with the peers' partial sums already in both halves of their buffers. The kernel's own put/wait code runs
-    for real, on real memory, against the same protocol its peers follow on a GPU.
+    plays every peer as a GPU peer behaves: each call it pushes its part into the rank's
+    buffer (after `delay_s`), then waits for the rank's push to land in its own buffer,
+    records it and empties the slot again (as its kernel would after reading it) before
+    its next call. The kernel's own pushes, polls and clears run for real, on real memory.
     """
 
-    def __init__(self, world: int, nbytes: int, pad_slots: int = 256) -> None:
-        self.world = world
-        self.buffers = [torch.zeros(nbytes, dtype=torch.uint8) for _ in range(world)]
-        self.pads = [torch.zeros(pad_slots, dtype=torch.int32) for _ in range(world)]
+    def __init__(self, world: int, message_bytes: int, delay_s: float = 0.0) -> None:
+        from hybridgraph.kernels import oneshot
+        self.world, self.delay_s = world, delay_s
+        nbytes = oneshot.buffer_bytes_for(message_bytes, world)
+        self.buffers = [oneshot.clear(torch.empty(nbytes, dtype=torch.uint8))
+                        for _ in range(world)]
         self.buffer_ptrs = torch.tensor([b.data_ptr() for b in self.buffers], dtype=torch.int64)
-        self.signal_pads = torch.tensor([p.data_ptr() for p in self.pads], dtype=torch.int64)
-        self.pad_bytes = pad_slots * 4
         self.states = [torch.zeros(2, dtype=torch.int32) for _ in range(world)]
+        self.slot = oneshot.slot_bytes(nbytes, world)
+        self.received: list[dict[int, torch.Tensor]] = []  # per call: peer -> what landed
 
-    def fill(self, parts: list[torch.Tensor]) -> None:
-        """Every rank's partial sum into both halves of its buffer (what its own copy-in
-        would write, whichever half a call uses)."""
-        from hybridgraph.kernels.oneshot import half_bytes
-        for buf, part in zip(self.buffers, parts, strict=True):
-            n = part.numel() * part.element_size()
-            half = half_bytes(buf.numel())
-            for at in (0, half):
-                buf[at:at + n].view(part.dtype).copy_(part.reshape(-1))
+    def slot_view(self, owner: int, phase: int, src: int, nbytes: int) -> torch.Tensor:
+        """Bytes [0, nbytes) of slot `src` of `phase` in rank `owner`'s buffer."""
+        at = (phase * self.world + src) * self.slot
+        return self.buffers[owner][at:at + nbytes]
 
-    def _play_peers(self, rank: int, programs: int, calls: int, deadline: float) -> None:
-        def until(pad: torch.Tensor, slot: int, value: int) -> None:
-            while int(pad[slot]) != value:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"slot {slot} never became {value}")
-                time.sleep(0.0002)
+    def all_empty(self) -> bool:
+        return all(bool((b[:b.numel() // 2 * 2].view(torch.int16) == -32768).all())
+                   for b in self.buffers)
 
-        peers = [p for p in range(self.world) if p != rank]
+    def _play_peers(self, rank: int, parts: list[torch.Tensor], calls: int,
+                    deadline: float) -> None:
+        nbytes = parts[0].numel() * parts[0].element_size()
+        phase = int(self.states[rank][0])
         for _ in range(calls):
-            for b in range(programs):   # one barrier a call
-                for p in peers:      # peer p's program b signals rank
-                    until(self.pads[rank], b * self.world + p, 0)
-                    self.pads[rank][b * self.world + p] = 1
-                for p in peers:      # and consumes rank's signal to it
-                    until(self.pads[p], b * self.world + rank, 1)
-                    self.pads[p][b * self.world + rank] = 0
+            time.sleep(self.delay_s)
+            for p in range(self.world):   # peer p pushes its part into the rank's buffer
+                if p != rank:
+                    self.slot_view(rank, phase, p, nbytes).view(parts[p].dtype).copy_(
+                        parts[p].reshape(-1))
+            got = {}
+            for p in range(self.world):   # and waits for the rank's push to land
+                if p == rank:
+                    continue
+                dst = self.slot_view(p, phase, rank, nbytes)
+                while _any_empty(dst, parts[0].element_size()):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"rank {rank}'s push never reached peer {p}")
+                    time.sleep(0.0002)
+                got[p] = dst.view(parts[0].dtype).clone()
+                dst[:nbytes // 2 * 2].view(torch.int16).fill_(-32768)   # read: empty again
+            self.received.append(got)
+            phase ^= 1
 
-    def run(self, rank: int, programs: int, launch, calls: int = 1,
+    def run(self, rank: int, parts: list[torch.Tensor], launch, calls: int = 1,
             timeout_s: float = 120.0):
-        """launch() as rank `rank` (it makes `calls` kernel calls of `programs` programs)
-        with its peers played; its result. A barrier that never completes fails here
-        within timeout_s instead of hanging the test run."""
+        """launch() as rank `rank` (it makes `calls` kernel calls on `parts[rank]`'s shape)
+        with its peers played; its result. A call that never completes fails here within
+        timeout_s instead of hanging the test run."""
         deadline = time.monotonic() + timeout_s
         result: dict = {}
 
@@ -108,7 +124,7 @@ class HostRanks:
 
         def peers() -> None:
             try:
-                self._play_peers(rank, programs, calls, deadline)
+                self._play_peers(rank, parts, calls, deadline)
             except BaseException as e:  # noqa: BLE001
                 result["peer_error"] = e
 
@@ -118,11 +134,8 @@ class HostRanks:
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
         if any(t.is_alive() for t in threads):
-            raise TimeoutError(f"rank {rank}'s barrier did not complete in {timeout_s} s")
+            raise TimeoutError(f"rank {rank}'s all-reduce did not complete in {timeout_s} s")
         for key in ("error", "peer_error"):
             if key in result:
                 raise result[key]
         return result["out"]
-
-    def pads_clear(self) -> bool:
-        return all(int(p.abs().sum()) == 0 for p in self.pads)

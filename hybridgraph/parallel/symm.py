@@ -1,21 +1,20 @@
 """The symmetric-memory all-reduce: our one-shot Triton kernel over one symmetric buffer.
 
-`kernels/oneshot.py` sums a message in one launch: every rank copies its partial sum into
-one half of its symmetric buffer (the halves alternate call by call, so one barrier a call
-suffices), meets its peers at a signal-pad barrier, reads every peer's half over NVLink
-once and sums in float32 in rank order (bit-identical on every rank), with an optional
-residual add fused in. It serves float16, bfloat16 and float32 alike: nothing is
-staged through another dtype (torch's `one_shot_all_reduce`, used here before, has no
-float16 kernel, which cost a cast in and out around it).
+`kernels/oneshot.py` sums a message in one launch: every rank pushes its partial sum into
+its slot of every peer's symmetric buffer (plain NVLink stores), then reads every source's
+slot from its own buffer as the pushes land (the data are the flag: unused slots hold a
+pattern no pushed value has), sums in float32 in rank order (bit-identical on every rank),
+with an optional residual add fused in. It serves float16, bfloat16 and float32 alike:
+nothing is staged through another dtype (torch's `one_shot_all_reduce`, used here before,
+has no float16 kernel, which cost a cast in and out around it).
 
 Each group owns ONE symmetric byte buffer (`Staging`), allocated by torch's symmetric
-allocator and exchanged once ("rendezvous"), two halves each sized for the largest message
-in the widest dtype served, shared by every dtype, and the phase saying which half is
-next; beside it, int64 tensors of every rank's buffer and signal-pad address (the kernel
-turns them into pointers). We build those tables from the handle's `buffer_ptrs` and
-`signal_pad_ptrs` plus our tensor's offset in its block (the symmetric pool may place it
-past the block's start; torch's own `*_ptrs_dev` tables hold the block starts only).
-Signal pads start zeroed and the kernel leaves them zeroed.
+allocator, cleared to that pattern and exchanged once ("rendezvous"): two phases x world
+slots, each sized for the largest message in the widest dtype served, shared by every
+dtype; beside it an int64 tensor of every rank's buffer address (the kernel turns them
+into pointers) and the phase saying which slots are next. We build the addresses from the
+handle's `buffer_ptrs` plus our tensor's offset in its block (the symmetric pool may place
+it past the block's start; torch's own `*_ptrs_dev` tables hold the block starts only).
 
 `symm_all_reduce` and `symm_all_reduce_add` (residual + the sum) are torch.library custom
 ops: opaque to Dynamo (a compiled block calls each as one node, with a fake implementation
@@ -45,8 +44,7 @@ STAGING_ROWS = 64
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_WORLD = 8
 # What the kernel needs of a rendezvous handle.
-HANDLE_ATTRS = ("buffer_ptrs", "signal_pad_ptrs", "rank", "world_size")
-DEFAULT_PAD_BYTES = 1024  # torch's default signal pad, where the handle does not say
+HANDLE_ATTRS = ("buffer_ptrs", "rank", "world_size")
 OP = "hybridgraph::symm_all_reduce"
 OP_ADD = "hybridgraph::symm_all_reduce_add"
 
@@ -92,15 +90,13 @@ def enable(group_name: str) -> None:
 
 @dataclass
 class Staging:
-    """One group's symmetric buffer and the address tables the kernel reads."""
+    """One group's symmetric buffer and the address table the kernel reads."""
     group: dist.ProcessGroup
     name: str                  # the group's name, as the custom ops take it
-    buffer: Tensor             # this rank's symmetric buffer, uint8
+    buffer: Tensor             # this rank's symmetric buffer, uint8, oneshot.clear'ed
     buffer_ptrs: Tensor        # int64 [world]: every rank's buffer address, on the device
-    signal_pads: Tensor        # int64 [world]: every rank's signal pad address
     rank: int
     world: int
-    pad_bytes: int = DEFAULT_PAD_BYTES
     offset: int = 0            # the buffer's byte offset in its symmetric block
     handle: object = None      # the rendezvous handle, kept alive with the buffer
     state: Tensor | None = None  # the kernel's phase and program count (int32 [2], this
@@ -113,9 +109,9 @@ class Staging:
 
     @property
     def nbytes(self) -> int:
-        """The largest message in bytes: one half of the buffer (kernels/oneshot.py)."""
-        from hybridgraph.kernels.oneshot import half_bytes
-        return half_bytes(self.buffer.numel())
+        """The largest message in bytes: one slot of the buffer (kernels/oneshot.py)."""
+        from hybridgraph.kernels.oneshot import slot_bytes
+        return slot_bytes(self.buffer.numel(), self.world)
 
     def refusal(self, x: Tensor, residual: Tensor | None = None) -> str:
         """Why x goes to NCCL instead ("" when the one-shot kernel takes it)."""
@@ -123,7 +119,7 @@ class Staging:
             return f"{x.dtype} has no one-shot kernel"
         nbytes = x.numel() * x.element_size()
         if nbytes > self.nbytes:
-            return f"{nbytes} bytes exceed the {self.nbytes}-byte half of the symmetric buffer"
+            return f"{nbytes} bytes exceed the {self.nbytes}-byte slot of the symmetric buffer"
         if x.device != self.buffer.device:
             return f"x is on {x.device}, the symmetric buffer on {self.buffer.device}"
         if residual is not None and residual.device != x.device:
@@ -139,9 +135,8 @@ class Staging:
         if x.numel() == 0:
             return out
         return oneshot.all_reduce(x.contiguous(), out, self.buffer, self.buffer_ptrs,
-                                  self.signal_pads, self.rank, self.world, self.state,
-                                  None if residual is None else residual.contiguous(),
-                                  pad_bytes=self.pad_bytes)
+                                  self.rank, self.world, self.state,
+                                  None if residual is None else residual.contiguous())
 
 
 def buffer_bytes(numel: int, dtypes: Sequence[torch.dtype]) -> int:
@@ -153,9 +148,9 @@ def buffer_bytes(numel: int, dtypes: Sequence[torch.dtype]) -> int:
     return numel * max(d.itemsize for d in served)
 
 
-def tables(handle: object, buffer: Tensor) -> tuple[Tensor, Tensor, int]:
-    """(buffer_ptrs, signal_pads, offset) of a rendezvous handle: int64 address tables on
-    the buffer's device. The buffer's offset in its block is the same on every rank (the
+def tables(handle: object, buffer: Tensor) -> tuple[Tensor, int]:
+    """(buffer_ptrs, offset) of a rendezvous handle: an int64 address table on the
+    buffer's device. The buffer's offset in its block is the same on every rank (the
     ranks allocate alike; `TPGroup._staging` checks it), so every peer's address is its
     block's plus that offset. Raises where the addresses cannot be right."""
     why = handle_missing(handle)
@@ -165,21 +160,17 @@ def tables(handle: object, buffer: Tensor) -> tuple[Tensor, Tensor, int]:
     if not 2 <= world <= MAX_WORLD:
         raise RuntimeError(f"the one-shot kernel serves 2..{MAX_WORLD} ranks, not {world}")
     bases = [int(p) for p in handle.buffer_ptrs]
-    pads = [int(p) for p in handle.signal_pad_ptrs]
-    if len(bases) != world or len(pads) != world:
-        raise RuntimeError(f"the handle lists {len(bases)} buffers and {len(pads)} signal "
-                           f"pads for {world} ranks")
+    if len(bases) != world:
+        raise RuntimeError(f"the handle lists {len(bases)} buffers for {world} ranks")
     offset = buffer.data_ptr() - bases[rank]
     size = getattr(handle, "buffer_size", None)
     if offset < 0 or (size is not None and offset + buffer.numel() > int(size)):
         raise RuntimeError(f"the buffer (at {buffer.data_ptr():#x}, {buffer.numel()} bytes) "
                            f"is not inside its symmetric block (at {bases[rank]:#x})")
     ptrs = [b + offset for b in bases]
-    if any(p % 16 for p in ptrs) or any(p % 4 for p in pads):
-        raise RuntimeError("symmetric buffers must be 16-byte aligned, signal pads 4-byte")
-    dev = buffer.device
-    return (torch.tensor(ptrs, dtype=torch.int64, device=dev),
-            torch.tensor(pads, dtype=torch.int64, device=dev), offset)
+    if any(p % 16 for p in ptrs):
+        raise RuntimeError("symmetric buffers must be 16-byte aligned")
+    return torch.tensor(ptrs, dtype=torch.int64, device=buffer.device), offset
 
 
 # Group name -> its staging: the custom ops take the name (a string, which Dynamo and the
@@ -191,21 +182,25 @@ def create(group: dist.ProcessGroup, device: torch.device, numel: int,
            dtypes: Sequence[torch.dtype]) -> Staging:
     """Allocate and rendezvous the symmetric buffer for messages of `dtypes` up to `numel`
     elements (collective: every rank of `group` calls it with the same arguments).
-    Raises where symmetric memory or the kernel does not work here."""
+    Raises where symmetric memory or the kernel does not work here. Every rank clears its
+    buffer and synchronises its device before the rendezvous, a collective: so no rank's
+    first call pushes into a peer's buffer before that peer has cleared it."""
     why = missing()
     if why:
         raise RuntimeError(why)
     import torch.distributed._symmetric_memory as symm_mem
 
-    nbytes = -(-buffer_bytes(numel, dtypes) // 16) * 16
+    from hybridgraph.kernels import oneshot
+
     name = group.group_name
     enable(name)
-    buf = symm_mem.empty(2 * nbytes, dtype=torch.uint8, device=device)  # two halves
+    nbytes = oneshot.buffer_bytes_for(buffer_bytes(numel, dtypes), group.size())
+    buf = oneshot.clear(symm_mem.empty(nbytes, dtype=torch.uint8, device=device))
+    torch.cuda.synchronize(device)
     handle = symm_mem.rendezvous(buf, name)
-    ptrs, pads, offset = tables(handle, buf)
-    pad_bytes = int(getattr(handle, "signal_pad_size", DEFAULT_PAD_BYTES))
-    staging = Staging(group, name, buf, ptrs, pads, int(handle.rank), int(handle.world_size),
-                      pad_bytes, offset, handle)
+    ptrs, offset = tables(handle, buf)
+    staging = Staging(group, name, buf, ptrs, int(handle.rank), int(handle.world_size),
+                      offset, handle)
     register(staging)
     return staging
 

@@ -5,13 +5,13 @@ messages with the custom ops (the one-shot Triton kernel), with and without a re
   eager   float16, bfloat16, float32; [rows, 4096] for rows 1, 3, 16, 64 and an odd size;
   graph   50 calls of mixed sizes (so consecutive calls chunk the buffer differently),
           half with a residual, captured in one CUDA graph and replayed 20 times with
-          fresh inputs written between replays: a barrier bug shows as a wrong value.
+          fresh inputs written between replays: a protocol bug shows as a wrong value.
 Each rank gathers every rank's inputs (NCCL), so it knows the exact answer: per case,
 rank 0 records whether the result equals `oneshot.reference` bit for bit (the float32
 sum in rank order, rounded, plus the residual), its error against a float64 sum, and
 whether every rank got the same bits. Written to OUT/oneshot.json.
 
-A deadlocked barrier spins forever on the GPU: faulthandler's watchdog (a C thread, so a
+A call whose peer never pushes spins forever on the GPU: faulthandler's watchdog (a C thread, so a
 main thread stuck in a CUDA call cannot hold it up) ends this process after WATCHDOG_S
 without progress, and the launcher then stops the other rank.
 Usage: python -m tests.gpu.oneshot_worker OUT

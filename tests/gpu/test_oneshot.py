@@ -6,9 +6,10 @@ the float32 rank-order sum bit for bit (`oneshot.reference`), the same on every 
 within one rounding of the dtype of a float64 sum. Every test runs at 2 ranks and again at
 4; each world is skipped unless that many GPUs are visible.
 
-Run on 2 and 4 H200s (the CPU check is tests/test_oneshot.py, the kernel in Triton's
-interpreter). A deadlocked barrier ends the ranks through the worker's watchdog within
-~150 s of the stuck case, and the launcher turns that into a failure here.
+Run on 2 and 4 H200s in its barrier form; the push form (no barrier) is not yet run on
+GPUs (the CPU check is tests/test_oneshot.py, the kernel in Triton's interpreter). A call
+that never completes ends the ranks through the worker's watchdog within ~150 s of the
+stuck case, and the launcher turns that into a failure here.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def test_eager_sums_every_dtype_and_size(cases: dict) -> None:
 
 
 def test_graph_replays_stay_right(cases: dict) -> None:
-    """50 calls in one graph, replayed 20 times with new inputs: a barrier that let a rank
+    """50 calls in one graph, replayed 20 times with new inputs: a protocol that let a rank
     read a peer's buffer too early or overwrite its own too soon gives wrong values in some
     replay; one that never completes ends the ranks (the worker's watchdog)."""
     graph = {k: v for k, v in cases.items() if "/graph/" in k}

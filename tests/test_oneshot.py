@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.triton_interpreter import HostRanks, needs_interpreter
+from tests.triton_interpreter import HostRanks, compile_for_hopper, needs_interpreter
 
 oneshot = pytest.importorskip("hybridgraph.kernels.oneshot")
 
@@ -212,3 +212,19 @@ def test_the_launcher_refuses_bad_arguments(change: dict, match: str) -> None:
         oneshot.all_reduce(args.pop("x"), args.pop("out"), args.pop("buffer"),
                            args.pop("buffer_ptrs"), args.pop("rank"), args.pop("world"),
                            args.pop("state"), residual)
+
+
+
+@needs_interpreter
+def test_every_variant_compiles_for_hopper() -> None:
+    """The interpreter ran the first version of this kernel happily; the compiler refused
+    it (a global that was not constexpr, a return inside a constexpr `if`)."""
+    variants = []
+    for dtype, wide in (("fp16", False), ("bf16", False), ("fp32", True)):
+        sig = {"x_ptr": f"*{dtype}", "res_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
+               "buf_ptrs": "*i64", "state_ptr": "*i32", "n": "i32", "chunk": "i32",
+               "slot": "i32", "rank": "i32", "programs": "i32"}
+        variants += [(sig, {"WORLD": world, "BLOCK": 1024, "HAS_RES": res, "WIDE": wide})
+                     for world in (2, 4) for res in (False, True)]
+    err = compile_for_hopper("hybridgraph.kernels.oneshot", "_oneshot_kernel", variants)
+    assert err == "", err

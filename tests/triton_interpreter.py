@@ -10,7 +10,10 @@ triton 3.9), so bf16 is checked on the GPU. Tolerance: TOLERANCE[float16] agains
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -28,6 +31,35 @@ needs_interpreter = pytest.mark.skipif(
     not INTERPRET, reason="needs triton and no GPU (tests/gpu covers the kernels compiled)")
 F16 = torch.float16
 TOL = TOLERANCE[F16]
+
+
+# Compiles kernels with Triton's real compiler for sm_90 in a fresh process (the
+# interpreter is on in this one): ptxas ships with triton, no GPU is needed.
+_COMPILE = """
+import json, sys, importlib
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+module, kernel, variants = json.loads(sys.argv[1])
+fn = getattr(importlib.import_module(module), kernel)
+for signature, constexprs in variants:
+    sig = dict(signature, **{name: "constexpr" for name in constexprs})
+    triton.compile(ASTSource(fn, sig, constexprs=constexprs),
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+"""
+
+
+def compile_for_hopper(module: str, kernel: str,
+                       variants: list[tuple[dict[str, str], dict]]) -> str:
+    """'' if `module.kernel` compiles for sm_90 for each (signature: argument -> type such
+    as "*fp16" or "i32", constexprs: argument -> value) in `variants`, else the compiler's
+    error. The interpreter runs a kernel as Python and accepts what the compiler refuses
+    (a global that is not constexpr, a return inside a constexpr `if`)."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    args = json.dumps([module, kernel, variants])
+    r = subprocess.run([sys.executable, "-c", _COMPILE, args], env=env, capture_output=True,
+                       text=True, timeout=600)
+    return "" if r.returncode == 0 else r.stderr[-4000:]
 
 
 def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:

@@ -54,13 +54,19 @@ PHASES = 2
 EMPTY16 = -32768           # 0x8000 as int16: what every unused half word holds
 EMPTY32 = -2147450880      # 0x80008000 as int32: two of them
 NEG_ZERO32 = -2147483648   # 0x80000000 as int32: float32 -0.0
+# The same for the kernels: a jitted function may read only constexpr globals.
+_EMPTY16 = tl.constexpr(EMPTY16)
+_EMPTY32 = tl.constexpr(EMPTY32)
+_NEG_ZERO32 = tl.constexpr(NEG_ZERO32)
 
 
 @triton.jit
 def _bits(v, WIDE: tl.constexpr):
     if WIDE:
-        return v.to(tl.int32, bitcast=True)
-    return v.to(tl.int16, bitcast=True)
+        b = v.to(tl.int32, bitcast=True)
+    else:
+        b = v.to(tl.int16, bitcast=True)
+    return b
 
 
 @triton.jit
@@ -68,9 +74,9 @@ def _sendable(v, WIDE: tl.constexpr):
     """v with no element that reads as EMPTY (see the module docstring)."""
     b = _bits(v, WIDE)
     if WIDE:
-        b = tl.where(b == EMPTY32, NEG_ZERO32, b)
+        b = tl.where(b == _EMPTY32, _NEG_ZERO32, b)
     else:
-        b = tl.where(b == EMPTY16, 0, b).to(tl.int16)
+        b = tl.where(b == _EMPTY16, 0, b).to(tl.int16)
     return b.to(v.dtype, bitcast=True)
 
 
@@ -79,7 +85,10 @@ def _arrived(src, mask, WIDE: tl.constexpr):
     """The values at src once none of them (where mask) is EMPTY: load after load, each
     from memory (volatile), as a peer's push lands."""
     v = tl.load(src, mask=mask, other=0.0, volatile=True)
-    empty = EMPTY32 if WIDE else EMPTY16
+    if WIDE:
+        empty = _EMPTY32
+    else:
+        empty = _EMPTY16
     while tl.max(((_bits(v, WIDE) == empty) & mask).to(tl.int32), axis=0) > 0:
         v = tl.load(src, mask=mask, other=0.0, volatile=True)
     return v
@@ -107,9 +116,9 @@ def _oneshot_kernel(x_ptr, res_ptr, out_ptr, buf_ptrs, state_ptr, n, chunk, slot
     # 2. gather: every source's slot in our own buffer, in rank order.
     own = tl.multiple_of(tl.load(buf_ptrs + rank).to(tl.pointer_type(dtype)), 16)
     if WIDE:
-        empty = tl.full([BLOCK], EMPTY32, tl.int32).to(dtype, bitcast=True)
+        empty = tl.full([BLOCK], _EMPTY32, tl.int32).to(dtype, bitcast=True)
     else:
-        empty = tl.full([BLOCK], EMPTY16, tl.int16).to(dtype, bitcast=True)
+        empty = tl.full([BLOCK], _EMPTY16, tl.int16).to(dtype, bitcast=True)
     for t in range(start, end, BLOCK):
         offs = t + tl.arange(0, BLOCK)
         mask = offs < end

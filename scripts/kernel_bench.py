@@ -106,8 +106,16 @@ SWEEP_SPEC = [(8, 256, 1, 4, 1, 0, False), (8, 256, 2, 4, 1, 0, False),
               (16, 256, 1, 4, 1, 4, False), (16, 256, 4, 4, 1, 0, False)]
 
 
-# Batched launches (2-16 rows) run on the tensor-core path only: its own sweep.
-SWEEP_DOT = [(16, 256, 1, 4, 1, 0, True), (16, 256, 2, 4, 1, 0, True),
+# Batched launches (2-16 rows) run on the tensor-core path only: its own sweep. An eighth
+# field swaps the product's sides (W @ x^T: Hopper's warpgroup MMA once half >= 64); run 13
+# leads with those, then the run-7 rule's two tiles (norm, no norm) unswapped.
+SWEEP_SWAP = [(64, 128, 2, 4, 3, 0, True, True), (64, 128, 4, 4, 3, 0, True, True),
+              (64, 128, 1, 4, 3, 0, True, True), (64, 64, 2, 4, 4, 0, True, True),
+              (64, 64, 4, 4, 4, 0, True, True), (64, 256, 2, 4, 2, 0, True, True),
+              (128, 128, 2, 4, 2, 0, True, True), (128, 64, 2, 4, 3, 0, True, True),
+              (128, 64, 1, 4, 4, 0, True, True), (64, 128, 2, 8, 3, 0, True, True),
+              (64, 128, 2, 4, 3, 0, True, False), (32, 128, 4, 4, 3, 0, True, False)]
+SWEEP_DOT = SWEEP_SWAP + [(16, 256, 1, 4, 1, 0, True), (16, 256, 2, 4, 1, 0, True),
              (16, 256, 4, 4, 1, 0, True), (16, 256, 1, 4, 2, 0, True),
              (16, 256, 2, 4, 2, 0, True), (16, 128, 2, 4, 2, 0, True),
              (16, 128, 4, 4, 3, 0, True), (16, 512, 1, 4, 1, 0, True),
@@ -123,8 +131,8 @@ SWEEP_DOT = [(16, 256, 1, 4, 1, 0, True), (16, 256, 2, 4, 1, 0, True),
 def sweep_configs(n: int, sms: int, rows: int = 1) -> list[gemv.GemvConfig]:
     spec = SWEEP_SPEC if rows == 1 else SWEEP_DOT
     return [gemv.GemvConfig(half=h, block_k=k, split_k=s, num_warps=w, num_stages=st,
-                            programs=p * sms, dot=dot)
-            for (h, k, s, w, st, p, dot) in spec[:n]]
+                            programs=p * sms, dot=dot, swap=bool(swap and swap[0]))
+            for (h, k, s, w, st, p, dot, *swap) in spec[:n]]
 
 
 def gemv_section(name: str, dtype: torch.dtype, batches: list[int], sweep: int,

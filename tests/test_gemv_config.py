@@ -34,15 +34,16 @@ def test_one_row_takes_the_register_path_with_enough_programs(proj):
 def test_batched_rows_take_the_tensor_core_rule(proj, rows):
     n, k, epi, norm = SEVEN_B[proj]
     c = default_config(n, k, 132, epi, norm=norm, d_half=64, rows=rows)
-    assert c.dot and c.half >= 16 and c.block_k == 128 and c.num_stages == 3
-    # norm'd projections (small K) split 2 with large tiles; O and down split 4
-    assert (c.half, c.split_k) == ((64, 2) if norm else (32, 4))
+    assert c.dot
+    # norm'd projections: swapped (the weights on the warpgroup MMA's M side), unsplit;
+    # O and down: unswapped, split 4
+    want = (True, 128, 64, 1, 4) if norm else (False, 32, 128, 4, 3)
+    assert (c.swap, c.half, c.block_k, c.split_k, c.num_stages) == want
 
 
 def test_batched_split_keeps_512_of_k():
     assert default_config(2048, 1024, rows=4).split_k == 2      # 4 would leave 256
     assert default_config(2048, 600, rows=4).split_k == 1
-    assert default_config(2048, 600, norm=True, rows=4).split_k == 1
 
 
 def test_tiles_and_workspace():

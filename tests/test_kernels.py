@@ -18,15 +18,18 @@ def ws():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("b,n,k,split,programs,dot", [
-    (1, 100, 96, 1, 0, True), (3, 64, 160, 3, 0, True), (5, 200, 64, 2, 3, True),
-    (1, 100, 96, 1, 0, False), (1, 64, 160, 3, 2, False), (1, 100, 160, 2, 0, False)])
-def test_gemv_norm_and_residual(ws, b, n, k, split, programs, dot) -> None:
+@pytest.mark.parametrize("b,n,k,split,programs,path", [
+    (1, 100, 96, 1, 0, "dot"), (3, 64, 160, 3, 0, "dot"), (5, 200, 64, 2, 3, "dot"),
+    (3, 64, 160, 3, 0, "swap"), (5, 200, 64, 2, 3, "swap"), (16, 100, 96, 1, 0, "swap"),
+    (1, 100, 96, 1, 0, "reg"), (1, 64, 160, 3, 2, "reg"), (1, 100, 160, 2, 0, "reg")])
+def test_gemv_norm_and_residual(ws, b, n, k, split, programs, path) -> None:
+    """path: tensor cores (x @ W^T, or "swap": W @ x^T) or the one-row register path."""
     from hybridgraph.kernels import gemv as g
     from hybridgraph.kernels import reference as ref
     x, w, res, nw = rnd(b, k), rnd(n, k, scale=0.1), rnd(b, n), 1 + rnd(k, scale=0.2)
-    half = 8 if not dot and split == 2 else 16  # the register path's small default tiles too
-    cfg = g.GemvConfig(half=half, block_k=32, split_k=split, programs=programs, dot=dot)
+    half = 8 if path == "reg" and split == 2 else 16  # the register path's small tiles too
+    cfg = g.GemvConfig(half=half, block_k=32, split_k=split, programs=programs,
+                       dot=path != "reg", swap=path == "swap")
     out = g.gemv(x, w, nan(b, n), ws, cfg, norm_w=nw)
     assert ref.rel_err(out, ref.gemv_ref(x, w, nw)) < TOL
     out = g.gemv(x, w, nan(b, n), ws, cfg, epi=g.EPI_RESID, residual=res)
@@ -35,13 +38,15 @@ def test_gemv_norm_and_residual(ws, b, n, k, split, programs, dot) -> None:
 
 
 @needs_interpreter
-@pytest.mark.parametrize("b,split,dot", [(3, 1, True), (3, 2, True), (1, 2, False)])
-def test_gemv_swiglu_and_rope(ws, b, split, dot) -> None:
+@pytest.mark.parametrize("b,split,path", [(3, 1, "dot"), (3, 2, "dot"), (3, 2, "swap"),
+                                          (1, 2, "reg")])
+def test_gemv_swiglu_and_rope(ws, b, split, path) -> None:
     from hybridgraph.kernels import gemv as g
     from hybridgraph.kernels import reference as ref
     k, heads, kv, d, seq = 96, 6, 2, 32, 64
     x, nw = rnd(b, k), 1 + rnd(k, scale=0.2)
-    cfg = g.GemvConfig(half=16, block_k=32, split_k=split, dot=dot)
+    cfg = g.GemvConfig(half=16, block_k=32, split_k=split, dot=path != "reg",
+                       swap=path == "swap")
     w13 = rnd(2 * 40, k, scale=0.1)
     h = g.gemv(x, w13, nan(b, 40), ws, cfg, epi=g.EPI_SILU, norm_w=nw)
     assert ref.rel_err(h, ref.swiglu_ref(x, w13, nw)) < TOL

@@ -4,7 +4,9 @@ y[b, n] = sum_k x[b, k] * W[n, k], W row-major [N, K] (an nn.Linear weight). At 
 sizes the weights are the only traffic that matters. One row (DOT=False) multiplies in
 registers: products accumulate elementwise and are reduced once after the K loop. 2-16
 rows (DOT) are padded to 16 and multiplied on the tensor cores, tl.dot letting Triton
-pipeline the weights through shared memory. Tile rules: gemv_config.py.
+pipeline the weights through shared memory; SWAP computes the transpose, W @ x^T, so the
+weight tile is the MMA's M side (Hopper's warpgroup MMA takes M >= 64, N from 8: 16 rows
+of x fit its N side, not its M side). Tile rules: gemv_config.py.
 
 Each program owns two row sets of HALF rows, A and B, whose pairing is what the epilogue
 needs: a RoPE pair (d, d + D/2) of one head, a gate row and its up row, or simply two
@@ -158,7 +160,8 @@ def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos
           stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow,
           NORM: tl.constexpr, EPI: tl.constexpr, SPLIT_K: tl.constexpr,
           BLOCK_B: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr,
-          USE_PDL: tl.constexpr, DOT: tl.constexpr, HAS_CROW: tl.constexpr):
+          USE_PDL: tl.constexpr, DOT: tl.constexpr, HAS_CROW: tl.constexpr,
+          SWAP: tl.constexpr):
     """One work item: a tile of rows over one split of K (the whole of K if unsplit)."""
     offs_h = tl.arange(0, HALF)
     offs_k = tl.arange(0, BLOCK_K)
@@ -175,8 +178,12 @@ def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos
     if DOT:
         wa_ptrs = w_ptr + rows_a.to(tl.int64)[:, None] * K + offs_k[None, :]
         wb_ptrs = w_ptr + rows_b.to(tl.int64)[:, None] * K + offs_k[None, :]
-        acc_a = tl.zeros([BLOCK_B, HALF], dtype=tl.float32)
-        acc_b = tl.zeros([BLOCK_B, HALF], dtype=tl.float32)
+        if SWAP:
+            acc_a = tl.zeros([HALF, BLOCK_B], dtype=tl.float32)
+            acc_b = tl.zeros([HALF, BLOCK_B], dtype=tl.float32)
+        else:
+            acc_a = tl.zeros([BLOCK_B, HALF], dtype=tl.float32)
+            acc_b = tl.zeros([BLOCK_B, HALF], dtype=tl.float32)
         # Squares summed elementwise in the loop, reduced once after it: a cross-warp
         # reduction per step stalled the weight pipeline (57 vs 45 us, KERNELS.md).
         sq = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
@@ -193,8 +200,15 @@ def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos
                 xt = (xf * nw.to(tl.float32)[None, :]).to(xt.dtype)
             wa = tl.load(wa_ptrs + k, mask=mask_a[:, None] & km[None, :], other=0.0)
             wb = tl.load(wb_ptrs + k, mask=mask_b[:, None] & km[None, :], other=0.0)
-            acc_a = tl.dot(xt, tl.trans(wa), acc_a)
-            acc_b = tl.dot(xt, tl.trans(wb), acc_b)
+            if SWAP:
+                acc_a = tl.dot(wa, tl.trans(xt), acc_a)
+                acc_b = tl.dot(wb, tl.trans(xt), acc_b)
+            else:
+                acc_a = tl.dot(xt, tl.trans(wa), acc_a)
+                acc_b = tl.dot(xt, tl.trans(wb), acc_b)
+        if SWAP:
+            acc_a = tl.trans(acc_a)
+            acc_b = tl.trans(acc_b)
         ss = tl.sum(sq, axis=1)
     else:
         # One row (BLOCK_B == 1): products accumulated elementwise in registers, no
@@ -272,7 +286,7 @@ def gemv_kernel(x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
                 NORM: tl.constexpr, EPI: tl.constexpr, SPLIT_K: tl.constexpr,
                 BLOCK_B: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr,
                 PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, DOT: tl.constexpr,
-                PERSIST: tl.constexpr, HAS_CROW: tl.constexpr):
+                PERSIST: tl.constexpr, HAS_CROW: tl.constexpr, SWAP: tl.constexpr):
     pid = tl.program_id(0)
     offs_h = tl.arange(0, HALF)
 
@@ -299,12 +313,12 @@ def gemv_kernel(x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
             _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
                   vc_ptr, ws_ptr, cnt_ptr, B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out,
                   stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow, NORM,
-                  EPI, SPLIT_K, BLOCK_B, HALF, BLOCK_K, USE_PDL, DOT, HAS_CROW)
+                  EPI, SPLIT_K, BLOCK_B, HALF, BLOCK_K, USE_PDL, DOT, HAS_CROW, SWAP)
     else:
         _item(pid, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
                   vc_ptr, ws_ptr, cnt_ptr, B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out,
                   stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow, NORM,
-                  EPI, SPLIT_K, BLOCK_B, HALF, BLOCK_K, USE_PDL, DOT, HAS_CROW)
+                  EPI, SPLIT_K, BLOCK_B, HALF, BLOCK_K, USE_PDL, DOT, HAS_CROW, SWAP)
 
 
 # ------------------------------------------------------------------------------ launch
@@ -366,7 +380,7 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
     gemv_kernel[(grid,)](
         *args, NORM=norm_w is not None, EPI=epi, SPLIT_K=split, BLOCK_B=block_b, HALF=half,
         BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, USE_PDL=int(pdl), DOT=dot,
-        PERSIST=grid < items, HAS_CROW=crow is not None,
+        PERSIST=grid < items, HAS_CROW=crow is not None, SWAP=dot and cfg.swap,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
     return out
 

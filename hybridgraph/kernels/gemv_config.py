@@ -23,6 +23,7 @@ class GemvConfig(NamedTuple):
     prefetch: int = 4      # 128-byte lines per weight row prefetched before the PDL wait
     programs: int = 0      # grid size; 0: one program per (tile, split), else persistent
     dot: bool = True       # False: one-row launches multiply in registers, not on tensor cores
+    swap: bool = False     # tensor cores: W @ x^T (weights on the MMA's M side), not x @ W^T
 
 
 def default_config(n: int, k: int, sms: int = 132, epi: int = EPI_PLAIN,
@@ -36,16 +37,21 @@ def default_config(n: int, k: int, sms: int = 132, epi: int = EPI_PLAIN,
     and always for QKV, whose RoPE pairs want them), split over K until there are >= 2.5
     programs per SM (each split keeping >= 512 of K).
 
-    2-16 rows run on the tensor cores (KERNELS.md run 7, a sweep at 10 rows): large tiles
-    pipelined 3 deep, 128 of K a step; 128 rows a program split 2 over K for projections
-    with the RMSNorm prologue (QKV, gate/up, LM head), 64 rows split 4 for those without
-    (O and down), keeping >= 512 of K a split.
+    2-16 rows run on the tensor cores (KERNELS.md runs 7 and 13, sweeps at 10 rows).
+    Projections with the RMSNorm prologue (QKV, gate/up, LM head) swap the product's sides
+    (W @ x^T: the weight tile is the MMA's M side, so Hopper's warpgroup MMA takes it):
+    128 rows a set, 64 of K a step, pipelined 4 deep, no split. Those without (O and down)
+    keep x @ W^T on 32-row sets, 128 of K a step, 3 deep, split 4 over K (keeping >= 512
+    of K a split): swapped they tied.
     """
     if rows > 1:
-        half, split = (64, 2) if norm else (32, 4)
+        if norm:
+            return GemvConfig(half=128, block_k=64, split_k=1, num_warps=4, num_stages=4,
+                              swap=True)
+        split = 4
         while split > 1 and k // split < 512:
             split //= 2
-        return GemvConfig(half=half, block_k=128, split_k=split, num_warps=4, num_stages=3)
+        return GemvConfig(half=32, block_k=128, split_k=split, num_warps=4, num_stages=3)
     half = 16 if epi == EPI_ROPE else 8
     if epi != EPI_ROPE and n_tiles(epi, n, 16, d_half) >= 4.5 * sms:
         half = 16

@@ -43,13 +43,14 @@ class KernelPlan:
     The default is the fastest plan measured on an H100 (docs/KERNELS.md run 6): one row:
     all five projections on the GEMV (its small register tiles beat cuBLAS + the fused
     glue at every llama-2-7b and llama-3.2-1b shape), PDL on with the late trigger; 2-16
-    rows: O, down and the head on the GEMV, QKV and gate/up on cuBLAS (its GEMM beat the
-    tensor-core GEMV there: 16 rows 6.24 vs 7.21 ms).
+    rows: the same, on the tensor-core GEMV (run 13: with QKV and gate/up swapped onto
+    Hopper's warpgroup MMA, all five beat QKV and gate/up on cuBLAS + glue at 2, 4 and 16
+    rows and in a 10-token prefill).
     """
 
     gemv: tuple[str, ...] = PROJECTIONS
-    gemv_batched: tuple[str, ...] | None = ("wo", "w2", "head")  # the same for batches of
-    #                                         2+ rows (tensor-core GEMV); None: as `gemv`
+    gemv_batched: tuple[str, ...] | None = None  # the projections on the GEMV for batches
+    #                                         of 2+ rows (tensor-core GEMV); None: as `gemv`
     pdl: bool = True
     pdl_late: bool = True                   # GEMV/attention let the next kernel launch only
     #                                         after their main loop, not at once

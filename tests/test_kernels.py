@@ -1,6 +1,7 @@
 """The Triton kernels on the CPU through Triton's interpreter (tests/triton_interpreter.py):
 the GEMV's epilogues, decode attention, the glue kernels, and the per-row cache-row index
-a short prefill uses. The decode blocks built on them: test_fast_decode.py.
+a short prefill uses; and the GEMV and attention kernels compiled for sm_90 by Triton's
+real compiler (no GPU needed). The decode blocks built on them: test_fast_decode.py.
 """
 
 from __future__ import annotations
@@ -180,3 +181,59 @@ def test_cache_rows_must_be_an_index_vector() -> None:
     for bad in (torch.tensor([1, 2]), torch.zeros(4), torch.zeros(2, 2, dtype=torch.int64)):
         with pytest.raises(ValueError, match="x: cache_rows"):
             check_cache_rows(bad, 4, "x")
+
+
+_GEMV_ARGS = [("x_ptr", "*fp16"), ("w_ptr", "*fp16"), ("normw_ptr", "*fp16"),
+              ("out_ptr", "*fp16"), ("res_ptr", "*fp16"), ("cos_ptr", "*fp16"),
+              ("sin_ptr", "*fp16"), ("pos_ptr", "*i64"), ("kc_ptr", "*fp16"),
+              ("vc_ptr", "*fp16"), ("ws_ptr", "*fp32"), ("cnt_ptr", "*i32")] + \
+    [(n, "i32") for n in ("B", "N", "K", "K_SPLIT", "TILES")] + [("eps", "fp32")] + \
+    [(n, "i32") for n in ("stride_x", "stride_out", "stride_res", "HEADS", "KV_HEADS",
+                          "MAX_SEQ", "D_HALF")] + [("crow_ptr", "*i64"), ("stride_crow", "i32")]
+
+
+def _gemv_variant(cfg, rows: int, epi: int, norm: bool, pdl: int = 2, split: int = 1,
+                  persist: bool = False, crow: bool = False):
+    dot = rows > 1 and cfg.dot
+    return (dict(_GEMV_ARGS), dict(
+        NORM=norm, EPI=epi, SPLIT_K=split, BLOCK_B=16 if dot else 1, HALF=cfg.half,
+        BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, USE_PDL=pdl, DOT=dot, PERSIST=persist,
+        HAS_CROW=crow, SWAP=dot and cfg.swap), {"num_stages": cfg.num_stages})
+
+
+@needs_interpreter
+def test_gemv_and_attention_compile_for_hopper() -> None:
+    """The real compiler, for sm_90, on the CPU (the interpreter accepts code it refuses):
+    the one-row register path, the batched rule's tiles and every epilogue. And the
+    premise of the batched rule for norm'd projections: swapped, its tile is the
+    warpgroup MMA's M side, so it compiles to wgmma, where x @ W^T (16 rows of x on M)
+    gets only Ampere's mma.sync (KERNELS.md run 13)."""
+    from hybridgraph.kernels import gemv as g
+    from tests.triton_interpreter import compile_for_hopper
+    one = g.default_config(4096, 4096, epi=g.EPI_RESID)
+    normed = g.default_config(4096, 4096, norm=True, rows=10)
+    plain = g.default_config(4096, 4096, rows=10)
+    variants = [_gemv_variant(one, 1, g.EPI_RESID, False, split=2),
+                _gemv_variant(one, 1, g.EPI_SILU, True, pdl=1, persist=True),
+                _gemv_variant(one._replace(half=16), 1, g.EPI_ROPE, True, crow=True),
+                _gemv_variant(normed, 10, g.EPI_PLAIN, True),
+                _gemv_variant(normed._replace(half=64), 10, g.EPI_ROPE, True, crow=True),
+                _gemv_variant(normed, 10, g.EPI_SILU, True, pdl=0),
+                _gemv_variant(plain, 10, g.EPI_RESID, False, split=plain.split_k)]
+    err, mmas = compile_for_hopper("hybridgraph.kernels.gemv", "gemv_kernel", variants)
+    assert err == "", err
+    assert mmas[0] == mmas[1] == mmas[2] == (0, 0)           # registers, no tensor cores
+    assert all(wg > 0 and sync == 0 for wg, sync in mmas[3:6]), mmas
+    assert mmas[6][0] == 0 and mmas[6][1] > 0, mmas           # unswapped: mma.sync
+
+    att = {"q_ptr": "*fp16", "kc_ptr": "*fp16", "vc_ptr": "*fp16", "pos_ptr": "*i64",
+           "out_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "crow_ptr": "*i64",
+           "stride_crow": "i32", "scale": "fp32", "WINDOW": "i32", "KV_HEADS": "i32",
+           "MAX_SEQ": "i32", "CHUNK": "i32"}
+    variants = [(att, dict(REP=rep, D=d, D_PAD=d, BLOCK_R=16, BLOCK_T=64, SPLITS=splits,
+                           USE_PDL=pdl, HAS_CROW=crow), {})
+                for rep, d, splits, pdl, crow in ((4, 128, 1, 1, False), (1, 128, 4, 2, True),
+                                                  (3, 64, 8, 0, False))]
+    err, _ = compile_for_hopper("hybridgraph.kernels.attention", "decode_attention_kernel",
+                                variants)
+    assert err == "", err

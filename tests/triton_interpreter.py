@@ -34,32 +34,41 @@ TOL = TOLERANCE[F16]
 
 
 # Compiles kernels with Triton's real compiler for sm_90 in a fresh process (the
-# interpreter is on in this one): ptxas ships with triton, no GPU is needed.
+# interpreter is on in this one): ptxas ships with triton, no GPU is needed. Prints, per
+# variant, how many warpgroup (Hopper) and mma.sync (Ampere) MMA instructions it got.
 _COMPILE = """
-import json, sys, importlib
+import json, re, sys, importlib
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 module, kernel, variants = json.loads(sys.argv[1])
 fn = getattr(importlib.import_module(module), kernel)
-for signature, constexprs in variants:
+mmas = []
+for signature, constexprs, options in variants:
     sig = dict(signature, **{name: "constexpr" for name in constexprs})
-    triton.compile(ASTSource(fn, sig, constexprs=constexprs),
-                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    k = triton.compile(ASTSource(fn, sig, constexprs=constexprs),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, **options))
+    ptx = k.asm["ptx"]
+    mmas.append([len(re.findall("wgmma.mma_async", ptx)), len(re.findall("mma.sync", ptx))])
+print(json.dumps(mmas))
 """
 
 
 def compile_for_hopper(module: str, kernel: str,
-                       variants: list[tuple[dict[str, str], dict]]) -> str:
-    """'' if `module.kernel` compiles for sm_90 for each (signature: argument -> type such
-    as "*fp16" or "i32", constexprs: argument -> value) in `variants`, else the compiler's
-    error. The interpreter runs a kernel as Python and accepts what the compiler refuses
-    (a global that is not constexpr, a return inside a constexpr `if`)."""
+                       variants: list[tuple[dict[str, str], dict, dict]]
+                       ) -> tuple[str, list[tuple[int, int]]]:
+    """Compiles `module.kernel` for sm_90 for each (signature: argument -> type such as
+    "*fp16" or "i32"; constexprs: argument -> value; options: num_warps, num_stages) in
+    `variants`. Returns ('', [(warpgroup MMAs, mma.sync) per variant]) or the compiler's
+    error and []. The interpreter runs a kernel as Python and accepts what the compiler
+    refuses (a global that is not constexpr, a return inside a constexpr `if`)."""
     env = dict(os.environ, TRITON_INTERPRET="0")
     args = json.dumps([module, kernel, variants])
     r = subprocess.run([sys.executable, "-c", _COMPILE, args], env=env, capture_output=True,
                        text=True, timeout=600)
-    return "" if r.returncode == 0 else r.stderr[-4000:]
+    if r.returncode != 0:
+        return r.stderr[-4000:] or "compiler exited with no message", []
+    return "", [tuple(m) for m in json.loads(r.stdout.strip().splitlines()[-1])]
 
 
 def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:

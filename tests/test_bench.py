@@ -90,6 +90,9 @@ def test_tables_cover_what_was_asked(quick_run: tuple[Path, str, float]) -> None
     assert all(float(r["logit_rel_err"]) < 1e-4 for r in peers)   # same weights, float32
     _, ipc = read_csv(out / "ipc.csv")
     assert {"ipc", "socket_added", "http_ipc", "http_added"} <= {r["metric"] for r in ipc}
+    _, cost = read_csv(out / "cost.csv")   # every mode from empty compile caches, then again
+    assert [(r["mode"], r["caches"]) for r in cost] == [
+        (m, c) for m in ("eager", "jit") for c in ("cold", "restart")]
 
 
 def test_plots_and_summary(quick_run: tuple[Path, str, float]) -> None:

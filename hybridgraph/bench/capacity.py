@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -96,29 +98,45 @@ def batch_suite(cfg: BenchConfig, engines: Engines, floor_ms: float) -> list[Tab
 
 
 def cost_suite(cfg: BenchConfig) -> list[Table]:
+    """Each mode started twice in fresh processes over compile caches of its own: first
+    empty ("cold": a machine that never ran hybridgraph), then as the first start left
+    them ("restart": the same server started again)."""
     t = Table("cost", "Start-up cost per mode (fresh process each): model loaded -> ready",
-              ["mode", "ready_s", "kernels_s", "capture_s", "warmup_s", "first_token_s",
-               "load_s", "weights_mib", "peak_mib", "extra_mib", "graphs", "graph_mib"])
+              ["mode", "caches", "ready_s", "kernels_s", "capture_s", "warmup_s",
+               "first_token_s", "load_s", "weights_mib", "peak_mib", "extra_mib", "graphs",
+               "graph_mib"])
     kind = ""
     for mode in tqdm(cfg.modes, desc="cost", unit="mode"):
-        free_memory()
-        cmd = [sys.executable, "-m", "hybridgraph.bench.cost_child", "--model", cfg.model,
-               "--device", cfg.device, "--dtype", cfg.dtype, "--mode", mode,
-               "--max-seq-len", str(cfg.max_seq_len)]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-        if out.returncode != 0:
-            raise RuntimeError(f"cost child for {mode} failed:\n{out.stderr[-3000:]}")
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        kind = r["peak_kind"]
-        ph = r.get("phases_s", {})
-        t.add(mode, r["ready_s"], ph.get("kernels", 0.0), ph.get("capture", 0.0),
-              ph.get("warmup", 0.0), r["first_token_s"], r["load_s"], r["weights_bytes"] / MIB,
-              r["peak_bytes"] / MIB, (r["peak_bytes"] - r["weights_bytes"]) / MIB, r["graphs"],
-              r["graph_bytes"] / MIB)
+        with tempfile.TemporaryDirectory(prefix="hg-cost-caches-") as caches:
+            # Triton's kernel cache and Inductor's (graphs, autotuning, its Triton kernels)
+            env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(caches, "triton"),
+                       TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"))
+            for start in ("cold", "restart"):
+                free_memory()
+                r = _cost_child(cfg, mode, env)
+                kind = r["peak_kind"]
+                ph = r.get("phases_s", {})
+                t.add(mode, start, r["ready_s"], ph.get("kernels", 0.0),
+                      ph.get("capture", 0.0), ph.get("warmup", 0.0), r["first_token_s"],
+                      r["load_s"], r["weights_bytes"] / MIB, r["peak_bytes"] / MIB,
+                      (r["peak_bytes"] - r["weights_bytes"]) / MIB, r["graphs"],
+                      r["graph_bytes"] / MIB)
     t.notes.append("ready_s: Engine construction (warm-up, JIT compilation, graph capture) after "
                    "the weights are in memory (kernels_s: the Triton self-check; capture_s: compiling the "
                    "forward and capturing graphs; warmup_s: the JIT ops per batch bucket); "
                    "first_token_s adds the first 10-token request. "
                    f"peak_mib: {kind} (weights included); extra_mib = peak - weights. "
-                   "torch.compile's on-disk caches are left as found, as a restart would.")
+                   "caches: cold = Triton's and Inductor's compile caches empty (a new directory "
+                   "for each mode); restart = the same directories again, as the cold start "
+                   "left them.")
     return [t]
+
+
+def _cost_child(cfg: BenchConfig, mode: str, env: dict[str, str]) -> dict:
+    cmd = [sys.executable, "-m", "hybridgraph.bench.cost_child", "--model", cfg.model,
+           "--device", cfg.device, "--dtype", cfg.dtype, "--mode", mode,
+           "--max-seq-len", str(cfg.max_seq_len)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"cost child for {mode} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -11,6 +11,10 @@
 #   scripts/gpu_round.sh bench-base MODEL SUITES [ARGS]
 #                                                   hybridgraph bench of the tree in .base
 #                                                   -> $OUT/base-<TAG or model>.tgz
+#   scripts/gpu_round.sh forward MODEL [ARGS]       kernel_bench's prefill and decode sections
+#                                                   (forward only, per plan) for the tree in
+#                                                   .base, then this one -> $OUT/forward-*.json
+#                                                   (ARGS: e.g. --decode-rows 4,16 --plans ...)
 #   scripts/gpu_round.sh allreduce N [ARGS]         all-reduce per call on N ranks, no model
 #                                                   (scripts/allreduce_bench.py), for .base
 #                                                   first if it exists, then this tree
@@ -55,6 +59,18 @@ case "${1:-}" in
     (cd "$root/.base" && PYTHONPATH=$root/.base${PYTHONPATH:+:$PYTHONPATH} python3 -m hybridgraph.cli bench ablation \
       --model llama-2-7b --out /tmp/res/base-ablation 2>&1 | grep -v "it/s\]" | tail -30)
     tar czf "$OUT/base-ablation.tgz" -C /tmp/res base-ablation ;;
+  forward)
+    model=$2; shift 2
+    for tree in base new; do
+      dir=$root; [ $tree = base ] && dir=$root/.base
+      [ -d "$dir/hybridgraph" ] || continue
+      mkdir -p "/tmp/kb-$tree"
+      (cd "$dir" && OUT=/tmp/kb-$tree PYTHONPATH=$dir${PYTHONPATH:+:$PYTHONPATH} python3 \
+        scripts/kernel_bench.py --sections prefill,decode --models "$model" "$@" 2>&1 \
+        | grep -v "it/s" > "$OUT/forward-$tree.txt")
+      cp "/tmp/kb-$tree/kernel_bench.json" "$OUT/forward-$tree.json"
+      echo "== $tree"; grep -E "^(prefill|decode) " "$OUT/forward-$tree.txt"
+    done ;;
   allreduce)
     n=$2; shift 2
     for tree in base new; do
@@ -63,5 +79,5 @@ case "${1:-}" in
       (cd "$root" && PYTHONPATH=$dir${PYTHONPATH:+:$PYTHONPATH} torchrun --nproc-per-node "$n" \
         scripts/allreduce_bench.py --tag "$tree" "$@" 2>&1 | grep -v "^W[0-9]" | tail -30)
     done ;;
-  *) echo "usage: $0 tests | tests-tp | tests-tp4 | bench MODEL SUITES [ARGS] | bench-base MODEL SUITES [ARGS] | base-ablation | allreduce N [ARGS]" >&2; exit 2 ;;
+  *) echo "usage: $0 tests | tests-tp | tests-tp4 | bench MODEL SUITES [ARGS] | bench-base MODEL SUITES [ARGS] | base-ablation | forward MODEL [ARGS] | allreduce N [ARGS]" >&2; exit 2 ;;
 esac

@@ -99,8 +99,8 @@ def heartbeat_s() -> float:
 
 # auto takes the one-shot kernel up to this many ranks: measured winning on whole models at
 # 2 and 4 (llama-2-70b fp16 TP=4 on 4x H200, one machine, 2026-11-27: 11.89 against 12.86
-# ms/token over NCCL, 8.2 against 25.0 us a call; KERNELS.md run 9 for the barrier that
-# made it win, README for the TTFT). Not measured beyond 4 ranks, so auto keeps NCCL there.
+# ms/token over NCCL, 8.2 against 25.0 us a call, with a barrier; without one, 11.39 and
+# 4.2 us: KERNELS.md runs 9 and 12). Not measured beyond 4 ranks, so auto keeps NCCL there.
 AUTO_ONESHOT_MAX_RANKS = 4
 
 
@@ -118,6 +118,7 @@ def choose_allreduce(asked: str, device_type: str, start: Callable[[], symm.Stag
     llama-2-7b fp16 TP=2 decoded in 3.03 ms/token against 3.23 over NCCL, on two machines.
     (The 10-token TTFT swung by ~0.3 ms either way between them: 4.43 against 4.13, then
     4.10 against 4.36.) At 4 ranks (4x H200): llama-2-70b fp16 TP=4 11.89 against 12.86.
+    The barrier-free kernel since (KERNELS.md run 12): 7B TP=2 2.86, 70B TP=4 11.39.
     Beyond AUTO_ONESHOT_MAX_RANKS ranks auto keeps NCCL, without setting up symmetric
     memory."""
     if asked not in ALLREDUCE_CHOICES:

@@ -3,6 +3,7 @@
 import pytest
 
 from hybridgraph.kernels.gemv_config import (
+    EPI_PLAIN,
     EPI_RESID,
     EPI_ROPE,
     EPI_SILU,
@@ -39,6 +40,17 @@ def test_batched_rows_take_the_tensor_core_rule(proj, rows):
     # O and down: unswapped, split 4
     want = (True, 128, 64, 1, 4) if norm else (False, 32, 128, 4, 3)
     assert (c.swap, c.half, c.block_k, c.split_k, c.num_stages) == want
+
+
+def test_batched_norm_rule_splits_only_narrow_projections():
+    # llama-3.2-1b's QKV (48 tiles of 64 rows, 32-row RoPE sets) is under 0.4 programs per
+    # SM unsplit: split in two. Its gate/up (64 tiles) and 7B's QKV (96) stay whole.
+    assert default_config(3072, 2048, 132, EPI_ROPE, norm=True, d_half=32, rows=10).split_k == 2
+    assert default_config(8192, 2048, 132, EPI_SILU, norm=True, d_half=32, rows=10).split_k == 1
+    assert default_config(12288, 4096, 132, EPI_ROPE, norm=True, d_half=64, rows=10).split_k == 1
+    # a split never leaves a program under 512 of K
+    assert default_config(256, 1024, 132, EPI_PLAIN, norm=True, rows=4).split_k == 2
+    assert default_config(256, 1000, 132, EPI_PLAIN, norm=True, rows=4).split_k == 1
 
 
 def test_batched_split_keeps_512_of_k():

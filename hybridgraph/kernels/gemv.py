@@ -55,6 +55,7 @@ from hybridgraph.kernels.gemv_config import (
     rope_half,
     workspace_floats,
 )
+from hybridgraph.kernels.launch import launch
 from hybridgraph.kernels.workspace import Workspace
 
 # Callers name the epilogues and the config as gemv.X: one module to import for a launch.
@@ -377,8 +378,8 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
     extra = {"launch_pdl": True} if pdl else {}
     items = tiles * split
     grid = min(items, cfg.programs) if cfg.programs > 0 else items
-    gemv_kernel[(grid,)](
-        *args, NORM=norm_w is not None, EPI=epi, SPLIT_K=split, BLOCK_B=block_b, HALF=half,
+    launch(
+        gemv_kernel, (grid,), *args, NORM=norm_w is not None, EPI=epi, SPLIT_K=split, BLOCK_B=block_b, HALF=half,
         BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, USE_PDL=int(pdl), DOT=dot,
         PERSIST=grid < items, HAS_CROW=crow is not None, SWAP=dot and cfg.swap,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)

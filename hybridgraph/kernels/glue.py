@@ -18,6 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hybridgraph.kernels.attention import check_cache_rows
+from hybridgraph.kernels.launch import launch
 
 
 @triton.jit
@@ -48,8 +49,8 @@ def add_rmsnorm(x: Tensor, weight: Tensor, eps: float, out: Tensor,
     if residual is not None and sum_out is None:
         raise ValueError("add_rmsnorm: a residual needs sum_out for the sum")
     extra = {"launch_pdl": True} if pdl else {}
-    _add_rmsnorm_kernel[(b,)](
-        x, residual if residual is not None else x, weight,
+    launch(
+        _add_rmsnorm_kernel, (b,), x, residual if residual is not None else x, weight,
         sum_out if sum_out is not None else out, out, n, eps,
         HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n), USE_PDL=pdl,
         num_warps=8 if n >= 4096 else 4, **extra)
@@ -110,8 +111,8 @@ def rope_kv(qkv: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, k_cache: Tensor,
         check_cache_rows(cache_rows, b, "rope_kv")
     d_half = k_cache.shape[-1] // 2
     extra = {"launch_pdl": True} if pdl else {}
-    _rope_kv_kernel[(b, heads + 2 * kv_heads)](
-        qkv, cos, sin, pos, q_out, k_cache, v_cache,
+    launch(
+        _rope_kv_kernel, (b, heads + 2 * kv_heads), qkv, cos, sin, pos, q_out, k_cache, v_cache,
         cache_rows if cache_rows is not None else pos,
         cache_rows.stride(0) if cache_rows is not None else 0,
         heads, kv_heads, k_cache.shape[2],
@@ -140,6 +141,6 @@ def silu_mul(gate_up: Tensor, out: Tensor, pdl: bool = False) -> Tensor:
     b, n = gate_up.shape[0], gate_up.shape[1] // 2
     block = 1024
     extra = {"launch_pdl": True} if pdl else {}
-    _silu_mul_kernel[(b, triton.cdiv(n, block))](gate_up, out, n, BLOCK=block, USE_PDL=pdl,
-                                                  num_warps=4, **extra)
+    launch(_silu_mul_kernel, (b, triton.cdiv(n, block)), gate_up, out, n, BLOCK=block,
+           USE_PDL=pdl, num_warps=4, **extra)
     return out

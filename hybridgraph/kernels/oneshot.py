@@ -43,6 +43,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybridgraph.kernels.launch import launch
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_WORLD = 8
 MAX_PROGRAMS = 32
@@ -236,8 +238,8 @@ def all_reduce(x: Tensor, out: Tensor, buffer: Tensor, buffer_ptrs: Tensor, rank
     if n == 0:
         return out
     programs, chunk, block = launch_plan(n, x.element_size())
-    _oneshot_kernel[(programs,)](
-        x, residual if residual is not None else x, out, buffer_ptrs, state, n, chunk,
+    launch(
+        _oneshot_kernel, (programs,), x, residual if residual is not None else x, out, buffer_ptrs, state, n, chunk,
         slot_bytes(buffer.numel(), world) // x.element_size(), rank, programs,
         WORLD=world, BLOCK=block, HAS_RES=residual is not None,
         WIDE=x.element_size() == 4, num_warps=NUM_WARPS)

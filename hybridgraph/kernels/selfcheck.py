@@ -46,6 +46,9 @@ def _check(device: torch.device, dtype: torch.dtype, pdl: bool) -> tuple[bool, s
     if pdl and not pdl_supported(device):
         return False, "programmatic dependent launch needs sm_90 or newer"
     try:
+        from hybridgraph.kernels.launch import compile_ahead
+        with compile_ahead():  # compile the kernels at once, on a thread pool
+            _numerics(device, dtype, pdl)
         worst, name = _numerics(device, dtype, pdl)
     except Exception as e:  # a compile or launch error: the kernels cannot run here
         return False, f"a Triton kernel failed to run: {type(e).__name__}: {e}"

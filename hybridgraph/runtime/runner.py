@@ -164,16 +164,37 @@ class GraphRunner:
             self.observer.on_capture(key)
         bufs = self.steps.bufs
         snap = bufs.snapshot()
-
-        def prepare() -> None:
-            bufs.restore(snap)
-            if key.phase == "prefill":  # a stale last index may lie past this bucket
-                bufs.last_idx.clamp_(max=key.length - 1)
-
         with torch.inference_mode():
-            entry = self.cache.capture(key, self.step_fn(key), prepare=prepare)
+            entry = self.cache.capture(key, self.step_fn(key),
+                                       prepare=lambda: self._prepare(key, snap))
         bufs.restore(snap)
         return entry
+
+    def _prepare(self, key: GraphKey, snap: tuple[torch.Tensor, ...]) -> None:
+        """The step state a warm-up or capture of `key` starts from: the snapshot."""
+        self.steps.bufs.restore(snap)
+        if key.phase == "prefill":  # a stale last index may lie past this bucket
+            self.steps.bufs.last_idx.clamp_(max=key.length - 1)
+
+    def compile_ahead(self, keys: Sequence[GraphKey]) -> bool:
+        """Run each key's step once dry (kernels/launch.py): the Triton kernels they launch
+        compile all at once on a thread pool instead of one by one in the captures'
+        warm-ups, then nothing is launched. Only where the steps run the Triton kernels.
+        The step state is restored afterwards. True if it compiled ahead."""
+        if getattr(self.steps, "kernels", None) != "triton" or not keys:
+            return False
+        if self.observer is not None:  # the other ranks would not run these steps with us
+            return False
+        from hybridgraph.kernels.launch import compile_ahead
+
+        snap = self.steps.bufs.snapshot()
+        with torch.inference_mode(), compile_ahead() as ahead:
+            if ahead:
+                for key in keys:
+                    self._prepare(key, snap)
+                    self.step_fn(key)()
+        self.steps.bufs.restore(snap)
+        return ahead
 
     def capture_ahead(self, lengths: Sequence[int] | None = None, progress: bool = False) -> int:
         """Capture the graphs for prefill `lengths` (default: every key of the coverage
@@ -183,6 +204,7 @@ class GraphRunner:
         keys = [k for k in self.keys(lengths) if k not in self.cache]
         if lengths is not None:
             keys = [k for k in keys if k.phase == "prefill"]
+        self.compile_ahead(keys)
         if progress:
             from tqdm import tqdm
             keys = tqdm(keys, desc="capturing graphs", unit="graph")

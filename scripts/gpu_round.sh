@@ -15,6 +15,10 @@
 #                                                   (forward only, per plan) for the tree in
 #                                                   .base, then this one -> $OUT/forward-*.json
 #                                                   (ARGS: e.g. --decode-rows 4,16 --plans ...)
+#   scripts/gpu_round.sh startup MODEL [MODE]       start-up to ready in fresh processes (the
+#                                                   cost suite's child), cold then restart
+#                                                   over compile caches of its own, for .base
+#                                                   then this tree -> $OUT/startup.jsonl
 #   scripts/gpu_round.sh allreduce N [ARGS]         all-reduce per call on N ranks, no model
 #                                                   (scripts/allreduce_bench.py), for .base
 #                                                   first if it exists, then this tree
@@ -70,6 +74,21 @@ case "${1:-}" in
         | grep -v "it/s" > "$OUT/forward-$tree.txt")
       cp "/tmp/kb-$tree/kernel_bench.json" "$OUT/forward-$tree.json"
       echo "== $tree"; grep -E "^(prefill|decode) " "$OUT/forward-$tree.txt"
+    done ;;
+  startup)
+    model=$2 mode=${3:-hybrid}
+    for tree in base new; do
+      dir=$root; [ $tree = base ] && dir=$root/.base
+      [ -d "$dir/hybridgraph" ] || continue
+      caches=$(mktemp -d)
+      for start in cold restart; do
+        (cd "$dir" && TRITON_CACHE_DIR=$caches/triton TORCHINDUCTOR_CACHE_DIR=$caches/inductor \
+          PYTHONPATH=$dir${PYTHONPATH:+:$PYTHONPATH} python3 -m hybridgraph.bench.cost_child \
+          --model "$model" --device cuda --dtype float16 --mode "$mode" --max-seq-len 512 \
+          2>/dev/null | tail -1 | sed "s/^{/{\"tree\": \"$tree\", \"start\": \"$start\", /" \
+          | tee -a "$OUT/startup.jsonl")
+      done
+      rm -rf "$caches"
     done ;;
   allreduce)
     n=$2; shift 2

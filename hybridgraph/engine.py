@@ -112,6 +112,7 @@ class Engine:
             self.runner.capture_ahead(progress=cfg.progress)
         t2 = time.perf_counter()
         self.startup_s["capture"] = t2 - t1  # compiling the forward + capturing graphs
+        self.startup_s["compile"] = self.runner.compile_s  # of it: the dry pass (Triton)
         if self.spec.jit_ops or self.spec.uses_graphs:
             self.warmup()
         self.startup_s["warmup"] = time.perf_counter() - t2  # JIT ops for every bucket

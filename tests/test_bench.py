@@ -25,7 +25,7 @@ META = ("device", "driver", "torch", "triton", "dtype", "model_shape", "copy_ban
         "matmul_tflops", "decode_floor_ms")
 # Counts that are rightly zero on the CPU: no CUDA graphs there.
 # logit_rel_err: a float32 peer on the CPU can agree with us exactly (seen with transformers 5.24).
-MAY_BE_ZERO = {"logit_rel_err", "graphs", "graph_mib"}
+MAY_BE_ZERO = {"logit_rel_err", "graphs", "graph_mib", "compile_s"}  # compile: Triton only
 
 
 @pytest.fixture(scope="module")

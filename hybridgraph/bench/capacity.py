@@ -102,7 +102,7 @@ def cost_suite(cfg: BenchConfig) -> list[Table]:
     empty ("cold": a machine that never ran hybridgraph), then as the first start left
     them ("restart": the same server started again)."""
     t = Table("cost", "Start-up cost per mode (fresh process each): model loaded -> ready",
-              ["mode", "caches", "ready_s", "kernels_s", "capture_s", "warmup_s",
+              ["mode", "caches", "ready_s", "kernels_s", "capture_s", "compile_s", "warmup_s",
                "first_token_s", "load_s", "weights_mib", "peak_mib", "extra_mib", "graphs",
                "graph_mib"])
     kind = ""
@@ -117,13 +117,14 @@ def cost_suite(cfg: BenchConfig) -> list[Table]:
                 kind = r["peak_kind"]
                 ph = r.get("phases_s", {})
                 t.add(mode, start, r["ready_s"], ph.get("kernels", 0.0),
-                      ph.get("capture", 0.0), ph.get("warmup", 0.0), r["first_token_s"],
+                      ph.get("capture", 0.0), ph.get("compile", 0.0), ph.get("warmup", 0.0),
+                      r["first_token_s"],
                       r["load_s"], r["weights_bytes"] / MIB, r["peak_bytes"] / MIB,
                       (r["peak_bytes"] - r["weights_bytes"]) / MIB, r["graphs"],
                       r["graph_bytes"] / MIB)
     t.notes.append("ready_s: Engine construction (warm-up, JIT compilation, graph capture) after "
                    "the weights are in memory (kernels_s: the Triton self-check; capture_s: compiling the "
-                   "forward and capturing graphs; warmup_s: the JIT ops per batch bucket); "
+                   "forward and capturing graphs, compile_s of it the dry pass that compiles the Triton kernels ahead, in parallel; warmup_s: the JIT ops per batch bucket); "
                    "first_token_s adds the first 10-token request. "
                    f"peak_mib: {kind} (weights included); extra_mib = peak - weights. "
                    "caches: cold = Triton's and Inductor's compile caches empty (a new directory "

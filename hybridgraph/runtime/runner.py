@@ -72,6 +72,7 @@ class GraphRunner:
         self.cache: GraphCache | None = cache
         self.pending: set[GraphKey] = set()   # missed keys, captured when idle ("defer")
         self.observer: StepObserver | None = None
+        self.compile_s = 0.0                  # seconds spent in compile_ahead's dry passes
         if spec.uses_graphs and cache is None:
             if max_graph_bytes is None:
                 max_graph_bytes = default_graph_bytes(steps.bufs.ids.device)
@@ -187,13 +188,14 @@ class GraphRunner:
             return False
         from hybridgraph.kernels.launch import compile_ahead
 
-        snap = self.steps.bufs.snapshot()
+        t0, snap = time.perf_counter(), self.steps.bufs.snapshot()
         with torch.inference_mode(), compile_ahead() as ahead:
             if ahead:
                 for key in keys:
                     self._prepare(key, snap)
                     self.step_fn(key)()
         self.steps.bufs.restore(snap)
+        self.compile_s += time.perf_counter() - t0
         return ahead
 
     def capture_ahead(self, lengths: Sequence[int] | None = None, progress: bool = False) -> int:

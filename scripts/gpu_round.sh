@@ -19,6 +19,7 @@
 #                                                   cost suite's child), cold then restart
 #                                                   over compile caches of its own, for .base
 #                                                   then this tree -> $OUT/startup.jsonl
+#                                                   (RESTARTS=N: N restarts after the cold one)
 #   scripts/gpu_round.sh allreduce N [ARGS]         all-reduce per call on N ranks, no model
 #                                                   (scripts/allreduce_bench.py), for .base
 #                                                   first if it exists, then this tree
@@ -81,7 +82,7 @@ case "${1:-}" in
       dir=$root; [ $tree = base ] && dir=$root/.base
       [ -d "$dir/hybridgraph" ] || continue
       caches=$(mktemp -d)
-      for start in cold restart; do
+      for start in cold $(yes restart | head -"${RESTARTS:-1}"); do
         (cd "$dir" && TRITON_CACHE_DIR=$caches/triton TORCHINDUCTOR_CACHE_DIR=$caches/inductor \
           PYTHONPATH=$dir${PYTHONPATH:+:$PYTHONPATH} python3 -m hybridgraph.bench.cost_child \
           --model "$model" --device cuda --dtype float16 --mode "$mode" --max-seq-len 512 \

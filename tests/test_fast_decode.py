@@ -338,3 +338,23 @@ def test_steps_prefill_on_the_kernels(prefill_rows, b, t, on_kernels) -> None:
     for (k, _), c in zip(written, model.caches, strict=True):
         assert ref.rel_err(k[1:1 + b, :, :t], c.k[1:1 + b, :, :t]) < TOL
         assert torch.equal(k[0], c.k[0])  # row 0 is nobody's
+
+
+@needs_interpreter
+def test_head_dim_under_32_takes_qkv_off_the_batched_gemv() -> None:
+    """RoPE row sets divide D/2 and tl.dot needs 16 rows: head_dim 16 (the tiny preset)
+    runs a 2+ row QKV on cuBLAS + glue, one row still on the GEMV; and a short prefill,
+    which runs batched, matches the model's."""
+    from hybridgraph.kernels import reference as ref
+    from hybridgraph.model.fast_decode import PROJECTIONS, TritonDecode
+    cfg = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2,
+                      num_heads=4, num_kv_heads=2, max_position_embeddings=64, name="d16")
+    model = random_model(cfg, torch.device("cpu"), F16, seed=1)
+    model.setup_caches(1, 64)
+    fast = TritonDecode(model, 1)
+    assert fast.plan.uses(1) == PROJECTIONS
+    assert fast.plan.uses(2) == tuple(p for p in PROJECTIONS if p != "qkv")
+    ids = torch.randint(0, 97, (7,))
+    got = fast.prefill(ids, torch.tensor([0]), torch.tensor([6]))
+    expect = model.prefill(ids[None], torch.tensor([6]))
+    assert ref.rel_err(got, expect) < 4 * TOL

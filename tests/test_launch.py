@@ -90,3 +90,19 @@ def test_runner_skips_the_dry_pass_under_an_observer(engine, monkeypatch) -> Non
     monkeypatch.setattr(engine.steps, "kernels", "triton")
     engine.runner.observer = object()  # type: ignore[assignment]
     assert not engine.runner.compile_ahead(KEYS)
+
+
+def test_a_dry_step_that_fails_is_left_to_its_capture(engine, monkeypatch) -> None:
+    """The dry pass is only a head start: a step that raises (the capture meets the error
+    again, counts it and serves that key eagerly) does not stop the other keys."""
+    monkeypatch.setattr(engine.steps, "kernels", "triton")
+
+    def broken(b: int, n: int):
+        raise ValueError("no kernel for this shape")
+    seen = []
+    real = engine.steps.forward_decode
+    monkeypatch.setattr(engine.steps, "forward_prefill", broken)
+    monkeypatch.setattr(engine.steps, "forward_decode",
+                        lambda b, n: (seen.append(b), real(b, n))[1])
+    assert engine.runner.compile_ahead(KEYS[::-1])
+    assert seen == [2]

@@ -105,6 +105,11 @@ class TritonDecode:
             raise ValueError(f"KernelPlan.max_rows {plan.max_rows}: must be >= 1")
         self.heads, self.kv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.eps = cfg.rms_norm_eps
+        if "qkv" in plan.uses(2) and gemv.rope_half(self.d // 2, 128) < 16:
+            # The batched QKV's RoPE row sets divide D/2 and tl.dot needs >= 16 rows: a head
+            # dim under 32 (test-sized models) takes cuBLAS + glue for 2+ rows.
+            plan = replace(plan, gemv_batched=tuple(p for p in plan.uses(2) if p != "qkv"))
+            self.plan = plan
         dev = model.tok_embeddings.weight.device
         self.sms = torch.cuda.get_device_properties(dev).multi_processor_count \
             if dev.type == "cuda" else 132

@@ -12,6 +12,7 @@ step runs eagerly at its exact shape.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
@@ -28,6 +29,8 @@ from hybridgraph.runtime.step import Steps
 # activations and the allocator's fragmentation. Past the budget, least recently used
 # graphs are evicted; a graph that alone exceeds it is served eagerly.
 GRAPH_MEMORY_FRACTION = 0.5
+
+log = logging.getLogger(__name__)
 
 
 def default_graph_bytes(device: torch.device) -> int:
@@ -193,7 +196,10 @@ class GraphRunner:
             if ahead:
                 for key in keys:
                     self._prepare(key, snap)
-                    self.step_fn(key)()
+                    try:
+                        self.step_fn(key)()
+                    except Exception as e:  # the capture meets it again, and counts it
+                        log.debug("dry step of %s failed: %s", key, e)
         self.steps.bufs.restore(snap)
         self.compile_s += time.perf_counter() - t0
         return ahead

@@ -124,7 +124,8 @@ def cost_suite(cfg: BenchConfig) -> list[Table]:
                       r["graph_bytes"] / MIB)
     t.notes.append("ready_s: Engine construction (warm-up, JIT compilation, graph capture) after "
                    "the weights are in memory (kernels_s: the Triton self-check; capture_s: compiling the "
-                   "forward and capturing graphs, compile_s of it the dry pass that compiles the Triton kernels ahead, in parallel; warmup_s: the JIT ops per batch bucket); "
+                   "forward and capturing graphs, compile_s of it the dry pass that compiles the "
+                   "Triton kernels ahead, in parallel; warmup_s: the JIT ops per batch bucket); "
                    "first_token_s adds the first 10-token request. "
                    f"peak_mib: {kind} (weights included); extra_mib = peak - weights. "
                    "caches: cold = Triton's and Inductor's compile caches empty (a new directory "

@@ -154,7 +154,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, w
         ws.check(b * kv * splits * block_r * (d_pad + 2), b * kv, "decode_attention")
     extra = {"launch_pdl": True} if pdl else {}
     launch(
-        decode_attention_kernel, (b * kv, splits), q, k_cache, v_cache, pos, out, ws.partials, ws.counters,
+        decode_attention_kernel, (b * kv, splits),
+        q, k_cache, v_cache, pos, out, ws.partials, ws.counters,
         cache_rows if cache_rows is not None else pos,
         cache_rows.stride(0) if cache_rows is not None else 0,
         1.0 / math.sqrt(d), window, kv, max_seq, chunk,

@@ -379,7 +379,8 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
     items = tiles * split
     grid = min(items, cfg.programs) if cfg.programs > 0 else items
     launch(
-        gemv_kernel, (grid,), *args, NORM=norm_w is not None, EPI=epi, SPLIT_K=split, BLOCK_B=block_b, HALF=half,
+        gemv_kernel, (grid,),
+        *args, NORM=norm_w is not None, EPI=epi, SPLIT_K=split, BLOCK_B=block_b, HALF=half,
         BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, USE_PDL=int(pdl), DOT=dot,
         PERSIST=grid < items, HAS_CROW=crow is not None, SWAP=dot and cfg.swap,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)

@@ -239,7 +239,8 @@ def all_reduce(x: Tensor, out: Tensor, buffer: Tensor, buffer_ptrs: Tensor, rank
         return out
     programs, chunk, block = launch_plan(n, x.element_size())
     launch(
-        _oneshot_kernel, (programs,), x, residual if residual is not None else x, out, buffer_ptrs, state, n, chunk,
+        _oneshot_kernel, (programs,),
+        x, residual if residual is not None else x, out, buffer_ptrs, state, n, chunk,
         slot_bytes(buffer.numel(), world) // x.element_size(), rank, programs,
         WORLD=world, BLOCK=block, HAS_RES=residual is not None,
         WIDE=x.element_size() == 4, num_warps=NUM_WARPS)

@@ -25,7 +25,8 @@ META = ("device", "driver", "torch", "triton", "dtype", "model_shape", "copy_ban
         "matmul_tflops", "decode_floor_ms")
 # Counts that are rightly zero on the CPU: no CUDA graphs there.
 # logit_rel_err: a float32 peer on the CPU can agree with us exactly (seen with transformers 5.24).
-MAY_BE_ZERO = {"logit_rel_err", "graphs", "graph_mib", "compile_s"}  # compile: Triton only
+MAY_BE_ZERO = {"logit_rel_err", "graphs", "graph_mib", "compile_s",  # Triton only
+               "dynamo_frames", "dynamo_s", "inductor_s"}  # torch.compile only
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +94,10 @@ def test_tables_cover_what_was_asked(quick_run: tuple[Path, str, float]) -> None
     _, cost = read_csv(out / "cost.csv")   # every mode from empty compile caches, then again
     assert [(r["mode"], r["caches"]) for r in cost] == [
         (m, c) for m in ("eager", "jit") for c in ("cold", "restart")]
+    # torch.compile's share of start-up: none in eager mode; jit compiles its samplers
+    frames = {(r["mode"], r["caches"]): int(r["dynamo_frames"]) for r in cost}
+    assert frames[("eager", "cold")] == 0 and frames[("jit", "cold")] > 0
+    assert all(float(r["dynamo_s"]) > 0 for r in cost if r["mode"] == "jit")
 
 
 def test_plots_and_summary(quick_run: tuple[Path, str, float]) -> None:

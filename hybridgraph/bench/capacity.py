@@ -103,8 +103,8 @@ def cost_suite(cfg: BenchConfig) -> list[Table]:
     them ("restart": the same server started again)."""
     t = Table("cost", "Start-up cost per mode (fresh process each): model loaded -> ready",
               ["mode", "caches", "ready_s", "kernels_s", "capture_s", "compile_s", "warmup_s",
-               "first_token_s", "load_s", "weights_mib", "peak_mib", "extra_mib", "graphs",
-               "graph_mib"])
+               "dynamo_frames", "dynamo_s", "inductor_s", "first_token_s", "load_s",
+               "weights_mib", "peak_mib", "extra_mib", "graphs", "graph_mib"])
     kind = ""
     for mode in tqdm(cfg.modes, desc="cost", unit="mode"):
         with tempfile.TemporaryDirectory(prefix="hg-cost-caches-") as caches:
@@ -115,9 +115,10 @@ def cost_suite(cfg: BenchConfig) -> list[Table]:
                 free_memory()
                 r = _cost_child(cfg, mode, env)
                 kind = r["peak_kind"]
-                ph = r.get("phases_s", {})
+                ph, dyn = r.get("phases_s", {}), r.get("dynamo", {})
                 t.add(mode, start, r["ready_s"], ph.get("kernels", 0.0),
                       ph.get("capture", 0.0), ph.get("compile", 0.0), ph.get("warmup", 0.0),
+                      dyn.get("frames", 0), dyn.get("compile_s", 0.0), dyn.get("inductor_s", 0.0),
                       r["first_token_s"],
                       r["load_s"], r["weights_bytes"] / MIB, r["peak_bytes"] / MIB,
                       (r["peak_bytes"] - r["weights_bytes"]) / MIB, r["graphs"],
@@ -126,6 +127,9 @@ def cost_suite(cfg: BenchConfig) -> list[Table]:
                    "the weights are in memory (kernels_s: the Triton self-check; capture_s: compiling the "
                    "forward and capturing graphs, compile_s of it the dry pass that compiles the "
                    "Triton kernels ahead, in parallel; warmup_s: the JIT ops per batch bucket); "
+                   "dynamo_frames: functions torch.compile compiled during start-up, "
+                   "dynamo_s the seconds it spent on them (tracing and Inductor, or loading "
+                   "Inductor's cache), inductor_s Inductor's share; "
                    "first_token_s adds the first 10-token request. "
                    f"peak_mib: {kind} (weights included); extra_mib = peak - weights. "
                    "caches: cold = Triton's and Inductor's compile caches empty (a new directory "

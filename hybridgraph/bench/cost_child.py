@@ -21,6 +21,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def dynamo_stats() -> dict[str, float]:
+    """What torch.compile did in this process so far: frames compiled (one Dynamo graph
+    each), seconds in Dynamo's compile entry (tracing + Inductor, or loading its cache) and
+    the Inductor share of them. Read from torch's private counters: empty if they moved."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:
+        return {}
+    frames = compilation_time_metrics.get("_compile.compile_inner", [])  # one per frame
+    return {"frames": len(frames), "compile_s": sum(frames),
+            "inductor_s": sum(compilation_time_metrics.get("compile_fx_inner", []))}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
@@ -41,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(model, tok, EngineConfig(mode=args.mode, max_seq_len=args.max_seq_len))
     _sync(device)
     ready_s = time.perf_counter() - t1
+    dynamo = dynamo_stats()  # start-up's share only: before the first request
     res = engine.generate(make_prompt(10, engine.config.vocab_size), 1, stop_ids=[])
     first_token_s = time.perf_counter() - t1
     if device.type == "cuda":
@@ -57,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                       "weights_bytes": weights, "peak_bytes": peak, "peak_reserved_bytes": reserved,
                       "peak_kind": kind, "graphs": graphs.get("held", 0),
                       "graph_bytes": graphs.get("bytes_held", 0),
-                      "phases_s": engine.startup_s}))
+                      "phases_s": engine.startup_s, "dynamo": dynamo}))
     return 0
 
 

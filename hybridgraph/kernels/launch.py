@@ -2,10 +2,12 @@
 
 A cold start compiles each kernel specialisation the graphs need (a GEMV per projection
 and row bucket, attention per window, ...) one after another, inside the warm-up run of
-the graph that first launches it: most of a cold start. Inside `compile_ahead()` a launch
-only compiles, and every compile is handed to a thread pool at once (Triton's
-AsyncCompileMode; its MLIR passes and ptxas run outside the GIL), so the caller can run
+the graph that first launches it. Inside `compile_ahead()` a launch only compiles, and
+every compile is handed to a thread pool at once (Triton's AsyncCompileMode: the MLIR
+passes run in C++ and ptxas in a subprocess, so threads overlap), so the caller can run
 each step once "dry" to compile everything in parallel, then run or capture for real.
+(docs/KERNELS.md run 14: 3-9 s off a 7B cold start; Inductor's compiles, not these,
+are most of what remains.)
 
 A dry run launches nothing: the outputs of the kernels hold whatever they held. Callers
 must not read them (the graph runner restores its step state afterwards; collective

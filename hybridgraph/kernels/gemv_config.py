@@ -48,8 +48,7 @@ def default_config(n: int, k: int, sms: int = 132, epi: int = EPI_PLAIN,
     """
     if rows > 1:
         if norm:
-            half = rope_half(d_half, 128) if epi == EPI_ROPE else 128
-            tiles, split = n_tiles(epi, n, half, d_half), 1
+            tiles, split = config_tiles(epi, n, 128, d_half), 1
             while tiles * split < 0.4 * sms and k // (2 * split) >= 512:
                 split *= 2
             return GemvConfig(half=128, block_k=64, split_k=split, num_warps=4,
@@ -61,8 +60,7 @@ def default_config(n: int, k: int, sms: int = 132, epi: int = EPI_PLAIN,
     half = 16 if epi == EPI_ROPE else 8
     if epi != EPI_ROPE and n_tiles(epi, n, 16, d_half) >= 4.5 * sms:
         half = 16
-    tiles = n_tiles(epi, n, rope_half(d_half, half) if epi == EPI_ROPE else half, d_half)
-    split = 1
+    tiles, split = config_tiles(epi, n, half, d_half), 1
     while tiles * split < 2.5 * sms and k // (split * 2) >= 512:
         split *= 2
     return GemvConfig(half=half, block_k=256, split_k=split, num_warps=4, num_stages=1,
@@ -86,6 +84,11 @@ def n_tiles(epi: int, n: int, half: int, d_half: int) -> int:
     if epi == EPI_ROPE:
         return (n // (2 * d_half)) * (d_half // half)
     return triton.cdiv(n, 2 * half)
+
+
+def config_tiles(epi: int, n: int, half: int, d_half: int) -> int:
+    """Tiles of a config with `half`-row sets (a RoPE epilogue's sets divide D/2)."""
+    return n_tiles(epi, n, rope_half(d_half, half) if epi == EPI_ROPE else half, d_half)
 
 
 def workspace_floats(tiles: int, split: int, half: int, block_b: int = 16) -> int:

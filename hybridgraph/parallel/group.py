@@ -13,6 +13,7 @@ dies or hangs brings the others down with an error, never a silent hang.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -275,5 +276,10 @@ def init_group(tp: int, device: str) -> TPGroup:
         dist.init_process_group("gloo", rank=rank, world_size=size, timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=timedelta(seconds=control_timeout_s()))
     method = "nccl" if dev.type == "cuda" else "gloo"
-    _JOINED.append(TPGroup(rank, size, dev, dist.group.WORLD, control, method))
-    return _JOINED[0]
+    joined = TPGroup(rank, size, dev, dist.group.WORLD, control, method)
+    _JOINED.append(joined)
+    # Closed at exit at the latest (close is idempotent): a gloo group left to the
+    # interpreter's teardown can abort the process with SIGABRT, "terminate called without
+    # an active exception" (pytorch#190489; seen on a CPU follower that returned early).
+    atexit.register(joined.close)
+    return joined

@@ -1,10 +1,14 @@
-"""StepBuffers' host mirrors: sampling parameters are copied in only when they change."""
+"""StepBuffers' host mirrors: sampling parameters are copied in only when they change.
+The compiled blocks: how often they compile."""
 
 from __future__ import annotations
 
 import torch
+from torch._dynamo.utils import counters
 
-from hybridgraph.runtime.step import GREEDY, StepBuffers
+from hybridgraph.model.config import preset
+from hybridgraph.model.llama import Transformer
+from hybridgraph.runtime.step import GREEDY, StepBuffers, compiled_blocks
 
 
 def test_set_sampling_writes_the_rows_it_names() -> None:
@@ -27,3 +31,32 @@ def test_set_sampling_skips_rows_that_already_hold_the_params() -> None:
     bufs.seed.fill_(7)
     bufs.set_sampling(1, [(1.0, 0, 1.0, 5)])        # row 1 holds these already
     assert bufs.seed.tolist() == [7, 7]
+
+
+def test_compiled_blocks_compile_once_per_batch_class() -> None:
+    """Start-up order (largest first, as the runner captures): a prefill of the whole cache
+    length, a decode window of all of it and a batch of max_batch rows share the one
+    dynamic compilation of their block; only one-row steps get their own (torch.compile
+    specialises sizes of 1). Each compiled call agrees with the eager block."""
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    max_batch, max_seq = 4, 64
+    model = Transformer(preset("tiny")).eval()
+    model.setup_caches(max_batch, max_seq)
+    bufs = StepBuffers(max_batch, max_seq, torch.device("cpu"))
+    bufs.prompt_ids.random_(0, model.config.vocab_size)
+    bufs.last_idx.fill_(5)
+    bufs.pos.copy_(torch.tensor([3, 9, 17, 40]))
+    prefill, decode = compiled_blocks()
+    with torch.inference_mode():
+        for b, t in [(4, 64), (1, 64), (4, 32), (2, 16), (1, 16)]:
+            args = (bufs.prompt_ids[:b, :t], bufs.last_idx[:b])
+            got = model.prefill(*args, block=prefill, rows=bufs.rows[:b])
+            want = model.prefill(*args, rows=bufs.rows[:b])
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        for b, w in [(4, 64), (4, 32), (2, 64), (1, 64), (1, 32)]:
+            args = (bufs.ids[:b], bufs.pos[:b], w)
+            torch.testing.assert_close(model.decode(*args, block=decode), model.decode(*args),
+                                       rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 4, dict(counters["stats"])

@@ -187,7 +187,7 @@ class TritonDecode:
             ids = ids[0]
         t = ids.shape[0]
         m = self.model
-        max_seq = m.caches[0].k.shape[2]
+        max_seq = m.max_seq
         if not 1 <= t <= min(self.prefill_rows, max_seq):
             raise ValueError(f"TritonDecode.prefill serves 1..{min(self.prefill_rows, max_seq)} "
                              f"tokens (KernelPlan.prefill_rows), got {t}")

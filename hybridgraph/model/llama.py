@@ -31,8 +31,17 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+# Positions allocated past max_seq in the KV cache and the RoPE tables, never used: a
+# prefill or a decode window of max_seq positions then never spans a whole dimension. A slice
+# that did would make torch.compile guard on that length (a contiguity check) and compile
+# the blocks a second time at start-up. 16, not 1: the sequence dimension keeps the
+# divisibility by 16 that Triton specialises the kernels' cache strides on.
+SPARE_POSITIONS = 16
+
+
 class KVCache(nn.Module):
-    """Keys and values of one layer, allocated once: [max_batch, kv_heads, max_seq, head_dim].
+    """Keys and values of one layer, allocated once: [max_batch, kv_heads, max_seq +
+    SPARE_POSITIONS, head_dim].
 
     Batch row b of a decode step uses cache row b. A prefill may name its cache rows with
     a device tensor instead, so one captured prefill graph serves a prompt bound for any
@@ -42,7 +51,7 @@ class KVCache(nn.Module):
     def __init__(self, max_batch: int, max_seq: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
         super().__init__()
-        shape = (max_batch, kv_heads, max_seq, head_dim)
+        shape = (max_batch, kv_heads, max_seq + SPARE_POSITIONS, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
@@ -222,7 +231,7 @@ class Transformer(nn.Module):
         self.caches = nn.ModuleList(
             KVCache(max_batch, max_seq, cfg.num_kv_heads, cfg.head_dim, p.dtype, p.device)
             for _ in range(cfg.num_layers))
-        positions = torch.arange(max_seq, dtype=torch.float32, device=p.device)
+        positions = torch.arange(max_seq + SPARE_POSITIONS, dtype=torch.float32, device=p.device)
         freqs = torch.outer(positions, rope_inv_freq(cfg).to(p.device))
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("rope_cos", emb.cos().to(p.dtype), persistent=False)

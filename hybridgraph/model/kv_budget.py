@@ -7,6 +7,7 @@ import logging
 import torch
 
 from hybridgraph.model.config import ModelConfig
+from hybridgraph.model.llama import SPARE_POSITIONS
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def default_max_seq_len(config: ModelConfig, max_batch: int, dtype: torch.dtype,
     if free is None:
         return limit
     per_pos = kv_bytes_per_position(config, max_batch, dtype)
-    fits = int(free * KV_MEMORY_SHARE) // per_pos
+    fits = int(free * KV_MEMORY_SHARE) // per_pos - SPARE_POSITIONS  # allocated past the length
     if fits >= limit:
         return limit
     capped = max(2, 1 << (max(fits, 2).bit_length() - 1))

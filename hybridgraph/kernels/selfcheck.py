@@ -47,8 +47,9 @@ def _check(device: torch.device, dtype: torch.dtype, pdl: bool) -> tuple[bool, s
         return False, "programmatic dependent launch needs sm_90 or newer"
     try:
         from hybridgraph.kernels.launch import compile_ahead
-        with compile_ahead():  # compile the kernels at once, on a thread pool
-            _numerics(device, dtype, pdl)
+        with compile_ahead() as ahead:  # compile the kernels at once, on a thread pool
+            if ahead:  # (launches only compile here; unsupported, the run below does both)
+                _numerics(device, dtype, pdl)
         worst, name = _numerics(device, dtype, pdl)
     except Exception as e:  # a compile or launch error: the kernels cannot run here
         return False, f"a Triton kernel failed to run: {type(e).__name__}: {e}"

@@ -185,7 +185,7 @@ class GraphRunner:
         compile all at once on a thread pool instead of one by one in the captures'
         warm-ups, then nothing is launched. Only where the steps run the Triton kernels.
         The step state is restored afterwards. True if it compiled ahead."""
-        if getattr(self.steps, "kernels", None) != "triton" or not keys:
+        if self.steps.kernels != "triton" or not keys:
             return False
         if self.observer is not None:  # the other ranks would not run these steps with us
             return False

@@ -155,9 +155,8 @@ def dynamic_ops(backend: str = "compile") -> DynamicOps:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             # dynamic=False: one specialised kernel per batch bucket, nothing symbolic
             # to guard at replay time; fullgraph so a graph break is an error, not a slowdown.
-            # greedy stays eager: it is one argmax, so Inductor has nothing to fuse, and
-            # compiling it cost a Dynamo frame and a kernel build at every start-up.
-            ops = DynamicOps("compile", greedy,
+            ops = DynamicOps("compile",
+                             torch.compile(greedy, dynamic=False, fullgraph=True),
                              torch.compile(sample, dynamic=False, fullgraph=True))
         _CACHE[backend] = ops
     return _CACHE[backend]

@@ -2,6 +2,10 @@
 # One GPU round on a lent machine, in one call: the GPU tests on this tree, then the benches
 # asked for. Everything lands under $OUT (the device tool brings it back).
 #   scripts/gpu_round.sh tests                      pytest -m gpu -> $OUT/gpu-tests.log
+#   scripts/gpu_round.sh tests-split                pytest -m gpu as two shards, one GPU each
+#                                                   (needs 2 GPUs; the multi-GPU tests skip as
+#                                                   on one) -> $OUT/gpu-tests.log: 163 s of
+#                                                   wall time on 2x H200 against ~470 s whole
 #   scripts/gpu_round.sh tests-tp                   the multi-GPU tests only -> $OUT/tp-tests.log
 #   scripts/gpu_round.sh tests-tp4                  only those needing 4 GPUs -> $OUT/tp4-tests.log
 #   scripts/gpu_round.sh bench MODEL SUITES [ARGS]  hybridgraph bench -> $OUT/<TAG or model>.tgz
@@ -35,6 +39,19 @@ case "${1:-}" in
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu-tests.log"
     (cd "$root" && PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu \
       2>&1 | tee -a "$OUT/gpu-tests.log" | tail -25) ;;
+  tests-split)  # shards of about equal time (2x H200: 163 and 137 s); each sees one GPU
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu-tests.log"
+    first="test_kernels.py test_launch.py test_oneshot.py test_parallel.py"
+    rest=$(cd "$root/tests/gpu" && ls test_*.py | grep -vxF -f <(tr ' ' '\n' <<< "$first"))
+    shards=("$first" "$(echo $rest)")
+    for i in 0 1; do
+      (cd "$root" && CUDA_VISIBLE_DEVICES=$i PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} \
+        python3 -m pytest -m gpu -q -p no:cacheprovider --durations=12 \
+        $(printf 'tests/gpu/%s ' ${shards[$i]}) > "/tmp/res/shard$i.log" 2>&1) &
+    done
+    wait
+    for i in 0 1; do echo "== shard $i: ${shards[$i]}"; cat "/tmp/res/shard$i.log"; done >> "$OUT/gpu-tests.log"
+    grep -E "^[0-9]+ passed|failed|error" /tmp/res/shard[01].log ;;
   tests-tp)  # never wrap it in `timeout`: the launcher passes SIGTERM on to rank 0
     nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/tp-tests.log"
     nvidia-smi topo -m | head -6 >> "$OUT/tp-tests.log"

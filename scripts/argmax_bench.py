@@ -7,7 +7,8 @@ Leaving `greedy` eager under the compile backend saves one Dynamo frame at start
 in a CUDA graph, 20 calls a graph so launch overhead is shared, CUDA events around each
 replay, after a warm-up. Prints median and P99 µs a call for every (vocab, rows, dtype,
 form). On 2x H200 the eager argmax was 2 µs (vocab 32000) to 6 µs (128256) slower a
-token, so greedy stays compiled.
+token, so greedy stays compiled. The third form, "triton", is kernels/argmax.py (one launch
+split over the vocabulary), which needs no Dynamo frame either.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import statistics
 
 import torch
 
+from hybridgraph.kernels.argmax import argmax
+from hybridgraph.kernels.workspace import Workspace
 from hybridgraph.runtime.dynamic import greedy
 
 CALLS = 20  # argmax calls captured in one graph
@@ -56,7 +59,10 @@ def main() -> None:
           f"{args.replays} replays; µs a call")
     torch._dynamo.config.recompile_limit = 64  # one compile a shape and dtype, as the runtime
     compiled = torch.compile(lambda x: torch.argmax(x, dim=-1), dynamic=False, fullgraph=True)
-    forms = {"eager": lambda x: greedy(x, *(None,) * 5), "compiled": compiled}
+    ws = Workspace(1 << 16, 64, "cuda")
+    out = torch.empty(64, dtype=torch.int64, device="cuda")
+    forms = {"eager": lambda x: greedy(x, *(None,) * 5), "compiled": compiled,
+             "triton": lambda x: argmax(x, out[:x.shape[0]], ws)}
     for vocab in map(int, args.vocabs.split(",")):
         for rows in map(int, args.rows.split(",")):
             for dtype in (torch.float16, torch.bfloat16, torch.float32):

@@ -1,0 +1,106 @@
+"""Greedy's argmax over a vocabulary in one launch, split over the vocabulary.
+
+Each program finds the largest value of one slice of one row; the program that finishes a
+row last (an atomic counter, as the split GEMV in gemv.py) reduces the slices' results and
+writes the row's index, then sets the counter back to zero. So a row of 128k logits is read
+by ~64 SMs at once, in one launch, with no Dynamo frame to compile at start-up.
+Why: Inductor's argmax of one 32000-wide row took 7.6 µs in a CUDA graph, of a 128256-wide
+row 22 µs (2x H200, scripts/argmax_bench.py), a step's worth of a 1B model's O projection.
+Semantics are torch.argmax's: the first index of the largest value, NaN larger than
+anything (the first NaN wins).
+
+Not yet on the runtime's path: scripts/argmax_bench.py times it against both torch forms,
+and greedy moves to it once a GPU has measured it faster (docs/KERNELS.md, run 15).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from hybridgraph.kernels.launch import launch
+from hybridgraph.kernels.workspace import Workspace
+
+BLOCK = 1024        # values a program loads per step: 8 per thread over 4 warps
+TARGET_CHUNK = 2048  # values a program covers, where SPLITS_MAX allows
+SPLITS_MAX = 128
+
+
+@triton.jit
+def _best(vals, idx, V):
+    """(value, index) of the best valid lane: NaN first, then the largest, then the lowest
+    index. idx >= V marks a lane that saw nothing (returned as index V)."""
+    valid = idx < V
+    is_nan = (vals != vals) & valid
+    any_nan = tl.max(is_nan.to(tl.int32), axis=0) > 0
+    top = tl.max(tl.where(valid & ~is_nan, vals, float("-inf")), axis=0)
+    cand = tl.where(any_nan, is_nan, valid & (vals == top))
+    i = tl.min(tl.where(cand, idx, V), axis=0)
+    return tl.where(any_nan, float("nan"), top), i
+
+
+@triton.jit
+def _argmax_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, V, stride_x, CHUNK,
+                   SPLITS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    offs = tl.arange(0, BLOCK)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_i = tl.zeros([BLOCK], tl.int32) + V  # V: this lane has seen nothing yet
+    start = split * CHUNK
+    for k in range(start, start + CHUNK, BLOCK):
+        idx = k + offs
+        live = idx < V
+        x = tl.load(x_ptr + row * stride_x + idx, mask=live, other=float("-inf"))
+        x = x.to(tl.float32)
+        # Each lane sees rising indices, so only a strictly better value (or the first
+        # NaN, or the first value at all) replaces its best: ties keep the first index.
+        take = live & ((best_i >= V) | (x > best) | ((x != x) & (best == best)))
+        best = tl.where(take, x, best)
+        best_i = tl.where(take, idx, best_i)
+    val, i = _best(best, best_i, V)
+    if SPLITS == 1:
+        tl.store(out_ptr + row, i.to(tl.int64))
+    else:
+        # Each slice's (value, index) as two floats: indices stay exact below 2^24.
+        mine = ws_ptr + (row * SPLITS + split) * 2
+        tl.store(mine, val)
+        tl.store(mine + 1, i.to(tl.float32))
+        tl.debug_barrier()  # the partial is stored before the counter moves
+        done = tl.atomic_add(cnt_ptr + row, 1, sem="acq_rel")
+        if done == SPLITS - 1:  # the last slice of this row: reduce all of them
+            s = tl.arange(0, SPLITS)
+            part = ws_ptr + (row * SPLITS + s) * 2
+            vals = tl.load(part, cache_modifier=".cg")
+            idxs = tl.load(part + 1, cache_modifier=".cg").to(tl.int32)
+            val, i = _best(vals, idxs, V)
+            tl.store(out_ptr + row, i.to(tl.int64))
+            tl.store(cnt_ptr + row, 0)
+
+
+def splits_for(vocab: int) -> int:
+    """Programs a row: a power of two (the reduce loads all at once), ~TARGET_CHUNK each."""
+    return min(SPLITS_MAX, triton.next_power_of_2(triton.cdiv(vocab, TARGET_CHUNK)))
+
+
+def argmax(x: Tensor, out: Tensor, ws: Workspace, pdl: bool = False) -> Tensor:
+    """out[b] = torch.argmax(x[b]) as int64, for x [B, V] of any float type (rows may be
+    strided, values contiguous). Uses 2 * B * splits floats and B counters of ws."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"argmax: x must be [B, V] with contiguous rows, got "
+                         f"{tuple(x.shape)} strides {x.stride()}")
+    b, vocab = x.shape
+    if not 0 < vocab < 1 << 24:
+        raise ValueError(f"argmax: a vocabulary of {vocab}: must be 1 to 2^24 - 1 (float32 "
+                         "holds the indices exactly)")
+    splits = splits_for(vocab)
+    ws.check(2 * b * splits, b, "argmax")
+    chunk = triton.cdiv(triton.cdiv(vocab, splits), BLOCK) * BLOCK
+    extra = {"launch_pdl": True} if pdl else {}
+    launch(_argmax_kernel, (b, splits), x, out, ws.partials, ws.counters, vocab, x.stride(0),
+           chunk, SPLITS=splits, BLOCK=BLOCK, USE_PDL=pdl, num_warps=4, **extra)
+    return out

@@ -311,7 +311,7 @@ def test_triton_prefill_refuses_what_it_does_not_serve() -> None:
 def test_steps_prefill_on_the_kernels(prefill_rows, b, t, on_kernels) -> None:
     """Steps.forward_prefill runs one prompt of <= KernelPlan.prefill_rows tokens on the
     kernels, into the cache row `bufs.rows` names, with `last_idx`'s logits; more tokens,
-    more prompts or prefill_rows=0 run on the model's blocks, as before."""
+    more prompts or prefill_rows=0 run on glue_prefill (tests/test_fast_prefill.py)."""
     from hybridgraph.kernels import reference as ref
     from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
     model = _prefill_model()

@@ -175,6 +175,32 @@ def test_rope_kv_writes_the_named_cache_row() -> None:
     assert only_written(kc0, kc, crow, pos) and only_written(vc0, vc, crow, pos)
 
 
+@needs_interpreter
+def test_rope_kv_in_place_rotates_q_and_k_inside_qkv() -> None:
+    """q_out=None (the glue prefill): q and k rotated in qkv itself, v left as it was, and
+    the cache written exactly as with a q_out."""
+    from hybridgraph.kernels import glue
+    from hybridgraph.kernels import reference as ref
+    b, heads, kv, d, seq = 5, 6, 2, 32, 64
+    qkv = rnd(b, (heads + 2 * kv) * d)
+    qf, kf, vf = qkv.float().split([heads * d, kv * d, kv * d], dim=-1)
+    kc, vc = rnd(3, kv, seq, d), rnd(3, kv, seq, d)
+    kc0, vc0 = kc.clone(), vc.clone()
+    pos, crow = torch.arange(b), torch.tensor([1]).expand(b)
+    cos, sin = _rope_inputs(b, d)
+    out = glue.rope_kv(qkv, cos, sin, pos, kc, vc, None, heads, kv, cache_rows=crow)
+    assert out is qkv
+    q_ref = ref.rope_ref(qf.view(b, heads, d), cos, sin).reshape(b, -1)
+    k_ref = ref.rope_ref(kf.view(b, kv, d), cos, sin)
+    assert ref.rel_err(qkv[:, :heads * d], q_ref) < TOL
+    assert ref.rel_err(qkv[:, heads * d:(heads + kv) * d].view(b, kv, d), k_ref) < TOL
+    assert torch.equal(qkv[:, (heads + kv) * d:].float(), vf)
+    assert torch.equal(kc[1, :, :b].transpose(0, 1), qkv[:, heads * d:(heads + kv) * d]
+                       .view(b, kv, d))
+    assert torch.equal(vc[1, :, :b].transpose(0, 1), qkv[:, (heads + kv) * d:].view(b, kv, d))
+    assert only_written(kc0, kc, crow, pos) and only_written(vc0, vc, crow, pos)
+
+
 def test_cache_rows_must_be_an_index_vector() -> None:
     from hybridgraph.kernels.attention import check_cache_rows
     check_cache_rows(torch.tensor([1]).expand(4), 4, "x")

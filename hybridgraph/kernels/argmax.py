@@ -4,13 +4,16 @@ Each program finds the largest value of one slice of one row; the program that f
 row last (an atomic counter, as the split GEMV in gemv.py) reduces the slices' results and
 writes the row's index, then sets the counter back to zero. So a row of 128k logits is read
 by ~64 SMs at once, in one launch, with no Dynamo frame to compile at start-up.
-Why: Inductor's argmax of one 32000-wide row took 7.6 µs in a CUDA graph, of a 128256-wide
-row 22 µs (2x H200, scripts/argmax_bench.py): ~2% of a llama-3.2-1b token (1.1 ms, H100).
+
+Why: in a CUDA graph on one H100 (scripts/argmax_bench.py), Inductor's argmax of one row
+took 7.5 µs at vocab 32000 and 22.8 µs at 128256 (2% of a llama-3.2-1b token); this kernel
+4.0 and 4.6 µs.
+
 Semantics are torch.argmax's: the first index of the largest value, NaN larger than
 anything (the first NaN wins).
 
-Not yet on the runtime's path: scripts/argmax_bench.py times it against both torch forms,
-and greedy moves to it once a GPU has measured it faster (docs/KERNELS.md, run 15).
+The greedy sampler where the Triton kernels are in use (`TritonDecode.greedy`, installed
+by the Engine under the compile backend): one Dynamo frame less at start-up too.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def add_rmsnorm(x: Tensor, weight: Tensor, eps: float, out: Tensor,
 def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
                     crow_ptr, stride_crow,
                     HEADS, KV_HEADS, MAX_SEQ, D_HALF: tl.constexpr, BLOCK: tl.constexpr,
-                    USE_PDL: tl.constexpr, HAS_CROW: tl.constexpr):
+                    USE_PDL: tl.constexpr, HAS_CROW: tl.constexpr, IN_PLACE: tl.constexpr):
     b = tl.program_id(0)
     head = tl.program_id(1)
     if USE_PDL:
@@ -84,8 +84,14 @@ def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
         oa = a
         ob = c
     if head < HEADS:
-        dst = q_ptr + b * HEADS * d + head * d + offs
+        if IN_PLACE:
+            dst = src
+        else:
+            dst = q_ptr + b * HEADS * d + head * d + offs
     else:
+        if IN_PLACE and head < HEADS + KV_HEADS:  # the rotated key back into qkv too
+            tl.store(src, oa, mask=mask)
+            tl.store(src + D_HALF, ob, mask=mask)
         pos = tl.load(pos_ptr + b)
         kvh = (head - HEADS) % KV_HEADS
         if HAS_CROW:  # rows name their cache row (a prefill's rows share one)
@@ -102,23 +108,26 @@ def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
 
 
 def rope_kv(qkv: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, k_cache: Tensor,
-            v_cache: Tensor, q_out: Tensor, heads: int, kv_heads: int,
+            v_cache: Tensor, q_out: Tensor | None, heads: int, kv_heads: int,
             pdl: bool = False, cache_rows: Tensor | None = None) -> Tensor:
     """qkv: [B, (H + 2KV) * D] -> q_out [B, H*D] (RoPE'd); k (RoPE'd), v into the caches
-    at pos[b] of cache row b (or cache_rows[b], as in attention.decode_attention)."""
+    at pos[b] of cache row b (or cache_rows[b], as in attention.decode_attention).
+    q_out None: q and k are rotated in place in qkv (and k, v still written to the caches),
+    so a prefill's attention reads all three from qkv; returns qkv then, else q_out."""
     b = qkv.shape[0]
     if cache_rows is not None:
         check_cache_rows(cache_rows, b, "rope_kv")
     d_half = k_cache.shape[-1] // 2
     extra = {"launch_pdl": True} if pdl else {}
     launch(
-        _rope_kv_kernel, (b, heads + 2 * kv_heads), qkv, cos, sin, pos, q_out, k_cache, v_cache,
+        _rope_kv_kernel, (b, heads + 2 * kv_heads), qkv, cos, sin, pos,
+        qkv if q_out is None else q_out, k_cache, v_cache,
         cache_rows if cache_rows is not None else pos,
         cache_rows.stride(0) if cache_rows is not None else 0,
         heads, kv_heads, k_cache.shape[2],
         D_HALF=d_half, BLOCK=triton.next_power_of_2(d_half), USE_PDL=pdl,
-        HAS_CROW=cache_rows is not None, num_warps=1, **extra)
-    return q_out
+        HAS_CROW=cache_rows is not None, IN_PLACE=q_out is None, num_warps=1, **extra)
+    return qkv if q_out is None else q_out
 
 
 @triton.jit

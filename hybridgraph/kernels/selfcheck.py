@@ -60,7 +60,7 @@ def _check(device: torch.device, dtype: torch.dtype, pdl: bool) -> tuple[bool, s
 
 def _numerics(device: torch.device, dtype: torch.dtype, pdl: bool) -> tuple[float, str]:
     """The worst relative error over one run of each kernel, and which kernel gave it."""
-    from hybridgraph.kernels import attention, gemv, glue
+    from hybridgraph.kernels import argmax, attention, gemv, glue
     from hybridgraph.kernels import reference as ref
     from hybridgraph.kernels.workspace import Workspace
 
@@ -102,6 +102,9 @@ def _numerics(device: torch.device, dtype: torch.dtype, pdl: bool) -> tuple[floa
     xn, xs = torch.empty_like(x), torch.empty_like(x)
     glue.add_rmsnorm(x, nw, 1e-5, xn, residual=res[:, :k], sum_out=xs, pdl=pdl)
     errs["add_rmsnorm"] = ref.rel_err(xn, ref.rmsnorm_ref(x.float() + res.float(), nw, 1e-5))
+    logits = rnd(b, 5000)
+    tok = argmax.argmax(logits, torch.empty(b, dtype=torch.int64, device=device), ws, pdl=pdl)
+    errs["argmax"] = 0.0 if torch.equal(tok, logits.argmax(-1)) else float("inf")
     torch.cuda.synchronize(device)
     if int(ws.counters.abs().sum()) != 0:
         return float("inf"), "split counters (not reset)"

@@ -65,6 +65,8 @@ class KernelPlan:
     #                                         the kernels; larger ones on the model's blocks
     prefill_rows: int = 16                  # one-prompt prefills of up to this many tokens
     #                                         run on the kernels (`prefill`); 0: none do
+    glue_prefill: bool = True               # every other prefill on cuBLAS + glue + SDPA
+    #                                         (model/fast_prefill.py), not Inductor's block
     configs: dict[str, object] = field(default_factory=dict)  # projection -> GemvConfig
 
     def __post_init__(self) -> None:
@@ -87,11 +89,11 @@ class TritonDecode:
 
     def __init__(self, model: Transformer, max_batch: int, plan: KernelPlan | None = None,
                  ) -> None:
-        from hybridgraph.kernels import attention, gemv
+        from hybridgraph.kernels import argmax, attention, gemv
         from hybridgraph.kernels.selfcheck import pdl_supported
         from hybridgraph.kernels.workspace import Workspace
 
-        self._gemv, self._attn = gemv, attention
+        self._gemv, self._attn, self._argmax = gemv, attention, argmax
         plan = plan or KernelPlan()
         if plan.pdl and not pdl_supported(model.tok_embeddings.weight.device):
             plan = replace(plan, pdl=False)
@@ -148,9 +150,12 @@ class TritonDecode:
         # attention_splits keeps batch * kv * splits under 4 * SMs whenever it splits.
         floats = max(floats, 4 * self.sms * rep_pad * (d_pad + 2))
         counters = max(counters, max(self.rows, self.prefill_rows) * self.kv)
+        # `greedy` serves every decode batch, up to max_batch rows (not only self.rows).
+        floats = max(floats, 2 * max_batch * argmax.SPLITS_MAX)
+        counters = max(counters, max_batch)
         self.ws = Workspace(floats, counters, dev)
         # A prefill's positions 0..T-1, allocated before any capture (fixed address).
-        self._positions = torch.arange(max(1, self.prefill_rows), device=dev)
+        self.positions = torch.arange(max(1, model.max_seq, self.prefill_rows), device=dev)
 
     def forward(self, ids: Tensor, pos: Tensor, window: int) -> Tensor:
         """Transformer.decode on the kernels; with "head" in the plan the final norm and the
@@ -164,7 +169,7 @@ class TritonDecode:
         x = m.tok_embeddings(ids)[:, None]
         for layer, cache in zip(m.layers, m.caches, strict=True):
             x = self.block(layer, x, cos, sin, cache, pos, window)
-        return self._logits(x[:, 0])
+        return self.head_logits(x[:, 0])
 
     def prefill(self, ids: Tensor, cache_row: Tensor, last_idx: Tensor) -> Tensor:
         """Transformer.prefill of ONE prompt of T <= prefill_rows tokens on the decode kernels.
@@ -195,7 +200,7 @@ class TritonDecode:
             raise ValueError("TritonDecode.prefill: cache_row and last_idx must each hold one "
                              f"index, got {tuple(cache_row.shape)} and {tuple(last_idx.shape)}")
         window = prefill_window(t, max_seq)
-        pos = self._positions[:t]
+        pos = self.positions[:t]
         rows = cache_row.reshape(1).expand(t)  # stride 0: every row names the one cache row
         cos, sin = m.rope_cos[:t][:, None], m.rope_sin[:t][:, None]
         x = m.tok_embeddings(ids)[:, None]
@@ -204,9 +209,18 @@ class TritonDecode:
         x = x[:, 0].index_select(0, last_idx.reshape(1))
         if "head" not in self.plan.uses(1):
             return m.output(m.norm(x)).float()
-        return self._logits(x)
+        return self.head_logits(x)
 
-    def _logits(self, x: Tensor) -> Tensor:
+    def greedy(self, logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
+               seed: Tensor, counter: Tensor) -> Tensor:
+        """The greedy sampler as one launch (kernels/argmax.py): torch.argmax's tokens, the
+        other parameters unread (every sampler has one signature). Inductor's argmax took
+        7.5 µs a call in a graph at vocab 32000 and 22.8 at 128256, this one 4.0 and 4.6,
+        and it needs no Dynamo frame at start-up (H100, scripts/argmax_bench.py)."""
+        out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+        return self._argmax.argmax(logits, out, self.ws, pdl=self._pdl != 0)
+
+    def head_logits(self, x: Tensor) -> Tensor:
         """The final norm and the LM head as one GEMV (norm prologue). x: [B, hidden];
         returns [B, V] float32 logits."""
         m = self.model

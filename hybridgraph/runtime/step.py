@@ -159,12 +159,18 @@ class Steps:
                 log.info("decoding with the Triton kernels: %s", reason)
 
     def forward_prefill(self, b: int, t: int) -> Tensor:
-        """Logits [b, V] of each prompt's last token. One prompt of at most
-        KernelPlan.prefill_rows tokens runs on the Triton kernels when they are in use (it
-        is weight-bound like a decode step); anything else on the model's prefill blocks."""
+        """Logits [b, V] of each prompt's last token. Where the Triton kernels are in use,
+        one prompt of at most KernelPlan.prefill_rows tokens runs on the decode kernels (it
+        is weight-bound like a decode step) and any other prefill on cuBLAS + glue +
+        FlashAttention (KernelPlan.glue_prefill: no torch.compile); else on the model's
+        prefill blocks."""
         s = self.bufs
-        if self.fast is not None and b == 1 and t <= self.fast.prefill_rows:
-            return self.fast.prefill(s.prompt_ids[0, :t], s.rows[:1], s.last_idx[:1])
+        fast = self.fast
+        if fast is not None and b == 1 and t <= fast.prefill_rows:
+            return fast.prefill(s.prompt_ids[0, :t], s.rows[:1], s.last_idx[:1])
+        if fast is not None and fast.plan.glue_prefill:
+            from hybridgraph.model.fast_prefill import glue_prefill
+            return glue_prefill(fast, s.prompt_ids[:b, :t], s.rows[:b], s.last_idx[:b])
         return self.model.prefill(s.prompt_ids[:b, :t], s.last_idx[:b],
                                   block=self.prefill_block, rows=s.rows[:b])
 

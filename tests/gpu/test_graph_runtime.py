@@ -118,6 +118,24 @@ def test_modes_agree_within_dtype_tolerance(dtype):
     assert a[:4] == b[:4]  # near-ties may flip later tokens in half precision
 
 
+def test_hybrid_on_the_kernels_matches_eager_greedy():
+    """Hybrid with the Triton kernels: greedy is the argmax kernel (TritonDecode.greedy),
+    prefills of any length run on the kernels, and the tokens equal an eager engine's over
+    the same fp16 weights (a short prompt, a long one, a batch of three)."""
+    from hybridgraph.model.tokenizer import ByteTokenizer
+    e = Engine(small_model(torch.float16), ByteTokenizer(), mode="hybrid", kernels="triton",
+               max_batch=4, max_seq_len=512, coverage="pow2")
+    assert e.steps.kernels == "triton", e.steps.kernels_reason
+    assert e.ops.greedy == e.steps.fast.greedy
+    ref = Engine(small_model(torch.float16), ByteTokenizer(), mode="eager", max_batch=4,
+                 max_seq_len=512)
+    prompts = [prompt(5, 1), prompt(140, 2), prompt(33, 3)]
+    for p in prompts[:2]:
+        assert e.generate(p, 6, stop_ids=[]).tokens[:4] == ref.generate(p, 6, stop_ids=[]).tokens[:4]
+    got = [r.tokens[:4] for r in e.generate_batch(prompts, 6, stop_ids=[])]
+    assert got == [r.tokens[:4] for r in ref.generate_batch(prompts, 6, stop_ids=[])]
+
+
 def test_batch_of_three_in_bucket_four_equals_single_runs():
     torch.backends.cuda.matmul.allow_tf32 = False
     from hybridgraph.model.tokenizer import ByteTokenizer

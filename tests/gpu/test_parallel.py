@@ -106,7 +106,8 @@ def test_tp_triton_decode_matches_the_blocks(checkpoint: Path, tmp_path: Path) -
     fused residual add, the add after the all-reduce; graph-replayed, PDL where the GPU has
     it): logits within fp16 tolerance of the same rank's PyTorch blocks (same hook, same
     cache), and the blocks' greedy token wherever their best logit leads by more than
-    rounding. Both ranks hold the same logits (the head is replicated)."""
+    rounding. Both ranks hold the same logits (the head is replicated). The same for a
+    40-token prefill of one prompt and of three (model/fast_prefill.py)."""
     from hybridgraph.kernels.selfcheck import TOLERANCE
 
     assert launch(2, ["-m", "tests.gpu.tp_kernels_worker", str(tmp_path), str(checkpoint)],
@@ -121,6 +122,9 @@ def test_tp_triton_decode_matches_the_blocks(checkpoint: Path, tmp_path: Path) -
         assert got["rel_err"] < 2.5 * TOLERANCE[torch.float16], got
         assert got["differed"] == 0, got
         assert got["compared"] >= got["steps"] // 2, got  # logits peaked: mostly separated
+        # Prefills past 16 tokens on cuBLAS + glue + SDPA, the hook before each add.
+        assert got["prefill_rel_err"] < 2.5 * TOLERANCE[torch.float16], got
+        assert got["prefill_differed"] == 0 and got["prefill_compared"] >= 2, got
 
 
 @pytest.mark.parametrize("allreduce", ["nccl", "symm_mem"])

@@ -5,9 +5,10 @@ Every rank loads its float16 shard with the NCCL all-reduce hook on each block, 
 decodes the same steps two ways from the same cache: on the Triton kernels
 (Steps(kernels="triton"), the default plan, PDL where the GPU has it, captured in a CUDA
 graph with its all-reduces inside) and on the PyTorch blocks (Block.decode, eager). Both
-make the same all-reduces in the same order on every rank, so no leader is needed. Each
-rank writes OUT/kernels-rank{r}.json: the kernels in use and why, the worst relative error
-of the kernel logits, and how many well-separated greedy tokens were compared and differed.
+make the same all-reduces in the same order on every rank, so no leader is needed. Then a
+40-token prefill both ways (eager). Each rank writes OUT/kernels-rank{r}.json: the kernels
+in use and why, the worst relative error of the kernel logits, and how many
+well-separated greedy tokens were compared and differed (decode, then prefill).
 Usage: python -m tests.gpu.tp_kernels_worker OUT MODEL_DIR
 """
 
@@ -82,6 +83,28 @@ def compare(model: Transformer, bufs: StepBuffers, fast: Steps, slow: Steps) -> 
             "steps": STEPS * b}
 
 
+def compare_prefill(model: Transformer, bufs: StepBuffers, fast: Steps, slow: Steps) -> dict:
+    """A 40-token prefill, one prompt and ROWS, on the kernels (model/fast_prefill.py: O and
+    down reduced by the hook before their adds) against the blocks' (eager both)."""
+    dev, t = bufs.ids.device, 40
+    gen = torch.Generator().manual_seed(12)
+    bufs.prompt_ids[:ROWS, :t] = torch.randint(0, model.config.vocab_size, (ROWS, t),
+                                               generator=gen).to(dev)
+    bufs.last_idx[:ROWS] = torch.tensor([t - 1, 20, 7], device=dev)
+    worst, compared, differed = 0.0, 0, 0
+    with torch.no_grad():
+        for b in (1, ROWS):
+            expect = slow.forward_prefill(b, t)
+            got = fast.forward_prefill(b, t)
+            worst = max(worst, rel_err(got, expect))
+            top2 = expect.topk(2, dim=-1).values
+            separated = (top2[:, 0] - top2[:, 1]) > MARGIN
+            compared += int(separated.sum())
+            differed += int((got.argmax(-1) != expect.argmax(-1))[separated].sum())
+    return {"prefill_rel_err": worst, "prefill_compared": compared,
+            "prefill_differed": differed}
+
+
 def main(out: Path, model_dir: str) -> int:
     tp = int(os.environ["WORLD_SIZE"])
     group = init_group(tp, "cuda")
@@ -97,6 +120,7 @@ def main(out: Path, model_dir: str) -> int:
     dist.all_reduce(everywhere, op=dist.ReduceOp.MIN, group=group.control)
     if everywhere.item():
         result.update(compare(model, bufs, fast, slow))
+        result.update(compare_prefill(model, bufs, fast, slow))
     (out / f"kernels-rank{group.rank}.json").write_text(json.dumps(result))
     return 0
 

@@ -14,7 +14,15 @@ from hybridgraph.model.config import ModelConfig
 from hybridgraph.model.llama import no_reduce
 from hybridgraph.model.loader import random_model
 from hybridgraph.runtime.step import StepBuffers, Steps
-from tests.triton_interpreter import F16, TOL, needs_interpreter, only_written, rnd
+from tests.triton_interpreter import (
+    F16,
+    TOL,
+    needs_interpreter,
+    only_written,
+    restore_caches,
+    rnd,
+    snapshot_caches,
+)
 
 SMALL = ModelConfig(vocab_size=97, hidden_size=128, intermediate_size=96, num_layers=2,
                     num_heads=4, num_kv_heads=2, max_position_embeddings=512, name="t")
@@ -30,16 +38,6 @@ def _peaked_model(max_seq: int):
     return model
 
 
-def _caches(model):
-    return [(c.k.clone(), c.v.clone()) for c in model.caches]
-
-
-def _restore(model, snap) -> None:
-    for c, (k, v) in zip(model.caches, snap, strict=True):
-        c.k.copy_(k)
-        c.v.copy_(v)
-
-
 @needs_interpreter
 @pytest.mark.parametrize("gemvs,b", [(("qkv", "wo", "w13", "w2", "head"), 3),
                                      (("qkv", "wo", "w13", "w2", "head"), 1), ((), 3)])
@@ -52,10 +50,10 @@ def test_triton_decode_matches_block_decode(gemvs, b) -> None:
     model.prefill(torch.randint(0, 97, (3, 12)))
     fast = TritonDecode(model, 3, KernelPlan(gemv=gemvs, gemv_batched=gemvs))
     ids, pos = torch.tensor([1, 2, 3])[:b], torch.tensor([12, 5, 300])[:b]
-    snap = _caches(model)
+    snap = snapshot_caches(model)
     got = fast.forward(ids, pos, 512)
     written = [c.k.clone() for c in model.caches]
-    _restore(model, snap)
+    restore_caches(model, snap)
     expect = model.decode(ids, pos, 512)
     assert ref.rel_err(got, expect) < 4 * TOL  # two layers of fp16 roundings apart
     assert torch.equal(got.argmax(-1), expect.argmax(-1))
@@ -92,19 +90,19 @@ def test_triton_decode_honours_the_all_reduce_hook(gemvs, b, in_place) -> None:
     model.prefill(torch.randint(0, 97, (3, 12)))
     fast = TritonDecode(model, 3, KernelPlan(gemv=gemvs, gemv_batched=gemvs, pdl=False))
     ids, pos = torch.tensor([1, 2, 3])[:b], torch.tensor([12, 5, 300])[:b]
-    snap = _caches(model)
+    snap = snapshot_caches(model)
     for hook in hooks:
         hook.calls = 0  # prefill called them too
     got = fast.forward(ids, pos, 512)
     assert [h.calls for h in hooks] == [2] * len(hooks)  # attention's and feed-forward's
-    _restore(model, snap)
+    restore_caches(model, snap)
     expect = model.decode(ids, pos, 512)
     assert ref.rel_err(got, expect) < 4 * TOL
     assert torch.equal(got.argmax(-1), expect.argmax(-1))
     # The hook matters: without it the same step's logits are far from these.
     for layer in model.layers:
         layer.all_reduce = no_reduce
-    _restore(model, snap)
+    restore_caches(model, snap)
     assert ref.rel_err(model.decode(ids, pos, 512), expect) > 20 * TOL
 
 
@@ -135,12 +133,12 @@ def test_triton_decode_takes_the_fused_add_where_offered(gemvs, fused_adds) -> N
     model.prefill(torch.randint(0, 97, (3, 12)))
     fast = TritonDecode(model, 3, KernelPlan(gemv=gemvs, gemv_batched=gemvs, pdl=False))
     ids, pos = torch.tensor([1, 2]), torch.tensor([12, 5])
-    snap = _caches(model)
+    snap = snapshot_caches(model)
     unfused = fast.forward(ids, pos, 512)
     adds = [_DoublingAdd() for _ in model.layers]
     for layer, add in zip(model.layers, adds, strict=True):
         layer.reduce_add, layer.all_reduce.calls = add, 0
-    _restore(model, snap)
+    restore_caches(model, snap)
     fused = fast.forward(ids, pos, 512)
     assert [a.calls for a in adds] == [fused_adds] * len(adds)
     assert [layer.all_reduce.calls for layer in model.layers] == [2 - fused_adds] * len(adds)
@@ -270,11 +268,11 @@ def test_triton_prefill_matches_model_prefill(t, last, gemvs) -> None:
     fast = TritonDecode(model, 3, plan)
     ids = torch.randint(0, SMALL.vocab_size, (t,))
     row, li = torch.tensor([2]), torch.tensor([last])
-    before = _caches(model)
+    before = snapshot_caches(model)
     with torch.no_grad():
         got = fast.prefill(ids, row, li)
-        written = _caches(model)
-        _restore(model, before)
+        written = snapshot_caches(model)
+        restore_caches(model, before)
         expect = model.prefill(ids[None], li, rows=row)
     assert got.shape == (1, SMALL.vocab_size) and got.dtype == torch.float32
     assert ref.rel_err(got, expect) < 4 * TOL  # two layers of fp16 roundings apart
@@ -325,11 +323,11 @@ def test_steps_prefill_on_the_kernels(prefill_rows, b, t, on_kernels) -> None:
     bufs.prompt_ids[:b, :t] = torch.randint(0, SMALL.vocab_size, (b, t))
     bufs.last_idx[:b] = torch.tensor([t - 1, t - 2])[:b]
     bufs.set_prefill_rows(1)
-    before = _caches(model)
+    before = snapshot_caches(model)
     with torch.no_grad():
         got = steps.forward_prefill(b, t)
-        written = _caches(model)
-        _restore(model, before)
+        written = snapshot_caches(model)
+        restore_caches(model, before)
         expect = model.prefill(bufs.prompt_ids[:b, :t], bufs.last_idx[:b],
                                rows=torch.arange(1, 1 + b))
     assert calls == ([t] if on_kernels else [])

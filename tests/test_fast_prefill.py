@@ -11,7 +11,14 @@ import torch
 from hybridgraph.model.config import ModelConfig
 from hybridgraph.model.loader import random_model
 from hybridgraph.runtime.step import StepBuffers, Steps
-from tests.triton_interpreter import F16, TOL, needs_interpreter, rnd
+from tests.triton_interpreter import (
+    F16,
+    TOL,
+    needs_interpreter,
+    restore_caches,
+    rnd,
+    snapshot_caches,
+)
 
 GQA = ModelConfig(vocab_size=97, hidden_size=128, intermediate_size=96, num_layers=2,
                   num_heads=4, num_kv_heads=2, max_position_embeddings=512, name="t")
@@ -33,16 +40,6 @@ def _model(cfg: ModelConfig, rows: int = 4, max_seq: int = 96):
     return model
 
 
-def _caches(model):
-    return [(c.k.clone(), c.v.clone()) for c in model.caches]
-
-
-def _restore(model, snap) -> None:
-    for c, (k, v) in zip(model.caches, snap, strict=True):
-        c.k.copy_(k)
-        c.v.copy_(v)
-
-
 def _fast(model, **plan):
     from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
     return TritonDecode(model, model.max_batch, KernelPlan(pdl=False, **plan))
@@ -62,11 +59,11 @@ def test_glue_prefill_matches_model_prefill(cfg, t, last, rows) -> None:
     b = len(rows)
     ids = torch.randint(0, cfg.vocab_size, (b, t))
     row_t, last_t = torch.tensor(rows), torch.tensor(last)
-    before = _caches(model)
+    before = snapshot_caches(model)
     with torch.no_grad():
         got = glue_prefill(_fast(model), ids, row_t, last_t)
-        written = _caches(model)
-        _restore(model, before)
+        written = snapshot_caches(model)
+        restore_caches(model, before)
         expect = model.prefill(ids, last_t, rows=row_t)
     assert got.shape == (b, cfg.vocab_size) and got.dtype == torch.float32
     assert ref.rel_err(got, expect) < 4 * TOL
@@ -131,14 +128,14 @@ def test_steps_picks_the_prefill_path(glue, b, t, path) -> None:
     bufs.prompt_ids[:b, :t] = torch.randint(0, GQA.vocab_size, (b, t))
     bufs.last_idx[:b] = torch.tensor([t - 1, t - 2])[:b]
     bufs.set_prefill_rows(1)
-    before = _caches(model)
+    before = snapshot_caches(model)
     try:
         fast_prefill.glue_prefill = lambda *a: seen.append("glue") or real_glue(*a)
         with torch.no_grad():
             got = steps.forward_prefill(b, t)
     finally:
         fast_prefill.glue_prefill = real_glue
-    _restore(model, before)
+    restore_caches(model, before)
     with torch.no_grad():
         expect = model.prefill(bufs.prompt_ids[:b, :t], bufs.last_idx[:b],
                                rows=torch.arange(1, 1 + b))

@@ -86,6 +86,17 @@ def only_written(before: torch.Tensor, after: torch.Tensor, rows, pos) -> bool:
     return torch.equal(restored, before)
 
 
+def snapshot_caches(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of every layer's KV cache, to compare two paths that write the same rows."""
+    return [(c.k.clone(), c.v.clone()) for c in model.caches]
+
+
+def restore_caches(model, snap: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for c, (k, v) in zip(model.caches, snap, strict=True):
+        c.k.copy_(k)
+        c.v.copy_(v)
+
+
 def _any_empty(region: torch.Tensor, element_size: int) -> bool:
     """Whether any element (of that size) of a byte region still reads as EMPTY."""
     if element_size == 4:

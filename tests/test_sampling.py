@@ -72,13 +72,18 @@ def test_kernel_refuses_what_it_does_not_serve() -> None:
         _kernel(torch.zeros(1, 10, dtype=torch.float16), params)
 
 
-def test_sample_kernel_compiles_for_hopper() -> None:
-    """The interpreter accepts what the compiler refuses: compile it for sm_90 for real."""
+def test_sample_kernels_compile_for_hopper() -> None:
+    """The interpreter accepts what the compiler refuses: compile both for sm_90 for real."""
     pytest.importorskip("triton")
     from tests.triton_interpreter import compile_for_hopper
-    sig = {"sorted_ptr": "*fp32", "idx_ptr": "*i64", "temp_ptr": "*fp32", "topk_ptr": "*i64",
-           "topp_ptr": "*fp32", "seed_ptr": "*i64", "cnt_ptr": "*i64", "out_ptr": "*i64",
-           "V": "i32", "stride_s": "i32", "stride_i": "i32"}
-    variants = [(sig, {"BLOCK": 1024, "USE_PDL": pdl}, {}) for pdl in (False, True)]
-    err, _ = compile_for_hopper("hybridgraph.kernels.sampling", "_sample_kernel", variants)
-    assert err == "", err
+    common = {"temp_ptr": "*fp32", "topk_ptr": "*i64", "V": "i32", "stride_s": "i32",
+              "CHUNK": "i32"}
+    mass = dict(common, sorted_ptr="*fp32", mass_ptr="*fp32")
+    draw = dict(common, sorted_ptr="*fp32", idx_ptr="*i64", topp_ptr="*fp32",
+                seed_ptr="*i64", cnt_ptr="*i64", mass_ptr="*fp32", best_ptr="*fp32",
+                count_ptr="*i32", out_ptr="*i64", stride_i="i32")
+    for kernel, sig in (("_chunk_mass_kernel", mass), ("_draw_kernel", draw)):
+        variants = [(sig, {"SPLITS": splits, "BLOCK": 1024, "USE_PDL": pdl}, {})
+                    for splits, pdl in ((1, False), (16, True), (64, False))]
+        err, _ = compile_for_hopper("hybridgraph.kernels.sampling", kernel, variants)
+        assert err == "", (kernel, err)

@@ -128,9 +128,10 @@ class Steps:
     whether the forward's blocks are compiled.
 
     kernels="triton" runs the decode blocks on the Triton kernels (model/fast_decode.py)
-    when they pass their self-check on this device (and one-prompt prefills of at most
-    KernelPlan.prefill_rows tokens too), else falls back to the blocks above and logs why; `self.kernels` is what runs, `self.kernels_reason` why. `plan` (a
-    KernelPlan) picks projections and PDL; None takes the default.
+    when they pass their self-check on this device, and the prefills on them too
+    (`forward_prefill`), else falls back to the blocks above and logs why; `self.kernels`
+    is what runs, `self.kernels_reason` why. `plan` (a KernelPlan) picks projections, PDL
+    and the prefill paths; None takes the default.
     """
 
     def __init__(self, model: Transformer, bufs: StepBuffers, compile_forward: bool = False,

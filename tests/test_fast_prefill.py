@@ -5,6 +5,8 @@ Steps' choice between it, the short-prefill path and the model's blocks."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -22,8 +24,7 @@ from tests.triton_interpreter import (
 
 GQA = ModelConfig(vocab_size=97, hidden_size=128, intermediate_size=96, num_layers=2,
                   num_heads=4, num_kv_heads=2, max_position_embeddings=512, name="t")
-MHA = ModelConfig(vocab_size=97, hidden_size=128, intermediate_size=96, num_layers=2,
-                  num_heads=4, num_kv_heads=4, max_position_embeddings=512, name="t")
+MHA = replace(GQA, num_kv_heads=4)
 
 
 def _model(cfg: ModelConfig, rows: int = 4, max_seq: int = 96):

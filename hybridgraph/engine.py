@@ -94,8 +94,9 @@ class Engine:
                            and self.ops.backend == "compile", kernels=kernels,
                            plan=KernelPlan(pdl=cfg.pdl))
         if self.ops.backend == "compile" and self.steps.fast is not None:
-            # Greedy on the argmax kernel: faster than Inductor's, and no Dynamo frame.
-            self.ops = replace(self.ops, greedy=self.steps.fast.greedy)
+            # Both samplers on the kernels: faster than Inductor's, and no Dynamo frame.
+            fast = self.steps.fast
+            self.ops = replace(self.ops, greedy=fast.greedy, sample=fast.sample)
         self.reader = TokenReader(self.max_batch, self.device)
         self._all_rows = [1] * self.max_batch
         self.batch_buckets = pow2_buckets(1, self.max_batch)

@@ -72,6 +72,24 @@ def test_kernel_refuses_what_it_does_not_serve() -> None:
         _kernel(torch.zeros(1, 10, dtype=torch.float16), params)
 
 
+@needs_interpreter
+def test_self_check_passes_the_samplers_and_catches_a_wrong_draw(monkeypatch) -> None:
+    """kernels/selfcheck's sampler check on the interpreter: both samplers pass; a sampler
+    that draws the least likely token whenever temperature > 0 fails it."""
+    from hybridgraph.kernels import sampling, selfcheck
+    from hybridgraph.kernels.workspace import Workspace
+    logits = torch.randn(4, 5000, generator=torch.Generator().manual_seed(0))
+    ws = Workspace(1 << 14, 64, "cpu")
+    assert selfcheck._samplers(logits, ws, pdl=False) == {"argmax": 0.0, "sample": 0.0}
+    worst = logits.argmin(-1)
+
+    def wrong(logits, temperature, top_k, top_p, seed, counter, out, ws, pdl=False):
+        return out.copy_(torch.where(temperature > 0, worst, logits.argmax(-1)))
+
+    monkeypatch.setattr(sampling, "sample", wrong)
+    assert selfcheck._samplers(logits, ws, pdl=False)["sample"] == float("inf")
+
+
 def test_sample_kernels_compile_for_hopper() -> None:
     """The interpreter accepts what the compiler refuses: compile both for sm_90 for real."""
     pytest.importorskip("triton")

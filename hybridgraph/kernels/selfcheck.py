@@ -60,7 +60,7 @@ def _check(device: torch.device, dtype: torch.dtype, pdl: bool) -> tuple[bool, s
 
 def _numerics(device: torch.device, dtype: torch.dtype, pdl: bool) -> tuple[float, str]:
     """The worst relative error over one run of each kernel, and which kernel gave it."""
-    from hybridgraph.kernels import argmax, attention, gemv, glue
+    from hybridgraph.kernels import attention, gemv, glue
     from hybridgraph.kernels import reference as ref
     from hybridgraph.kernels.workspace import Workspace
 
@@ -102,11 +102,31 @@ def _numerics(device: torch.device, dtype: torch.dtype, pdl: bool) -> tuple[floa
     xn, xs = torch.empty_like(x), torch.empty_like(x)
     glue.add_rmsnorm(x, nw, 1e-5, xn, residual=res[:, :k], sum_out=xs, pdl=pdl)
     errs["add_rmsnorm"] = ref.rel_err(xn, ref.rmsnorm_ref(x.float() + res.float(), nw, 1e-5))
-    logits = rnd(b, 5000)
-    tok = argmax.argmax(logits, torch.empty(b, dtype=torch.int64, device=device), ws, pdl=pdl)
-    errs["argmax"] = 0.0 if torch.equal(tok, logits.argmax(-1)) else float("inf")
+    errs.update(_samplers(rnd(4, 5000).float(), ws, pdl))
     torch.cuda.synchronize(device)
     if int(ws.counters.abs().sum()) != 0:
         return float("inf"), "split counters (not reset)"
     name = max(errs, key=lambda n: errs[n])
     return errs[name], name
+
+
+def _samplers(logits: torch.Tensor, ws, pdl: bool) -> dict[str, float]:
+    """Both samplers on float32 logits [4, V], as the runtime calls them (0 or inf each).
+    Sampling is checked where its token is certain: temperature 0, top-k 1 and a top-p
+    below the best token's probability all draw the argmax; top-k 40 draws one of the 40
+    best. (Its draws against runtime.dynamic.sample: tests/test_sampling.py.)"""
+    from hybridgraph.kernels import argmax, sampling
+
+    dev, best = logits.device, logits.argmax(-1)
+    tok = argmax.argmax(logits, torch.empty(4, dtype=torch.int64, device=dev), ws, pdl=pdl)
+    errs = {"argmax": 0.0 if torch.equal(tok, best) else float("inf")}
+    temperature = torch.tensor([0.0, 0.7, 1.0, 1.0], device=dev)
+    top_k = torch.tensor([0, 1, 0, 40], device=dev)
+    top_p = torch.tensor([1.0, 1.0, 1e-6, 1.0], device=dev)
+    seed, counter = torch.arange(4, device=dev) + 7, torch.zeros(4, dtype=torch.int64, device=dev)
+    drawn = sampling.sample(logits, temperature, top_k, top_p, seed, counter,
+                            torch.empty(4, dtype=torch.int64, device=dev), ws, pdl=pdl)
+    top40 = logits[3].topk(40).indices
+    ok = torch.equal(drawn[:3], best[:3]) and bool((top40 == drawn[3]).any())
+    errs["sample"] = 0.0 if ok else float("inf")
+    return errs

@@ -120,13 +120,14 @@ def test_modes_agree_within_dtype_tolerance(dtype):
 
 def test_hybrid_on_the_kernels_matches_eager_greedy():
     """Hybrid with the Triton kernels: greedy is the argmax kernel (TritonDecode.greedy),
-    prefills of any length run on the kernels, and the tokens equal an eager engine's over
-    the same fp16 weights (a short prompt, a long one, a batch of three)."""
+    sampling the sampling kernel, prefills of any length run on the kernels, and the tokens
+    equal an eager engine's over the same fp16 weights (a short prompt, a long one, a batch
+    of three; greedy and seeded sampling)."""
     from hybridgraph.model.tokenizer import ByteTokenizer
     e = Engine(small_model(torch.float16), ByteTokenizer(), mode="hybrid", kernels="triton",
                max_batch=4, max_seq_len=512, coverage="pow2")
     assert e.steps.kernels == "triton", e.steps.kernels_reason
-    assert e.ops.greedy == e.steps.fast.greedy
+    assert e.ops.greedy == e.steps.fast.greedy and e.ops.sample == e.steps.fast.sample
     ref = Engine(small_model(torch.float16), ByteTokenizer(), mode="eager", max_batch=4,
                  max_seq_len=512)
     prompts = [prompt(5, 1), prompt(140, 2), prompt(33, 3)]
@@ -134,6 +135,10 @@ def test_hybrid_on_the_kernels_matches_eager_greedy():
         assert e.generate(p, 6, stop_ids=[]).tokens[:4] == ref.generate(p, 6, stop_ids=[]).tokens[:4]
     got = [r.tokens[:4] for r in e.generate_batch(prompts, 6, stop_ids=[])]
     assert got == [r.tokens[:4] for r in ref.generate_batch(prompts, 6, stop_ids=[])]
+    params = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=99)
+    for p in prompts[:2]:
+        a = e.generate(p, 6, params, stop_ids=[]).tokens[:4]
+        assert a == ref.generate(p, 6, params, stop_ids=[]).tokens[:4]
 
 
 def test_batch_of_three_in_bucket_four_equals_single_runs():

@@ -131,13 +131,16 @@ def test_tp_triton_decode_matches_the_blocks(checkpoint: Path, tmp_path: Path) -
 def test_tp_auto_kernels_decode_on_triton(allreduce: str, checkpoint: Path,
                                          tmp_path: Path) -> None:
     """kernels=auto in hybrid mode on sm_90+: every rank of TP=2 (float16) decodes on the
-    Triton kernels, captured in graphs with its all-reduces and replayed without fallback;
-    below sm_90, auto keeps every rank on the blocks and says why."""
+    Triton kernels, captured in graphs with its all-reduces and replayed without fallback,
+    and seeded sampling repeats its draws; below sm_90, auto keeps every rank on the
+    blocks and says why."""
     got = _tp(2, checkpoint, tmp_path, "hybrid", "float16", allreduce, kernels="auto")
     hopper = torch.cuda.get_device_capability(0) >= (9, 0)
     for rank in got["ranks"]:
         assert rank["kernels"] == ("triton" if hopper else "inductor"), rank["kernels_reason"]
     assert all(len(t) == 24 for t in got["tokens"])
+    first, again = got["sampled"]  # the kernels' sampler on every rank: same seed, same draws
+    assert first == again and all(len(t) == 24 for t in first)
 
 
 @pytest.mark.parametrize("tp", [2, 4])

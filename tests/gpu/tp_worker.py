@@ -4,7 +4,7 @@ Every rank loads its shard of a checkpoint in DTYPE (default float32), sums over
 all-reduce ALLREDUCE picks (EngineConfig.allreduce, default nccl), and builds an engine
 in MODE with KERNELS (default inductor; graphs captured ahead, so each decode step replays
 a graph with its all-reduces inside); rank 0 generates greedy tokens and writes them, with
-its graph stats and the all-reduce in use, to OUT/tag(...).json, and every rank writes the
+seeded sampled tokens (twice), its graph stats and the all-reduce in use, to OUT/tag(...).json, and every rank writes the
 decode kernels it runs and why to OUT/tag(...).rank{r}.json.
 Usage: python -m tests.gpu.tp_worker OUT MODEL_DIR MODE [DTYPE [ALLREDUCE [KERNELS]]]
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from hybridgraph.engine import DTYPES, Engine
+from hybridgraph.engine import DTYPES, Engine, SamplingParams
 from hybridgraph.engine_config import EngineConfig
 from hybridgraph.parallel.control import follow, lead
 from hybridgraph.parallel.engine import shard_model
@@ -63,9 +63,13 @@ def main(out: Path, model_dir: str, mode: str, dtype: str = "float32",
         return 0
     leader = lead(engine, group)
     tokens = generate(engine)
+    # Seeded sampling (on the kernels' sampler where they run), twice: the same draws.
+    params = [SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=s) for s in (5, 6)]
+    sampled = [[r.tokens for r in engine.generate_batch(PROMPTS, NEW, params, stop_ids=[])]
+               for _ in range(2)]
     leader.stop()
     (out / f"{name}.json").write_text(json.dumps({
-        "tokens": tokens, "graphs": engine.stats().get("graphs"),
+        "tokens": tokens, "sampled": sampled, "graphs": engine.stats().get("graphs"),
         "allreduce": group.allreduce, "allreduce_reason": group.allreduce_reason}))
     return 0
 

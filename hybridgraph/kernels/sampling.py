@@ -1,9 +1,10 @@
 """The sampling sampler without torch.compile: a sort, the argmax kernel, two split kernels.
 
 Why: with the prefill on the glue kernels and greedy on kernels/argmax.py, the compiled
-`runtime.dynamic.sample` is the one Dynamo frame a hybrid engine on the kernels still
-compiles at start-up (6.7 s of a 22.8 s cold start, 3.2 s of a 7.7 s restart on one
-H100, docs/KERNELS.md run 16). This computes the same function as `sample`:
+`runtime.dynamic.sample` was the one Dynamo frame a hybrid engine on the kernels still
+compiled at start-up (6.7 s of a 22.8 s cold start, 3.2 s of a 7.7 s restart on one
+H100, docs/KERNELS.md run 16), and 95-201 µs a sampled token. This computes the same
+function as `sample`:
 
   scaled = logits / max(T, 1e-6), sorted descending (torch.sort, stable: ties by index)
   keep rank r while r < top_k (0: all) and the probability mass ranked before r <= top_p
@@ -20,14 +21,12 @@ another order than torch's cumsum and softmax, so a token whose mass lands withi
 rounding of top_p may be kept by one and dropped by the other; otherwise the draws are
 `sample`'s (the tests compare tokens).
 
-The first cut walked each row in ONE program (H100, in a graph, 20 calls: 59 / 68 µs at
-vocab 32000 / 128256 with top-k 50, top-p 0.9, against the compiled sampler's 95 / 201;
-but 146 / 454 with top-k 0, top-p 1, where the walk covers the whole vocabulary:
-benchmarks/results/sampler-bench-NVIDIA-H100-857c625.txt). The sort (torch.sort, ~50 µs)
-is most of what is left; this split version is not measured yet.
-
-Not yet on the runtime's path: a GPU must first check it and time it against the
-compiled sampler in a graph (then `TritonDecode` installs it, as it does greedy).
+The first cut walked each row in ONE program: 146 / 454 µs at vocab 32000 / 128256 with
+top-k 0, top-p 1, where the walk covers the whole vocabulary. Split, on one H100 in a graph
+(20 calls a replay), one row: 64 µs at vocab 32000 and 70-75 at 128256 for every
+parameter mix, against the compiled sampler's 94-95 and 201-203, the same tokens
+(benchmarks/results/sampler-bench-NVIDIA-H100-3466209.txt, KERNELS.md run 18). The sort
+(torch.sort, ~50 µs) is most of what is left. `TritonDecode.sample` serves it.
 """
 
 from __future__ import annotations

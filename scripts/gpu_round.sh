@@ -22,7 +22,9 @@
 #   scripts/gpu_round.sh startup MODEL [MODE]       start-up to ready in fresh processes (the
 #                                                   cost suite's child), cold then restart
 #                                                   over compile caches of its own, for .base
-#                                                   then this tree -> $OUT/startup.jsonl
+#                                                   then this tree -> $OUT/startup.jsonl, and
+#                                                   the Triton cubins each compiled, by kernel
+#                                                   -> $OUT/startup-kernels-{base,new}.txt
 #                                                   (RESTARTS=N: N restarts after the cold one)
 #   scripts/gpu_round.sh allreduce N [ARGS]         all-reduce per call on N ranks, no model
 #                                                   (scripts/allreduce_bench.py), for .base
@@ -106,6 +108,10 @@ case "${1:-}" in
           2>/dev/null | tail -1 | sed "s/^{/{\"tree\": \"$tree\", \"start\": \"$start\", /" \
           | tee -a "$OUT/startup.jsonl")
       done
+      # What Triton compiled for this tree (one cubin a specialization), by kernel.
+      find "$caches/triton" -name '*.cubin' -printf '%f\n' | sort | uniq -c | sort -rn \
+        > "$OUT/startup-kernels-$tree.txt"
+      echo "$tree: $(find "$caches/triton" -name '*.cubin' | wc -l) Triton cubins"
       rm -rf "$caches"
     done ;;
   allreduce)

@@ -5,9 +5,17 @@ kernel, run once on small random inputs of the model dtype, matches its float32 
 within that dtype's tolerance. Programmatic dependent launch is asked for separately
 (`pdl_supported`): it needs Hopper (sm_90) or newer. The answer is cached per
 (device, dtype, pdl): the check costs a few compilations, once per process.
+
+On a fresh machine those compilations take seconds (3.8 s of an 11.9 s cold start on an
+H200, KERNELS.md run 18), and they need only the device and dtype, not the model:
+`check_kernels_soon` starts the check on a thread while the weights load, and
+`check_kernels` then waits for its answer.
 """
 
 from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
 
 import torch
 
@@ -17,7 +25,9 @@ from hybridgraph.kernels import triton_import_error
 # operands with float32 accumulation land near 2^-11 and 2^-8 of the norm.
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-4}
 
-_CACHE: dict[tuple[str, torch.dtype, bool], tuple[bool, str]] = {}
+Answer = tuple[bool, str]
+_CACHE: dict[tuple[str, torch.dtype, bool], Future[Answer]] = {}
+_LOCK = threading.Lock()
 
 
 def pdl_supported(device: torch.device) -> bool:
@@ -25,14 +35,55 @@ def pdl_supported(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
-def check_kernels(device: torch.device, dtype: torch.dtype, pdl: bool = False,
-                  ) -> tuple[bool, str]:
-    """(True, "ok") when the kernel path may run on device in dtype, else (False, why)."""
+def check_kernels(device: torch.device, dtype: torch.dtype, pdl: bool = False) -> Answer:
+    """(True, "ok") when the kernel path may run on device in dtype, else (False, why).
+    Waits for a check that `check_kernels_soon` started."""
+    device = _indexed(device)
+    answer, mine = _entry(device, dtype, pdl)
+    if mine:
+        _run(answer, device, dtype, pdl)
+    return answer.result()
+
+
+def check_kernels_soon(device: torch.device, dtype: torch.dtype, pdl: bool = False) -> None:
+    """Start check_kernels(device, dtype, pdl) on a thread and return at once (nothing
+    if it ran or started already): its compiles overlap what the caller does meanwhile,
+    e.g. loading the weights."""
+    device = _indexed(device)
+    answer, mine = _entry(device, dtype, pdl)
+    if mine:
+        threading.Thread(target=_run, args=(answer, device, dtype, pdl), daemon=True,
+                         name="hybridgraph-kernel-check").start()
+
+
+def _indexed(device: torch.device | str) -> torch.device:
+    """"cuda" as "cuda:<current device>": one cache entry, and the device a thread of the
+    check must select (a new thread starts on device 0)."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _entry(device: torch.device, dtype: torch.dtype, pdl: bool) -> tuple[Future[Answer], bool]:
+    """The answer's future for this key, and whether the caller must compute it."""
     key = (str(device), dtype, pdl)
-    if key not in _CACHE:
-        _CACHE[key] = _check(device, dtype, pdl)
-    return _CACHE[key]
+    with _LOCK:
+        if key in _CACHE:
+            return _CACHE[key], False
+        _CACHE[key] = answer = Future()
+        return answer, True
+
+
+def _run(answer: Future[Answer], device: torch.device, dtype: torch.dtype, pdl: bool) -> None:
+    try:
+        if device.type == "cuda" and torch.cuda.is_available():
+            with torch.cuda.device(device):
+                answer.set_result(_check(device, dtype, pdl))
+        else:
+            answer.set_result(_check(device, dtype, pdl))
+    except Exception as e:  # never leave a waiter hanging
+        answer.set_result((False, f"the kernel self-check failed: {type(e).__name__}: {e}"))
 
 
 def _check(device: torch.device, dtype: torch.dtype, pdl: bool) -> tuple[bool, str]:

@@ -343,17 +343,31 @@ def prefill_window(t: int, max_seq: int) -> int:
     return min(1 << (t - 1).bit_length(), max_seq)
 
 
+def _check_pdl(device: torch.device, plan: KernelPlan) -> bool:
+    """The PDL the self-check checks: the plan's, where the GPU has it."""
+    from hybridgraph.kernels.selfcheck import pdl_supported
+    return plan.pdl and pdl_supported(device)
+
+
+def check_soon(device: torch.device, dtype: torch.dtype, plan: KernelPlan | None = None,
+               ) -> None:
+    """Start the self-check `triton_decode` will ask for, on a thread, before the model
+    exists (kernels/selfcheck.check_kernels_soon): Engine.load overlaps it with loading."""
+    from hybridgraph.kernels.selfcheck import check_kernels_soon
+    check_kernels_soon(device, dtype, _check_pdl(device, plan or KernelPlan()))
+
+
 def triton_decode(model: Transformer, max_batch: int, plan: KernelPlan | None = None,
                   ) -> tuple[TritonDecode | None, str]:
     """A TritonDecode for model when its kernels pass their self-check here, else
     (None, why). Asked for PDL where the GPU lacks it, the kernels run without it and the
     reason says so."""
-    from hybridgraph.kernels.selfcheck import check_kernels, pdl_supported
+    from hybridgraph.kernels.selfcheck import check_kernels
 
     plan = plan or KernelPlan()
     p = model.tok_embeddings.weight
     note = ""
-    if plan.pdl and not pdl_supported(p.device):
+    if plan.pdl and not _check_pdl(p.device, plan):
         plan = replace(plan, pdl=False)
         note = " (without PDL: it needs sm_90 or newer)"
     ok, reason = check_kernels(p.device, p.dtype, plan.pdl)

@@ -262,3 +262,26 @@ def test_fit_to_bucket_refuses_empty_prompts_and_overflow() -> None:
         fit_to_bucket([[1], []], 2, 4, 0)
     with pytest.raises(ValueError, match="3 prompts do not fit 2 rows"):
         fit_to_bucket([[1], [2], [3]], 2, 4, 0)
+
+
+def test_compiled_samplers_and_blocks_import_dynamo_only_when_first_called() -> None:
+    """lazy_compile: building the compile backend's samplers and the compiled blocks
+    imports neither Dynamo nor Inductor (1-1.5 s of start-up an engine on the Triton
+    kernels never uses); the first call compiles and gives the eager function's answer.
+    In a fresh interpreter: this one may have imported Dynamo already."""
+    import subprocess
+    import sys
+    code = """
+import sys, torch
+from hybridgraph.runtime.dynamic import dynamic_ops, greedy
+from hybridgraph.runtime.step import compiled_blocks
+ops = dynamic_ops("compile"); compiled_blocks()
+print(sorted(m for m in ("torch._dynamo", "torch._inductor") if m in sys.modules))
+x = torch.randn(3, 40)
+args = (torch.zeros(3), torch.zeros(3, dtype=torch.int64), torch.ones(3),
+        torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))
+print(torch.equal(ops.greedy(x, *args), greedy(x, *args)), "torch._dynamo" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=True).stdout.split("\n")
+    assert out[0] == "[]" and out[1] == "True True", out

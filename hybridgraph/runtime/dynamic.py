@@ -10,13 +10,17 @@ graph replay needs no generator bookkeeping.
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from hybridgraph.runtime.modes import BACKENDS
+
+R = TypeVar("R")
 
 # ----------------------------------------------------------------------------- buckets
 
@@ -152,11 +156,26 @@ def dynamic_ops(backend: str = "compile") -> DynamicOps:
         elif backend == "torchscript":
             ops = DynamicOps("torchscript", torch.jit.script(greedy), torch.jit.script(sample))
         else:
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             # dynamic=False: one specialised kernel per batch bucket, nothing symbolic
             # to guard at replay time; fullgraph so a graph break is an error, not a slowdown.
-            ops = DynamicOps("compile",
-                             torch.compile(greedy, dynamic=False, fullgraph=True),
-                             torch.compile(sample, dynamic=False, fullgraph=True))
+            ops = DynamicOps("compile", lazy_compile(greedy, dynamic=False, fullgraph=True),
+                             lazy_compile(sample, dynamic=False, fullgraph=True))
         _CACHE[backend] = ops
     return _CACHE[backend]
+
+
+def lazy_compile(fn: Callable[..., R], **options: Any) -> Callable[..., R]:
+    """torch.compile(fn, **options), built at its first call. Importing Dynamo and Inductor
+    takes 1-1.5 s, which a process that never calls fn should not pay at start-up: a
+    hybrid engine on the Triton kernels runs both samplers and every block of <= 16 rows
+    on kernels of its own."""
+    compiled: list[Callable[..., R]] = []
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> R:
+        if not compiled:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            compiled.append(torch.compile(fn, **options))
+        return compiled[0](*args, **kwargs)
+
+    return call

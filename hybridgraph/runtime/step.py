@@ -23,7 +23,7 @@ import torch.fx.experimental._config as fx_config
 from torch import Tensor
 
 from hybridgraph.model.llama import Block, Transformer
-from hybridgraph.runtime.dynamic import Sampler
+from hybridgraph.runtime.dynamic import Sampler, lazy_compile
 
 if TYPE_CHECKING:
     from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
@@ -110,13 +110,13 @@ def compiled_blocks() -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
     one compilation serves every bucket shape.
     """
     if not _COMPILED_BLOCKS:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         # No duck sizing: a batch equal to max_batch would otherwise be tied to the size of
         # the step buffer it is a view of (`pos`), and compile once more. The blocks are
         # this process's only dynamic compiles (the samplers are static), so this is theirs.
         fx_config.use_duck_shape = False
-        _COMPILED_BLOCKS["prefill"] = torch.compile(Block.prefill, dynamic=True, fullgraph=True)
-        _COMPILED_BLOCKS["decode"] = torch.compile(Block.decode, dynamic=True, fullgraph=True)
+        # Built at the first call (lazy_compile): not imported where kernels serve all.
+        _COMPILED_BLOCKS["prefill"] = lazy_compile(Block.prefill, dynamic=True, fullgraph=True)
+        _COMPILED_BLOCKS["decode"] = lazy_compile(Block.decode, dynamic=True, fullgraph=True)
     return _COMPILED_BLOCKS["prefill"], _COMPILED_BLOCKS["decode"]
 
 

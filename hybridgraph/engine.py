@@ -103,9 +103,12 @@ class Engine:
         # Where start-up time goes (seconds per phase), for stats() and the cost bench.
         self.startup_s: dict[str, float] = {}
         t0 = time.perf_counter()
+        # check=False: the kernels' self-check (started before the load) is waited for
+        # after the capture's dry pass, so its compiles and the dry pass's overlap.
         self.steps = Steps(model, self.bufs, compile_forward=self.spec.compiled_forward
                            and self.ops.backend == "compile", kernels=kernels,
-                           plan=KernelPlan(pdl=cfg.pdl))
+                           plan=KernelPlan(pdl=cfg.pdl), check=False)
+        self._jit_ops, self._check_wait_s = self.ops, 0.0
         if self.ops.backend == "compile" and self.steps.fast is not None:
             # Both samplers on the kernels: faster than Inductor's, and no Dynamo frame.
             fast = self.steps.fast
@@ -122,17 +125,28 @@ class Engine:
             shared_pool=cfg.shared_pool)
         self.requests_served = 0
         t1 = time.perf_counter()
-        self.startup_s["kernels"] = t1 - t0  # Steps: the Triton self-check, if asked
         # The tensor-parallel all-reduce in use and why (parallel.build_rank sets them).
         self.allreduce, self.allreduce_reason = "none", "one rank"
         if self.runner.policy.ahead:
-            self.runner.capture_ahead(progress=cfg.progress)
+            self.runner.capture_ahead(progress=cfg.progress,
+                                      after_dry_pass=self._confirm_kernels)
+        self._confirm_kernels()  # where no dry pass ran
         t2 = time.perf_counter()
-        self.startup_s["capture"] = t2 - t1  # compiling the forward + capturing graphs
+        # Steps and the wait for the Triton self-check; compiling the forward + capturing.
+        self.startup_s["kernels"] = t1 - t0 + self._check_wait_s
+        self.startup_s["capture"] = t2 - t1 - self._check_wait_s
         self.startup_s["compile"] = self.runner.compile_s  # of it: the dry pass (Triton)
         if self.spec.jit_ops or self.spec.uses_graphs:
             self.warmup()
         self.startup_s["warmup"] = time.perf_counter() - t2  # JIT ops for every bucket
+
+    def _confirm_kernels(self) -> None:
+        """Wait for the kernels' self-check; where it failed, the blocks and the JIT
+        samplers serve instead (nothing was captured on the kernels yet)."""
+        t = time.perf_counter()
+        if self.steps.fast is not None and not self.steps.confirm_kernels():
+            self.ops = self.runner.ops = self._jit_ops
+        self._check_wait_s += time.perf_counter() - t
 
     def warmup(self) -> None:
         """Compile the JIT functions for every batch bucket and sampler now, at start-up,

@@ -314,3 +314,38 @@ def test_the_kernel_check_starts_before_the_load_where_an_engine_will_ask_for_it
     assert started == checked
     engine_module.start_kernel_check(cfg, torch.device("cpu"), torch.float16)
     assert started == checked
+
+
+@pytest.mark.parametrize("passes", [False, True])
+def test_the_kernels_check_is_awaited_at_start_up_and_a_failure_falls_back(
+        monkeypatch: pytest.MonkeyPatch, passes: bool) -> None:
+    """The Engine builds its Steps without waiting for the kernels' self-check (it waits
+    after the capture's dry pass). Where the check then fails, the blocks and the JIT
+    samplers serve, the reason is the check's, and tokens equal a kernel-less engine's;
+    where it passes, the kernels and their samplers stay. (On the CPU the check is a
+    stand-in: the kernels themselves need a GPU.)"""
+    import torch
+
+    from hybridgraph.kernels import selfcheck
+    monkeypatch.setattr(selfcheck, "cannot_run", lambda *_: None)  # as on a GPU
+    waited: list[bool] = []
+
+    def check(*_: Any) -> tuple[bool, str]:
+        waited.append(True)
+        return (True, "ok") if passes else (False, "attention differs (injected)")
+
+    monkeypatch.setattr(selfcheck, "check_kernels", check)
+    model, tok = load_model("tiny", "cpu", torch.float16, seed=0)
+    e = Engine(model, tok, mode="jit", kernels="triton", max_seq_len=64)
+    assert waited  # awaited before the engine was ready
+    if passes:
+        assert e.steps.kernels == "triton" and e.ops.sample == e.steps.fast.sample
+        return
+    assert e.steps.fast is None and e.steps.kernels == "inductor"
+    assert e.stats()["kernels_reason"] == "attention differs (injected)"
+    assert e.ops is e.runner.ops and e.ops.backend == "compile"
+    assert getattr(e.ops.sample, "__self__", None) is None  # not TritonDecode's method
+    model2, _ = load_model("tiny", "cpu", torch.float16, seed=0)
+    ref = Engine(model2, tok, mode="jit", kernels="inductor", max_seq_len=64)
+    assert e.generate([1, 5, 9], 6, stop_ids=[]).tokens == \
+        ref.generate([1, 5, 9], 6, stop_ids=[]).tokens

@@ -164,3 +164,19 @@ def test_default_graph_budget_is_a_fraction_of_free_memory(
     assert default_graph_bytes(torch.device("cuda")) == int(GRAPH_MEMORY_FRACTION * (8 << 30))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 80 << 30))
     assert default_graph_bytes(torch.device("cuda")) == 1   # a budget, never "no limit"
+
+
+def test_capture_ahead_runs_the_hook_between_the_dry_pass_and_the_first_capture(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """after_dry_pass (Engine: wait for the kernels' self-check) runs once the dry pass has
+    compiled and before anything is captured: a failed check then drops the kernels before
+    a graph holds them."""
+    engine = engine_with_runner("hybrid", "ahead", StandInCache(), coverage=[16])
+    runner, order = engine.runner, []
+    monkeypatch.setattr(runner, "compile_ahead", lambda keys: order.append("dry") or True)
+    real_capture = runner.capture
+    monkeypatch.setattr(runner, "capture",
+                        lambda key: order.append("capture") or real_capture(key))
+    held = runner.capture_ahead(after_dry_pass=lambda: order.append("check"))
+    assert held > 0 and order[:3] == ["dry", "check", "capture"]
+    assert order.count("dry") == order.count("check") == 1

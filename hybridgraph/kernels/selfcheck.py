@@ -86,16 +86,25 @@ def _run(answer: Future[Answer], device: torch.device, dtype: torch.dtype, pdl: 
         answer.set_result((False, f"the kernel self-check failed: {type(e).__name__}: {e}"))
 
 
-def _check(device: torch.device, dtype: torch.dtype, pdl: bool) -> tuple[bool, str]:
+def cannot_run(device: torch.device, dtype: torch.dtype, pdl: bool = False) -> str | None:
+    """Why the kernels cannot run here, from what needs no kernel run (Triton's import,
+    the device, the dtype, PDL); None where only the numerical check can tell."""
     err = triton_import_error()
     if err is not None:
-        return False, err
+        return err
     if device.type != "cuda" or not torch.cuda.is_available():
-        return False, f"the Triton kernels need a CUDA GPU (device is {device})"
+        return f"the Triton kernels need a CUDA GPU (device is {device})"
     if dtype not in (torch.float16, torch.bfloat16):
-        return False, f"the Triton kernels serve float16 and bfloat16, not {dtype}"
+        return f"the Triton kernels serve float16 and bfloat16, not {dtype}"
     if pdl and not pdl_supported(device):
-        return False, "programmatic dependent launch needs sm_90 or newer"
+        return "programmatic dependent launch needs sm_90 or newer"
+    return None
+
+
+def _check(device: torch.device, dtype: torch.dtype, pdl: bool) -> tuple[bool, str]:
+    why = cannot_run(device, dtype, pdl)
+    if why is not None:
+        return False, why
     try:
         from hybridgraph.kernels.launch import compile_ahead
         with compile_ahead() as ahead:  # compile the kernels at once, on a thread pool

@@ -229,6 +229,12 @@ class TritonDecode:
         return self._sampling.sample(logits, temperature, top_k, top_p, seed, counter, out,
                                      self.ws, pdl=self._pdl != 0)
 
+    def check(self) -> tuple[bool, str]:
+        """The self-check of these kernels on this device, dtype and PDL (waits for it)."""
+        from hybridgraph.kernels.selfcheck import check_kernels
+        w = self.model.tok_embeddings.weight
+        return check_kernels(w.device, w.dtype, self.plan.pdl)
+
     def head_logits(self, x: Tensor) -> Tensor:
         """The final norm and the LM head as one GEMV (norm prologue). x: [B, hidden];
         returns [B, V] float32 logits."""
@@ -358,21 +364,25 @@ def check_soon(device: torch.device, dtype: torch.dtype, plan: KernelPlan | None
 
 
 def triton_decode(model: Transformer, max_batch: int, plan: KernelPlan | None = None,
-                  ) -> tuple[TritonDecode | None, str]:
+                  check: bool = True) -> tuple[TritonDecode | None, str]:
     """A TritonDecode for model when its kernels pass their self-check here, else
     (None, why). Asked for PDL where the GPU lacks it, the kernels run without it and the
-    reason says so."""
-    from hybridgraph.kernels.selfcheck import check_kernels
-
+    reason says so. check=False builds it without waiting for the check: the caller asks
+    `TritonDecode.check` before the kernels run for real (Engine: after the dry pass)."""
     plan = plan or KernelPlan()
     p = model.tok_embeddings.weight
     note = ""
     if plan.pdl and not _check_pdl(p.device, plan):
         plan = replace(plan, pdl=False)
         note = " (without PDL: it needs sm_90 or newer)"
-    ok, reason = check_kernels(p.device, p.dtype, plan.pdl)
-    if not ok:
-        return None, reason
+    from hybridgraph.kernels.selfcheck import cannot_run, check_kernels
+    if check:
+        ok, reason = check_kernels(p.device, p.dtype, plan.pdl)
+        why = None if ok else reason
+    else:  # what is known without running a kernel; the rest from TritonDecode.check
+        why = cannot_run(p.device, p.dtype, plan.pdl)
+    if why is not None:
+        return None, why
     if any(layer.all_reduce is not no_reduce for layer in model.layers):
         note += " (tensor parallel: O and down add the residual after the all-reduce)"
     try:

@@ -204,15 +204,20 @@ class GraphRunner:
         self.compile_s += time.perf_counter() - t0
         return ahead
 
-    def capture_ahead(self, lengths: Sequence[int] | None = None, progress: bool = False) -> int:
+    def capture_ahead(self, lengths: Sequence[int] | None = None, progress: bool = False,
+                      after_dry_pass: Callable[[], None] | None = None) -> int:
         """Capture the graphs for prefill `lengths` (default: every key of the coverage
-        strategy). Returns how many graphs are held afterwards."""
+        strategy). after_dry_pass runs between the dry pass and the first capture (Engine:
+        the kernels' self-check, overlapped with the dry pass's compiles). Returns how many
+        graphs are held afterwards."""
         if self.cache is None:
             return 0
         keys = [k for k in self.keys(lengths) if k not in self.cache]
         if lengths is not None:
             keys = [k for k in keys if k.phase == "prefill"]
         self.compile_ahead(keys)
+        if after_dry_pass is not None:
+            after_dry_pass()
         if progress:
             from tqdm import tqdm
             keys = tqdm(keys, desc="capturing graphs", unit="graph")

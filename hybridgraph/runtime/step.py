@@ -135,7 +135,8 @@ class Steps:
     """
 
     def __init__(self, model: Transformer, bufs: StepBuffers, compile_forward: bool = False,
-                 kernels: str = "inductor", plan: KernelPlan | None = None) -> None:
+                 kernels: str = "inductor", plan: KernelPlan | None = None,
+                 check: bool = True) -> None:
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
         self.model, self.bufs = model, bufs
@@ -146,11 +147,10 @@ class Steps:
         if kernels == "triton":
             from hybridgraph.model.fast_decode import triton_decode
 
-            fast, reason = triton_decode(model, bufs.ids.shape[0], plan)
+            fast, reason = triton_decode(model, bufs.ids.shape[0], plan, check)
             self.kernels_reason = reason
             if fast is None:
-                log.warning("Triton decode kernels not used, decoding with the %s blocks: %s",
-                            "compiled" if compile_forward else "eager", reason)
+                self._refuse(reason)
             else:
                 self.fast, self.kernels = fast, "triton"
                 if fast.rows < bufs.ids.shape[0]:
@@ -158,6 +158,22 @@ class Steps:
                                             "on the " + ("compiled" if compile_forward else
                                                          "eager") + " blocks")
                 log.info("decoding with the Triton kernels: %s", reason)
+
+    def confirm_kernels(self) -> bool:
+        """For Steps built with check=False: wait for the kernels' self-check; where it
+        failed, drop them (the blocks serve every step) and say why. True while the
+        kernels serve."""
+        if self.fast is None:
+            return False
+        ok, reason = self.fast.check()
+        if not ok:
+            self.fast, self.kernels, self.kernels_reason = None, "inductor", reason
+            self._refuse(reason)
+        return ok
+
+    def _refuse(self, reason: str) -> None:
+        log.warning("Triton decode kernels not used, decoding with the %s blocks: %s",
+                    "eager" if self.decode_block is Block.decode else "compiled", reason)
 
     def forward_prefill(self, b: int, t: int) -> Tensor:
         """Logits [b, V] of each prompt's last token. Where the Triton kernels are in use,

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from hybridgraph.engine_config import DTYPE_NAMES, EngineConfig
-from hybridgraph.model.fast_decode import KernelPlan, check_soon
+from hybridgraph.model.fast_decode import KernelPlan
 from hybridgraph.model.generation import GenerationDefaults
 from hybridgraph.model.kv_budget import default_max_seq_len
 from hybridgraph.model.llama import Transformer
@@ -35,7 +35,7 @@ from hybridgraph.request import (
 )
 from hybridgraph.runtime.dynamic import choose_bucket, dynamic_ops, fit_to_bucket, pow2_buckets
 from hybridgraph.runtime.graphs import GraphCache, GraphKey, parse_coverage
-from hybridgraph.runtime.modes import MODES, auto_kernels, auto_mode, capture_policy, mode_spec
+from hybridgraph.runtime.modes import MODES, auto_mode, capture_policy, mode_spec
 from hybridgraph.runtime.runner import GraphRunner, decode_windows
 from hybridgraph.runtime.step import GREEDY, StepBuffers, Steps, TokenReader
 from hybridgraph.text import TextStream, validate_stop
@@ -45,23 +45,6 @@ __all__ = ["DTYPES", "MODES", "Engine", "EngineConfig", "GenerationResult", "Req
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 PAD_ID = 0
-
-
-def resolve_kernels(cfg: EngineConfig, device: torch.device) -> str:
-    """cfg.kernels for cfg's mode on this device: "auto" resolved."""
-    if cfg.kernels != "auto":
-        return cfg.kernels
-    spec = mode_spec(auto_mode(device.type) if cfg.mode == "auto" else cfg.mode)
-    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    return auto_kernels(spec, device.type, cap)
-
-
-def start_kernel_check(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> None:
-    """Where an engine of cfg will ask for the Triton kernels, start their self-check now,
-    on a thread: on a fresh machine its compiles overlap loading the weights."""
-    if device.type == "cuda" and torch.cuda.is_available() \
-            and resolve_kernels(cfg, device) == "triton":
-        check_soon(device, dtype, KernelPlan(pdl=cfg.pdl))
 
 
 class Engine:
@@ -97,7 +80,7 @@ class Engine:
         model.setup_caches(self.max_batch, self.max_seq_len)
         self.bufs = StepBuffers(self.max_batch, self.max_seq_len, self.device)
         # With the compile backend, a compiled-forward mode (hybrid) compiles the blocks too.
-        kernels = resolve_kernels(cfg, self.device)
+        kernels = cfg.kernels_on(self.device)
         self.steps_note = "auto: Triton decode kernels serve hybrid mode on sm_90+ only" \
             if cfg.kernels == "auto" and kernels == "inductor" else ""
         # Where start-up time goes (seconds per phase), for stats() and the cost bench.
@@ -174,7 +157,7 @@ class Engine:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         # issue 11: auto follows the checkpoint's own dtype (float32 on a CPU).
         torch_dtype = auto_dtype(model, device) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
-        start_kernel_check(cfg, torch.device(device), torch_dtype)
+        cfg.start_kernel_check(torch.device(device), torch_dtype)  # overlaps the load
         m, tok = load_model(model, device, torch_dtype, seed=cfg.weights_seed,
                             tokenizer=cfg.tokenizer, chat_template=cfg.chat_template)
         return cls(m, tok, cfg)

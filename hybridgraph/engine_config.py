@@ -10,9 +10,20 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hybridgraph.runtime.modes import BACKENDS, CAPTURE_MODES, KERNEL_CHOICES, MODES, mode_spec
+from hybridgraph.runtime.modes import (
+    BACKENDS,
+    CAPTURE_MODES,
+    KERNEL_CHOICES,
+    MODES,
+    auto_kernels,
+    auto_mode,
+    mode_spec,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 # Tensor-parallel all-reduce (parallel/group.py choose_allreduce): auto is our one-shot
@@ -74,6 +85,25 @@ class EngineConfig:
         _check_int("max_seq_len", self.max_seq_len, 2, optional=True)
         _check_int("max_graphs", self.max_graphs, 1, optional=True)
         _check_int("max_graph_bytes", self.max_graph_bytes, 1, optional=True)
+
+    def kernels_on(self, device: torch.device) -> str:
+        """`kernels` for this config's mode on device, "auto" resolved (modes.auto_kernels)."""
+        if self.kernels != "auto":
+            return self.kernels
+        import torch
+        spec = mode_spec(auto_mode(device.type) if self.mode == "auto" else self.mode)
+        cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        return auto_kernels(spec, device.type, cap)
+
+    def start_kernel_check(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Where an engine of this config will ask for the Triton kernels on device, start
+        their self-check now, on a thread (Engine.load, before the weights load): on a
+        fresh machine its compiles overlap the load instead of following it."""
+        import torch
+        if device.type == "cuda" and torch.cuda.is_available() \
+                and self.kernels_on(device) == "triton":
+            from hybridgraph.model.fast_decode import KernelPlan, check_soon
+            check_soon(device, dtype, KernelPlan(pdl=self.pdl))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> EngineConfig:

@@ -284,38 +284,6 @@ def test_bad_engine_sizes_raise_clear_errors(sizes: dict[str, int]) -> None:
         Engine(model, tok, **sizes)
 
 
-@pytest.mark.parametrize("asked, mode, capability, checked", [
-    ("auto", "hybrid", (9, 0), [True]),       # auto picks the kernels on Hopper
-    ("auto", "auto", (9, 0), [True]),         # mode auto is hybrid on CUDA
-    ("auto", "hybrid", (8, 0), []),           # ...and not below sm_90
-    ("auto", "graph", (9, 0), []),            # nor outside hybrid
-    ("inductor", "hybrid", (9, 0), []),
-    ("triton", "hybrid", (9, 0), [True]),
-    ("triton", "hybrid", (8, 6), [False]),    # asked for; PDL only from sm_90
-])
-def test_the_kernel_check_starts_before_the_load_where_an_engine_will_ask_for_it(
-        monkeypatch: pytest.MonkeyPatch, asked: str, mode: str,
-        capability: tuple[int, int], checked: list[bool]) -> None:
-    """engine.start_kernel_check (Engine.load calls it before loading the weights) starts
-    the self-check exactly where the engine's own choice of kernels will be Triton, with
-    the PDL the check will be asked for; on a CPU, never."""
-    import torch
-
-    import hybridgraph.engine as engine_module
-    from hybridgraph.engine_config import EngineConfig
-    from hybridgraph.kernels import selfcheck
-    started: list[bool] = []
-    monkeypatch.setattr(selfcheck, "check_kernels_soon",
-                        lambda device, dtype, pdl=False: started.append(pdl))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: capability)
-    cfg = EngineConfig(mode=mode, kernels=asked)
-    engine_module.start_kernel_check(cfg, torch.device("cuda", 0), torch.float16)
-    assert started == checked
-    engine_module.start_kernel_check(cfg, torch.device("cpu"), torch.float16)
-    assert started == checked
-
-
 @pytest.mark.parametrize("passes", [False, True])
 def test_the_kernels_check_is_awaited_at_start_up_and_a_failure_falls_back(
         monkeypatch: pytest.MonkeyPatch, passes: bool) -> None:

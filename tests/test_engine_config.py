@@ -139,3 +139,33 @@ def test_tp_is_checked_and_takes_the_triton_decode() -> None:
     # The Triton decode honours the all-reduce hook (model/fast_decode.py), so tp > 1 runs it.
     assert EngineConfig(tp=2, kernels="triton").kernels == "triton"
     assert EngineConfig(tp=2, kernels="auto").tp == 2
+
+
+@pytest.mark.parametrize("asked, mode, capability, checked", [
+    ("auto", "hybrid", (9, 0), [True]),       # auto picks the kernels on Hopper
+    ("auto", "auto", (9, 0), [True]),         # mode auto is hybrid on CUDA
+    ("auto", "hybrid", (8, 0), []),           # ...and not below sm_90
+    ("auto", "graph", (9, 0), []),            # nor outside hybrid
+    ("inductor", "hybrid", (9, 0), []),
+    ("triton", "hybrid", (9, 0), [True]),
+    ("triton", "hybrid", (8, 6), [False]),    # asked for; PDL only from sm_90
+])
+def test_the_kernel_check_starts_before_the_load_where_an_engine_will_ask_for_it(
+        monkeypatch: pytest.MonkeyPatch, asked: str, mode: str,
+        capability: tuple[int, int], checked: list[bool]) -> None:
+    """EngineConfig.start_kernel_check (Engine.load calls it before loading the weights) starts
+    the self-check exactly where the engine's own choice of kernels will be Triton, with
+    the PDL the check will be asked for; on a CPU, never."""
+    import torch
+
+    from hybridgraph.kernels import selfcheck
+    started: list[bool] = []
+    monkeypatch.setattr(selfcheck, "check_kernels_soon",
+                        lambda device, dtype, pdl=False: started.append(pdl))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: capability)
+    cfg = EngineConfig(mode=mode, kernels=asked)
+    cfg.start_kernel_check(torch.device("cuda", 0), torch.float16)
+    assert started == checked
+    cfg.start_kernel_check(torch.device("cpu"), torch.float16)
+    assert started == checked

@@ -156,8 +156,9 @@ def test_auto_kernels_put_a_rank_on_the_triton_decode(monkeypatch: pytest.Monkey
     too (it honours the all-reduce hook); without a GPU its self-check refuses it, and the
     reason says that, not tp."""
     import hybridgraph.engine as engine_module
+    import hybridgraph.engine_config as config_module
 
-    monkeypatch.setattr(engine_module, "auto_kernels", lambda *_: "triton")
+    monkeypatch.setattr(config_module, "auto_kernels", lambda *_: "triton")
     asked = []
     real = engine_module.Steps
     monkeypatch.setattr(engine_module, "Steps",

@@ -12,7 +12,7 @@ import time
 import torch
 
 from hybridgraph.bench.table import make_prompt
-from hybridgraph.engine import DTYPES, Engine, EngineConfig, start_kernel_check
+from hybridgraph.engine import DTYPES, Engine, EngineConfig
 from hybridgraph.model.loader import load_model
 
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     config = EngineConfig(mode=args.mode, max_seq_len=args.max_seq_len)
     t0 = time.perf_counter()
-    start_kernel_check(config, device, DTYPES[args.dtype])  # as Engine.load: during the load
+    config.start_kernel_check(device, DTYPES[args.dtype])  # as Engine.load: during the load
     model, tok = load_model(args.model, device, DTYPES[args.dtype])
     _sync(device)
     load_s = time.perf_counter() - t0

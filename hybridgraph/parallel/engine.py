@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import torch
 
-from hybridgraph.engine import DTYPES, Engine, start_kernel_check
+from hybridgraph.engine import DTYPES, Engine
 from hybridgraph.engine_config import EngineConfig
 from hybridgraph.model.llama import Transformer
 from hybridgraph.model.loader import auto_dtype
@@ -47,7 +47,7 @@ def build_rank(model: str, config: EngineConfig) -> tuple[Engine, TPGroup]:
     # dtype auto as Engine.load resolves it: the checkpoint's own on CUDA, float32 on a CPU.
     dtype = (auto_dtype(model, group.device) if config.dtype == "auto"
              else DTYPES[config.dtype])
-    start_kernel_check(config, group.device, dtype)
+    config.start_kernel_check(group.device, dtype)
     shard, tokenizer = shard_model(model, group, dtype, config.weights_seed, config.tokenizer,
                                    config.chat_template, config.allreduce, config.max_batch)
     engine = Engine(shard, tokenizer, replace(config, device=str(group.device),

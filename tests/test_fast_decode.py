@@ -16,6 +16,7 @@ from hybridgraph.model.loader import random_model
 from hybridgraph.runtime.step import StepBuffers, Steps
 from tests.triton_interpreter import (
     F16,
+    SMALL,
     TOL,
     needs_interpreter,
     only_written,
@@ -23,9 +24,6 @@ from tests.triton_interpreter import (
     rnd,
     snapshot_caches,
 )
-
-SMALL = ModelConfig(vocab_size=97, hidden_size=128, intermediate_size=96, num_layers=2,
-                    num_heads=4, num_kv_heads=2, max_position_embeddings=512, name="t")
 
 
 def _peaked_model(max_seq: int):

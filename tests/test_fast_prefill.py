@@ -15,6 +15,7 @@ from hybridgraph.model.loader import random_model
 from hybridgraph.runtime.step import StepBuffers, Steps
 from tests.triton_interpreter import (
     F16,
+    SMALL,
     TOL,
     needs_interpreter,
     restore_caches,
@@ -22,9 +23,7 @@ from tests.triton_interpreter import (
     snapshot_caches,
 )
 
-GQA = ModelConfig(vocab_size=97, hidden_size=128, intermediate_size=96, num_layers=2,
-                  num_heads=4, num_kv_heads=2, max_position_embeddings=512, name="t")
-MHA = replace(GQA, num_kv_heads=4)
+MHA = replace(SMALL, num_kv_heads=4)  # SMALL is GQA
 
 
 def _model(cfg: ModelConfig, rows: int = 4, max_seq: int = 96):
@@ -47,7 +46,7 @@ def _fast(model, **plan):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("cfg", [GQA, MHA], ids=["gqa", "mha"])
+@pytest.mark.parametrize("cfg", [SMALL, MHA], ids=["gqa", "mha"])
 @pytest.mark.parametrize("t,last,rows", [(40, [39], [2]), (17, [5], [0]), (1, [0], [3]),
                                          (33, [32, 10, 20], [3, 0, 1])])
 def test_glue_prefill_matches_model_prefill(cfg, t, last, rows) -> None:
@@ -86,7 +85,7 @@ def test_glue_prefill_sums_partials_through_the_all_reduce_hook() -> None:
     partial: the model's prefill under the same hook is the reference."""
     from hybridgraph.kernels import reference as ref
     from hybridgraph.model.fast_prefill import glue_prefill
-    model = _model(GQA)
+    model = _model(SMALL)
     calls = []
     for layer in model.layers:
         layer.all_reduce = lambda x: calls.append(x.shape) or x * 2
@@ -95,15 +94,15 @@ def test_glue_prefill_sums_partials_through_the_all_reduce_hook() -> None:
         got = glue_prefill(_fast(model), ids, row, last)
         n = len(calls)
         expect = model.prefill(ids, last, rows=row)
-    assert n == 2 * GQA.num_layers  # O and down of every layer
-    assert calls[n - 1] == (1, GQA.hidden_size)  # the last down: the selected row only
+    assert n == 2 * SMALL.num_layers  # O and down of every layer
+    assert calls[n - 1] == (1, SMALL.hidden_size)  # the last down: the selected row only
     assert ref.rel_err(got, expect) < 4 * TOL
 
 
 @needs_interpreter
 def test_glue_prefill_refuses_more_tokens_than_the_cache() -> None:
     from hybridgraph.model.fast_prefill import glue_prefill
-    model = _model(GQA, max_seq=32)
+    model = _model(SMALL, max_seq=32)
     one = torch.tensor([0])
     with pytest.raises(ValueError, match="the cache holds 32"):
         glue_prefill(_fast(model), torch.zeros(1, 33, dtype=torch.int64), one, one)
@@ -119,14 +118,14 @@ def test_steps_picks_the_prefill_path(glue, b, t, path) -> None:
     off, on the model's blocks; all three give the model's logits."""
     from hybridgraph.kernels import reference as ref
     from hybridgraph.model import fast_prefill
-    model = _model(GQA, rows=3, max_seq=64)
+    model = _model(SMALL, rows=3, max_seq=64)
     bufs = StepBuffers(3, 64, torch.device("cpu"))
     steps = Steps(model, bufs)
     steps.fast = _fast(model, glue_prefill=glue)  # as Steps(kernels="triton") on a GPU
     seen = []
     short, real_glue = steps.fast.prefill, fast_prefill.glue_prefill
     steps.fast.prefill = lambda *a: seen.append("short") or short(*a)
-    bufs.prompt_ids[:b, :t] = torch.randint(0, GQA.vocab_size, (b, t))
+    bufs.prompt_ids[:b, :t] = torch.randint(0, SMALL.vocab_size, (b, t))
     bufs.last_idx[:b] = torch.tensor([t - 1, t - 2])[:b]
     bufs.set_prefill_rows(1)
     before = snapshot_caches(model)

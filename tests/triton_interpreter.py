@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from hybridgraph.kernels.selfcheck import TOLERANCE
+from hybridgraph.model.config import ModelConfig
 
 # tests/conftest.py sets TRITON_INTERPRET=1 on a machine without CUDA before any test
 # module loads; here it is only read, so the kernel tests skip rather than run compiled.
@@ -31,6 +32,9 @@ needs_interpreter = pytest.mark.skipif(
     not INTERPRET, reason="needs triton and no GPU (tests/gpu covers the kernels compiled)")
 F16 = torch.float16
 TOL = TOLERANCE[F16]
+# A model the interpreter runs in seconds: GQA (4 heads over 2), head dim 32.
+SMALL = ModelConfig(vocab_size=97, hidden_size=128, intermediate_size=96, num_layers=2,
+                    num_heads=4, num_kv_heads=2, max_position_embeddings=512, name="t")
 
 
 # Compiles kernels with Triton's real compiler for sm_90 in a fresh process (the

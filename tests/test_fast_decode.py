@@ -158,6 +158,53 @@ def test_kernels_reason_says_a_rank_is_tensor_parallel(monkeypatch) -> None:
     assert fast is not None and "tensor parallel" in reason
 
 
+@needs_interpreter
+@pytest.mark.parametrize("gemvs,b", [(("qkv", "wo", "w13", "w2", "head"), 1),
+                                     (("wo", "w2"), 1), (("qkv", "w13", "head"), 3)])
+def test_gemv_launches_name_each_launch_of_a_forward(gemvs, b) -> None:
+    """`bench profile` names a traced GEMV launch by its place in the forward: the order
+    gemv_launches gives must be the order the forward launches them in."""
+    from types import SimpleNamespace
+
+    from hybridgraph.kernels import gemv
+    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
+    model = _peaked_model(64)
+    fast = TritonDecode(model, 3, KernelPlan(gemv=gemvs, gemv_batched=gemvs, pdl=False))
+    layer = model.layers[0]
+    name_of = {layer.attention.wqkv.weight.shape: "qkv", layer.attention.wo.weight.shape: "wo",
+               layer.feed_forward.w13.weight.shape: "w13",
+               layer.feed_forward.w2.weight.shape: "w2", model.output.weight.shape: "head"}
+    assert len(name_of) == 5  # SMALL's shapes tell the projections apart
+    seen: list[str] = []
+
+    def traced(x, w, *args, **kwargs):
+        seen.append(name_of[w.shape])
+        return gemv.gemv(x, w, *args, **kwargs)
+
+    fast._gemv = SimpleNamespace(**{**{n: getattr(gemv, n) for n in gemv.__all__},
+                                    "gemv": traced})
+    fast.forward(torch.tensor([1, 2, 3])[:b], torch.tensor([4, 5, 6])[:b], 64)
+    assert seen == fast.gemv_launches(b) and len(seen) > 0
+
+
+def test_plan_on_drops_pdl_where_the_gpu_lacks_it(monkeypatch) -> None:
+    """One owner for the PDL rule: the plan TritonDecode runs and the reason
+    triton_decode gives both come from plan_on."""
+    import hybridgraph.kernels.selfcheck as selfcheck
+    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode, plan_on, triton_decode
+    cpu = torch.device("cpu")
+    assert plan_on(cpu, KernelPlan(pdl=True)).pdl is False  # no PDL off sm_90
+    assert plan_on(cpu, KernelPlan(pdl=True, block_t=32)).block_t == 32
+    model = random_model(SMALL, cpu, F16, seed=1)
+    model.setup_caches(1, 64)
+    assert TritonDecode(model, 1, KernelPlan(pdl=True)).plan.pdl is False
+    monkeypatch.setattr(selfcheck, "cannot_run", lambda *_: None)  # as if a GPU were here
+    fast, reason = triton_decode(model, 1, KernelPlan(pdl=True), check=False)
+    assert fast is not None and fast.plan.pdl is False and "without PDL" in reason
+    fast, reason = triton_decode(model, 1, KernelPlan(pdl=False), check=False)
+    assert fast is not None and reason == "ok"
+
+
 def test_kernel_plan_rejects_unknown_projection() -> None:
     from hybridgraph.model.fast_decode import KernelPlan
     with pytest.raises(ValueError, match="unknown projections"):

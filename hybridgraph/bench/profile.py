@@ -10,14 +10,18 @@ projection weights that a decode step reads, so the next bottleneck is visible w
 anyone re-deriving it. A prefill is profiled whole (prompt in, first token out) at the
 lengths `profile_prefill_lengths`: long prompts are matmul-bound, so their GEMM family is
 also shown as achieved TFLOP/s over the projections' useful work (the prompt's own tokens,
-not the bucket's padding), beside the matmul rate measured in the same run.
+not the bucket's padding), beside the matmul rate measured in the same run. The Triton
+GEMV's decode launches are also named by projection (their place in the forward,
+`TritonDecode.gemv_launches`), each with the bandwidth it streams its weights at.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from statistics import median
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from hybridgraph.bench.config import BenchConfig
@@ -49,8 +53,10 @@ def family(kernel_name: str) -> str:
     return "other aten"
 
 
-def kernel_times(engine: Engine, prompt: list[int], new: int) -> dict[str, tuple[int, float]]:
-    """Kernel name -> (launches, total device µs) over one generation of `new` tokens."""
+def kernel_times(engine: Engine, prompt: list[int], new: int,
+                 ) -> tuple[dict[str, tuple[int, float]], list[float]]:
+    """Kernel name -> (launches, total device µs) over one generation of `new` tokens, and
+    the µs of each Triton GEMV launch in launch order (to name them by projection)."""
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine.generate(prompt, new, stop_ids=[])
@@ -60,7 +66,9 @@ def kernel_times(engine: Engine, prompt: list[int], new: int) -> dict[str, tuple
         us = e.self_device_time_total
         if us > 0:
             out[e.key] = (e.count, us)
-    return out
+    gemv = sorted((e.time_range.start, e.time_range.elapsed_us()) for e in prof.events()
+                  if e.device_type == DeviceType.CUDA and family(e.name) == "triton gemv")
+    return out, [us for _, us in gemv]
 
 
 def families(kernels: dict[str, tuple[float, float]]) -> dict[str, list[float]]:
@@ -90,8 +98,9 @@ def profile_suite(cfg: BenchConfig, engines: Engines, floor_ms: float,
     prompt = make_prompt(cfg.decode_prompt, engine.config.vocab_size)
     short, tokens = 8, cfg.profile_tokens
     engine.generate(prompt, short + tokens, stop_ids=[])   # warm: every graph and kernel
-    steps = per_token(kernel_times(engine, prompt, short + tokens),
-                      kernel_times(engine, prompt, short), tokens)
+    (long, long_gemv), (brief, brief_gemv) = (kernel_times(engine, prompt, short + tokens),
+                                              kernel_times(engine, prompt, short))
+    steps = per_token(long, brief, tokens)
     fams = families(steps)
     busy = sum(us for _, us in fams.values())
     kernels = sum(n for n, _ in fams.values())
@@ -116,9 +125,64 @@ def profile_suite(cfg: BenchConfig, engines: Engines, floor_ms: float,
                 ["kernel", "family", "calls_per_token", "us_per_token", "us_per_call"])
     for name, (n, us) in sorted(steps.items(), key=lambda kv: -kv[1][1])[:10]:
         top.add(name[:80], family(name), n, us, us / n if n else float("nan"))
+    # The long run is the short one and then `tokens` more decode steps: its GEMV launches
+    # past the short run's count are those steps', each step's in the forward's order.
+    fast = engine.steps.fast
+    proj = projection_table(fast.gemv_launches(1) if fast is not None else [],
+                            projection_bytes(engine.model), long_gemv[len(brief_gemv):], tokens)
     # Prompts that fit with their first token (a short test cache caps the long ones).
     lengths = sorted({min(n, cfg.max_seq_len - 1) for n in cfg.profile_prefill_lengths})
-    return [t, top, *prefill_profile(engine, lengths, matmul_tflops)]
+    return [t, top, proj, *prefill_profile(engine, lengths, matmul_tflops)]
+
+
+def projection_bytes(model: Transformer) -> dict[str, int]:
+    """Weight bytes one launch of each projection reads (TritonDecode's names)."""
+    layer = model.layers[0]
+    mods = {"qkv": layer.attention.wqkv, "wo": layer.attention.wo,
+            "w13": layer.feed_forward.w13, "w2": layer.feed_forward.w2, "head": model.output}
+    return {n: m.weight.numel() * m.weight.element_size() for n, m in mods.items()}
+
+
+def by_projection(order: list[str], launches_us: list[float], tokens: int,
+                  ) -> dict[str, list[float]] | None:
+    """Each GEMV launch's µs under its projection: `launches_us` holds `tokens` decode
+    steps' launches in time order, each step's in `order`. None where the count disagrees
+    (the launches cannot be named by their place)."""
+    if not order or len(launches_us) != tokens * len(order):
+        return None
+    out: dict[str, list[float]] = {p: [] for p in order}
+    for i, us in enumerate(launches_us):
+        out[order[i % len(order)]].append(us)
+    return out
+
+
+def projection_table(order: list[str], nbytes: dict[str, int], launches_us: list[float],
+                     tokens: int) -> Table:
+    """Per projection: launches and µs per decode token, the median launch, and the
+    bandwidth it streams its weights at (bytes / mean launch time)."""
+    t = Table("profile_projections", "Profile: the Triton GEMV per projection, per decode "
+                                     "token (weights streamed per launch)",
+              ["projection", "launches_per_token", "mb_per_launch", "us_per_launch_median",
+               "us_per_token", "gbs", "share"])
+    named = by_projection(order, launches_us, tokens)
+    if named is None:
+        t.notes.append(f"Not named: {len(launches_us)} GEMV launches over {tokens} tokens, "
+                       f"the forward's order has {len(order)} (no Triton decode, or another "
+                       "plan ran).")
+        return t
+    total_us = sum(launches_us) / tokens
+    total_bytes = 0
+    for p, times in named.items():
+        n = len(times) / tokens
+        us = sum(times) / tokens
+        total_bytes += nbytes[p] * n
+        t.add(p, n, nbytes[p] / 1e6, median(times), us, nbytes[p] * n / (us * 1e3),
+              us / total_us)
+    t.add("all", len(order), "", "", total_us, total_bytes / (total_us * 1e3), 1.0)
+    t.notes.append("gbs: the weights a token reads through this projection / its GEMV time "
+                   "per token (each launch timed alone by CUPTI: a PDL overlap with the "
+                   "kernel before counts in both).")
+    return t
 
 
 def prefill_flops(model: Transformer, tokens: int) -> float:
@@ -139,7 +203,7 @@ def prefill_profile(engine: Engine, lengths: list[int], matmul_tflops: float,
     for n in lengths:
         prompt = make_prompt(n, engine.config.vocab_size)
         engine.generate(prompt, 1, stop_ids=[])          # warm: its graph and kernels
-        kernels = kernel_times(engine, prompt, 1)
+        kernels, _ = kernel_times(engine, prompt, 1)
         fams = families(kernels)
         busy = sum(us for _, us in fams.values())
         gemm_us = sum(fams[f][1] for f in WEIGHT_FAMILIES)

@@ -90,13 +90,10 @@ class TritonDecode:
     def __init__(self, model: Transformer, max_batch: int, plan: KernelPlan | None = None,
                  ) -> None:
         from hybridgraph.kernels import argmax, attention, gemv, sampling
-        from hybridgraph.kernels.selfcheck import pdl_supported
         from hybridgraph.kernels.workspace import Workspace
 
         self._gemv, self._attn, self._argmax, self._sampling = gemv, attention, argmax, sampling
-        plan = plan or KernelPlan()
-        if plan.pdl and not pdl_supported(model.tok_embeddings.weight.device):
-            plan = replace(plan, pdl=False)
+        plan = plan_on(model.tok_embeddings.weight.device, plan)
         self.model, self.plan = model, plan
         self._pdl = (2 if self.plan.pdl_late else 1) if self.plan.pdl else 0
         cfg = model.config
@@ -170,6 +167,13 @@ class TritonDecode:
         for layer, cache in zip(m.layers, m.caches, strict=True):
             x = self.block(layer, x, cos, sin, cache, pos, window)
         return self.head_logits(x[:, 0])
+
+    def gemv_launches(self, rows: int) -> list[str]:
+        """The projection of each GEMV launch one `rows`-row `forward` makes, in launch
+        order (`bench profile` names each traced launch by its place)."""
+        uses = self.plan.uses(rows)
+        layer = [p for p in PROJECTIONS if p != "head" and p in uses]
+        return layer * len(self.model.layers) + (["head"] if "head" in uses else [])
 
     def prefill(self, ids: Tensor, cache_row: Tensor, last_idx: Tensor) -> Tensor:
         """Transformer.prefill of ONE prompt of T <= prefill_rows tokens on the decode kernels.
@@ -349,10 +353,13 @@ def prefill_window(t: int, max_seq: int) -> int:
     return min(1 << (t - 1).bit_length(), max_seq)
 
 
-def _check_pdl(device: torch.device, plan: KernelPlan) -> bool:
-    """The PDL the self-check checks: the plan's, where the GPU has it."""
+def plan_on(device: torch.device, plan: KernelPlan | None = None) -> KernelPlan:
+    """The plan as it runs on `device`: without PDL where the GPU lacks it (it needs sm_90
+    or newer). The one place that rule lives: TritonDecode, its self-check and
+    triton_decode's reason all take the plan from here."""
     from hybridgraph.kernels.selfcheck import pdl_supported
-    return plan.pdl and pdl_supported(device)
+    plan = plan or KernelPlan()
+    return replace(plan, pdl=False) if plan.pdl and not pdl_supported(device) else plan
 
 
 def check_soon(device: torch.device, dtype: torch.dtype, plan: KernelPlan | None = None,
@@ -360,7 +367,7 @@ def check_soon(device: torch.device, dtype: torch.dtype, plan: KernelPlan | None
     """Start the self-check `triton_decode` will ask for, on a thread, before the model
     exists (kernels/selfcheck.check_kernels_soon): Engine.load overlaps it with loading."""
     from hybridgraph.kernels.selfcheck import check_kernels_soon
-    check_kernels_soon(device, dtype, _check_pdl(device, plan or KernelPlan()))
+    check_kernels_soon(device, dtype, plan_on(device, plan).pdl)
 
 
 def triton_decode(model: Transformer, max_batch: int, plan: KernelPlan | None = None,
@@ -369,12 +376,10 @@ def triton_decode(model: Transformer, max_batch: int, plan: KernelPlan | None = 
     (None, why). Asked for PDL where the GPU lacks it, the kernels run without it and the
     reason says so. check=False builds it without waiting for the check: the caller asks
     `TritonDecode.check` before the kernels run for real (Engine: after the dry pass)."""
-    plan = plan or KernelPlan()
     p = model.tok_embeddings.weight
-    note = ""
-    if plan.pdl and not _check_pdl(p.device, plan):
-        plan = replace(plan, pdl=False)
-        note = " (without PDL: it needs sm_90 or newer)"
+    asked = plan or KernelPlan()
+    plan = plan_on(p.device, asked)
+    note = " (without PDL: it needs sm_90 or newer)" if asked.pdl and not plan.pdl else ""
     from hybridgraph.kernels.selfcheck import cannot_run, check_kernels
     if check:
         ok, reason = check_kernels(p.device, p.dtype, plan.pdl)

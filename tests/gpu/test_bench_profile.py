@@ -17,7 +17,8 @@ def test_profile_counts_decode_kernels_inside_graphs() -> None:
                       profile_prefill_lengths=[10, 300])
     engines = Engines(cfg)
     try:
-        fams, top, prefill, prefill_top = profile_suite(cfg, engines, floor_ms=0.01, matmul_tflops=100.0)
+        fams, top, proj, prefill, prefill_top = profile_suite(cfg, engines, floor_ms=0.01,
+                                                              matmul_tflops=100.0)
     finally:
         engines.close()
     rows = {r["family"]: r for r in fams.records()}
@@ -27,6 +28,14 @@ def test_profile_counts_decode_kernels_inside_graphs() -> None:
     assert sum(r["us_per_token"] for f, r in rows.items() if f != "all kernels") \
         == pytest.approx(total["us_per_token"])
     assert 1 <= len(top.rows) <= 10
+    # The GEMV launches named by projection, when the tiny model decodes on the kernels.
+    gemv = rows.get("triton gemv")
+    if gemv is not None:
+        named = {r["projection"]: r for r in proj.records()}
+        assert named, proj.notes
+        assert named["all"]["launches_per_token"] == pytest.approx(gemv["kernels_per_token"])
+        assert named["all"]["us_per_token"] == pytest.approx(gemv["us_per_token"], rel=0.2)
+        assert all(r["gbs"] > 0 for r in named.values())
     # The prefill profile: one block of rows per length (300 is capped to the cache), the
     # families summing to the whole, the matmuls' rate a positive number.
     by_len: dict[int, dict[str, dict]] = {}

@@ -260,12 +260,18 @@ def attention_section(name: str, dtype: torch.dtype) -> None:
 def plan_options(opts: list[str]) -> dict:
     """KernelPlan keywords from a plan name's options: pdl | pdl-late (else PDL off), pfN
     (every GEMV prefetches N lines a row), wopfN (the O GEMV prefetches N), attn0 | attn1
-    (attention lets O launch after its key loop | at once; default: the plan's), btN
-    (attention keys per tile)."""
+    (attention keys per tile), cfg-PROJ-HALF-SPLIT-WARPS-STAGES-BLOCKK (PROJ's one-row
+    register config: e.g. cfg-wo-8-2-4-1-512)."""
+    from hybridgraph.kernels.gemv_config import GemvConfig
     pdl = next((o for o in opts if o.startswith("pdl")), "")
     kw: dict = dict(pdl=pdl.startswith("pdl"), pdl_late=pdl == "pdl-late")
     for o in opts:
-        if o.startswith("pf"):
+        if o.startswith("cfg-"):
+            proj, half, split, warps, stages, block_k = o.split("-")[1:]
+            kw.setdefault("configs", {})[proj] = GemvConfig(
+                half=int(half), block_k=int(block_k), split_k=int(split), num_warps=int(warps),
+                num_stages=int(stages), dot=False)
+        elif o.startswith("pf"):
             kw["prefetch"] = int(o[2:])
         elif o.startswith("wopf"):
             kw["wo_prefetch"] = int(o[4:])
@@ -309,8 +315,10 @@ def decode_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: list
                 configs = {p: tuned[p][0] for p in gemvs if p in tuned}
             # A named set serves every batch size; "default" keeps the plan's batched set.
             batched = {} if projs == "default" else {"gemv_batched": gemvs}
-            fast = TritonDecode(model, rows, KernelPlan(gemv=gemvs, configs=configs,
-                                                     **plan_options(opts), **batched))
+            kw = plan_options(opts)
+            configs = {**configs, **kw.pop("configs", {})}
+            fast = TritonDecode(model, rows, KernelPlan(gemv=gemvs, configs=configs, **kw,
+                                                     **batched))
             print(plan, "->", gemvs, {p: list(c) for p, c in configs.items()}, flush=True)
             fns[plan] = lambda i, fast=fast: fast.forward(ids, pos, window)
     for plan, fn in fns.items():

@@ -134,6 +134,16 @@ def test_gemv_rope_writes_the_named_cache_rows(ws, b, split, dot, rows) -> None:
 
 
 @needs_interpreter
+@pytest.mark.parametrize("batch,kv,window,want", [
+    (1, 32, 512, 4), (1, 32, 1024, 8), (1, 32, 2048, 16), (1, 32, 4096, 16),  # llama-2-7b
+    (1, 8, 512, 4), (1, 8, 2048, 16), (1, 8, 8192, 64),                      # llama-3.2-1b
+    (1, 8, 64, 1), (1, 8, 256, 2), (16, 8, 4096, 4)])
+def test_attention_splits_keep_two_tiles_a_split_and_cover_the_gpu_twice(batch, kv, window,
+                                                                         want) -> None:
+    from hybridgraph.kernels.attention import attention_splits
+    assert attention_splits(batch, kv, window, 64) == want
+
+
 @pytest.mark.parametrize("splits", [1, 4])
 def test_decode_attention_reads_the_named_cache_rows(ws, splits) -> None:
     """cache_rows: row i attends to keys 0..pos[i] of cache row cache_rows[i] — rows of one

@@ -35,7 +35,9 @@ def default_config(n: int, k: int, sms: int = 132, epi: int = EPI_PLAIN,
     fastest on the register path with small tiles: 4 warps, 256 of K a step, 16 rows a
     program (32 where the projection has tiles enough to keep >= 4.5 programs per SM busy,
     and always for QKV, whose RoPE pairs want them), split over K until there are >= 2.5
-    programs per SM (each split keeping >= 512 of K).
+    programs per SM (each split keeping >= 512 of K). Except gate/up (EPI_SILU): 16 rows
+    and 512 of K a step, measured in the whole forward (run 21, one H100: llama-3.2-1b
+    1.116 -> 1.098 ms, llama-2-7b 5.015 -> 4.995 ms, means of repeated graph timings).
 
     2-16 rows run on the tensor cores (KERNELS.md runs 7 and 13, sweeps at 10 rows).
     Projections with the RMSNorm prologue (QKV, gate/up, LM head) swap the product's sides
@@ -58,13 +60,13 @@ def default_config(n: int, k: int, sms: int = 132, epi: int = EPI_PLAIN,
             split //= 2
         return GemvConfig(half=32, block_k=128, split_k=split, num_warps=4, num_stages=3)
     half = 16 if epi == EPI_ROPE else 8
-    if epi != EPI_ROPE and n_tiles(epi, n, 16, d_half) >= 4.5 * sms:
+    if epi not in (EPI_ROPE, EPI_SILU) and n_tiles(epi, n, 16, d_half) >= 4.5 * sms:
         half = 16
     tiles, split = config_tiles(epi, n, half, d_half), 1
     while tiles * split < 2.5 * sms and k // (split * 2) >= 512:
         split *= 2
-    return GemvConfig(half=half, block_k=256, split_k=split, num_warps=4, num_stages=1,
-                      dot=False)
+    return GemvConfig(half=half, block_k=512 if epi == EPI_SILU else 256, split_k=split,
+                      num_warps=4, num_stages=1, dot=False)
 
 
 def idle_prefetch(k: int, cfg: GemvConfig, itemsize: int = 2) -> int:

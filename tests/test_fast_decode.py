@@ -6,8 +6,6 @@ short prefills on the kernels.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -187,36 +185,6 @@ def test_gemv_launches_name_each_launch_of_a_forward(gemvs, b) -> None:
                                     "gemv": traced})
     fast.forward(torch.tensor([1, 2, 3])[:b], torch.tensor([4, 5, 6])[:b], 64)
     assert seen == fast.gemv_launches(b) and len(seen) > 0
-
-
-@needs_interpreter
-@pytest.mark.parametrize("window,deferred", [(512, True), (64, False)])
-def test_o_projection_combines_attention_splits_in_one_row(window, deferred) -> None:
-    """combine_in_o (the default): a one-row step whose attention splits leaves the
-    combine to the O GEMV, with the logits and caches of the step that does not."""
-    from hybridgraph.kernels import attention
-    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
-    model = _peaked_model(512)
-    model.prefill(torch.randint(0, 97, (3, 12)))
-    calls: list[str] = []
-    real = attention.decode_attention_split
-
-    def traced(*args, **kwargs):
-        calls.append("split")
-        return real(*args, **kwargs)
-
-    ids, pos = torch.tensor([7]), torch.tensor([40])
-    snap = snapshot_caches(model)
-    plain = TritonDecode(model, 1, KernelPlan(pdl=False, combine_in_o=False))
-    want = plain.forward(ids, pos, window)
-    want_k = [c.k.clone() for c in model.caches]
-    restore_caches(model, snap)
-    fast = TritonDecode(model, 1, KernelPlan(pdl=False))
-    fast._attn = SimpleNamespace(**{**vars(attention), "decode_attention_split": traced})
-    got = fast.forward(ids, pos, window)
-    assert calls == (["split"] * len(model.layers) if deferred else [])
-    assert torch.equal(got, want)
-    assert all(torch.equal(c.k, k) for c, k in zip(model.caches, want_k, strict=True))
 
 
 def test_plan_on_drops_pdl_where_the_gpu_lacks_it(monkeypatch) -> None:

@@ -80,37 +80,6 @@ def test_decode_attention(ws, heads, kv, d, splits) -> None:
 
 
 @needs_interpreter
-@pytest.mark.parametrize("heads,kv,d,split_k,pos", [(4, 4, 32, 1, 200), (8, 2, 32, 2, 70),
-                                                    (9, 3, 64, 2, 255)])
-def test_o_gemv_combines_the_attention_splits_as_it_loads_them(ws, heads, kv, d, split_k,
-                                                               pos) -> None:
-    """decode_attention_split, then the O GEMV with x_split, gives exactly what
-    decode_attention's own combine and the GEMV over its output give; the attention leaves
-    its counters alone and writes nothing but its partials."""
-    from hybridgraph.kernels import attention as att
-    from hybridgraph.kernels import gemv as g
-    window, hidden = 256, 48
-    q, kc, vc = rnd(1, heads * d), rnd(2, kv, window, d), rnd(2, kv, window, d)
-    p, w, res = torch.tensor([pos]), rnd(hidden, heads * d, scale=0.1), rnd(1, hidden)
-    cfg = g.default_config(hidden, heads * d, epi=g.EPI_RESID)._replace(split_k=split_k)
-    o = att.decode_attention(q, kc, vc, p, window, nan(1, heads * d), ws, block_t=32,
-                             splits=4)
-    want = g.gemv(o, w, nan(1, hidden), ws, cfg, epi=g.EPI_RESID, residual=res)
-    parts = torch.full((1 << 14,), float("nan"))
-    xs = att.decode_attention_split(q, kc, vc, p, window, parts, ws, block_t=32, splits=4)
-    assert xs.splits == 4 and int(ws.counters.abs().sum()) == 0
-    unread = nan(1, heads * d)  # x only gives the shape: its values are never read
-    got = g.gemv(unread, w, nan(1, hidden), ws, cfg, epi=g.EPI_RESID, residual=res,
-                 x_split=xs)
-    assert torch.equal(got, want)
-    with pytest.raises(ValueError, match="one row"):
-        att.decode_attention_split(rnd(2, heads * d), kc, vc, torch.tensor([1, 2]), window,
-                                   parts, ws, splits=4)
-    with pytest.raises(ValueError, match="x_split"):
-        g.gemv(unread, w, nan(1, hidden), ws, cfg, norm_w=rnd(heads * d), x_split=xs)
-
-
-@needs_interpreter
 def test_glue_kernels() -> None:
     from hybridgraph.kernels import glue
     from hybridgraph.kernels import reference as ref
@@ -256,17 +225,16 @@ _GEMV_ARGS = [("x_ptr", "*fp16"), ("w_ptr", "*fp16"), ("normw_ptr", "*fp16"),
               ("vc_ptr", "*fp16"), ("ws_ptr", "*fp32"), ("cnt_ptr", "*i32")] + \
     [(n, "i32") for n in ("B", "N", "K", "K_SPLIT", "TILES")] + [("eps", "fp32")] + \
     [(n, "i32") for n in ("stride_x", "stride_out", "stride_res", "HEADS", "KV_HEADS",
-                          "MAX_SEQ", "D_HALF")] + [("crow_ptr", "*i64"), ("stride_crow", "i32")] + \
-    [("xs_ptr", "*fp32")] + [(n, "i32") for n in ("XS_REP", "XS_D", "XS_DPAD", "XS_BR")]
+                          "MAX_SEQ", "D_HALF")] + [("crow_ptr", "*i64"), ("stride_crow", "i32")]
 
 
 def _gemv_variant(cfg, rows: int, epi: int, norm: bool, pdl: int = 2, split: int = 1,
-                  persist: bool = False, crow: bool = False, xsplits: int = 0):
+                  persist: bool = False, crow: bool = False):
     dot = rows > 1 and cfg.dot
     return (dict(_GEMV_ARGS), dict(
         NORM=norm, EPI=epi, SPLIT_K=split, BLOCK_B=16 if dot else 1, HALF=cfg.half,
         BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, USE_PDL=pdl, DOT=dot, PERSIST=persist,
-        HAS_CROW=crow, SWAP=dot and cfg.swap, XSPLITS=xsplits), {"num_stages": cfg.num_stages})
+        HAS_CROW=crow, SWAP=dot and cfg.swap), {"num_stages": cfg.num_stages})
 
 
 @needs_interpreter
@@ -281,7 +249,7 @@ def test_gemv_and_attention_compile_for_hopper() -> None:
     one = g.default_config(4096, 4096, epi=g.EPI_RESID)
     normed = g.default_config(4096, 4096, norm=True, rows=10)
     plain = g.default_config(4096, 4096, rows=10)
-    variants = [_gemv_variant(one, 1, g.EPI_RESID, False, split=2, xsplits=4),
+    variants = [_gemv_variant(one, 1, g.EPI_RESID, False, split=2),
                 _gemv_variant(one, 1, g.EPI_SILU, True, pdl=1, persist=True),
                 _gemv_variant(one._replace(half=16), 1, g.EPI_ROPE, True, crow=True),
                 _gemv_variant(normed, 10, g.EPI_PLAIN, True),
@@ -299,10 +267,9 @@ def test_gemv_and_attention_compile_for_hopper() -> None:
            "stride_crow": "i32", "scale": "fp32", "WINDOW": "i32", "KV_HEADS": "i32",
            "MAX_SEQ": "i32", "CHUNK": "i32"}
     variants = [(att, dict(REP=rep, D=d, D_PAD=d, BLOCK_R=16, BLOCK_T=64, SPLITS=splits,
-                           USE_PDL=pdl, HAS_CROW=crow, COMBINE=combine), {})
-                for rep, d, splits, pdl, crow, combine in (
-                    (4, 128, 1, 1, False, True), (1, 128, 4, 2, True, True),
-                    (3, 64, 8, 0, False, True), (4, 64, 4, 1, False, False))]
+                           USE_PDL=pdl, HAS_CROW=crow), {})
+                for rep, d, splits, pdl, crow in ((4, 128, 1, 1, False), (1, 128, 4, 2, True),
+                                                  (3, 64, 8, 0, False))]
     err, _ = compile_for_hopper("hybridgraph.kernels.attention", "decode_attention_kernel",
                                 variants)
     assert err == "", err

@@ -8,18 +8,11 @@ given: a short prefill runs as T rows of one sequence, row t at position t atten
 keys 0..t of the one cache row (causal by construction). The split that finishes a (b, kv head) last
 combines the splits' partial (max, sum, output) in split order and writes the result
 (workspace.py), so there is no second launch.
-
-For one row the combine can be left to the next kernel (`decode_attention_split`): the
-splits store their partials and the kernel ends; the O projection's GEMV combines them as
-it loads its x (`load_combined`, gemv's `x_split`), with the same arithmetic in the same
-order. That takes the last split's atomic and the partials' reload off the critical path
-between attention and O (KERNELS.md run 22).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import triton
@@ -27,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hybridgraph.kernels.launch import launch
-from hybridgraph.kernels.workspace import Workspace, WorkspaceError
+from hybridgraph.kernels.workspace import Workspace
 
 
 @triton.jit
@@ -37,7 +30,7 @@ def decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, ws_ptr, cnt
                             REP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                             BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
                             SPLITS: tl.constexpr, USE_PDL: tl.constexpr,
-                            HAS_CROW: tl.constexpr, COMBINE: tl.constexpr = True):
+                            HAS_CROW: tl.constexpr):
     bk = tl.program_id(0)
     split = tl.program_id(1)
     b = bk // KV_HEADS
@@ -95,26 +88,25 @@ def decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, ws_ptr, cnt
         tl.store(mine + offs_acc, acc)
         tl.store(mine + BLOCK_R * D_PAD + offs_r, m_i)
         tl.store(mine + BLOCK_R * (D_PAD + 1) + offs_r, l_i)
-        if COMBINE:  # else the reader combines them (load_combined)
-            tl.debug_barrier()  # every thread's partial is stored before the counter moves
-            done = tl.atomic_add(cnt_ptr + bk, 1, sem="acq_rel")
-            if done == SPLITS - 1:
-                m_all = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-                l_all = tl.zeros([BLOCK_R], dtype=tl.float32)
-                o_all = tl.zeros([BLOCK_R, D_PAD], dtype=tl.float32)
-                for j in range(SPLITS):
-                    part = ws_ptr + (bk * SPLITS + j).to(tl.int64) * size
-                    a_j = tl.load(part + offs_acc, cache_modifier=".cg")
-                    m_j = tl.load(part + BLOCK_R * D_PAD + offs_r, cache_modifier=".cg")
-                    l_j = tl.load(part + BLOCK_R * (D_PAD + 1) + offs_r, cache_modifier=".cg")
-                    m_new = tl.maximum(m_all, m_j)  # split 0 always holds key 0: finite after j=0
-                    c_old = tl.exp(m_all - m_new)
-                    c_j = tl.exp(m_j - m_new)
-                    l_all = l_all * c_old + l_j * c_j
-                    o_all = o_all * c_old[:, None] + a_j * c_j[:, None]
-                    m_all = m_new
-                tl.store(cnt_ptr + bk, 0)
-                tl.store(out_rows, (o_all / l_all[:, None]).to(dt), mask=out_mask)
+        tl.debug_barrier()  # every thread's partial is stored before the counter moves
+        done = tl.atomic_add(cnt_ptr + bk, 1, sem="acq_rel")
+        if done == SPLITS - 1:
+            m_all = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+            l_all = tl.zeros([BLOCK_R], dtype=tl.float32)
+            o_all = tl.zeros([BLOCK_R, D_PAD], dtype=tl.float32)
+            for j in range(SPLITS):
+                part = ws_ptr + (bk * SPLITS + j).to(tl.int64) * size
+                a_j = tl.load(part + offs_acc, cache_modifier=".cg")
+                m_j = tl.load(part + BLOCK_R * D_PAD + offs_r, cache_modifier=".cg")
+                l_j = tl.load(part + BLOCK_R * (D_PAD + 1) + offs_r, cache_modifier=".cg")
+                m_new = tl.maximum(m_all, m_j)  # split 0 always holds key 0: finite after j=0
+                c_old = tl.exp(m_all - m_new)
+                c_j = tl.exp(m_j - m_new)
+                l_all = l_all * c_old + l_j * c_j
+                o_all = o_all * c_old[:, None] + a_j * c_j[:, None]
+                m_all = m_new
+            tl.store(cnt_ptr + bk, 0)
+            tl.store(out_rows, (o_all / l_all[:, None]).to(dt), mask=out_mask)
 
 
 MIN_SPLIT_TILES = 2  # key tiles a split covers at least
@@ -134,13 +126,6 @@ def attention_splits(batch: int, kv_heads: int, window: int, block_t: int,
     return splits
 
 
-def split_count(batch: int, kv_heads: int, window: int, block_t: int,
-                splits: int | None = None) -> int:
-    """The splits a launch runs: `splits` (else the rule) rounded to whole tiles a split."""
-    splits = splits or attention_splits(batch, kv_heads, window, block_t)
-    return triton.cdiv(window, triton.cdiv(triton.cdiv(window, splits), block_t) * block_t)
-
-
 def check_cache_rows(cache_rows: Tensor, b: int, what: str) -> None:
     """A per-row cache-row index: a 1-D int32/int64 tensor of >= b entries, any stride
     (stride 0: every row reads one cache row). Its values are not checked here (that would
@@ -158,40 +143,6 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, w
     """q, out: [B, H*D] (model dtype); caches [max_batch, KV, max_seq, D]; pos: [B].
     cache_rows: [B], the cache row each row reads (None: row b reads row b).
     pdl: 0 off, 1 the next kernel may launch at once, 2 after the key loop."""
-    _attention(q, k_cache, v_cache, pos, window, out, ws.partials, ws, block_t, splits,
-               num_warps, pdl, cache_rows, combine=True)
-    return out
-
-
-class SplitKeys(NamedTuple):
-    """One row's attention output left in its splits' partials (`decode_attention_split`):
-    the reader combines them as it loads them (`load_combined`; gemv's `x_split`)."""
-    partials: Tensor  # float32: per (kv head, split) BLOCK_R x D_PAD outputs, maxima, sums
-    splits: int
-    rep: int          # query heads per kv head
-    d: int
-    d_pad: int
-    block_r: int
-
-
-def decode_attention_split(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor,
-                           window: int, partials: Tensor, ws: Workspace, *,
-                           block_t: int = 64, splits: int, num_warps: int = 4, pdl: int = 0,
-                           cache_rows: Tensor | None = None) -> SplitKeys:
-    """decode_attention for ONE row over `splits` > 1 splits, the combine left to the
-    reader: the splits' partials go to `partials` (float32; not the workspace, which the
-    reader's own split-K may use) and the kernel ends there."""
-    if q.shape[0] != 1 or splits < 2:
-        raise ValueError(f"decode_attention_split: one row over >= 2 splits, got "
-                         f"{q.shape[0]} rows, {splits} splits")
-    return _attention(q, k_cache, v_cache, pos, window, q, partials, ws, block_t, splits,
-                      num_warps, pdl, cache_rows, combine=False)
-
-
-def _attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, window: int,
-               out: Tensor, partials: Tensor, ws: Workspace, block_t: int,
-               splits: int | None, num_warps: int, pdl: int, cache_rows: Tensor | None,
-               combine: bool) -> SplitKeys:
     b = q.shape[0]
     if cache_rows is not None:
         check_cache_rows(cache_rows, b, "decode_attention")
@@ -202,52 +153,20 @@ def _attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, window:
                          f"kv_heads * head_dim = {kv * d}")
     if window > max_seq:
         raise ValueError(f"decode_attention: window {window} exceeds the cache ({max_seq})")
-    splits = split_count(b, kv, window, block_t, splits)
+    splits = splits or attention_splits(b, kv, window, block_t)
     chunk = triton.cdiv(triton.cdiv(window, splits), block_t) * block_t
+    splits = triton.cdiv(window, chunk)
     block_r = max(16, triton.next_power_of_2(rep))
     d_pad = max(16, triton.next_power_of_2(d))
-    floats = b * kv * splits * block_r * (d_pad + 2)
-    if not combine and splits < 2:
-        raise ValueError(f"decode_attention_split: window {window} leaves one split")
-    if splits > 1 and floats > partials.numel():
-        raise WorkspaceError(f"decode_attention needs {floats} partial floats; the buffer "
-                             f"holds {partials.numel()}")
-    if splits > 1 and combine:
-        ws.check(floats, b * kv, "decode_attention")
+    if splits > 1:
+        ws.check(b * kv * splits * block_r * (d_pad + 2), b * kv, "decode_attention")
     extra = {"launch_pdl": True} if pdl else {}
     launch(
         decode_attention_kernel, (b * kv, splits),
-        q, k_cache, v_cache, pos, out, partials, ws.counters,
+        q, k_cache, v_cache, pos, out, ws.partials, ws.counters,
         cache_rows if cache_rows is not None else pos,
         cache_rows.stride(0) if cache_rows is not None else 0,
         1.0 / math.sqrt(d), window, kv, max_seq, chunk,
         REP=rep, D=d, D_PAD=d_pad, BLOCK_R=block_r, BLOCK_T=block_t, SPLITS=splits,
-        USE_PDL=int(pdl), HAS_CROW=cache_rows is not None, COMBINE=combine,
-        num_warps=num_warps, **extra)
-    return SplitKeys(partials, splits, rep, d, d_pad, block_r)
-
-
-@triton.jit
-def load_combined(part_ptr, idx, mask, SPLITS: tl.constexpr, REP, D, D_PAD, BLOCK_R):
-    """Row 0's attention output at flat indices idx (query head * D + d), float32, from
-    `decode_attention_split`'s partials: the kernel's own combine, element by element, in
-    the same order. Masked lanes give 0."""
-    hq = idx // D
-    r = hq % REP
-    size = BLOCK_R * (D_PAD + 2)
-    base = part_ptr + (hq // REP).to(tl.int64) * SPLITS * size
-    m_all = tl.full(idx.shape, float("-inf"), tl.float32)
-    l_all = tl.zeros(idx.shape, tl.float32)
-    o_all = tl.zeros(idx.shape, tl.float32)
-    for j in tl.static_range(SPLITS):
-        part = base + j * size
-        a_j = tl.load(part + r * D_PAD + idx % D, mask=mask, other=0.0)
-        m_j = tl.load(part + BLOCK_R * D_PAD + r, mask=mask, other=0.0)
-        l_j = tl.load(part + BLOCK_R * (D_PAD + 1) + r, mask=mask, other=1.0)
-        m_new = tl.maximum(m_all, m_j)  # split 0 always holds key 0: finite after j=0
-        c_old = tl.exp(m_all - m_new)
-        c_j = tl.exp(m_j - m_new)
-        l_all = l_all * c_old + l_j * c_j
-        o_all = o_all * c_old + a_j * c_j
-        m_all = m_new
-    return o_all / l_all
+        USE_PDL=int(pdl), HAS_CROW=cache_rows is not None, num_warps=num_warps, **extra)
+    return out

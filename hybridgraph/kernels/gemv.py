@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridgraph.kernels.attention import SplitKeys, check_cache_rows, load_combined
+from hybridgraph.kernels.attention import check_cache_rows
 from hybridgraph.kernels.gemv_config import (
     EPI_PLAIN,
     EPI_RESID,
@@ -159,11 +159,10 @@ def _rows(tile, offs_h, N, D_HALF, EPI: tl.constexpr, HALF: tl.constexpr):
 def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
           vc_ptr, ws_ptr, cnt_ptr, B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out,
           stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow,
-          xs_ptr, XS_REP, XS_D, XS_DPAD, XS_BR,
           NORM: tl.constexpr, EPI: tl.constexpr, SPLIT_K: tl.constexpr,
           BLOCK_B: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr,
           USE_PDL: tl.constexpr, DOT: tl.constexpr, HAS_CROW: tl.constexpr,
-          SWAP: tl.constexpr, XSPLITS: tl.constexpr):
+          SWAP: tl.constexpr):
     """One work item: a tile of rows over one split of K (the whole of K if unsplit)."""
     offs_h = tl.arange(0, HALF)
     offs_k = tl.arange(0, BLOCK_K)
@@ -229,11 +228,7 @@ def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos
         sq = tl.zeros([1, BLOCK_K], dtype=tl.float32)
         for k in range(k_start, k_end, BLOCK_K):
             km = ((k + offs_k) < k_end)[None, :]
-            if XSPLITS > 0:  # x is attention's output, still in its splits' partials
-                xv = load_combined(xs_ptr, k + offs_k[None, :], km, XSPLITS, XS_REP, XS_D,
-                                   XS_DPAD, XS_BR).to(w_ptr.dtype.element_ty)
-            else:
-                xv = tl.load(x_ptr + k + offs_k[None, :], mask=km, other=0.0)
+            xv = tl.load(x_ptr + k + offs_k[None, :], mask=km, other=0.0)
             xf = xv.to(tl.float32)
             if NORM:
                 sq += xf * xf
@@ -289,12 +284,10 @@ def gemv_kernel(x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
                 cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, ws_ptr, cnt_ptr,
                 B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out, stride_res,
                 HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow,
-                xs_ptr, XS_REP, XS_D, XS_DPAD, XS_BR,
                 NORM: tl.constexpr, EPI: tl.constexpr, SPLIT_K: tl.constexpr,
                 BLOCK_B: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr,
                 PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, DOT: tl.constexpr,
-                PERSIST: tl.constexpr, HAS_CROW: tl.constexpr, SWAP: tl.constexpr,
-                XSPLITS: tl.constexpr):
+                PERSIST: tl.constexpr, HAS_CROW: tl.constexpr, SWAP: tl.constexpr):
     pid = tl.program_id(0)
     offs_h = tl.arange(0, HALF)
 
@@ -320,15 +313,13 @@ def gemv_kernel(x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
         for item in range(pid, TILES * SPLIT_K, tl.num_programs(0)):
             _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
                   vc_ptr, ws_ptr, cnt_ptr, B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out,
-                  stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow, xs_ptr,
-                  XS_REP, XS_D, XS_DPAD, XS_BR, NORM, EPI, SPLIT_K, BLOCK_B, HALF, BLOCK_K,
-                  USE_PDL, DOT, HAS_CROW, SWAP, XSPLITS)
+                  stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow, NORM,
+                  EPI, SPLIT_K, BLOCK_B, HALF, BLOCK_K, USE_PDL, DOT, HAS_CROW, SWAP)
     else:
         _item(pid, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
                   vc_ptr, ws_ptr, cnt_ptr, B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out,
-                  stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow, xs_ptr,
-                  XS_REP, XS_D, XS_DPAD, XS_BR, NORM, EPI, SPLIT_K, BLOCK_B, HALF, BLOCK_K,
-                  USE_PDL, DOT, HAS_CROW, SWAP, XSPLITS)
+                  stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow, NORM,
+                  EPI, SPLIT_K, BLOCK_B, HALF, BLOCK_K, USE_PDL, DOT, HAS_CROW, SWAP)
 
 
 # ------------------------------------------------------------------------------ launch
@@ -336,10 +327,8 @@ def gemv_kernel(x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
 def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
          epi: int = EPI_PLAIN, norm_w: Tensor | None = None, eps: float = 1e-5,
          residual: Tensor | None = None, rope: RopeArgs | None = None,
-         pdl: int = 0, x_split: SplitKeys | None = None) -> Tensor:
+         pdl: int = 0) -> Tensor:
     """out = epilogue((norm(x) if norm_w else x) @ w.T). x: [B, K] (B <= 16), w: [N, K].
-    x_split: x is one row of attention output still in its splits' partials
-    (attention.decode_attention_split); x then only gives the shape (the register path).
 
     EPI_SILU: w is the fused gate/up weight [2I, K] and out [B, I]. EPI_ROPE: w is wqkv,
     out receives q [B, H*D] and rope's caches receive k and v at rope.pos. pdl: 0 off,
@@ -367,8 +356,6 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
         cfg = default_config(n, k, epi=epi, norm=norm_w is not None, d_half=d_half, rows=b)
         half = rope_half(d_half, cfg.half) if epi == EPI_ROPE else cfg.half
     dot = cfg.dot
-    if x_split is not None and (dot or norm_w is not None):
-        raise ValueError("gemv: x_split serves the one-row register path without a norm")
     if half < (16 if dot else 1):
         raise ValueError(f"gemv: row sets of {half} rows are too small for tl.dot (>= 16)")
     tiles = n_tiles(epi, n, half, d_half)
@@ -380,7 +367,6 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
     dummy = out
     r = rope
     crow = r.cache_rows if r is not None else None
-    xs = x_split
     args = (x, w, norm_w if norm_w is not None else w, out,
             residual if residual is not None else dummy,
             r.cos if r else dummy, r.sin if r else dummy, r.pos if r else ws.counters,
@@ -388,8 +374,7 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
             b, n, k, k_split, tiles, eps, x.stride(0), out.stride(0),
             residual.stride(0) if residual is not None else 0,
             heads, kv_heads, max_seq, d_half,
-            crow if crow is not None else ws.counters, crow.stride(0) if crow is not None else 0,
-            *((xs.partials, xs.rep, xs.d, xs.d_pad, xs.block_r) if xs else (ws.partials, 1, 1, 1, 1)))
+            crow if crow is not None else ws.counters, crow.stride(0) if crow is not None else 0)
     extra = {"launch_pdl": True} if pdl else {}
     items = tiles * split
     grid = min(items, cfg.programs) if cfg.programs > 0 else items
@@ -398,7 +383,6 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
         *args, NORM=norm_w is not None, EPI=epi, SPLIT_K=split, BLOCK_B=block_b, HALF=half,
         BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, USE_PDL=int(pdl), DOT=dot,
         PERSIST=grid < items, HAS_CROW=crow is not None, SWAP=dot and cfg.swap,
-        XSPLITS=xs.splits if xs else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
     return out
 

@@ -159,14 +159,6 @@ def _numerics(device: torch.device, dtype: torch.dtype, pdl: bool) -> tuple[floa
     o = torch.empty_like(q)
     attention.decode_attention(q, kc, vc, pos, seq, o, ws, block_t=32, pdl=pdl)
     errs["attention"] = ref.rel_err(o, ref.decode_attention_ref(q, kc, vc, pos, seq))
-    # One row, the combine left to the O GEMV (combine_in_o): against the GEMV over o.
-    wo, one = rnd(k, heads * d, scale=0.05), gemv.GemvConfig(half=8, block_k=64, dot=False)
-    parts = torch.empty(1 << 14, device=device)
-    split = attention.decode_attention_split(q[2:], kc[2:], vc[2:], pos[2:], seq, parts, ws,
-                                             block_t=32, splits=4, pdl=pdl)
-    yo = gemv.gemv(o[2:], wo, torch.empty(1, k, device=device, dtype=dtype), ws, one,
-                   pdl=pdl, x_split=split)
-    errs["attention + O combined"] = ref.rel_err(yo, ref.gemv_ref(o[2:], wo))
     xn, xs = torch.empty_like(x), torch.empty_like(x)
     glue.add_rmsnorm(x, nw, 1e-5, xn, residual=res[:, :k], sum_out=xs, pdl=pdl)
     errs["add_rmsnorm"] = ref.rel_err(xn, ref.rmsnorm_ref(x.float() + res.float(), nw, 1e-5))

@@ -24,16 +24,12 @@ are decode rows at positions 0..T-1 of one cache row.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from hybridgraph.model.llama import Block, KVCache, Transformer, no_reduce
-
-if TYPE_CHECKING:
-    from hybridgraph.kernels.attention import SplitKeys
 
 PROJECTIONS = ("qkv", "wo", "w13", "w2", "head")
 MAX_ROWS = 16  # rows one GEMV launch serves (kernels/gemv.py)
@@ -61,8 +57,6 @@ class KernelPlan:
     block_t: int = 64                       # keys per attention tile
     attn_splits: int | None = None          # attention splits over keys (None: the rule
     #                                         of kernels/attention.attention_splits)
-    combine_in_o: bool = True               # one row: attention leaves its splits'
-    #                                         partials, the O GEMV combines them on load
     prefetch: int | None = None             # L2 lines per weight row each GEMV program
     #                                         prefetches before its PDL wait (None: config's)
     attn_early: bool = True                 # one row: attention lets the O GEMV launch at
@@ -154,11 +148,6 @@ class TritonDecode:
         rep_pad = max(16, 1 << (self.heads // self.kv - 1).bit_length())
         # attention_splits keeps batch * kv * splits under 4 * SMs whenever it splits.
         floats = max(floats, 4 * self.sms * rep_pad * (d_pad + 2))
-        # One row's attention partials, kept apart from ws: O's split-K uses ws as it
-        # reads them (combine_in_o).
-        self.attn_parts = torch.empty(4 * max(self.sms, 132) * rep_pad * (d_pad + 2)
-                                      if plan.combine_in_o else 1, dtype=torch.float32,
-                                      device=dev)
         counters = max(counters, max(self.rows, self.prefill_rows) * self.kv)
         # The samplers serve every batch, up to max_batch rows (not only self.rows).
         floats = max(floats, 3 * max_batch * argmax.SPLITS_MAX)
@@ -288,27 +277,18 @@ class TritonDecode:
         # One row: the O GEMV may launch at once and prefetch its weights while attention
         # runs (HBM is idle then); with more rows that cost more than it gave (run 10).
         early = self.plan.attn_early and pdl and b == 1 and "wo" in on_gemv
-        o = new(q.shape)
-        a, bt = self._attn, self.plan.block_t
-        splits = a.split_count(b, self.kv, window, bt, self.plan.attn_splits)
-        if (self.plan.combine_in_o and b == 1 and splits > 1 and "wo" in on_gemv
-                and not self.configs["wo"].dot):
-            # O combines the splits as it loads them: attention ends without the combine.
-            xs = a.decode_attention_split(q, cache.k, cache.v, pos, window, self.attn_parts,
-                                          self.ws, block_t=bt, splits=splits,
-                                          pdl=1 if early else pdl, cache_rows=cache_rows)
-        else:
-            xs = None
-            a.decode_attention(q, cache.k, cache.v, pos, window, o, self.ws, block_t=bt,
-                               splits=splits, pdl=1 if early else pdl, cache_rows=cache_rows)
+        o = self._attn.decode_attention(q, cache.k, cache.v, pos, window, new(q.shape),
+                                        self.ws, block_t=self.plan.block_t,
+                                        splits=self.plan.attn_splits,
+                                        pdl=1 if early else pdl, cache_rows=cache_rows)
         if layer.all_reduce is not no_reduce:  # a tensor-parallel rank
-            return self._reduced_tail(layer, x2, o, on_gemv, xs).view(b, 1, hidden)
+            return self._reduced_tail(layer, x2, o, on_gemv).view(b, 1, hidden)
         inter = ff.w2.weight.shape[1]
         h = new(b, inter)
         if "w13" in on_gemv:
             if "wo" in on_gemv:
                 x1 = g.gemv(o, att.wo.weight, new(b, hidden), self.ws, self.configs["wo"],
-                            epi=g.EPI_RESID, residual=x2, pdl=pdl, x_split=xs)
+                            epi=g.EPI_RESID, residual=x2, pdl=pdl)
             else:
                 x1 = x2 + F.linear(o, att.wo.weight)
             g.gemv(x1, ff.w13.weight, h, self.ws, self.configs["w13"], epi=g.EPI_SILU,
@@ -318,7 +298,7 @@ class TritonDecode:
             xn = new(b, hidden)
             if "wo" in on_gemv:
                 x1 = g.gemv(o, att.wo.weight, new(b, hidden), self.ws, self.configs["wo"],
-                            epi=g.EPI_RESID, residual=x2, pdl=pdl, x_split=xs)
+                            epi=g.EPI_RESID, residual=x2, pdl=pdl)
                 glue.add_rmsnorm(x1, layer.ffn_norm.weight, self.eps, xn, pdl=pdl)
             else:  # the residual add rides in the norm kernel
                 x1 = new(b, hidden)
@@ -333,7 +313,7 @@ class TritonDecode:
         return out.view(b, 1, hidden)
 
     def _reduced_tail(self, layer: Block, x2: Tensor, o: Tensor, on_gemv: tuple[str, ...],
-                      xs: SplitKeys | None = None) -> Tensor:
+                      ) -> Tensor:
         """The block after attention on a tensor-parallel rank: O and down return this
         rank's partial sum, which is summed over the ranks before the residual add, so
         neither GEMV may fuse the add (EPI_PLAIN) as the one-rank path does. Both adds go
@@ -348,7 +328,7 @@ class TritonDecode:
         new = x2.new_empty
         if "wo" in on_gemv:
             attn = g.gemv(o, att.wo.weight, new(b, hidden), self.ws, self.configs["wo"],
-                          epi=g.EPI_PLAIN, pdl=pdl, x_split=xs)
+                          epi=g.EPI_PLAIN, pdl=pdl)
         else:
             attn = F.linear(o, att.wo.weight)
         h = new(b, ff.w2.weight.shape[1])

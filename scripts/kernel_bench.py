@@ -260,7 +260,7 @@ def attention_section(name: str, dtype: torch.dtype) -> None:
 def plan_options(opts: list[str]) -> dict:
     """KernelPlan keywords from a plan name's options: pdl | pdl-late (else PDL off), pfN
     (every GEMV prefetches N lines a row), wopfN (the O GEMV prefetches N), attn0 | attn1
-    (attention keys per tile), aspN (attention splits), kvpf0 (no KV prefetch), cfg-PROJ-HALF-SPLIT-WARPS-STAGES-BLOCKK (PROJ's one-row
+    (attention keys per tile), aspN (attention splits), cfg-PROJ-HALF-SPLIT-WARPS-STAGES-BLOCKK (PROJ's one-row
     register config: e.g. cfg-wo-8-2-4-1-512)."""
     from hybridgraph.kernels.gemv_config import GemvConfig
     pdl = next((o for o in opts if o.startswith("pdl")), "")
@@ -281,8 +281,6 @@ def plan_options(opts: list[str]) -> dict:
             kw["block_t"] = int(o[2:])
         elif o.startswith("asp"):
             kw["attn_splits"] = int(o[3:])
-        elif o == "kvpf0":
-            kw["kv_prefetch"] = False
     return kw
 
 

@@ -267,10 +267,9 @@ def test_gemv_and_attention_compile_for_hopper() -> None:
            "stride_crow": "i32", "scale": "fp32", "WINDOW": "i32", "KV_HEADS": "i32",
            "MAX_SEQ": "i32", "CHUNK": "i32"}
     variants = [(att, dict(REP=rep, D=d, D_PAD=d, BLOCK_R=16, BLOCK_T=64, SPLITS=splits,
-                           USE_PDL=pdl, HAS_CROW=crow, KV_PREFETCH=pf), {})
-                for rep, d, splits, pdl, crow, pf in (
-                    (4, 128, 1, 1, False, True), (1, 128, 4, 2, True, True),
-                    (3, 64, 8, 0, False, False), (4, 64, 4, 2, False, True))]
+                           USE_PDL=pdl, HAS_CROW=crow), {})
+                for rep, d, splits, pdl, crow in ((4, 128, 1, 1, False), (1, 128, 4, 2, True),
+                                                  (3, 64, 8, 0, False))]
     err, _ = compile_for_hopper("hybridgraph.kernels.attention", "decode_attention_kernel",
                                 variants)
     assert err == "", err

@@ -20,7 +20,6 @@ import triton.language as tl
 from torch import Tensor
 
 from hybridgraph.kernels.launch import launch
-from hybridgraph.kernels.prefetch import prefetch_l2
 from hybridgraph.kernels.workspace import Workspace
 
 
@@ -31,13 +30,24 @@ def decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, ws_ptr, cnt
                             REP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                             BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
                             SPLITS: tl.constexpr, USE_PDL: tl.constexpr,
-                            HAS_CROW: tl.constexpr, KV_PREFETCH: tl.constexpr = False):
+                            HAS_CROW: tl.constexpr):
     bk = tl.program_id(0)
     split = tl.program_id(1)
     b = bk // KV_HEADS
     kvh = bk % KV_HEADS
+    if USE_PDL == 1:
+        tl.extra.cuda.gdc_launch_dependents()
+    if USE_PDL > 0:
+        tl.extra.cuda.gdc_wait()
+    dt = kc_ptr.dtype.element_ty
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, D_PAD)
     offs_t = tl.arange(0, BLOCK_T)
-    # pos and the cache rows are step inputs, never written by the kernel before this one.
+    mask_r = offs_r < REP
+    mask_d = offs_d < D
+    heads_d = KV_HEADS * REP * D
+    q_rows = q_ptr + b * heads_d + (kvh * REP + offs_r)[:, None] * D + offs_d[None, :]
+    q = tl.load(q_rows, mask=mask_r[:, None] & mask_d[None, :], other=0.0)
     pos = tl.load(pos_ptr + b)
     start = split * CHUNK
     end = tl.minimum(tl.minimum(start + CHUNK, pos + 1), WINDOW)
@@ -46,28 +56,6 @@ def decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, ws_ptr, cnt
     else:
         crow = b.to(tl.int64)
     base = (crow * KV_HEADS + kvh) * MAX_SEQ * D
-    if USE_PDL > 0 and KV_PREFETCH:
-        # Keys before pos come from earlier steps: ask the L2 for them while the QKV
-        # kernel (which writes key pos) finishes. One prefetch per 128-byte line.
-        lines = tl.arange(0, (D_PAD + 63) // 64) * 64
-        for t0 in range(start, tl.minimum(end, pos), BLOCK_T):
-            t = t0 + offs_t
-            at = base + t[:, None] * D + lines[None, :]
-            ok = (t[:, None] < tl.minimum(end, pos)) & (lines[None, :] < D)
-            prefetch_l2(tl.where(ok, kc_ptr + at, kc_ptr))
-            prefetch_l2(tl.where(ok, vc_ptr + at, vc_ptr))
-    if USE_PDL == 1:
-        tl.extra.cuda.gdc_launch_dependents()
-    if USE_PDL > 0:
-        tl.extra.cuda.gdc_wait()
-    dt = kc_ptr.dtype.element_ty
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, D_PAD)
-    mask_r = offs_r < REP
-    mask_d = offs_d < D
-    heads_d = KV_HEADS * REP * D
-    q_rows = q_ptr + b * heads_d + (kvh * REP + offs_r)[:, None] * D + offs_d[None, :]
-    q = tl.load(q_rows, mask=mask_r[:, None] & mask_d[None, :], other=0.0)
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, D_PAD], dtype=tl.float32)
@@ -151,12 +139,10 @@ def check_cache_rows(cache_rows: Tensor, b: int, what: str) -> None:
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, window: int,
                      out: Tensor, ws: Workspace, *, block_t: int = 64, splits: int | None = None,
                      num_warps: int = 4, pdl: int = 0,
-                     cache_rows: Tensor | None = None, kv_prefetch: bool = False) -> Tensor:
+                     cache_rows: Tensor | None = None) -> Tensor:
     """q, out: [B, H*D] (model dtype); caches [max_batch, KV, max_seq, D]; pos: [B].
     cache_rows: [B], the cache row each row reads (None: row b reads row b).
-    pdl: 0 off, 1 the next kernel may launch at once, 2 after the key loop.
-    kv_prefetch (with pdl): before waiting for the kernel before it, each program asks the
-    L2 for its keys and values before pos (earlier steps wrote them)."""
+    pdl: 0 off, 1 the next kernel may launch at once, 2 after the key loop."""
     b = q.shape[0]
     if cache_rows is not None:
         check_cache_rows(cache_rows, b, "decode_attention")
@@ -182,6 +168,5 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, w
         cache_rows.stride(0) if cache_rows is not None else 0,
         1.0 / math.sqrt(d), window, kv, max_seq, chunk,
         REP=rep, D=d, D_PAD=d_pad, BLOCK_R=block_r, BLOCK_T=block_t, SPLITS=splits,
-        USE_PDL=int(pdl), HAS_CROW=cache_rows is not None, KV_PREFETCH=kv_prefetch,
-        num_warps=num_warps, **extra)
+        USE_PDL=int(pdl), HAS_CROW=cache_rows is not None, num_warps=num_warps, **extra)
     return out

@@ -56,13 +56,19 @@ from hybridgraph.kernels.gemv_config import (
     workspace_floats,
 )
 from hybridgraph.kernels.launch import launch
-from hybridgraph.kernels.prefetch import prefetch_l2
 from hybridgraph.kernels.workspace import Workspace
 
 # Callers name the epilogues and the config as gemv.X: one module to import for a launch.
 __all__ = ["EPI_PLAIN", "EPI_RESID", "EPI_ROPE", "EPI_SILU", "GemvConfig", "RopeArgs",
            "default_config", "gemv", "gemv_kernel", "idle_prefetch", "n_tiles", "rope_half",
            "workspace_floats"]
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    # One prefetch per 128-byte line; the asm's dummy output keeps it from being dropped.
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -291,9 +297,9 @@ def gemv_kernel(x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
             k0 = (pid // TILES) * K_SPLIT
             lines = k0 + tl.arange(0, PREFETCH)[None, :] * 64
             ok = (pid < TILES * SPLIT_K) & (lines < K)
-            prefetch_l2(tl.where(mask_a[:, None] & ok,
+            _prefetch_l2(tl.where(mask_a[:, None] & ok,
                                   w_ptr + rows_a.to(tl.int64)[:, None] * K + lines, w_ptr))
-            prefetch_l2(tl.where(mask_b[:, None] & ok,
+            _prefetch_l2(tl.where(mask_b[:, None] & ok,
                                   w_ptr + rows_b.to(tl.int64)[:, None] * K + lines, w_ptr))
         if USE_PDL == 1:
             tl.extra.cuda.gdc_launch_dependents()

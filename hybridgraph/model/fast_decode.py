@@ -57,8 +57,6 @@ class KernelPlan:
     block_t: int = 64                       # keys per attention tile
     attn_splits: int | None = None          # attention splits over keys (None: the rule
     #                                         of kernels/attention.attention_splits)
-    kv_prefetch: bool = True                # attention asks the L2 for the keys of earlier
-    #                                         steps before its PDL wait
     prefetch: int | None = None             # L2 lines per weight row each GEMV program
     #                                         prefetches before its PDL wait (None: config's)
     attn_early: bool = True                 # one row: attention lets the O GEMV launch at
@@ -282,8 +280,7 @@ class TritonDecode:
         o = self._attn.decode_attention(q, cache.k, cache.v, pos, window, new(q.shape),
                                         self.ws, block_t=self.plan.block_t,
                                         splits=self.plan.attn_splits,
-                                        pdl=1 if early else pdl, cache_rows=cache_rows,
-                                        kv_prefetch=self.plan.kv_prefetch)
+                                        pdl=1 if early else pdl, cache_rows=cache_rows)
         if layer.all_reduce is not no_reduce:  # a tensor-parallel rank
             return self._reduced_tail(layer, x2, o, on_gemv).view(b, 1, hidden)
         inter = ff.w2.weight.shape[1]

@@ -1,5 +1,8 @@
 """GPU tests: marked `gpu`, skipped where CUDA is absent (CI stays green)."""
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import pytest
 import torch
 
@@ -9,6 +12,25 @@ from hybridgraph.model.tokenizer import ByteTokenizer
 
 # Every module here sets: pytestmark = [pytest.mark.gpu, needs_cuda]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+T = TypeVar("T")
+
+
+def capture(fn: Callable[[], T]) -> tuple[torch.cuda.CUDAGraph, T]:
+    """fn run once on a side stream (so Triton's compiles and the workspaces of cuBLAS and
+    torch.sort happen outside the capture), then captured in a CUDA graph. Capturing runs
+    nothing: state fn changes is as the warm-up left it. Returns the graph and what fn
+    returned inside it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
 
 
 SMALL = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2,

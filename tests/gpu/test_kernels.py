@@ -14,7 +14,7 @@ import torch
 from hybridgraph.kernels import reference as ref
 from hybridgraph.kernels.selfcheck import TOLERANCE, check_kernels, pdl_supported
 
-from .conftest import needs_cuda, small_model
+from .conftest import capture, needs_cuda, small_model
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
 
@@ -174,14 +174,7 @@ def test_pdl_kernels_replay_in_a_cuda_graph(mode) -> None:
         return y
 
     expect = chain().clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        chain()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = chain()
+    graph, out = capture(chain)
     for _ in range(3):
         out.fill_(float("nan"))
         graph.replay()
@@ -234,17 +227,7 @@ def test_triton_decode_matches_the_model_in_graphs(gemvs, pdl) -> None:
         first = slow.forward_prefill(b, 9).argmax(-1)
         bufs.ids[:b], bufs.pos[:b] = first, bufs.last_idx[:b] + 1
         caches = [(c.k.clone(), c.v.clone()) for c in model.caches]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fast.forward_decode(b, window)
-        torch.cuda.current_stream().wait_stream(side)
-        for c, (k, v) in zip(model.caches, caches, strict=True):
-            c.k.copy_(k)
-            c.v.copy_(v)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits_fast = fast.forward_decode(b, window)
+        graph, logits_fast = capture(lambda: fast.forward_decode(b, window))
         for c, (k, v) in zip(model.caches, caches, strict=True):
             c.k.copy_(k)
             c.v.copy_(v)
@@ -375,14 +358,7 @@ def test_triton_prefill_matches_the_model_in_graphs(gemvs, pdl, t, last) -> None
         expect = slow.forward_prefill(1, t)
         bufs.set_prefill_rows(2)
         snap = [(c.k.clone(), c.v.clone()) for c in model.caches]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fast.forward_prefill(1, t)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            got = fast.forward_prefill(1, t)
+        graph, got = capture(lambda: fast.forward_prefill(1, t))
         assert calls, "the prefill did not run on the kernels"
         for c, (k, v) in zip(model.caches, snap, strict=True):  # row 2 poisoned
             c.k.copy_(k)
@@ -429,14 +405,7 @@ def test_glue_prefill_matches_the_model_in_graphs(b, t, pdl) -> None:
         bufs.set_prefill_rows(0)
         expect = slow.forward_prefill(b, t)
         snap = [(c.k.clone(), c.v.clone()) for c in model.caches]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fast.forward_prefill(b, t)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            got = fast.forward_prefill(b, t)
+        graph, got = capture(lambda: fast.forward_prefill(b, t))
         for c, (k, v) in zip(model.caches, snap, strict=True):  # rows :b poisoned
             c.k.copy_(k)
             c.v.copy_(v)

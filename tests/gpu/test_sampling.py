@@ -10,7 +10,7 @@ import torch
 
 from hybridgraph.runtime.dynamic import sample as reference
 
-from .conftest import needs_cuda
+from .conftest import capture, needs_cuda
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
 
@@ -34,14 +34,7 @@ def test_sample_kernel_draws_the_reference_tokens_in_a_graph(vocab: int, pdl: bo
     out = torch.full((len(ROWS),), -1, dtype=torch.int64, **dev)
     sample(logits, *params, out, ws, pdl=pdl)
     assert torch.equal(out, reference(logits, *params))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on the capture stream (the sort's workspace)
-        sample(logits, *params, out, ws, pdl=pdl)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        sample(logits, *params, out, ws, pdl=pdl)
+    graph, _ = capture(lambda: sample(logits, *params, out, ws, pdl=pdl))
     for counter in range(1, 6):
         params[4].fill_(counter)
         out.fill_(-1)

@@ -12,15 +12,13 @@ the longest pause (ms), so an outlier can be matched to a pause or cleared of on
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import time
 
 import torch
+from probe_common import probe_engine, probe_parser  # scripts/: beside this file
 
-from hybridgraph.bench.config import BenchConfig
-from hybridgraph.bench.engines import Engines
 from hybridgraph.bench.table import make_prompt
 
 _pauses: list[tuple[int, float]] = []   # (generation, ms) of each collection
@@ -35,13 +33,8 @@ def _on_gc(phase: str, info: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="llama-2-7b")
-    ap.add_argument("--lengths", default="10,250")
-    ap.add_argument("--runs", type=int, default=200)
-    args = ap.parse_args()
-    cfg = BenchConfig(model=args.model, device="cuda", dtype="float16")
-    engine = Engines(cfg).get(cfg.default_mode)
+    args = probe_parser(lengths="10,250", runs=200).parse_args()
+    engine = probe_engine(args.model)
     print(torch.cuda.get_device_name(), "objects tracked:", len(gc.get_objects()), flush=True)
     gc.callbacks.append(_on_gc)
     for n in map(int, args.lengths.split(",")):

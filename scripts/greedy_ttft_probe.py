@@ -12,27 +12,20 @@ in -> token id on the host) per variant and prompt length.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from dataclasses import replace
 
 import torch
+from probe_common import probe_engine, probe_parser  # scripts/: beside this file
 
-from hybridgraph.bench.config import BenchConfig
-from hybridgraph.bench.engines import Engines
 from hybridgraph.bench.table import make_prompt
 from hybridgraph.kernels import argmax
 from hybridgraph.runtime.dynamic import dynamic_ops
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="llama-2-7b")
-    ap.add_argument("--lengths", default="10,128")
-    ap.add_argument("--runs", type=int, default=60)
-    args = ap.parse_args()
-    cfg = BenchConfig(model=args.model, device="cuda", dtype="float16")
-    engine = Engines(cfg).get(cfg.default_mode)
+    args = probe_parser(lengths="10,128", runs=60).parse_args()
+    engine = probe_engine(args.model)
     fast = engine.steps.fast
     if fast is None:
         raise SystemExit(f"the Triton kernels are not in use: {engine.steps.kernels_reason}")

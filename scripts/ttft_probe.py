@@ -11,14 +11,12 @@ span, and the largest idle gaps between consecutive kernels with their neighbour
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
+from probe_common import probe_engine, probe_parser  # scripts/: beside this file
 
-from hybridgraph.bench.config import BenchConfig
-from hybridgraph.bench.engines import Engines
 from hybridgraph.bench.table import make_prompt
 
 
@@ -119,18 +117,12 @@ def replay_ms(graph: torch.cuda.CUDAGraph, rest_s: float = 0.0) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="llama-2-7b")
-    ap.add_argument("--lengths", default="10,256,300,500")
-    ap.add_argument("--runs", type=int, default=20)
+    ap = probe_parser(lengths="10,256,300,500", runs=20)
     ap.add_argument("--gaps", action="store_true", help="profile one replay per graph")
     ap.add_argument("--host", action="store_true", help="host µs per prefill piece")
     ap.add_argument("--coverage", default=None, help="EngineConfig.coverage (default: its)")
     args = ap.parse_args()
-    cfg = BenchConfig(model=args.model, device="cuda", dtype="float16")
-    engines = Engines(cfg)
-    options = {"coverage": args.coverage} if args.coverage else {}
-    engine = engines.get(cfg.default_mode, **options)
+    engine = probe_engine(args.model, **({"coverage": args.coverage} if args.coverage else {}))
     runner = engine.runner
     for n in (int(x) for x in args.lengths.split(",")):
         prompt = make_prompt(n, engine.config.vocab_size)

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from hybridgraph.engine_config import DTYPE_NAMES, EngineConfig
-from hybridgraph.model.fast_decode import KernelPlan
 from hybridgraph.model.generation import GenerationDefaults
+from hybridgraph.model.kernel_plan import KernelPlan
 from hybridgraph.model.kv_budget import default_max_seq_len
 from hybridgraph.model.llama import Transformer
 from hybridgraph.model.loader import auto_dtype, load_model

@@ -102,7 +102,7 @@ class EngineConfig:
         import torch
         if device.type == "cuda" and torch.cuda.is_available() \
                 and self.kernels_on(device) == "triton":
-            from hybridgraph.model.fast_decode import KernelPlan, check_soon
+            from hybridgraph.model.kernel_plan import KernelPlan, check_soon
             check_soon(device, dtype, KernelPlan(pdl=self.pdl))
 
     @classmethod

@@ -260,7 +260,8 @@ def attention_section(name: str, dtype: torch.dtype) -> None:
 def plan_options(opts: list[str]) -> dict:
     """KernelPlan keywords from a plan name's options: pdl | pdl-late (else PDL off), pfN
     (every GEMV prefetches N lines a row), wopfN (the O GEMV prefetches N), attn0 | attn1
-    (attention keys per tile), aspN (attention splits), cfg-PROJ-HALF-SPLIT-WARPS-STAGES-BLOCKK (PROJ's one-row
+    (attention keys per tile), aspN (attention splits), ffn0 | ffn1 (gate/up and down
+    as one launch or two), cfg-PROJ-HALF-SPLIT-WARPS-STAGES-BLOCKK (PROJ's one-row
     register config: e.g. cfg-wo-8-2-4-1-512)."""
     from hybridgraph.kernels.gemv_config import GemvConfig
     pdl = next((o for o in opts if o.startswith("pdl")), "")
@@ -281,12 +282,15 @@ def plan_options(opts: list[str]) -> dict:
             kw["block_t"] = int(o[2:])
         elif o.startswith("asp"):
             kw["attn_splits"] = int(o[3:])
+        elif o in ("ffn0", "ffn1"):
+            kw["fuse_ffn"] = o == "ffn1"
     return kw
 
 
 def decode_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: list[str],
                    tuned: dict | None = None, window: int = 512, rows: int = 1) -> None:
-    from hybridgraph.model.fast_decode import PROJECTIONS, KernelPlan, TritonDecode
+    from hybridgraph.model.fast_decode import TritonDecode
+    from hybridgraph.model.kernel_plan import PROJECTIONS, KernelPlan
     from hybridgraph.model.llama import Block
     from hybridgraph.model.loader import random_model
     from hybridgraph.runtime.step import compiled_blocks
@@ -350,7 +354,8 @@ def prefill_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: lis
     Plans: "inductor" (Transformer.prefill, compiled block, as Steps runs it today) or
     "<default|all|none|proj+proj...>[:option]..." (plan_options) for TritonDecode.prefill, the
     projections on the GEMV for every row count (default: KernelPlan's own)."""
-    from hybridgraph.model.fast_decode import PROJECTIONS, KernelPlan, TritonDecode
+    from hybridgraph.model.fast_decode import TritonDecode
+    from hybridgraph.model.kernel_plan import PROJECTIONS, KernelPlan
     from hybridgraph.model.loader import random_model
     from hybridgraph.runtime.step import compiled_blocks
 
@@ -437,7 +442,8 @@ def main() -> None:
         guarded(attention_section, "llama-2-7b", torch.float16)
         guarded(attention_section, "llama-3.2-1b", torch.bfloat16)
     if "decode" in sections:
-        for name, dtype in (("llama-2-7b", torch.float16), ("llama-3.2-1b", torch.bfloat16)):
+        for name, dtype in (("llama-2-7b", torch.float16), ("llama-3.2-1b", torch.bfloat16),
+                            ("tinyllama-1.1b", torch.bfloat16)):
             if name not in a.models.split(","):
                 continue
             for r in (int(x) for x in a.decode_rows.split(",")):

@@ -43,7 +43,8 @@ def test_triton_decode_matches_block_decode(gemvs, b) -> None:
     """Multi-row launches swap the one-row register configs for the tensor-core path;
     b=1 runs the register path (the default configs)."""
     from hybridgraph.kernels import reference as ref
-    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
+    from hybridgraph.model.fast_decode import TritonDecode
+    from hybridgraph.model.kernel_plan import KernelPlan
     model = _peaked_model(512)
     model.prefill(torch.randint(0, 97, (3, 12)))
     fast = TritonDecode(model, 3, KernelPlan(gemv=gemvs, gemv_batched=gemvs))
@@ -80,7 +81,8 @@ def test_triton_decode_honours_the_all_reduce_hook(gemvs, b, in_place) -> None:
     over the ranks (Block.all_reduce) before the residual add: the kernels do the same,
     with O and down on the GEMV or cuBLAS, the add alone or in the norm kernel."""
     from hybridgraph.kernels import reference as ref
-    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
+    from hybridgraph.model.fast_decode import TritonDecode
+    from hybridgraph.model.kernel_plan import KernelPlan
     model = _peaked_model(512)
     hooks = [_Doubling(in_place) for _ in model.layers]
     for layer, hook in zip(model.layers, hooks, strict=True):
@@ -124,7 +126,8 @@ def test_triton_decode_takes_the_fused_add_where_offered(gemvs, fused_adds) -> N
     gate/up's norm kernel takes the add on cuBLAS: that one stays all_reduce + the norm
     kernel's add), and the logits are bit-equal to all_reduce-then-add's: the fused add
     rounds the same."""
-    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
+    from hybridgraph.model.fast_decode import TritonDecode
+    from hybridgraph.model.kernel_plan import KernelPlan
     model = _peaked_model(512)
     for layer in model.layers:
         layer.all_reduce = _Doubling(in_place=False)
@@ -146,7 +149,8 @@ def test_triton_decode_takes_the_fused_add_where_offered(gemvs, fused_adds) -> N
 @needs_interpreter
 def test_kernels_reason_says_a_rank_is_tensor_parallel(monkeypatch) -> None:
     import hybridgraph.kernels.selfcheck as selfcheck
-    from hybridgraph.model.fast_decode import KernelPlan, triton_decode
+    from hybridgraph.model.fast_decode import triton_decode
+    from hybridgraph.model.kernel_plan import KernelPlan
     monkeypatch.setattr(selfcheck, "check_kernels", lambda *_: (True, "ok"))  # no GPU here
     model = random_model(SMALL, torch.device("cpu"), F16, seed=1)
     model.setup_caches(1, 64)
@@ -166,8 +170,9 @@ def test_gemv_launches_name_each_launch_of_a_forward(gemvs, b) -> None:
     gemv_launches gives must be the order the forward launches them in."""
     from types import SimpleNamespace
 
-    from hybridgraph.kernels import gemv
-    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
+    from hybridgraph.kernels import ffn, gemv
+    from hybridgraph.model.fast_decode import TritonDecode
+    from hybridgraph.model.kernel_plan import KernelPlan
     model = _peaked_model(64)
     fast = TritonDecode(model, 3, KernelPlan(gemv=gemvs, gemv_batched=gemvs, pdl=False))
     layer = model.layers[0]
@@ -181,17 +186,52 @@ def test_gemv_launches_name_each_launch_of_a_forward(gemvs, b) -> None:
         seen.append(name_of[w.shape])
         return gemv.gemv(x, w, *args, **kwargs)
 
+    def traced_ffn(*args, **kwargs):  # the fused feed-forward, one launch
+        seen.append("w13+w2")
+        return ffn.ffn(*args, **kwargs)
+
     fast._gemv = SimpleNamespace(**{**{n: getattr(gemv, n) for n in gemv.__all__},
                                     "gemv": traced})
+    fast._ffn = SimpleNamespace(ffn=traced_ffn, fusable=ffn.fusable)
     fast.forward(torch.tensor([1, 2, 3])[:b], torch.tensor([4, 5, 6])[:b], 64)
     assert seen == fast.gemv_launches(b) and len(seen) > 0
+
+
+@needs_interpreter
+def test_fused_feed_forward_gives_the_two_launches_logits() -> None:
+    """KernelPlan.fuse_ffn (the default): one-row steps run gate/up and down as one launch
+    (kernels/ffn.py). Down takes its fused config there (32-row programs), which sums
+    in another order, so logits agree within rounding, the cache exactly; batches keep
+    two launches. `bench profile` names the fused launch "w13+w2"."""
+    from hybridgraph.kernels import reference as ref
+    from hybridgraph.model.fast_decode import TritonDecode
+    from hybridgraph.model.kernel_plan import KernelPlan
+    model = _peaked_model(512)
+    model.prefill(torch.randint(0, 97, (3, 12)))
+    plain = TritonDecode(model, 3, KernelPlan(fuse_ffn=False))
+    fused = TritonDecode(model, 3, KernelPlan())  # the default
+    assert fused.fused_ffn and not plain.fused_ffn
+    snap = snapshot_caches(model)
+    for ids, pos in ((torch.tensor([1]), torch.tensor([12])),
+                     (torch.tensor([1, 2, 3]), torch.tensor([12, 5, 300]))):
+        expect = plain.forward(ids, pos, 512)
+        written = [c.k.clone() for c in model.caches]
+        restore_caches(model, snap)
+        got = fused.forward(ids, pos, 512)
+        assert ref.rel_err(got, expect) < 2 * TOL and torch.equal(got.argmax(-1),
+                                                                   expect.argmax(-1))
+        assert all(torch.equal(c.k, k) for c, k in zip(model.caches, written, strict=True))
+        restore_caches(model, snap)
+    assert fused.gemv_launches(1) == ["qkv", "wo", "w13+w2"] * 2 + ["head"]
+    assert fused.gemv_launches(3) == plain.gemv_launches(3)
 
 
 def test_plan_on_drops_pdl_where_the_gpu_lacks_it(monkeypatch) -> None:
     """One owner for the PDL rule: the plan TritonDecode runs and the reason
     triton_decode gives both come from plan_on."""
     import hybridgraph.kernels.selfcheck as selfcheck
-    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode, plan_on, triton_decode
+    from hybridgraph.model.fast_decode import TritonDecode, triton_decode
+    from hybridgraph.model.kernel_plan import KernelPlan, plan_on
     cpu = torch.device("cpu")
     assert plan_on(cpu, KernelPlan(pdl=True)).pdl is False  # no PDL off sm_90
     assert plan_on(cpu, KernelPlan(pdl=True, block_t=32)).block_t == 32
@@ -206,7 +246,7 @@ def test_plan_on_drops_pdl_where_the_gpu_lacks_it(monkeypatch) -> None:
 
 
 def test_kernel_plan_rejects_unknown_projection() -> None:
-    from hybridgraph.model.fast_decode import KernelPlan
+    from hybridgraph.model.kernel_plan import KernelPlan
     with pytest.raises(ValueError, match="unknown projections"):
         KernelPlan(gemv=("qkv", "mlp"))
     with pytest.raises(ValueError, match="unknown projections"):
@@ -214,7 +254,7 @@ def test_kernel_plan_rejects_unknown_projection() -> None:
 
 
 def test_kernel_plan_picks_projections_by_rows() -> None:
-    from hybridgraph.model.fast_decode import KernelPlan
+    from hybridgraph.model.kernel_plan import KernelPlan
     plan = KernelPlan(gemv=("wo", "w13"), gemv_batched=("w2",))
     assert plan.uses(1) == ("wo", "w13")
     assert plan.uses(2) == plan.uses(16) == ("w2",)
@@ -227,7 +267,8 @@ def test_o_projection_prefetches_while_attention_runs() -> None:
     Hidden 4096 as llama-2-7b: O splits K in 2, so half a slice is 16 lines, not 4."""
     from dataclasses import replace
 
-    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
+    from hybridgraph.model.fast_decode import TritonDecode
+    from hybridgraph.model.kernel_plan import KernelPlan
     wide = replace(SMALL, hidden_size=4096, num_heads=32, num_kv_heads=32, num_layers=1)
     model = random_model(wide, torch.device("cpu"), F16, seed=1)
     model.setup_caches(1, 64)
@@ -241,7 +282,8 @@ def test_o_projection_prefetches_while_attention_runs() -> None:
 def test_batches_over_max_rows_decode_on_the_blocks() -> None:
     """KernelPlan.max_rows: the kernels serve buckets up to it; Steps runs larger ones on
     the model's blocks, and the kernels refuse a batch they were not sized for."""
-    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
+    from hybridgraph.model.fast_decode import TritonDecode
+    from hybridgraph.model.kernel_plan import KernelPlan
     from hybridgraph.runtime.step import StepBuffers, Steps
     model = random_model(SMALL, torch.device("cpu"), F16, seed=1)
     model.setup_caches(4, 64)
@@ -306,7 +348,8 @@ def test_triton_prefill_matches_model_prefill(t, last, gemvs) -> None:
     and every other cache entry is left as it was. "default": T > 1 runs the batched plan
     (QKV and gate/up on cuBLAS + glue), T = 1 the one-row plan (all on the GEMV)."""
     from hybridgraph.kernels import reference as ref
-    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
+    from hybridgraph.model.fast_decode import TritonDecode
+    from hybridgraph.model.kernel_plan import KernelPlan
     model = _prefill_model()
     plan = KernelPlan(pdl=False) if gemvs == "default" else \
         KernelPlan(gemv=gemvs, gemv_batched=gemvs, pdl=False)
@@ -331,7 +374,8 @@ def test_triton_prefill_matches_model_prefill(t, last, gemvs) -> None:
 
 @needs_interpreter
 def test_triton_prefill_refuses_what_it_does_not_serve() -> None:
-    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode, prefill_window
+    from hybridgraph.model.fast_decode import TritonDecode, prefill_window
+    from hybridgraph.model.kernel_plan import KernelPlan
     model = _prefill_model()
     fast = TritonDecode(model, 3, KernelPlan(pdl=False, prefill_rows=4))
     one = torch.tensor([0])
@@ -356,7 +400,8 @@ def test_steps_prefill_on_the_kernels(prefill_rows, b, t, on_kernels) -> None:
     kernels, into the cache row `bufs.rows` names, with `last_idx`'s logits; more tokens,
     more prompts or prefill_rows=0 run on glue_prefill (tests/test_fast_prefill.py)."""
     from hybridgraph.kernels import reference as ref
-    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
+    from hybridgraph.model.fast_decode import TritonDecode
+    from hybridgraph.model.kernel_plan import KernelPlan
     model = _prefill_model()
     bufs = StepBuffers(3, 64, torch.device("cpu"))
     steps = Steps(model, bufs)
@@ -389,7 +434,8 @@ def test_head_dim_under_32_takes_qkv_off_the_batched_gemv() -> None:
     runs a 2+ row QKV on cuBLAS + glue, one row still on the GEMV; and a short prefill,
     which runs batched, matches the model's."""
     from hybridgraph.kernels import reference as ref
-    from hybridgraph.model.fast_decode import PROJECTIONS, TritonDecode
+    from hybridgraph.model.fast_decode import TritonDecode
+    from hybridgraph.model.kernel_plan import PROJECTIONS
     cfg = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2,
                       num_heads=4, num_kv_heads=2, max_position_embeddings=64, name="d16")
     model = random_model(cfg, torch.device("cpu"), F16, seed=1)

@@ -41,7 +41,8 @@ def _model(cfg: ModelConfig, rows: int = 4, max_seq: int = 96):
 
 
 def _fast(model, **plan):
-    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
+    from hybridgraph.model.fast_decode import TritonDecode
+    from hybridgraph.model.kernel_plan import KernelPlan
     return TritonDecode(model, model.max_batch, KernelPlan(pdl=False, **plan))
 
 

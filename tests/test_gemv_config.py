@@ -8,6 +8,7 @@ from hybridgraph.kernels.gemv_config import (
     EPI_ROPE,
     EPI_SILU,
     default_config,
+    ffn_down_config,
     idle_prefetch,
     n_tiles,
     rope_half,
@@ -84,3 +85,17 @@ def test_idle_prefetch_is_a_power_of_two():
     for k in (256, 768, 1000, 3072, 5120, 11008):
         p = idle_prefetch(k, default_config(4096, k, 132, EPI_RESID))
         assert p >= 4 and p & (p - 1) == 0
+
+
+@pytest.mark.parametrize("hidden,inter,split", [(4096, 11008, 4), (2048, 8192, 8),
+                                               (2048, 5632, 8), (8192, 28672, 2)])
+def test_fused_down_takes_32_row_programs_split_to_3_5_items_an_sm(hidden, inter, split):
+    """Inside the fused feed-forward down runs at gate/up's register budget: 32-row
+    programs, split over K to >= 3.5 items an SM (KERNELS.md run 24), gate/up unsplit, and
+    its splits hold whole gate/up tiles (kernels/ffn.fusable) at every preset's shape."""
+    from hybridgraph.kernels.ffn import fusable
+    c = ffn_down_config(hidden, inter, 132)
+    assert (c.half, c.block_k, c.split_k, c.dot) == (16, 256, split, False)
+    assert n_tiles(EPI_RESID, hidden, 16, 1) * split >= 3.5 * 132
+    up = default_config(inter, hidden, 132, EPI_SILU, norm=True)
+    assert fusable(hidden, inter, up, c)

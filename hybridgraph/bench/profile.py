@@ -33,7 +33,7 @@ from hybridgraph.model.llama import Transformer
 
 # (family, substrings of a lower-cased kernel name), first match wins.
 FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("triton gemv", ("gemv_kernel",)),
+    ("triton gemv", ("gemv_kernel", "ffn_kernel")),
     ("triton attention", ("decode_attention", "attention_kernel", "attn_kernel")),
     ("flash attention", ("flash", "fmha", "efficient_attention", "cudnn")),
     ("triton glue", ("add_rmsnorm", "rope_kv", "silu_mul")),
@@ -140,7 +140,8 @@ def projection_bytes(model: Transformer) -> dict[str, int]:
     layer = model.layers[0]
     mods = {"qkv": layer.attention.wqkv, "wo": layer.attention.wo,
             "w13": layer.feed_forward.w13, "w2": layer.feed_forward.w2, "head": model.output}
-    return {n: m.weight.numel() * m.weight.element_size() for n, m in mods.items()}
+    nbytes = {n: m.weight.numel() * m.weight.element_size() for n, m in mods.items()}
+    return {**nbytes, "w13+w2": nbytes["w13"] + nbytes["w2"]}  # the fused feed-forward
 
 
 def by_projection(order: list[str], launches_us: list[float], tokens: int,

@@ -50,6 +50,7 @@ from hybridgraph.kernels.gemv_config import (
     EPI_SILU,
     GemvConfig,
     default_config,
+    ffn_down_config,
     idle_prefetch,
     n_tiles,
     rope_half,
@@ -60,8 +61,8 @@ from hybridgraph.kernels.workspace import Workspace
 
 # Callers name the epilogues and the config as gemv.X: one module to import for a launch.
 __all__ = ["EPI_PLAIN", "EPI_RESID", "EPI_ROPE", "EPI_SILU", "GemvConfig", "RopeArgs",
-           "default_config", "gemv", "gemv_kernel", "idle_prefetch", "n_tiles", "rope_half",
-           "workspace_floats"]
+           "default_config", "ffn_down_config", "gemv", "gemv_kernel", "idle_prefetch",
+           "n_tiles", "rope_half", "workspace_floats"]
 
 
 @triton.jit
@@ -280,6 +281,28 @@ def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos
 
 
 @triton.jit
+def _pdl_prologue(item, w_ptr, N, K, K_SPLIT, TILES, SPLIT_K, D_HALF, EPI: tl.constexpr,
+                  HALF: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
+    """With PDL: ask the L2 for the first PREFETCH lines of each of the item's weight rows
+    (weights never change, so this may overlap the previous kernel), let the next kernel
+    launch if USE_PDL == 1, then wait for the previous kernel's writes."""
+    if USE_PDL > 0:
+        if PREFETCH > 0:
+            offs_h = tl.arange(0, HALF)
+            rows_a, rows_b, mask_a, mask_b = _rows(item % TILES, offs_h, N, D_HALF, EPI, HALF)
+            k0 = (item // TILES) * K_SPLIT
+            lines = k0 + tl.arange(0, PREFETCH)[None, :] * 64
+            ok = (item < TILES * SPLIT_K) & (lines < K)
+            _prefetch_l2(tl.where(mask_a[:, None] & ok,
+                                  w_ptr + rows_a.to(tl.int64)[:, None] * K + lines, w_ptr))
+            _prefetch_l2(tl.where(mask_b[:, None] & ok,
+                                  w_ptr + rows_b.to(tl.int64)[:, None] * K + lines, w_ptr))
+        if USE_PDL == 1:
+            tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
 def gemv_kernel(x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
                 cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, ws_ptr, cnt_ptr,
                 B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out, stride_res,
@@ -289,21 +312,8 @@ def gemv_kernel(x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
                 PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, DOT: tl.constexpr,
                 PERSIST: tl.constexpr, HAS_CROW: tl.constexpr, SWAP: tl.constexpr):
     pid = tl.program_id(0)
-    offs_h = tl.arange(0, HALF)
-
-    if USE_PDL > 0:
-        if PREFETCH > 0:  # the first item's weights: they never change, so no wait needed
-            rows_a, rows_b, mask_a, mask_b = _rows(pid % TILES, offs_h, N, D_HALF, EPI, HALF)
-            k0 = (pid // TILES) * K_SPLIT
-            lines = k0 + tl.arange(0, PREFETCH)[None, :] * 64
-            ok = (pid < TILES * SPLIT_K) & (lines < K)
-            _prefetch_l2(tl.where(mask_a[:, None] & ok,
-                                  w_ptr + rows_a.to(tl.int64)[:, None] * K + lines, w_ptr))
-            _prefetch_l2(tl.where(mask_b[:, None] & ok,
-                                  w_ptr + rows_b.to(tl.int64)[:, None] * K + lines, w_ptr))
-        if USE_PDL == 1:
-            tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    _pdl_prologue(pid, w_ptr, N, K, K_SPLIT, TILES, SPLIT_K, D_HALF, EPI, HALF, PREFETCH,
+                  USE_PDL)
 
     # Work items (tile, split), tile fastest, are dealt round-robin over the programs: a
     # grid smaller than the item count makes the kernel persistent (PERSIST), which evens

@@ -69,6 +69,21 @@ def default_config(n: int, k: int, sms: int = 132, epi: int = EPI_PLAIN,
                       num_warps=4, num_stages=1, dot=False)
 
 
+def ffn_down_config(n: int, k: int, sms: int = 132) -> GemvConfig:
+    """Down's one-row config inside the fused feed-forward (kernels/ffn.py). There it runs
+    at gate/up's register budget (one launch, one allocation: ~184 registers a thread, 2
+    programs an SM, where down alone takes ~113 and 4), so it takes 32-row programs
+    (half 16), split over K until the items reach 3.5 per SM. Measured in the whole
+    forward on one H100 (KERNELS.md run 24): llama-2-7b split 4 (512 items), 4.99 ->
+    4.94 ms; llama-3.2-1b split 8 (512 items), 1.10 -> 1.07 ms; split 2 or 16, or 64-row
+    programs, were slower; down alone on these tiles was no faster than its own rule."""
+    tiles, split = n_tiles(EPI_RESID, n, 16, 1), 1
+    while tiles * split < 3.5 * sms and k // (split * 2) >= 512:
+        split *= 2
+    return GemvConfig(half=16, block_k=256, split_k=split, num_warps=4, num_stages=1,
+                      dot=False)
+
+
 def idle_prefetch(k: int, cfg: GemvConfig, itemsize: int = 2) -> int:
     """L2 lines per weight row for a one-row GEMV that follows a kernel which barely uses
     HBM (the O projection after attention): half of each program's K slice, at least the

@@ -120,7 +120,7 @@ def _check(device: torch.device, dtype: torch.dtype, pdl: bool) -> tuple[bool, s
 
 def _numerics(device: torch.device, dtype: torch.dtype, pdl: bool) -> tuple[float, str]:
     """The worst relative error over one run of each kernel, and which kernel gave it."""
-    from hybridgraph.kernels import attention, gemv, glue
+    from hybridgraph.kernels import attention, ffn, gemv, glue
     from hybridgraph.kernels import reference as ref
     from hybridgraph.kernels.workspace import Workspace
 
@@ -156,6 +156,11 @@ def _numerics(device: torch.device, dtype: torch.dtype, pdl: bool) -> tuple[floa
     gemv.gemv(h, w2, y, ws, gemv.GemvConfig(half=16, block_k=32), epi=gemv.EPI_RESID,
               residual=res, pdl=pdl)
     errs["gemv resid"] = ref.rel_err(y, ref.gemv_ref(h, w2, residual=res))
+    one = gemv.GemvConfig(half=8, block_k=64, dot=False)  # one row: gate/up, then down
+    y1 = ffn.ffn(x[:1], w13, nw, w2, res[:1], h[:1], y[:1].clone(), ws, one,
+                 one._replace(block_k=32, split_k=2), pdl=pdl)
+    errs["ffn"] = ref.rel_err(y1, ref.gemv_ref(ref.swiglu_ref(x[:1], w13, nw), w2,
+                                               residual=res[:1]))
     o = torch.empty_like(q)
     attention.decode_attention(q, kc, vc, pos, seq, o, ws, block_t=32, pdl=pdl)
     errs["attention"] = ref.rel_err(o, ref.decode_attention_ref(q, kc, vc, pos, seq))

@@ -23,66 +23,18 @@ are decode rows at positions 0..T-1 of one cache row.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hybridgraph.model.kernel_plan import MAX_ROWS, PROJECTIONS, KernelPlan, plan_on
 from hybridgraph.model.llama import Block, KVCache, Transformer, no_reduce
 
-PROJECTIONS = ("qkv", "wo", "w13", "w2", "head")
-MAX_ROWS = 16  # rows one GEMV launch serves (kernels/gemv.py)
-
-
-@dataclass(frozen=True)
-class KernelPlan:
-    """Which projections run on the Triton GEMV (the rest on cuBLAS), and whether the
-    kernels use programmatic dependent launch (dropped where the GPU lacks it).
-
-    The default is the fastest plan measured on an H100 (docs/KERNELS.md run 6): one row:
-    all five projections on the GEMV (its small register tiles beat cuBLAS + the fused
-    glue at every llama-2-7b and llama-3.2-1b shape), PDL on with the late trigger; 2-16
-    rows: the same, on the tensor-core GEMV (run 13: with QKV and gate/up swapped onto
-    Hopper's warpgroup MMA, all five beat QKV and gate/up on cuBLAS + glue at 2, 4 and 16
-    rows and in a 10-token prefill).
-    """
-
-    gemv: tuple[str, ...] = PROJECTIONS
-    gemv_batched: tuple[str, ...] | None = None  # the projections on the GEMV for batches
-    #                                         of 2+ rows (tensor-core GEMV); None: as `gemv`
-    pdl: bool = True
-    pdl_late: bool = True                   # GEMV/attention let the next kernel launch only
-    #                                         after their main loop, not at once
-    block_t: int = 64                       # keys per attention tile
-    attn_splits: int | None = None          # attention splits over keys (None: the rule
-    #                                         of kernels/attention.attention_splits)
-    prefetch: int | None = None             # L2 lines per weight row each GEMV program
-    #                                         prefetches before its PDL wait (None: config's)
-    attn_early: bool = True                 # one row: attention lets the O GEMV launch at
-    #                                         once (PDL), so O's prefetch overlaps attention
-    wo_prefetch: int | None = None          # L2 lines per row the one-row O GEMV prefetches
-    #                                         (None: gemv_config.idle_prefetch's rule)
-    max_rows: int = 16                      # decode batches of up to this many rows run on
-    #                                         the kernels; larger ones on the model's blocks
-    prefill_rows: int = 16                  # one-prompt prefills of up to this many tokens
-    #                                         run on the kernels (`prefill`); 0: none do
-    glue_prefill: bool = True               # every other prefill on cuBLAS + glue + SDPA
-    #                                         (model/fast_prefill.py), not Inductor's block
-    configs: dict[str, object] = field(default_factory=dict)  # projection -> GemvConfig
-
-    def __post_init__(self) -> None:
-        unknown = (set(self.gemv) | set(self.gemv_batched or ())) - set(PROJECTIONS)
-        if unknown:
-            raise ValueError(f"KernelPlan.gemv: unknown projections {sorted(unknown)}; "
-                             f"known: {', '.join(PROJECTIONS)}")
-        if not 0 <= self.prefill_rows <= MAX_ROWS:  # the GEMV serves at most 16 rows
-            raise ValueError(f"KernelPlan.prefill_rows {self.prefill_rows}: must be in "
-                             f"[0, {MAX_ROWS}]")
-
-    def uses(self, rows: int) -> tuple[str, ...]:
-        """The projections on the GEMV for a batch of `rows` (the rest on cuBLAS)."""
-        return self.gemv_batched if rows > 1 and self.gemv_batched is not None else self.gemv
+if TYPE_CHECKING:
+    from hybridgraph.kernels.gemv_config import GemvConfig
 
 
 class TritonDecode:
@@ -91,10 +43,11 @@ class TritonDecode:
 
     def __init__(self, model: Transformer, max_batch: int, plan: KernelPlan | None = None,
                  ) -> None:
-        from hybridgraph.kernels import argmax, attention, gemv, sampling
+        from hybridgraph.kernels import argmax, attention, ffn, gemv, sampling
         from hybridgraph.kernels.workspace import Workspace
 
         self._gemv, self._attn, self._argmax, self._sampling = gemv, attention, argmax, sampling
+        self._ffn = ffn
         plan = plan_on(model.tok_embeddings.weight.device, plan)
         self.model, self.plan = model, plan
         self._pdl = (2 if self.plan.pdl_late else 1) if self.plan.pdl else 0
@@ -129,6 +82,9 @@ class TritonDecode:
             c = self.plan.configs.get(name)
             if c is None:
                 c = gemv.default_config(n, k, self.sms, epi, norm=norm, d_half=self.d // 2)
+                fused = gemv.ffn_down_config(n, k, self.sms)
+                if name == "w2" and self._fuses_ffn(fused):
+                    c = fused
             if self.plan.prefetch is not None:
                 c = c._replace(prefetch=self.plan.prefetch)
             if name == "wo" and not c.dot:  # attention leaves HBM idle: prefetch more
@@ -144,6 +100,11 @@ class TritonDecode:
                 tiles = gemv.n_tiles(epi, n, half, self.d // 2)
                 floats = max(floats, gemv.workspace_floats(tiles, cc.split_k, half))
                 counters = max(counters, tiles)
+        self.fused_ffn = "w2" in self.configs and self._fuses_ffn(self.configs["w2"])
+        if self.fused_ffn:
+            f, c = ffn.workspace_need(cfg.hidden_size, self.configs["w2"],
+                                      cfg.intermediate_size)
+            floats, counters = max(floats, f), max(counters, c)
         d_pad = max(16, 1 << (self.d - 1).bit_length())
         rep_pad = max(16, 1 << (self.heads // self.kv - 1).bit_length())
         # attention_splits keeps batch * kv * splits under 4 * SMs whenever it splits.
@@ -170,11 +131,25 @@ class TritonDecode:
             x = self.block(layer, x, cos, sin, cache, pos, window)
         return self.head_logits(x[:, 0])
 
+    def _fuses_ffn(self, down: GemvConfig) -> bool:
+        """Whether one-row steps run gate/up and down (with config `down`) as one launch
+        (kernels/ffn.py): planned, both on the GEMV, their configs allow it, and not on a
+        tensor-parallel rank (its down output is summed over the ranks first)."""
+        cfg, gemvs = self.model.config, self.plan.gemv
+        return (self.plan.fuse_ffn and "w13" in gemvs and "w2" in gemvs
+                and "w13" in self.configs
+                and all(layer.all_reduce is no_reduce for layer in self.model.layers)
+                and self._ffn.fusable(cfg.hidden_size, cfg.intermediate_size,
+                                      self.configs["w13"], down))
+
     def gemv_launches(self, rows: int) -> list[str]:
         """The projection of each GEMV launch one `rows`-row `forward` makes, in launch
-        order (`bench profile` names each traced launch by its place)."""
+        order (`bench profile` names each traced launch by its place; "w13+w2" is the
+        fused feed-forward)."""
         uses = self.plan.uses(rows)
         layer = [p for p in PROJECTIONS if p != "head" and p in uses]
+        if rows == 1 and self.fused_ffn:
+            layer = [p for p in layer if p not in ("w13", "w2")] + ["w13+w2"]
         return layer * len(self.model.layers) + (["head"] if "head" in uses else [])
 
     def prefill(self, ids: Tensor, cache_row: Tensor, last_idx: Tensor) -> Tensor:
@@ -291,6 +266,11 @@ class TritonDecode:
                             epi=g.EPI_RESID, residual=x2, pdl=pdl)
             else:
                 x1 = x2 + F.linear(o, att.wo.weight)
+            if b == 1 and self.fused_ffn:  # gate/up and down in one launch
+                out = self._ffn.ffn(x1, ff.w13.weight, layer.ffn_norm.weight, ff.w2.weight,
+                                    x1, h, new(b, hidden), self.ws, self.configs["w13"],
+                                    self.configs["w2"], eps=self.eps, pdl=pdl)
+                return out.view(b, 1, hidden)
             g.gemv(x1, ff.w13.weight, h, self.ws, self.configs["w13"], epi=g.EPI_SILU,
                    norm_w=layer.ffn_norm.weight, eps=self.eps, pdl=pdl)
         else:
@@ -354,23 +334,6 @@ def prefill_window(t: int, max_seq: int) -> int:
     """The attention window of a T-token kernel prefill: the smallest power of two >= T
     (decode's windows are powers of two too: runtime/runner.py), capped at the cache."""
     return min(1 << (t - 1).bit_length(), max_seq)
-
-
-def plan_on(device: torch.device, plan: KernelPlan | None = None) -> KernelPlan:
-    """The plan as it runs on `device`: without PDL where the GPU lacks it (it needs sm_90
-    or newer). The one place that rule lives: TritonDecode, its self-check and
-    triton_decode's reason all take the plan from here."""
-    from hybridgraph.kernels.selfcheck import pdl_supported
-    plan = plan or KernelPlan()
-    return replace(plan, pdl=False) if plan.pdl and not pdl_supported(device) else plan
-
-
-def check_soon(device: torch.device, dtype: torch.dtype, plan: KernelPlan | None = None,
-               ) -> None:
-    """Start the self-check `triton_decode` will ask for, on a thread, before the model
-    exists (kernels/selfcheck.check_kernels_soon): Engine.load overlaps it with loading."""
-    from hybridgraph.kernels.selfcheck import check_kernels_soon
-    check_kernels_soon(device, dtype, plan_on(device, plan).pdl)
 
 
 def triton_decode(model: Transformer, max_batch: int, plan: KernelPlan | None = None,

@@ -26,7 +26,8 @@ from hybridgraph.model.llama import Block, Transformer
 from hybridgraph.runtime.dynamic import Sampler, lazy_compile
 
 if TYPE_CHECKING:
-    from hybridgraph.model.fast_decode import KernelPlan, TritonDecode
+    from hybridgraph.model.fast_decode import TritonDecode
+    from hybridgraph.model.kernel_plan import KernelPlan
 
 log = logging.getLogger(__name__)
 

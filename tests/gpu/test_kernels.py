@@ -193,7 +193,7 @@ def _kernel_and_model_steps(gemvs, pdl, rows: int):
     greedy tokens are well separated), caches of `rows` rows of 1024 positions; returns
     (model, bufs, Steps on the kernels, Steps on the model's blocks). gemvs: the
     projections on the GEMV ("default": KernelPlan's); pdl: False, True or "late"."""
-    from hybridgraph.model.fast_decode import KernelPlan
+    from hybridgraph.model.kernel_plan import KernelPlan
     from hybridgraph.runtime.step import StepBuffers, Steps
 
     model = small_model(torch.float16, seed=3)

@@ -2,7 +2,8 @@
 
 y[b, n] = sum_k x[b, k] * W[n, k], W row-major [N, K] (an nn.Linear weight). At decode
 sizes the weights are the only traffic that matters. One row (DOT=False) multiplies in
-registers: products accumulate elementwise and are reduced once after the K loop. 2-16
+registers: each thread sums its own 8 neighbouring products into one float32 as they come,
+and the sums are reduced across threads once after the K loop. 2-16
 rows (DOT) are padded to 16 and multiplied on the tensor cores, tl.dot letting Triton
 pipeline the weights through shared memory; SWAP computes the transpose, W @ x^T, so the
 weight tile is the MMA's M side (Hopper's warpgroup MMA takes M >= 64, N from 8: 16 rows
@@ -213,7 +214,7 @@ def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos
             acc_b = tl.trans(acc_b)
         ss = tl.sum(sq, axis=1)
     else:
-        # One row (BLOCK_B == 1): products accumulated elementwise in registers, no
+        # One row (BLOCK_B == 1): products summed in registers (below), no
         # shared memory and no per-step reduction; one reduction after the loop. The
         # two row sets stream as ONE interleaved block (row 2r from A, 2r + 1 from B):
         # two separate loads measured up to 2x slower (the second was issued only after
@@ -225,7 +226,10 @@ def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos
         m_rows = tl.where(from_a, ma_i, mb_i)
         # x, the norm weight and the squares are [1, BLOCK_K] tiles, not vectors, so they
         # share the weight block's layout and broadcast over its rows with no conversion.
-        p = tl.zeros([2 * HALF, BLOCK_K], dtype=tl.float32)
+        # Each thread sums its own 8 neighbouring products (one 16-byte load of K) into
+        # one float32 as they come: an accumulator of an eighth of the tile, so the
+        # registers go to weights in flight instead (KERNELS.md run 25).
+        p = tl.zeros([2 * HALF, BLOCK_K // 8], dtype=tl.float32)
         sq = tl.zeros([1, BLOCK_K], dtype=tl.float32)
         for k in range(k_start, k_end, BLOCK_K):
             km = ((k + offs_k) < k_end)[None, :]
@@ -236,7 +240,7 @@ def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos
                 nw = tl.load(normw_ptr + k + offs_k[None, :], mask=km, other=0.0)
                 xf = (xf * nw.to(tl.float32)).to(xv.dtype).to(tl.float32)
             w = tl.load(w_ptrs + k, mask=m_rows[:, None] & km, other=0.0)
-            p += w.to(tl.float32) * xf
+            p += tl.sum(tl.reshape(w.to(tl.float32) * xf, [2 * HALF, BLOCK_K // 8, 8]), axis=2)
         acc_a, acc_b = tl.split(tl.reshape(tl.sum(p, axis=1), [HALF, 2]))
         acc_a = tl.reshape(acc_a, [BLOCK_B, HALF])
         acc_b = tl.reshape(acc_b, [BLOCK_B, HALF])

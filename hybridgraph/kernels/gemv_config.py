@@ -36,8 +36,10 @@ def default_config(n: int, k: int, sms: int = 132, epi: int = EPI_PLAIN,
     program (32 where the projection has tiles enough to keep >= 4.5 programs per SM busy,
     and always for QKV, whose RoPE pairs want them), split over K until there are >= 2.5
     programs per SM (each split keeping >= 512 of K). Except gate/up (EPI_SILU): 16 rows
-    and 512 of K a step, measured in the whole forward (run 21, one H100: llama-3.2-1b
-    1.116 -> 1.098 ms, llama-2-7b 5.015 -> 4.995 ms, means of repeated graph timings).
+    and 1024 of K a step (run 21 took it to 512: llama-3.2-1b 1.116 -> 1.098 ms; run 25,
+    once each thread summed its own 8 products and the registers that held a whole tile
+    of products were free: 1024, llama-2-7b ~4.96 -> 4.88 ms, llama-3.2-1b 1.065 -> 1.047,
+    tinyllama 1.036 -> 1.009, one H100, whole forward).
 
     2-16 rows run on the tensor cores (KERNELS.md runs 7 and 13, sweeps at 10 rows).
     Projections with the RMSNorm prologue (QKV, gate/up, LM head) swap the product's sides
@@ -65,15 +67,16 @@ def default_config(n: int, k: int, sms: int = 132, epi: int = EPI_PLAIN,
     tiles, split = config_tiles(epi, n, half, d_half), 1
     while tiles * split < 2.5 * sms and k // (split * 2) >= 512:
         split *= 2
-    return GemvConfig(half=half, block_k=512 if epi == EPI_SILU else 256, split_k=split,
+    return GemvConfig(half=half, block_k=1024 if epi == EPI_SILU else 256, split_k=split,
                       num_warps=4, num_stages=1, dot=False)
 
 
 def ffn_down_config(n: int, k: int, sms: int = 132) -> GemvConfig:
     """Down's one-row config inside the fused feed-forward (kernels/ffn.py). There it runs
-    at gate/up's register budget (one launch, one allocation: ~184 registers a thread, 2
-    programs an SM, where down alone takes ~113 and 4), so it takes 32-row programs
-    (half 16), split over K until the items reach 3.5 per SM. Measured in the whole
+    at gate/up's register budget (one launch, one allocation: in run 24 ~184 registers a
+    thread, 2 programs an SM, where down alone took ~113 and 4), so it takes 32-row
+    programs (half 16), split over K until the items reach 3.5 per SM (still the best
+    measured after run 25 cut the registers: 512-wide steps tied or lost). Measured in the whole
     forward on one H100 (KERNELS.md run 24): llama-2-7b split 4 (512 items), 4.99 ->
     4.94 ms; llama-3.2-1b split 8 (512 items), 1.10 -> 1.07 ms; split 2 or 16, or 64-row
     programs, were slower; down alone on these tiles was no faster than its own rule."""

@@ -33,6 +33,19 @@ def capture(fn: Callable[[], T]) -> tuple[torch.cuda.CUDAGraph, T]:
     return graph, out
 
 
+def replays_equal(graph: torch.cuda.CUDAGraph, out: torch.Tensor, expect: torch.Tensor,
+                  times: int) -> bool:
+    """Replays `graph` `times` times, poisoning `out` with NaN before each; True when every
+    replay wrote exactly `expect` (a race between its kernels shows on some replay)."""
+    for _ in range(times):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        if not torch.equal(out, expect):
+            return False
+    return True
+
+
 SMALL = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2,
                     num_heads=8, num_kv_heads=4, max_position_embeddings=4096, name="small")
 

@@ -68,15 +68,19 @@ def test_gemv_swiglu_and_rope(ws, b, split, path) -> None:
 @pytest.mark.parametrize("heads,kv,d", [(4, 4, 32), (6, 2, 32), (9, 3, 64)])
 @pytest.mark.parametrize("splits", [1, 4])
 def test_decode_attention(ws, heads, kv, d, splits) -> None:
+    """Both ways of reading the keys: after the PDL wait, and early_kv (each split's first
+    tile before it, the key at pos after), positions at both ends, on a tile's edges and
+    in an empty split."""
     from hybridgraph.kernels import reference as ref
     from hybridgraph.kernels.attention import decode_attention
-    b, seq, window = 3, 256, 128
+    b, seq, window = 5, 256, 128
     q, kc, vc = rnd(b, heads * d), rnd(b, kv, seq, d), rnd(b, kv, seq, d)
-    pos = torch.tensor([0, window - 1, 40])
-    out = decode_attention(q, kc, vc, pos, window, nan(b, heads * d), ws, block_t=32,
-                           splits=splits)
-    assert ref.rel_err(out, ref.decode_attention_ref(q, kc, vc, pos, window)) < TOL
-    assert int(ws.counters.abs().sum()) == 0
+    pos = torch.tensor([0, window - 1, 40, 31, 32])
+    for early_kv in (False, True):
+        out = decode_attention(q, kc, vc, pos, window, nan(b, heads * d), ws, block_t=32,
+                               splits=splits, early_kv=early_kv)
+        assert ref.rel_err(out, ref.decode_attention_ref(q, kc, vc, pos, window)) < TOL
+        assert int(ws.counters.abs().sum()) == 0
 
 
 @needs_interpreter
@@ -144,6 +148,15 @@ def test_attention_splits_keep_two_tiles_a_split_and_cover_the_gpu_twice(batch, 
     assert attention_splits(batch, kv, window, 64) == want
 
 
+def test_early_kv_splits_to_one_tile_where_the_kv_rows_are_narrow() -> None:
+    from hybridgraph.kernels.attention import attention_splits, early_kv_pays
+    assert early_kv_pays(4, 64) and early_kv_pays(8, 64)   # tinyllama, llama-3.2-1b
+    assert not early_kv_pays(32, 128)                      # llama-2-7b
+    assert attention_splits(1, 4, 512, 64, min_tiles=1) == 8    # one 64-key tile each
+    assert attention_splits(1, 4, 512, 64) == 4                 # two tiles each
+    assert attention_splits(1, 32, 4096, 64, min_tiles=1) == 16  # covering the GPU twice
+
+
 @pytest.mark.parametrize("splits", [1, 4])
 def test_decode_attention_reads_the_named_cache_rows(ws, splits) -> None:
     """cache_rows: row i attends to keys 0..pos[i] of cache row cache_rows[i] — rows of one
@@ -167,7 +180,8 @@ def test_decode_attention_reads_the_named_cache_rows(ws, splits) -> None:
 
 
 @needs_interpreter
-def test_rope_kv_writes_the_named_cache_row() -> None:
+@pytest.mark.parametrize("hb", [None, 4, 16])  # one head a program; a partial last; all
+def test_rope_kv_writes_the_named_cache_row(hb: int | None) -> None:
     from hybridgraph.kernels import glue
     from hybridgraph.kernels import reference as ref
     b, heads, kv, d, seq = 5, 6, 2, 32, 64
@@ -176,7 +190,8 @@ def test_rope_kv_writes_the_named_cache_row() -> None:
     kc0, vc0 = kc.clone(), vc.clone()
     pos, crow = torch.arange(b), torch.tensor([2]).expand(b)
     cos, sin = _rope_inputs(b, d)
-    q = glue.rope_kv(qkv, cos, sin, pos, kc, vc, nan(b, heads * d), heads, kv, cache_rows=crow)
+    q = glue.rope_kv(qkv, cos, sin, pos, kc, vc, nan(b, heads * d), heads, kv, cache_rows=crow,
+                     heads_per_program=hb)
     qf, kf, _ = qkv.float().split([heads * d, kv * d, kv * d], dim=-1)
     assert ref.rel_err(q, ref.rope_ref(qf.view(b, heads, d), cos, sin).reshape(b, -1)) < TOL
     assert ref.rel_err(kc[2, :, :b].transpose(0, 1), ref.rope_ref(kf.view(b, kv, d), cos, sin)) \
@@ -186,7 +201,8 @@ def test_rope_kv_writes_the_named_cache_row() -> None:
 
 
 @needs_interpreter
-def test_rope_kv_in_place_rotates_q_and_k_inside_qkv() -> None:
+@pytest.mark.parametrize("hb", [None, 4])
+def test_rope_kv_in_place_rotates_q_and_k_inside_qkv(hb: int | None) -> None:
     """q_out=None (the glue prefill): q and k rotated in qkv itself, v left as it was, and
     the cache written exactly as with a q_out."""
     from hybridgraph.kernels import glue
@@ -198,7 +214,8 @@ def test_rope_kv_in_place_rotates_q_and_k_inside_qkv() -> None:
     kc0, vc0 = kc.clone(), vc.clone()
     pos, crow = torch.arange(b), torch.tensor([1]).expand(b)
     cos, sin = _rope_inputs(b, d)
-    out = glue.rope_kv(qkv, cos, sin, pos, kc, vc, None, heads, kv, cache_rows=crow)
+    out = glue.rope_kv(qkv, cos, sin, pos, kc, vc, None, heads, kv, cache_rows=crow,
+                       heads_per_program=hb)
     assert out is qkv
     q_ref = ref.rope_ref(qf.view(b, heads, d), cos, sin).reshape(b, -1)
     k_ref = ref.rope_ref(kf.view(b, kv, d), cos, sin)
@@ -209,6 +226,14 @@ def test_rope_kv_in_place_rotates_q_and_k_inside_qkv() -> None:
                        .view(b, kv, d))
     assert torch.equal(vc[1, :, :b].transpose(0, 1), qkv[:, (heads + kv) * d:].view(b, kv, d))
     assert only_written(kc0, kc, crow, pos) and only_written(vc0, vc, crow, pos)
+
+
+def test_rope_heads_per_program_grows_with_rows() -> None:
+    from hybridgraph.kernels.glue import rope_heads_per_program
+    assert rope_heads_per_program(1, 96) == 1      # a decode row: every head its own program
+    assert rope_heads_per_program(16, 96) == 1
+    assert rope_heads_per_program(500, 96) == 16   # a long prefill: 6 programs a row
+    assert rope_heads_per_program(64, 40) == 2     # >= 1024 programs kept while it doubles
 
 
 def test_cache_rows_must_be_an_index_vector() -> None:
@@ -267,9 +292,11 @@ def test_gemv_and_attention_compile_for_hopper() -> None:
            "stride_crow": "i32", "scale": "fp32", "WINDOW": "i32", "KV_HEADS": "i32",
            "MAX_SEQ": "i32", "CHUNK": "i32"}
     variants = [(att, dict(REP=rep, D=d, D_PAD=d, BLOCK_R=16, BLOCK_T=64, SPLITS=splits,
-                           USE_PDL=pdl, HAS_CROW=crow), {})
-                for rep, d, splits, pdl, crow in ((4, 128, 1, 1, False), (1, 128, 4, 2, True),
-                                                  (3, 64, 8, 0, False))]
+                           USE_PDL=pdl, HAS_CROW=crow, EARLY_KV=early), {})
+                for rep, d, splits, pdl, crow, early in (
+                    (4, 128, 1, 1, False, False), (1, 128, 4, 2, True, False),
+                    (3, 64, 8, 0, False, False), (8, 64, 2, 1, False, True),
+                    (1, 128, 1, 2, False, True))]
     err, _ = compile_for_hopper("hybridgraph.kernels.attention", "decode_attention_kernel",
                                 variants)
     assert err == "", err

@@ -7,7 +7,10 @@ window bucket reads only its own keys. Row b reads cache row b, or cache_rows[b]
 given: a short prefill runs as T rows of one sequence, row t at position t attending to
 keys 0..t of the one cache row (causal by construction). The split that finishes a (b, kv head) last
 combines the splits' partial (max, sum, output) in split order and writes the result
-(workspace.py), so there is no second launch.
+(workspace.py), so there is no second launch. With early_kv (models whose keys per
+position are narrow: early_kv_pays) each split reads its first tile of earlier steps' keys
+before the PDL wait, so only q and the key at pos, both just written by the QKV kernel,
+are read after it.
 """
 
 from __future__ import annotations
@@ -24,21 +27,33 @@ from hybridgraph.kernels.workspace import Workspace
 
 
 @triton.jit
+def _attend(q, k, v, tm, m_i, l_i, acc, scale, dt: tl.constexpr):
+    """One tile of keys into the online softmax: (m, l, acc) updated."""
+    # Scores rounded to the model dtype first, as the model's fp16 matmul does.
+    s = tl.dot(q, tl.trans(k)).to(dt).to(tl.float32) * scale
+    s = tl.where(tm[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, ws_ptr, cnt_ptr,
                             crow_ptr, stride_crow,
                             scale, WINDOW, KV_HEADS, MAX_SEQ, CHUNK,
                             REP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                             BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
                             SPLITS: tl.constexpr, USE_PDL: tl.constexpr,
-                            HAS_CROW: tl.constexpr):
+                            HAS_CROW: tl.constexpr, EARLY_KV: tl.constexpr):
     bk = tl.program_id(0)
     split = tl.program_id(1)
     b = bk // KV_HEADS
     kvh = bk % KV_HEADS
     if USE_PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
-    if USE_PDL > 0:
-        tl.extra.cuda.gdc_wait()
     dt = kc_ptr.dtype.element_ty
     offs_r = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, D_PAD)
@@ -46,35 +61,53 @@ def decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, ws_ptr, cnt
     mask_r = offs_r < REP
     mask_d = offs_d < D
     heads_d = KV_HEADS * REP * D
-    q_rows = q_ptr + b * heads_d + (kvh * REP + offs_r)[:, None] * D + offs_d[None, :]
-    q = tl.load(q_rows, mask=mask_r[:, None] & mask_d[None, :], other=0.0)
-    pos = tl.load(pos_ptr + b)
-    start = split * CHUNK
-    end = tl.minimum(tl.minimum(start + CHUNK, pos + 1), WINDOW)
-    if HAS_CROW:
-        crow = tl.load(crow_ptr + b * stride_crow).to(tl.int64)
-    else:
-        crow = b.to(tl.int64)
-    base = (crow * KV_HEADS + kvh) * MAX_SEQ * D
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, D_PAD], dtype=tl.float32)
-    for t0 in range(start, end, BLOCK_T):
+    q_rows = q_ptr + b * heads_d + (kvh * REP + offs_r)[:, None] * D + offs_d[None, :]
+    if EARLY_KV:
+        # Row b writes only its own key (at pos) this step; the keys before it are earlier
+        # steps'. So the split's first tile of those is read before the PDL wait, while the
+        # QKV kernel finishes, and only the key at pos is read after it.
+        pos = tl.load(pos_ptr + b)
+        start = split * CHUNK
+        end = tl.minimum(tl.minimum(start + CHUNK, pos + 1), WINDOW)
+        base = (b.to(tl.int64) * KV_HEADS + kvh) * MAX_SEQ * D
+        te = start + offs_t
+        off_e = base + te[:, None] * D + offs_d[None, :]
+        old = ((te < end) & (te < pos))[:, None] & mask_d[None, :]
+        k_e = tl.load(kc_ptr + off_e, mask=old, other=0.0)
+        v_e = tl.load(vc_ptr + off_e, mask=old, other=0.0)
+        if USE_PDL > 0:
+            tl.extra.cuda.gdc_wait()
+        q = tl.load(q_rows, mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+        if start < end:
+            new = (te == pos)[:, None] & mask_d[None, :]
+            k_e = tl.where(new, tl.load(kc_ptr + off_e, mask=new, other=0.0), k_e)
+            v_e = tl.where(new, tl.load(vc_ptr + off_e, mask=new, other=0.0), v_e)
+            m_i, l_i, acc = _attend(q, k_e, v_e, te < end, m_i, l_i, acc, scale, dt)
+        first = start + BLOCK_T
+    else:
+        if USE_PDL > 0:
+            tl.extra.cuda.gdc_wait()
+        q = tl.load(q_rows, mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+        pos = tl.load(pos_ptr + b)
+        start = split * CHUNK
+        end = tl.minimum(tl.minimum(start + CHUNK, pos + 1), WINDOW)
+        if HAS_CROW:
+            crow = tl.load(crow_ptr + b * stride_crow).to(tl.int64)
+        else:
+            crow = b.to(tl.int64)
+        base = (crow * KV_HEADS + kvh) * MAX_SEQ * D
+        first = start
+    for t0 in range(first, end, BLOCK_T):
         t = t0 + offs_t
         tm = t < end
         kv_off = base + t[:, None] * D + offs_d[None, :]
         kv_mask = tm[:, None] & mask_d[None, :]
         k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0)
-        # Scores rounded to the model dtype first, as the model's fp16 matmul does.
-        s = tl.dot(q, tl.trans(k)).to(dt).to(tl.float32) * scale
-        s = tl.where(tm[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
-        m_i = m_new
+        m_i, l_i, acc = _attend(q, k, v, tm, m_i, l_i, acc, scale, dt)
     if USE_PDL == 2:
         tl.extra.cuda.gdc_launch_dependents()
     out_rows = out_ptr + b * heads_d + (kvh * REP + offs_r)[:, None] * D + offs_d[None, :]
@@ -109,11 +142,21 @@ def decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, ws_ptr, cnt
             tl.store(out_rows, (o_all / l_all[:, None]).to(dt), mask=out_mask)
 
 
-MIN_SPLIT_TILES = 2  # key tiles a split covers at least
+MIN_SPLIT_TILES = 2  # key tiles a split covers at least (1 where the first is read early)
+
+
+def early_kv_pays(kv_heads: int, head_dim: int) -> bool:
+    """Whether decode attention should read its first tile of earlier steps' keys before
+    the PDL wait (`early_kv`), one tile a split: where a position's keys and values are
+    narrow. One H100, whole forward, windows 64-1024 (docs/KERNELS.md run 26):
+    tinyllama-1.1b (4 x 64 per position) 18-30 us a token faster at every window,
+    llama-3.2-1b (8 x 64) a tie to 18 us faster, llama-2-7b (32 x 128) 0-85 us slower:
+    its 4 MB of early reads compete with the QKV kernel's last weights."""
+    return kv_heads * head_dim <= 1024
 
 
 def attention_splits(batch: int, kv_heads: int, window: int, block_t: int,
-                     sms: int = 132) -> int:
+                     sms: int = 132, min_tiles: int = MIN_SPLIT_TILES) -> int:
     """Splits over keys so the grid covers the GPU about twice, each split covering at
     least MIN_SPLIT_TILES tiles of the window. With one tile a split (the rule before),
     decode at short contexts was latency-bound on the splits' combine: on one H100, one
@@ -121,7 +164,7 @@ def attention_splits(batch: int, kv_heads: int, window: int, block_t: int,
     5.07 with 8 of 128; llama-3.2-1b 1.137 -> 1.122 ms (docs/KERNELS.md run 21)."""
     splits = 1
     while (batch * kv_heads * splits < 2 * sms
-           and window // (splits * 2) >= MIN_SPLIT_TILES * block_t):
+           and window // (splits * 2) >= min_tiles * block_t):
         splits *= 2
     return splits
 
@@ -139,10 +182,13 @@ def check_cache_rows(cache_rows: Tensor, b: int, what: str) -> None:
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, window: int,
                      out: Tensor, ws: Workspace, *, block_t: int = 64, splits: int | None = None,
                      num_warps: int = 4, pdl: int = 0,
-                     cache_rows: Tensor | None = None) -> Tensor:
+                     cache_rows: Tensor | None = None, early_kv: bool = False) -> Tensor:
     """q, out: [B, H*D] (model dtype); caches [max_batch, KV, max_seq, D]; pos: [B].
     cache_rows: [B], the cache row each row reads (None: row b reads row b).
-    pdl: 0 off, 1 the next kernel may launch at once, 2 after the key loop."""
+    pdl: 0 off, 1 the next kernel may launch at once, 2 after the key loop.
+    early_kv: each split reads its first tile of earlier steps' keys before the PDL wait,
+    and the rule splits down to one tile a split (rows that each write only their own key:
+    not with cache_rows, where a prefill's rows write every key they read)."""
     b = q.shape[0]
     if cache_rows is not None:
         check_cache_rows(cache_rows, b, "decode_attention")
@@ -153,7 +199,11 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, w
                          f"kv_heads * head_dim = {kv * d}")
     if window > max_seq:
         raise ValueError(f"decode_attention: window {window} exceeds the cache ({max_seq})")
-    splits = splits or attention_splits(b, kv, window, block_t)
+    early_kv = early_kv and cache_rows is None
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count \
+        if q.is_cuda else 132
+    splits = splits or attention_splits(b, kv, window, block_t, sms,
+                                        min_tiles=1 if early_kv else MIN_SPLIT_TILES)
     chunk = triton.cdiv(triton.cdiv(window, splits), block_t) * block_t
     splits = triton.cdiv(window, chunk)
     block_r = max(16, triton.next_power_of_2(rep))
@@ -168,5 +218,6 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, w
         cache_rows.stride(0) if cache_rows is not None else 0,
         1.0 / math.sqrt(d), window, kv, max_seq, chunk,
         REP=rep, D=d, D_PAD=d_pad, BLOCK_R=block_r, BLOCK_T=block_t, SPLITS=splits,
-        USE_PDL=int(pdl), HAS_CROW=cache_rows is not None, num_warps=num_warps, **extra)
+        USE_PDL=int(pdl), HAS_CROW=cache_rows is not None,
+        EARLY_KV=early_kv, num_warps=num_warps, **extra)
     return out

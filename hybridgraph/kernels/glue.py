@@ -61,72 +61,89 @@ def add_rmsnorm(x: Tensor, weight: Tensor, eps: float, out: Tensor,
 def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
                     crow_ptr, stride_crow,
                     HEADS, KV_HEADS, MAX_SEQ, D_HALF: tl.constexpr, BLOCK: tl.constexpr,
-                    USE_PDL: tl.constexpr, HAS_CROW: tl.constexpr, IN_PLACE: tl.constexpr):
+                    HB: tl.constexpr, USE_PDL: tl.constexpr, HAS_CROW: tl.constexpr,
+                    IN_PLACE: tl.constexpr):
+    # Program (b, g): HB consecutive heads of row b's q | k | v, as an [HB, D/2] pair of
+    # halves; which of the three a head is decides (by mask) where it goes.
     b = tl.program_id(0)
-    head = tl.program_id(1)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     d = 2 * D_HALF
+    total = HEADS + 2 * KV_HEADS
+    hs = tl.program_id(1) * HB + tl.arange(0, HB)
     offs = tl.arange(0, BLOCK)
-    mask = offs < D_HALF
-    src = qkv_ptr + b * (HEADS + 2 * KV_HEADS) * d + head * d + offs
+    mask = (hs < total)[:, None] & (offs < D_HALF)[None, :]
+    src = qkv_ptr + b * total * d + hs[:, None] * d + offs[None, :]
     a = tl.load(src, mask=mask)
     c = tl.load(src + D_HALF, mask=mask)
-    if head < HEADS + KV_HEADS:
-        ca = tl.load(cos_ptr + b * d + offs, mask=mask)
-        sa = tl.load(sin_ptr + b * d + offs, mask=mask)
-        cb = tl.load(cos_ptr + b * d + D_HALF + offs, mask=mask)
-        sb = tl.load(sin_ptr + b * d + D_HALF + offs, mask=mask)
-        oa = a * ca + (-c) * sa
-        ob = c * cb + a * sb
+    ca = tl.load(cos_ptr + b * d + offs, mask=offs < D_HALF)[None, :]
+    sa = tl.load(sin_ptr + b * d + offs, mask=offs < D_HALF)[None, :]
+    cb = tl.load(cos_ptr + b * d + D_HALF + offs, mask=offs < D_HALF)[None, :]
+    sb = tl.load(sin_ptr + b * d + D_HALF + offs, mask=offs < D_HALF)[None, :]
+    rot = (hs < HEADS + KV_HEADS)[:, None]  # q and k heads turn; v heads pass through
+    oa = tl.where(rot, a * ca + (-c) * sa, a)
+    ob = tl.where(rot, c * cb + a * sb, c)
+    is_q = mask & (hs < HEADS)[:, None]
+    is_k = mask & ((hs >= HEADS) & (hs < HEADS + KV_HEADS))[:, None]
+    is_v = mask & (hs >= HEADS + KV_HEADS)[:, None]
+    if IN_PLACE:  # q and the rotated k back into qkv
+        tl.store(src, oa, mask=is_q | is_k)
+        tl.store(src + D_HALF, ob, mask=is_q | is_k)
     else:
-        oa = a
-        ob = c
-    if head < HEADS:
-        if IN_PLACE:
-            dst = src
-        else:
-            dst = q_ptr + b * HEADS * d + head * d + offs
+        dst = q_ptr + b * HEADS * d + hs[:, None] * d + offs[None, :]
+        tl.store(dst, oa, mask=is_q)
+        tl.store(dst + D_HALF, ob, mask=is_q)
+    pos = tl.load(pos_ptr + b)
+    kvh = (tl.maximum(hs - HEADS, 0) % KV_HEADS).to(tl.int64)
+    if HAS_CROW:  # rows name their cache row (a prefill's rows share one)
+        crow = tl.load(crow_ptr + b * stride_crow).to(tl.int64)
     else:
-        if IN_PLACE and head < HEADS + KV_HEADS:  # the rotated key back into qkv too
-            tl.store(src, oa, mask=mask)
-            tl.store(src + D_HALF, ob, mask=mask)
-        pos = tl.load(pos_ptr + b)
-        kvh = (head - HEADS) % KV_HEADS
-        if HAS_CROW:  # rows name their cache row (a prefill's rows share one)
-            crow = tl.load(crow_ptr + b * stride_crow).to(tl.int64)
-        else:
-            crow = b.to(tl.int64)
-        row = ((crow * KV_HEADS + kvh) * MAX_SEQ + pos) * d
-        if head < HEADS + KV_HEADS:
-            dst = kc_ptr + row + offs
-        else:
-            dst = vc_ptr + row + offs
-    tl.store(dst, oa, mask=mask)
-    tl.store(dst + D_HALF, ob, mask=mask)
+        crow = b.to(tl.int64)
+    row = (((crow * KV_HEADS + kvh) * MAX_SEQ + pos) * d)[:, None] + offs[None, :]
+    tl.store(kc_ptr + row, oa, mask=is_k)
+    tl.store(kc_ptr + row + D_HALF, ob, mask=is_k)
+    tl.store(vc_ptr + row, oa, mask=is_v)
+    tl.store(vc_ptr + row + D_HALF, ob, mask=is_v)
+
+
+def rope_heads_per_program(rows: int, heads: int) -> int:
+    """Heads one rope_kv program takes: 1 for a few rows (every head its own program, the
+    grid still fills the GPU), doubling to 16 while >= 1024 programs remain. One head a
+    program (64 elements, one warp) made a 500-token prefill's rope_kv 32 us a layer on an
+    H100 for ~24 MB of traffic (docs/KERNELS.md run 26)."""
+    hb = 1
+    while hb < 16 and rows * triton.cdiv(heads, 2 * hb) >= 1024:
+        hb *= 2
+    return hb
 
 
 def rope_kv(qkv: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, k_cache: Tensor,
             v_cache: Tensor, q_out: Tensor | None, heads: int, kv_heads: int,
-            pdl: bool = False, cache_rows: Tensor | None = None) -> Tensor:
+            pdl: bool = False, cache_rows: Tensor | None = None,
+            heads_per_program: int | None = None) -> Tensor:
     """qkv: [B, (H + 2KV) * D] -> q_out [B, H*D] (RoPE'd); k (RoPE'd), v into the caches
     at pos[b] of cache row b (or cache_rows[b], as in attention.decode_attention).
     q_out None: q and k are rotated in place in qkv (and k, v still written to the caches),
-    so a prefill's attention reads all three from qkv; returns qkv then, else q_out."""
+    so a prefill's attention reads all three from qkv; returns qkv then, else q_out.
+    heads_per_program: a power of two (None: rope_heads_per_program's rule)."""
     b = qkv.shape[0]
     if cache_rows is not None:
         check_cache_rows(cache_rows, b, "rope_kv")
     d_half = k_cache.shape[-1] // 2
+    total = heads + 2 * kv_heads
+    hb = heads_per_program or rope_heads_per_program(b, total)
+    block = triton.next_power_of_2(d_half)
     extra = {"launch_pdl": True} if pdl else {}
     launch(
-        _rope_kv_kernel, (b, heads + 2 * kv_heads), qkv, cos, sin, pos,
+        _rope_kv_kernel, (b, triton.cdiv(total, hb)), qkv, cos, sin, pos,
         qkv if q_out is None else q_out, k_cache, v_cache,
         cache_rows if cache_rows is not None else pos,
         cache_rows.stride(0) if cache_rows is not None else 0,
         heads, kv_heads, k_cache.shape[2],
-        D_HALF=d_half, BLOCK=triton.next_power_of_2(d_half), USE_PDL=pdl,
-        HAS_CROW=cache_rows is not None, IN_PLACE=q_out is None, num_warps=1, **extra)
+        D_HALF=d_half, BLOCK=block, HB=hb, USE_PDL=pdl,
+        HAS_CROW=cache_rows is not None, IN_PLACE=q_out is None,
+        num_warps=max(1, min(4, hb * block // 256)), **extra)
     return qkv if q_out is None else q_out
 
 

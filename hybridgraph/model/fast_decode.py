@@ -59,6 +59,8 @@ class TritonDecode:
             raise ValueError(f"KernelPlan.max_rows {plan.max_rows}: must be >= 1")
         self.heads, self.kv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.eps = cfg.rms_norm_eps
+        self.early_kv = (attention.early_kv_pays(self.kv, self.d) if plan.early_kv is None
+                         else plan.early_kv)
         if "qkv" in plan.uses(2) and gemv.rope_half(self.d // 2, 128) < 16:
             # The batched QKV's RoPE row sets divide D/2 and tl.dot needs >= 16 rows: a head
             # dim under 32 (test-sized models) takes cuBLAS + glue for 2+ rows.
@@ -255,7 +257,8 @@ class TritonDecode:
         o = self._attn.decode_attention(q, cache.k, cache.v, pos, window, new(q.shape),
                                         self.ws, block_t=self.plan.block_t,
                                         splits=self.plan.attn_splits,
-                                        pdl=1 if early else pdl, cache_rows=cache_rows)
+                                        pdl=1 if early else pdl, cache_rows=cache_rows,
+                                        early_kv=self.early_kv)
         if layer.all_reduce is not no_reduce:  # a tensor-parallel rank
             return self._reduced_tail(layer, x2, o, on_gemv).view(b, 1, hidden)
         inter = ff.w2.weight.shape[1]

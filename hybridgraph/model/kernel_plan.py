@@ -43,6 +43,9 @@ class KernelPlan:
     #                                         prefetches before its PDL wait (None: config's)
     attn_early: bool = True                 # one row: attention lets the O GEMV launch at
     #                                         once (PDL), so O's prefetch overlaps attention
+    early_kv: bool | None = None            # decode attention reads earlier steps' keys
+    #                                         before its PDL wait, one tile a split (None:
+    #                                         attention.early_kv_pays's rule)
     wo_prefetch: int | None = None          # L2 lines per row the one-row O GEMV prefetches
     #                                         (None: gemv_config.idle_prefetch's rule)
     max_rows: int = 16                      # decode batches of up to this many rows run on

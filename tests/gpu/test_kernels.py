@@ -154,6 +154,77 @@ def test_glue_kernels(dtype) -> None:
     assert ref.rel_err(h, expect) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hb", [2, 16])
+def test_rope_kv_head_tiles_match_one_head_a_program(dtype, hb) -> None:
+    """A long prefill's rope_kv takes several heads a program: what one head a program
+    gives, in place (the glue prefill) and into q_out, at 300 rows of one cache row, and no
+    other cache row touched. v is copied bit for bit; q and k agree within the dtype's
+    tolerance (on an H100 a 16-head tile fuses the rotation's other product into its FMA:
+    1 ulp apart in ~1 of 8 values)."""
+    from hybridgraph.kernels import glue
+    b, heads, kv, d, seq = 300, 32, 4, 64, 320
+    qkv = _rnd(b, (heads + 2 * kv) * d, dtype=dtype)
+    ang = torch.rand(b, d // 2, device="cuda") * 6
+    cos, sin = ang.cos().repeat(1, 2).to(dtype), ang.sin().repeat(1, 2).to(dtype)
+    pos, crow = torch.arange(b, device="cuda"), torch.tensor([1], device="cuda").expand(b)
+    outs = []
+    for h in (1, hb):
+        for in_place in (False, True):
+            kc, vc = _nan(2, kv, seq, d, dtype=dtype), _nan(2, kv, seq, d, dtype=dtype)
+            q = qkv.clone() if in_place else _nan(b, heads * d, dtype=dtype)
+            glue.rope_kv(q if in_place else qkv, cos, sin, pos, kc, vc,
+                         None if in_place else q, heads, kv, cache_rows=crow,
+                         heads_per_program=h)
+            assert kc[0].isnan().all() and kc[1, :, b:].isnan().all() and vc[0].isnan().all()
+            outs.append((q[:, :heads * d], kc[1, :, :b], vc[1, :, :b]))
+    one = outs[0]
+    for q, k, v in outs[1:]:
+        assert torch.equal(v, one[2])
+        assert ref.rel_err(q, one[0].float()) < TOLERANCE[dtype]
+        assert ref.rel_err(k, one[1].float()) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("pdl", [1, 2])
+@pytest.mark.parametrize("b,kv,pos", [(1, 4, [256]), (1, 32, [63]), (3, 8, [0, 64, 500])])
+def test_early_kv_attention_reads_this_steps_key_after_the_wait(pdl, b, kv, pos) -> None:
+    """early_kv: attention reads the earlier steps' keys before its PDL wait, and the key
+    at pos (the QKV kernel's, launched just before) after it. In a graph, with the key and
+    value at pos set to NaN before every replay: a read before the QKV kernel's write
+    would give NaN or the wrong answer on some replay."""
+    if not pdl_supported(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs sm_90")
+    from hybridgraph.kernels import gemv as g
+    from hybridgraph.kernels.attention import decode_attention
+    dtype, ws, heads, d, seq, k, window = torch.float16, _ws(), 32, 64, 1024, 2048, 512
+    x, nw = _rnd(b, k, dtype=dtype), 1 + _rnd(k, dtype=dtype, scale=0.2)
+    wqkv = _rnd((heads + 2 * kv) * d, k, dtype=dtype, scale=k ** -0.5)
+    kc, vc = _rnd(b, kv, seq, d, dtype=dtype), _rnd(b, kv, seq, d, dtype=dtype)
+    p = torch.tensor(pos, device="cuda")
+    ang = torch.rand(b, d // 2, device="cuda") * 6
+    cos, sin = ang.cos().repeat(1, 2).to(dtype), ang.sin().repeat(1, 2).to(dtype)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cfg = g.default_config(wqkv.shape[0], k, sms, g.EPI_ROPE, norm=True, d_half=d // 2)
+    rows = torch.arange(b, device="cuda")
+
+    def step(early_kv: bool) -> torch.Tensor:
+        q = g.gemv(x, wqkv, _nan(b, heads * d, dtype=dtype), ws, cfg, epi=g.EPI_ROPE,
+                   norm_w=nw, rope=g.RopeArgs(cos, sin, p, kc, vc, heads, kv), pdl=pdl)
+        return decode_attention(q, kc, vc, p, window, _nan(b, heads * d, dtype=dtype), ws,
+                                pdl=pdl, early_kv=early_kv)
+
+    expect = step(False).clone()
+    assert torch.equal(step(True), expect)
+    graph, out = capture(lambda: step(True))
+    for _ in range(20):
+        kc[rows, :, p] = float("nan")
+        vc[rows, :, p] = float("nan")
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expect)
+
+
 @pytest.mark.parametrize("mode", [1, 2])
 def test_pdl_kernels_replay_in_a_cuda_graph(mode) -> None:
     """A chain of PDL launches captured in a graph gives the eager chain's result

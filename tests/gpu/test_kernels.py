@@ -189,13 +189,14 @@ def test_rope_kv_head_tiles_match_one_head_a_program(dtype, hb) -> None:
 @pytest.mark.parametrize("b,kv,pos", [(1, 4, [256]), (1, 32, [63]), (3, 8, [0, 64, 500])])
 def test_early_kv_attention_reads_this_steps_key_after_the_wait(pdl, b, kv, pos) -> None:
     """early_kv: attention reads the earlier steps' keys before its PDL wait, and the key
-    at pos (the QKV kernel's, launched just before) after it. In a graph, with the key and
-    value at pos set to NaN before every replay: a read before the QKV kernel's write
-    would give NaN or the wrong answer on some replay."""
+    at pos (the QKV kernel's, launched just before) after it: the same bits as reading
+    them all after it, over the same splits. In a graph, with the key and value at pos
+    set to NaN before every replay: a read before the QKV kernel's write would give NaN
+    or the wrong answer on some replay."""
     if not pdl_supported(torch.device("cuda")):
         pytest.skip("programmatic dependent launch needs sm_90")
     from hybridgraph.kernels import gemv as g
-    from hybridgraph.kernels.attention import decode_attention
+    from hybridgraph.kernels.attention import attention_splits, decode_attention
     dtype, ws, heads, d, seq, k, window = torch.float16, _ws(), 32, 64, 1024, 2048, 512
     x, nw = _rnd(b, k, dtype=dtype), 1 + _rnd(k, dtype=dtype, scale=0.2)
     wqkv = _rnd((heads + 2 * kv) * d, k, dtype=dtype, scale=k ** -0.5)
@@ -206,12 +207,15 @@ def test_early_kv_attention_reads_this_steps_key_after_the_wait(pdl, b, kv, pos)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     cfg = g.default_config(wqkv.shape[0], k, sms, g.EPI_ROPE, norm=True, d_half=d // 2)
     rows = torch.arange(b, device="cuda")
+    # early_kv's own rule splits finer; the other order over other splits would differ
+    # in the combine's rounding, not in what was read.
+    splits = attention_splits(b, kv, window, 64, sms, min_tiles=1)
 
     def step(early_kv: bool) -> torch.Tensor:
         q = g.gemv(x, wqkv, _nan(b, heads * d, dtype=dtype), ws, cfg, epi=g.EPI_ROPE,
                    norm_w=nw, rope=g.RopeArgs(cos, sin, p, kc, vc, heads, kv), pdl=pdl)
         return decode_attention(q, kc, vc, p, window, _nan(b, heads * d, dtype=dtype), ws,
-                                pdl=pdl, early_kv=early_kv)
+                                splits=splits, pdl=pdl, early_kv=early_kv)
 
     expect = step(False).clone()
     assert torch.equal(step(True), expect)

@@ -77,16 +77,16 @@ def probe(name: str, dtype: torch.dtype, window: int, forwards: int, plan: Kerne
         start, end, kname = ev[i]
         f = i % per_fwd
         if f < 3 or f >= per_fwd - 2:
-            label, mid = f"{kname} (forward #{f})", True
+            label, mid = f"{kname} (kernel {f} of a forward)", True
         else:
             layer, j = divmod(f - 3, per_layer)
-            label, mid = f"{kname} (layer #{j})", 0 < layer < layers - 1
+            label, mid = f"{kname} (kernel {j} of a layer)", 0 < layer < layers - 1
         if mid:
             rows.setdefault(label, []).append(
                 (end - ev[i - 1][1], end - start, start - ev[i - 1][1]))
-    print(f"  {'launch':34s} {'increment':>9s} {'duration':>9s} {'start-prev_end':>15s}")
+    print(f"  {'launch':40s} {'increment':>9s} {'duration':>9s} {'start-prev_end':>15s}")
     for label, vals in rows.items():
-        print(f"  {label:34s} {median(v[0] for v in vals):9.2f} "
+        print(f"  {label:40s} {median(v[0] for v in vals):9.2f} "
               f"{median(v[1] for v in vals):9.2f} {median(v[2] for v in vals):15.2f}")
     model.caches = torch.nn.ModuleList()
     torch.cuda.empty_cache()

@@ -149,9 +149,10 @@ def early_kv_pays(kv_heads: int, head_dim: int) -> bool:
     """Whether decode attention should read its first tile of earlier steps' keys before
     the PDL wait (`early_kv`), one tile a split: where a position's keys and values are
     narrow. One H100, whole forward, windows 64-1024 (docs/KERNELS.md run 26):
-    tinyllama-1.1b (4 x 64 per position) 18-30 us a token faster at every window,
-    llama-3.2-1b (8 x 64) a tie to 18 us faster, llama-2-7b (32 x 128) 0-85 us slower:
-    its 4 MB of early reads compete with the QKV kernel's last weights."""
+    tinyllama-1.1b (4 x 64 per position) 16-30 us a token faster at every window,
+    llama-3.2-1b (8 x 64) a tie to 18 us faster, llama-2-7b (32 x 128) 0-311 us slower
+    (the most at 1024): its megabytes of early reads compete with the QKV kernel's last
+    weights."""
     return kv_heads * head_dim <= 1024
 
 

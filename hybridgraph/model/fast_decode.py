@@ -84,9 +84,9 @@ class TritonDecode:
             c = self.plan.configs.get(name)
             if c is None:
                 c = gemv.default_config(n, k, self.sms, epi, norm=norm, d_half=self.d // 2)
-                fused = gemv.ffn_down_config(n, k, self.sms)
-                if name == "w2" and self._fuses_ffn(fused):
-                    c = fused
+                if name == "w2":  # down inside the fused feed-forward, where it fuses
+                    fused = gemv.ffn_down_config(n, k, self.sms)
+                    c = fused if self._fuses_ffn(fused) else c
             if self.plan.prefetch is not None:
                 c = c._replace(prefetch=self.plan.prefetch)
             if name == "wo" and not c.dot:  # attention leaves HBM idle: prefetch more

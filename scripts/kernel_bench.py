@@ -155,8 +155,8 @@ def gemv_section(name: str, dtype: torch.dtype, batches: list[int], sweep: int,
             x = torch.randn(b, k, device="cuda").to(dtype)
             res = torch.randn(b, n if epi == gemv.EPI_RESID else k, device="cuda").to(dtype)
             pos = torch.full((b,), 100, device="cuda")
-            cos = torch.randn(b, d, device="cuda").to(dtype)
-            sin = torch.randn(b, d, device="cuda").to(dtype)
+            cos = torch.randn(kc.shape[2], d, device="cuda").to(dtype)  # RoPE tables
+            sin = torch.randn(kc.shape[2], d, device="cuda").to(dtype)
             q = torch.empty(b, heads * d, device="cuda", dtype=dtype)
             out = torch.empty(b, n // 2 if epi == gemv.EPI_SILU else n, device="cuda",
                               dtype=dtype)

@@ -39,6 +39,20 @@ def test_gemv_norm_and_residual(ws, b, n, k, split, programs, path) -> None:
 
 
 @needs_interpreter
+@pytest.mark.parametrize("b,split,path", [(1, 1, "reg"), (1, 3, "reg"), (3, 2, "swap")])
+def test_gemv_float32_out_is_the_model_dtype_widened(ws, b, split, path) -> None:
+    """The LM head writes float32 logits itself: each is the fp16 value the same GEMV
+    gives into fp16, widened (what `model.output(...).float()` rounds), bit for bit."""
+    from hybridgraph.kernels import gemv as g
+    x, w, nw = rnd(b, 96), rnd(100, 96, scale=0.3), 1 + rnd(96, scale=0.2)
+    cfg = g.GemvConfig(half=16, block_k=32, split_k=split, dot=path != "reg",
+                       swap=path == "swap")
+    wide = g.gemv(x, w, torch.full((b, 100), float("nan")), ws, cfg, norm_w=nw)
+    narrow = g.gemv(x, w, nan(b, 100), ws, cfg, norm_w=nw)
+    assert wide.dtype == torch.float32 and torch.equal(wide, narrow.float())
+
+
+@needs_interpreter
 @pytest.mark.parametrize("b,split,path", [(3, 1, "dot"), (3, 2, "dot"), (3, 2, "swap"),
                                           (1, 2, "reg")])
 def test_gemv_swiglu_and_rope(ws, b, split, path) -> None:
@@ -54,10 +68,10 @@ def test_gemv_swiglu_and_rope(ws, b, split, path) -> None:
     wqkv = rnd((heads + 2 * kv) * d, k, scale=0.1)
     kc, vc = rnd(4, kv, seq, d), rnd(4, kv, seq, d)
     pos = torch.tensor([0, seq - 1, 17])[:b]
-    cos, sin = _rope_inputs(b, d)
+    cos, sin = _rope_inputs(seq, d)
     q = g.gemv(x, wqkv, nan(b, heads * d), ws, cfg, epi=g.EPI_ROPE, norm_w=nw,
                rope=g.RopeArgs(cos, sin, pos, kc, vc, heads, kv))
-    q_ref, k_ref, v_ref = ref.qkv_rope_ref(x, wqkv, cos, sin, heads, kv, nw)
+    q_ref, k_ref, v_ref = ref.qkv_rope_ref(x, wqkv, cos[pos], sin[pos], heads, kv, nw)
     rows = torch.arange(b)
     assert ref.rel_err(q, q_ref) < TOL
     assert ref.rel_err(kc[rows, :, pos], k_ref) < TOL
@@ -99,8 +113,10 @@ def test_glue_kernels() -> None:
 
 # ------------------------------------------------ per-row cache rows (short prefills)
 
-def _rope_inputs(b: int, d: int):
-    ang = torch.rand(b, d // 2) * 6
+def _rope_inputs(positions: int, d: int):
+    """RoPE tables [positions, d] of random angles: a row read for the wrong position
+    shows."""
+    ang = torch.rand(positions, d // 2) * 6
     return ang.cos().repeat(1, 2).to(F16), ang.sin().repeat(1, 2).to(F16)
 
 
@@ -120,11 +136,11 @@ def test_gemv_rope_writes_the_named_cache_rows(ws, b, split, dot, rows) -> None:
     kc0, vc0 = kc.clone(), vc.clone()
     pos = torch.tensor([0, seq - 1, 17, 5, 6])[:b]
     crow = torch.tensor([1]).expand(b) if rows == "shared" else torch.tensor(rows)
-    cos, sin = _rope_inputs(b, d)
+    cos, sin = _rope_inputs(seq, d)
     cfg = g.GemvConfig(half=16, block_k=32, split_k=split, dot=dot)
     q = g.gemv(x, wqkv, nan(b, heads * d), ws, cfg, epi=g.EPI_ROPE, norm_w=nw,
                rope=g.RopeArgs(cos, sin, pos, kc, vc, heads, kv, crow))
-    q_ref, k_ref, v_ref = ref.qkv_rope_ref(x, wqkv, cos, sin, heads, kv, nw)
+    q_ref, k_ref, v_ref = ref.qkv_rope_ref(x, wqkv, cos[pos], sin[pos], heads, kv, nw)
     assert ref.rel_err(q, q_ref) < TOL
     assert ref.rel_err(kc[crow, :, pos], k_ref) < TOL
     assert ref.rel_err(vc[crow, :, pos], v_ref) < TOL
@@ -188,15 +204,17 @@ def test_rope_kv_writes_the_named_cache_row(hb: int | None) -> None:
     qkv = rnd(b, (heads + 2 * kv) * d)
     kc, vc = rnd(3, kv, seq, d), rnd(3, kv, seq, d)
     kc0, vc0 = kc.clone(), vc.clone()
-    pos, crow = torch.arange(b), torch.tensor([2]).expand(b)
-    cos, sin = _rope_inputs(b, d)
-    q = glue.rope_kv(qkv, cos, sin, pos, kc, vc, nan(b, heads * d), heads, kv, cache_rows=crow,
+    pos, crow = torch.arange(b) + 3, torch.tensor([2]).expand(b)
+    tc, ts = _rope_inputs(seq, d)
+    q = glue.rope_kv(qkv, tc, ts, pos, kc, vc, nan(b, heads * d), heads, kv, cache_rows=crow,
                      heads_per_program=hb)
+    cos, sin = tc[pos], ts[pos]
     qf, kf, _ = qkv.float().split([heads * d, kv * d, kv * d], dim=-1)
     assert ref.rel_err(q, ref.rope_ref(qf.view(b, heads, d), cos, sin).reshape(b, -1)) < TOL
-    assert ref.rel_err(kc[2, :, :b].transpose(0, 1), ref.rope_ref(kf.view(b, kv, d), cos, sin)) \
-        < TOL
-    assert torch.equal(vc[2, :, :b].transpose(0, 1), qkv[:, (heads + kv) * d:].view(b, kv, d))
+    assert ref.rel_err(kc[2, :, 3:3 + b].transpose(0, 1),
+                       ref.rope_ref(kf.view(b, kv, d), cos, sin)) < TOL
+    assert torch.equal(vc[2, :, 3:3 + b].transpose(0, 1),
+                       qkv[:, (heads + kv) * d:].view(b, kv, d))
     assert only_written(kc0, kc, crow, pos) and only_written(vc0, vc, crow, pos)
 
 
@@ -213,10 +231,11 @@ def test_rope_kv_in_place_rotates_q_and_k_inside_qkv(hb: int | None) -> None:
     kc, vc = rnd(3, kv, seq, d), rnd(3, kv, seq, d)
     kc0, vc0 = kc.clone(), vc.clone()
     pos, crow = torch.arange(b), torch.tensor([1]).expand(b)
-    cos, sin = _rope_inputs(b, d)
-    out = glue.rope_kv(qkv, cos, sin, pos, kc, vc, None, heads, kv, cache_rows=crow,
+    tc, ts = _rope_inputs(seq, d)
+    out = glue.rope_kv(qkv, tc, ts, pos, kc, vc, None, heads, kv, cache_rows=crow,
                        heads_per_program=hb)
     assert out is qkv
+    cos, sin = tc[pos], ts[pos]
     q_ref = ref.rope_ref(qf.view(b, heads, d), cos, sin).reshape(b, -1)
     k_ref = ref.rope_ref(kf.view(b, kv, d), cos, sin)
     assert ref.rel_err(qkv[:, :heads * d], q_ref) < TOL
@@ -234,6 +253,17 @@ def test_rope_heads_per_program_grows_with_rows() -> None:
     assert rope_heads_per_program(16, 96) == 1
     assert rope_heads_per_program(500, 96) == 16   # a long prefill: 6 programs a row
     assert rope_heads_per_program(64, 40) == 2     # >= 1024 programs kept while it doubles
+
+
+def test_rope_tables_must_be_whole_tables() -> None:
+    """The kernels read row pos[b] of the model's tables; per-row [B, 1, D] slices (what
+    Block.decode takes) are refused by name, not read out of bounds."""
+    from hybridgraph.kernels.attention import check_rope_tables
+    table = torch.zeros(64, 32, dtype=F16)
+    check_rope_tables(table, table, 32, "x")
+    for bad in (table[:3, None], table[:, :16], table.t().contiguous().t()):
+        with pytest.raises(ValueError, match="x: cos and sin must be contiguous"):
+            check_rope_tables(bad, table, 32, "x")
 
 
 def test_cache_rows_must_be_an_index_vector() -> None:
@@ -254,9 +284,9 @@ _GEMV_ARGS = [("x_ptr", "*fp16"), ("w_ptr", "*fp16"), ("normw_ptr", "*fp16"),
 
 
 def _gemv_variant(cfg, rows: int, epi: int, norm: bool, pdl: int = 2, split: int = 1,
-                  persist: bool = False, crow: bool = False):
+                  persist: bool = False, crow: bool = False, out: str = "*fp16"):
     dot = rows > 1 and cfg.dot
-    return (dict(_GEMV_ARGS), dict(
+    return (dict(_GEMV_ARGS) | {"out_ptr": out}, dict(
         NORM=norm, EPI=epi, SPLIT_K=split, BLOCK_B=16 if dot else 1, HALF=cfg.half,
         BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, USE_PDL=pdl, DOT=dot, PERSIST=persist,
         HAS_CROW=crow, SWAP=dot and cfg.swap), {"num_stages": cfg.num_stages})
@@ -280,10 +310,11 @@ def test_gemv_and_attention_compile_for_hopper() -> None:
                 _gemv_variant(normed, 10, g.EPI_PLAIN, True),
                 _gemv_variant(normed._replace(half=64), 10, g.EPI_ROPE, True, crow=True),
                 _gemv_variant(normed, 10, g.EPI_SILU, True, pdl=0),
-                _gemv_variant(plain, 10, g.EPI_RESID, False, split=plain.split_k)]
+                _gemv_variant(plain, 10, g.EPI_RESID, False, split=plain.split_k),
+                _gemv_variant(one, 1, g.EPI_PLAIN, True, split=2, out="*fp32")]  # the head
     err, mmas = compile_for_hopper("hybridgraph.kernels.gemv", "gemv_kernel", variants)
     assert err == "", err
-    assert mmas[0] == mmas[1] == mmas[2] == (0, 0)           # registers, no tensor cores
+    assert mmas[0] == mmas[1] == mmas[2] == mmas[7] == (0, 0)  # registers, no tensor cores
     assert all(wg > 0 and sync == 0 for wg, sync in mmas[3:6]), mmas
     assert mmas[6][0] == 0 and mmas[6][1] > 0, mmas           # unswapped: mma.sync
 

@@ -180,6 +180,15 @@ def check_cache_rows(cache_rows: Tensor, b: int, what: str) -> None:
                          f"entries, got {cache_rows.dtype} {tuple(cache_rows.shape)}")
 
 
+def check_rope_tables(cos: Tensor, sin: Tensor, d: int, what: str) -> None:
+    """RoPE tables as the kernels read them (gemv's EPI_ROPE, glue.rope_kv): two contiguous
+    [P, d] tensors, row pos[b] at position pos[b] (pos values are not checked here)."""
+    for t in (cos, sin):
+        if t.dim() != 2 or t.shape[1] != d or not t.is_contiguous():
+            raise ValueError(f"{what}: cos and sin must be contiguous [positions, {d}] RoPE "
+                             f"tables, got {tuple(t.shape)} strides {t.stride()}")
+
+
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, window: int,
                      out: Tensor, ws: Workspace, *, block_t: int = 64, splits: int | None = None,
                      num_warps: int = 4, pdl: int = 0,

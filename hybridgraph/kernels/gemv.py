@@ -20,11 +20,13 @@ squares is gathered in the main loop (and across splits by the reduce), so x is 
 (The rounding differs from the model's — x * norm_w is rounded, not x * rstd — by well
 under the dtype's tolerance; only a residual stream near the fp16 limit would overflow.)
 Epilogues:
-  EPI_PLAIN  out = y                               (out width N)
+  EPI_PLAIN  out = y, rounded to W's dtype          (out width N; float32 out: the
+                                                   LM head's logits need no copy)
   EPI_RESID  out = residual + y                    (the O and down projections)
   EPI_SILU   out = silu(y[:, :I]) * y[:, I:]       (the fused gate/up projection, width I)
   EPI_ROPE   q -> out with RoPE; k -> k cache with RoPE at pos[b]; v -> v cache at pos[b]
-             (cache row b, or RopeArgs.cache_rows[b]: a prefill's rows all write one row)
+             (cache row b, or RopeArgs.cache_rows[b]: a prefill's rows all write one row;
+             cos and sin are the model's tables, row pos[b] read: no gather before it)
 Epilogue roundings follow the model's PyTorch code (each intermediate the model keeps in
 the model dtype is rounded to it here too), so the kernel path stays within rounding of the
 PyTorch path, not just of a float32 reference.
@@ -43,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridgraph.kernels.attention import check_cache_rows
+from hybridgraph.kernels.attention import check_cache_rows, check_rope_tables
 from hybridgraph.kernels.gemv_config import (
     EPI_PLAIN,
     EPI_RESID,
@@ -75,15 +77,20 @@ def _prefetch_l2(ptrs):
 
 @triton.jit
 def _epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b, mask_a, mask_b,
-              out_ptr, stride_out, res_ptr, stride_res, cos_ptr, sin_ptr, pos_ptr,
+              w_ptr, out_ptr, stride_out, res_ptr, stride_res, cos_ptr, sin_ptr, pos_ptr,
               kc_ptr, vc_ptr, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow,
               EPI: tl.constexpr, HALF: tl.constexpr, HAS_CROW: tl.constexpr):
     dt = out_ptr.dtype.element_ty
     ma = mask_bb[:, None] & mask_a[None, :]
     mb = mask_bb[:, None] & mask_b[None, :]
     if EPI == 0:
-        tl.store(out_ptr + offs_b[:, None] * stride_out + rows_a[None, :], acc_a.to(dt), mask=ma)
-        tl.store(out_ptr + offs_b[:, None] * stride_out + rows_b[None, :], acc_b.to(dt), mask=mb)
+        # Rounded to the weights' dtype first: float32 logits (the LM head) are the model's
+        # fp16/bf16 logits widened, with no copy launch after the head.
+        wd = w_ptr.dtype.element_ty
+        tl.store(out_ptr + offs_b[:, None] * stride_out + rows_a[None, :],
+                 acc_a.to(wd).to(dt), mask=ma)
+        tl.store(out_ptr + offs_b[:, None] * stride_out + rows_b[None, :],
+                 acc_b.to(wd).to(dt), mask=mb)
     elif EPI == 1:
         ra = tl.load(res_ptr + offs_b[:, None] * stride_res + rows_a[None, :], mask=ma)
         rb = tl.load(res_ptr + offs_b[:, None] * stride_res + rows_b[None, :], mask=mb)
@@ -103,8 +110,10 @@ def _epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b, mask_
         a = acc_a.to(dt)
         b = acc_b.to(dt)
         d = 2 * D_HALF
+        # The RoPE tables' row at each row's position: no gather launch before the step.
+        pos = tl.load(pos_ptr + offs_b, mask=mask_bb, other=0)
         if head < HEADS + KV_HEADS:
-            rope_a = offs_b[:, None] * d + col_a[None, :]
+            rope_a = pos[:, None] * d + col_a[None, :]
             ca = tl.load(cos_ptr + rope_a, mask=ma)
             sa = tl.load(sin_ptr + rope_a, mask=ma)
             cb = tl.load(cos_ptr + rope_a + D_HALF, mask=ma)
@@ -119,7 +128,6 @@ def _epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b, mask_
             tl.store(dst, oa, mask=ma)
             tl.store(dst + D_HALF, ob, mask=ma)
         else:
-            pos = tl.load(pos_ptr + offs_b, mask=mask_bb, other=0)
             kvh = (head - HEADS) % KV_HEADS
             if HAS_CROW:  # rows name their cache row (a prefill's rows share one)
                 crow = tl.load(crow_ptr + offs_b * stride_crow, mask=mask_bb, other=0)
@@ -254,7 +262,7 @@ def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos
             acc_a = acc_a * rstd[:, None]
             acc_b = acc_b * rstd[:, None]
         _epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b, mask_a,
-                  mask_b, out_ptr, stride_out, res_ptr, stride_res, cos_ptr, sin_ptr,
+                  mask_b, w_ptr, out_ptr, stride_out, res_ptr, stride_res, cos_ptr, sin_ptr,
                   pos_ptr, kc_ptr, vc_ptr, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr,
                   stride_crow, EPI, HALF, HAS_CROW)
     else:
@@ -279,7 +287,7 @@ def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos
                 acc_a = acc_a * rstd[:, None]
                 acc_b = acc_b * rstd[:, None]
             _epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b,
-                      mask_a, mask_b, out_ptr, stride_out, res_ptr, stride_res, cos_ptr,
+                      mask_a, mask_b, w_ptr, out_ptr, stride_out, res_ptr, stride_res, cos_ptr,
                       sin_ptr, pos_ptr, kc_ptr, vc_ptr, HEADS, KV_HEADS, MAX_SEQ, D_HALF,
                       crow_ptr, stride_crow, EPI, HALF, HAS_CROW)
 
@@ -364,6 +372,7 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
         d_half = rope.k_cache.shape[-1] // 2
         max_seq = rope.k_cache.shape[2]
         half = rope_half(d_half, half)
+        check_rope_tables(rope.cos, rope.sin, 2 * d_half, "gemv")
         if rope.cache_rows is not None:
             check_cache_rows(rope.cache_rows, b, "gemv")
     if b > 1 and not cfg.dot:  # the register path serves one row: take the batched rule
@@ -402,9 +411,9 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
 
 
 class RopeArgs(NamedTuple):
-    cos: Tensor        # [B, D] at each row's position, model dtype
+    cos: Tensor        # [P, D] the RoPE table (model dtype, contiguous): row pos[b] is read
     sin: Tensor
-    pos: Tensor        # [B] int64
+    pos: Tensor        # [B] int64, each < P
     k_cache: Tensor    # [max_batch, KV, max_seq, D]
     v_cache: Tensor
     heads: int

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridgraph.kernels.attention import check_cache_rows
+from hybridgraph.kernels.attention import check_cache_rows, check_rope_tables
 from hybridgraph.kernels.launch import launch
 
 
@@ -77,10 +77,12 @@ def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
     src = qkv_ptr + b * total * d + hs[:, None] * d + offs[None, :]
     a = tl.load(src, mask=mask)
     c = tl.load(src + D_HALF, mask=mask)
-    ca = tl.load(cos_ptr + b * d + offs, mask=offs < D_HALF)[None, :]
-    sa = tl.load(sin_ptr + b * d + offs, mask=offs < D_HALF)[None, :]
-    cb = tl.load(cos_ptr + b * d + D_HALF + offs, mask=offs < D_HALF)[None, :]
-    sb = tl.load(sin_ptr + b * d + D_HALF + offs, mask=offs < D_HALF)[None, :]
+    pos = tl.load(pos_ptr + b)
+    rope = pos * d + offs  # the tables' row at this row's position
+    ca = tl.load(cos_ptr + rope, mask=offs < D_HALF)[None, :]
+    sa = tl.load(sin_ptr + rope, mask=offs < D_HALF)[None, :]
+    cb = tl.load(cos_ptr + rope + D_HALF, mask=offs < D_HALF)[None, :]
+    sb = tl.load(sin_ptr + rope + D_HALF, mask=offs < D_HALF)[None, :]
     rot = (hs < HEADS + KV_HEADS)[:, None]  # q and k heads turn; v heads pass through
     oa = tl.where(rot, a * ca + (-c) * sa, a)
     ob = tl.where(rot, c * cb + a * sb, c)
@@ -94,7 +96,6 @@ def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
         dst = q_ptr + b * HEADS * d + hs[:, None] * d + offs[None, :]
         tl.store(dst, oa, mask=is_q)
         tl.store(dst + D_HALF, ob, mask=is_q)
-    pos = tl.load(pos_ptr + b)
     kvh = (tl.maximum(hs - HEADS, 0) % KV_HEADS).to(tl.int64)
     if HAS_CROW:  # rows name their cache row (a prefill's rows share one)
         crow = tl.load(crow_ptr + b * stride_crow).to(tl.int64)
@@ -124,6 +125,7 @@ def rope_kv(qkv: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, k_cache: Tensor,
             heads_per_program: int | None = None) -> Tensor:
     """qkv: [B, (H + 2KV) * D] -> q_out [B, H*D] (RoPE'd); k (RoPE'd), v into the caches
     at pos[b] of cache row b (or cache_rows[b], as in attention.decode_attention).
+    cos, sin: the RoPE tables [P, D] (contiguous), row pos[b] read (pos[b] < P).
     q_out None: q and k are rotated in place in qkv (and k, v still written to the caches),
     so a prefill's attention reads all three from qkv; returns qkv then, else q_out.
     heads_per_program: a power of two (None: rope_heads_per_program's rule)."""
@@ -131,6 +133,7 @@ def rope_kv(qkv: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, k_cache: Tensor,
     if cache_rows is not None:
         check_cache_rows(cache_rows, b, "rope_kv")
     d_half = k_cache.shape[-1] // 2
+    check_rope_tables(cos, sin, 2 * d_half, "rope_kv")
     total = heads + 2 * kv_heads
     hb = heads_per_program or rope_heads_per_program(b, total)
     block = triton.next_power_of_2(d_half)

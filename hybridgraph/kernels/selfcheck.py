@@ -137,12 +137,12 @@ def _numerics(device: torch.device, dtype: torch.dtype, pdl: bool) -> tuple[floa
     wqkv = rnd((heads + 2 * kv) * d, k, scale=0.05)
     kc, vc = rnd(b, kv, seq, d), rnd(b, kv, seq, d)
     pos = torch.tensor([0, 100, seq - 1], device=device)
-    ang = torch.rand(b, d // 2, generator=g, device=device) * 6
+    ang = torch.rand(seq, d // 2, generator=g, device=device) * 6  # RoPE tables
     cos, sin = ang.cos().repeat(1, 2).to(dtype), ang.sin().repeat(1, 2).to(dtype)
     q = torch.empty(b, heads * d, device=device, dtype=dtype)
     gemv.gemv(x, wqkv, q, ws, cfg, epi=gemv.EPI_ROPE, norm_w=nw,
               rope=gemv.RopeArgs(cos, sin, pos, kc, vc, heads, kv), pdl=pdl)
-    q_ref, k_ref, v_ref = ref.qkv_rope_ref(x, wqkv, cos, sin, heads, kv, nw)
+    q_ref, k_ref, v_ref = ref.qkv_rope_ref(x, wqkv, cos[pos], sin[pos], heads, kv, nw)
     rows = torch.arange(b, device=device)
     errs["gemv rope q"] = ref.rel_err(q, q_ref)
     errs["gemv rope k"] = ref.rel_err(kc[rows, :, pos], k_ref)
@@ -156,6 +156,11 @@ def _numerics(device: torch.device, dtype: torch.dtype, pdl: bool) -> tuple[floa
     gemv.gemv(h, w2, y, ws, gemv.GemvConfig(half=16, block_k=32), epi=gemv.EPI_RESID,
               residual=res, pdl=pdl)
     errs["gemv resid"] = ref.rel_err(y, ref.gemv_ref(h, w2, residual=res))
+    # The LM head: float32 logits, each the model dtype's value widened.
+    logits = torch.empty(b, 96, device=device, dtype=torch.float32)
+    gemv.gemv(y, w2.t().contiguous(), logits, ws, cfg, norm_w=h.new_ones(k), pdl=pdl)
+    errs["gemv head"] = (ref.rel_err(logits, ref.gemv_ref(y, w2.t(), h.new_ones(k)))
+                         if torch.equal(logits, logits.to(dtype).float()) else float("inf"))
     one = gemv.GemvConfig(half=8, block_k=64, dot=False)  # one row: gate/up, then down
     y1 = ffn.ffn(x[:1], w13, nw, w2, res[:1], h[:1], y[:1].clone(), ws, one,
                  one._replace(block_k=32, split_k=2), pdl=pdl)

@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 
 
 class TritonDecode:
-    """Decode blocks of one model on the Triton kernels; `block` has Block.decode's
-    signature, so Transformer.decode and the graph runtime use it unchanged."""
+    """Decode blocks of one model on the Triton kernels; `forward` is Transformer.decode
+    and `block` Block.decode, except that the block takes the whole RoPE tables."""
 
     def __init__(self, model: Transformer, max_batch: int, plan: KernelPlan | None = None,
                  ) -> None:
@@ -125,12 +125,11 @@ class TritonDecode:
         if ids.shape[0] > self.rows:
             raise ValueError(f"TritonDecode serves {self.rows} rows, got {ids.shape[0]}")
         m = self.model
-        if "head" not in self.plan.uses(ids.shape[0]):
-            return m.decode(ids, pos, window, block=self.block)
-        cos, sin = m.rope_cos[pos][:, None], m.rope_sin[pos][:, None]
         x = m.tok_embeddings(ids)[:, None]
         for layer, cache in zip(m.layers, m.caches, strict=True):
-            x = self.block(layer, x, cos, sin, cache, pos, window)
+            x = self.block(layer, x, m.rope_cos, m.rope_sin, cache, pos, window)
+        if "head" not in self.plan.uses(ids.shape[0]):
+            return m.output(m.norm(x[:, 0])).float()
         return self.head_logits(x[:, 0])
 
     def _fuses_ffn(self, down: GemvConfig) -> bool:
@@ -185,30 +184,34 @@ class TritonDecode:
         window = prefill_window(t, max_seq)
         pos = self.positions[:t]
         rows = cache_row.reshape(1).expand(t)  # stride 0: every row names the one cache row
-        cos, sin = m.rope_cos[:t][:, None], m.rope_sin[:t][:, None]
         x = m.tok_embeddings(ids)[:, None]
         for layer, cache in zip(m.layers, m.caches, strict=True):
-            x = self.block(layer, x, cos, sin, cache, pos, window, cache_rows=rows)
+            x = self.block(layer, x, m.rope_cos, m.rope_sin, cache, pos, window,
+                           cache_rows=rows)
         x = x[:, 0].index_select(0, last_idx.reshape(1))
         if "head" not in self.plan.uses(1):
             return m.output(m.norm(x)).float()
         return self.head_logits(x)
 
     def greedy(self, logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
-               seed: Tensor, counter: Tensor) -> Tensor:
+               seed: Tensor, counter: Tensor, out: Tensor | None = None) -> Tensor:
         """The greedy sampler as one launch (kernels/argmax.py): torch.argmax's tokens, the
         other parameters unread (every sampler has one signature). Inductor's argmax took
         7.5 µs a call in a graph at vocab 32000 and 22.8 at 128256, this one 4.0 and 4.6,
-        and it needs no Dynamo frame at start-up (H100, scripts/argmax_bench.py)."""
-        out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+        and it needs no Dynamo frame at start-up (H100, scripts/argmax_bench.py). Given
+        out, the tokens are written there (the step's token buffer: no copy after it)."""
+        if out is None:
+            out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
         return self._argmax.argmax(logits, out, self.ws, pdl=self._pdl != 0)
 
     def sample(self, logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
-               seed: Tensor, counter: Tensor) -> Tensor:
+               seed: Tensor, counter: Tensor, out: Tensor | None = None) -> Tensor:
         """runtime.dynamic.sample's draws on kernels/sampling.py (a sort, the argmax kernel,
         two split kernels): 64-75 µs a call in a graph against the compiled sampler's 95-203
-        at vocab 32000-128256, one row, and no Dynamo frame at start-up (H100, run 18)."""
-        out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+        at vocab 32000-128256, one row, and no Dynamo frame at start-up (H100, run 18).
+        Given out, the tokens are written there."""
+        if out is None:
+            out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
         return self._sampling.sample(logits, temperature, top_k, top_p, seed, counter, out,
                                      self.ws, pdl=self._pdl != 0)
 
@@ -220,36 +223,37 @@ class TritonDecode:
 
     def head_logits(self, x: Tensor) -> Tensor:
         """The final norm and the LM head as one GEMV (norm prologue). x: [B, hidden];
-        returns [B, V] float32 logits."""
+        returns [B, V] float32 logits, written by the GEMV itself (rounded to the model
+        dtype first, as `m.output(...).float()` rounds them): no copy launch after it."""
         m = self.model
-        logits = x.new_empty(x.shape[0], m.output.weight.shape[0])
-        self._gemv.gemv(x, m.output.weight, logits, self.ws, self.configs["head"],
-                        norm_w=m.norm.weight, eps=self.eps, pdl=self._pdl)
-        return logits.float()
+        logits = torch.empty(x.shape[0], m.output.weight.shape[0], dtype=torch.float32,
+                             device=x.device)
+        return self._gemv.gemv(x, m.output.weight, logits, self.ws, self.configs["head"],
+                               norm_w=m.norm.weight, eps=self.eps, pdl=self._pdl)
 
     def block(self, layer: Block, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache,
               pos: Tensor, window: int, cache_rows: Tensor | None = None) -> Tensor:
-        """Block.decode on the kernels. x: [B, 1, hidden]; cos, sin: [B, 1, D].
-        cache_rows: [B], the cache row each row writes and reads (None: row b; `prefill`
-        passes one row for all)."""
+        """Block.decode on the kernels. x: [B, 1, hidden]; cos, sin: the model's RoPE
+        tables [P, D] (Block.decode takes each row's [B, 1, D]): the QKV launch reads row
+        pos[b] itself, so a step launches no gather. cache_rows: [B], the cache row each row
+        writes and reads (None: row b; `prefill` passes one row for all)."""
         g, pdl = self._gemv, self._pdl
         b, hidden = x.shape[0], x.shape[-1]
         on_gemv = self.plan.uses(b)
         x2 = x.reshape(b, hidden)
-        cos2, sin2 = cos.reshape(b, -1), sin.reshape(b, -1)
         att, ff = layer.attention, layer.feed_forward
         new = x2.new_empty
         q = new(b, self.heads * self.d)
         if "qkv" in on_gemv:
             g.gemv(x2, att.wqkv.weight, q, self.ws, self.configs["qkv"], epi=g.EPI_ROPE,
                    norm_w=layer.attention_norm.weight, eps=self.eps, pdl=pdl,
-                   rope=g.RopeArgs(cos2, sin2, pos, cache.k, cache.v, self.heads, self.kv,
+                   rope=g.RopeArgs(cos, sin, pos, cache.k, cache.v, self.heads, self.kv,
                                    cache_rows))
         else:
             from hybridgraph.kernels import glue
             xn = glue.add_rmsnorm(x2, layer.attention_norm.weight, self.eps, new(b, hidden),
                                   pdl=pdl)
-            glue.rope_kv(F.linear(xn, att.wqkv.weight), cos2, sin2, pos, cache.k, cache.v, q,
+            glue.rope_kv(F.linear(xn, att.wqkv.weight), cos, sin, pos, cache.k, cache.v, q,
                          self.heads, self.kv, pdl=pdl, cache_rows=cache_rows)
         # One row: the O GEMV may launch at once and prefetch its weights while attention
         # runs (HBM is idle then); with more rows that cost more than it gave (run 10).

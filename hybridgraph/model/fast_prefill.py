@@ -67,11 +67,10 @@ def glue_prefill(fast: TritonDecode, ids: Tensor, rows: Tensor, last_idx: Tensor
     n, heads, kv, d, eps = b * t, fast.heads, fast.kv, fast.d, fast.eps
     if b == 1:  # views only
         pos, crow = fast.positions[:t], rows[:1].expand(t)
-        cos, sin = m.rope_cos[:t], m.rope_sin[:t]
     else:  # row r of the B*T is token r % T of prompt r // T
         pos = fast.positions[:t].repeat(b)
         crow = rows[:b, None].expand(b, t).reshape(n)
-        cos, sin = m.rope_cos[pos], m.rope_sin[pos]
+    cos, sin = m.rope_cos, m.rope_sin  # rope_kv reads row pos[r] of the tables
     h = m.tok_embeddings(ids.reshape(n))
     part: Tensor | None = None  # the last projection's output, not yet added to h
     for layer, cache in zip(m.layers, m.caches, strict=True):

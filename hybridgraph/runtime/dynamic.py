@@ -100,14 +100,20 @@ def _(x: Tensor) -> Tensor:
     return torch.empty_like(x)
 
 
+def _into(tok: Tensor, out: Tensor | None) -> Tensor:
+    if out is None:
+        return tok
+    return out.copy_(tok)
+
+
 def greedy(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seed: Tensor,
-           counter: Tensor) -> Tensor:
+           counter: Tensor, out: Tensor | None = None) -> Tensor:
     """Argmax; the parameters are taken so every sampler has one signature."""
-    return torch.argmax(logits, dim=-1)
+    return _into(torch.argmax(logits, dim=-1), out)
 
 
 def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seed: Tensor,
-           counter: Tensor) -> Tensor:
+           counter: Tensor, out: Tensor | None = None) -> Tensor:
     """Per-row sampling: temperature 0 is greedy; top_k 0 and top_p 1 switch those off.
 
     Gumbel-max over the kept tokens: argmax(logits / T - log(-log(u))) is a draw from
@@ -125,10 +131,13 @@ def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, se
     gumbel = -torch.log(-torch.log(uniform_noise(seed, counter, vocab)))
     score = sorted_logits.masked_fill(drop, float("-inf")) + gumbel.gather(1, sorted_idx)
     drawn = sorted_idx.gather(1, torch.argmax(score, dim=-1, keepdim=True))[:, 0]
-    return torch.where(temperature > 0, drawn, torch.argmax(logits, dim=-1))
+    return _into(torch.where(temperature > 0, drawn, torch.argmax(logits, dim=-1)), out)
 
 
-Sampler = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+# sampler(logits, temperature, top_k, top_p, seed, counter, out=None) -> tokens [B] int64.
+# Given `out` (the step's token buffer), the tokens are written there and it is returned:
+# the Triton samplers write it directly, with no copy launch after them.
+Sampler = Callable[..., Tensor]
 
 
 @dataclass(frozen=True)

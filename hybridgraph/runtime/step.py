@@ -198,30 +198,27 @@ class Steps:
         return self.model.decode(self.bufs.ids[:b], self.bufs.pos[:b], window,
                                  block=self.decode_block)
 
-    def _sample(self, sampler: Sampler, logits: Tensor, b: int, new_pos: Tensor) -> Tensor:
-        s = self.bufs
-        # The counter is the new token's position: a request's draws depend on its seed
-        # and where it is, never on which mode or graph computed them.
-        return sampler(logits, s.temperature[:b], s.top_k[:b], s.top_p[:b], s.seed[:b], new_pos)
-
     def finish_prefill(self, logits: Tensor, b: int, sampler: Sampler) -> None:
         """Sample token 0 of prefill rows [:b] into the rows the prefill wrote (from
-        `set_prefill_rows`, a host int: plain slices, no gathers), with their parameters."""
+        `set_prefill_rows`, a host int: plain slices, no gathers), with their parameters.
+        Two launches besides the sampler's: the positions are written first (they are the
+        sampler's counter) and the sampler writes the tokens into the buffer itself."""
         s = self.bufs
         rows = slice(s.first_row, s.first_row + b)
-        new_pos = s.last_idx[:b] + 1
-        tok = sampler(logits, s.temperature[rows], s.top_k[rows], s.top_p[rows], s.seed[rows],
-                      new_pos)
-        s.ids[rows].copy_(tok)
-        s.pos[rows].copy_(new_pos)
+        new_pos = torch.add(s.last_idx[:b], 1, out=s.pos[rows])
+        sampler(logits, s.temperature[rows], s.top_k[rows], s.top_p[rows], s.seed[rows],
+                new_pos, out=s.ids[rows])
 
     def finish_decode(self, logits: Tensor, b: int, sampler: Sampler) -> None:
         # `pos + active` rather than `pos + 1`: the same one kernel, and a masked row's
         # position stays put. Its newest-token slot is scratch (overwritten) until a
-        # prefill sets it again, right before the row turns active.
-        new_pos = self.bufs.pos[:b] + self.bufs.active[:b]
-        self.bufs.ids[:b].copy_(self._sample(sampler, logits, b, new_pos))
-        self.bufs.pos[:b].copy_(new_pos)
+        # prefill sets it again, right before the row turns active. Advanced in place
+        # first: the new position is the sampler's counter (a request's draws depend on its
+        # seed and where it is, never on which mode or graph computed them).
+        s = self.bufs
+        new_pos = s.pos[:b].add_(s.active[:b])
+        sampler(logits, s.temperature[:b], s.top_k[:b], s.top_p[:b], s.seed[:b], new_pos,
+                out=s.ids[:b])
 
 
 class TokenReader:

@@ -84,12 +84,12 @@ def test_gemv_qkv_rope_writes_cache(dtype, heads, kv, d, b, split) -> None:
     kc, vc = _rnd(b, kv, seq, d, dtype=dtype), _rnd(b, kv, seq, d, dtype=dtype)
     pos = torch.randint(0, seq, (b,), device="cuda")
     pos[0] = seq - 1
-    ang = torch.rand(b, d // 2, device="cuda") * 6
+    ang = torch.rand(seq, d // 2, device="cuda") * 6  # RoPE tables
     cos, sin = ang.cos().repeat(1, 2).to(dtype), ang.sin().repeat(1, 2).to(dtype)
     q = g.gemv(x, w, _nan(b, heads * d, dtype=dtype), ws,
                g.GemvConfig(half=32, block_k=128, split_k=split), epi=g.EPI_ROPE, norm_w=nw,
                rope=g.RopeArgs(cos, sin, pos, kc, vc, heads, kv))
-    q_ref, k_ref, v_ref = ref.qkv_rope_ref(x, w, cos, sin, heads, kv, nw)
+    q_ref, k_ref, v_ref = ref.qkv_rope_ref(x, w, cos[pos], sin[pos], heads, kv, nw)
     rows = torch.arange(b, device="cuda")
     assert ref.rel_err(q, q_ref) < TOLERANCE[dtype]
     assert ref.rel_err(kc[rows, :, pos], k_ref) < TOLERANCE[dtype]
@@ -130,14 +130,14 @@ def test_glue_kernels(dtype) -> None:
     qkv = _rnd(b, (heads + 2 * kv) * d, dtype=dtype)
     kc, vc = _rnd(b, kv, seq, d, dtype=dtype), _rnd(b, kv, seq, d, dtype=dtype)
     pos = torch.tensor([0, 7, 100, 298, 299], device="cuda")
-    ang = torch.rand(b, d // 2, device="cuda") * 6
+    ang = torch.rand(seq, d // 2, device="cuda") * 6  # RoPE tables
     cos, sin = ang.cos().repeat(1, 2).to(dtype), ang.sin().repeat(1, 2).to(dtype)
     q = glue.rope_kv(qkv, cos, sin, pos, kc, vc, _nan(b, heads * d, dtype=dtype), heads, kv)
     qf, kf, vf = qkv.float().split([heads * d, kv * d, kv * d], dim=-1)
     rows = torch.arange(b, device="cuda")
-    assert ref.rel_err(q, ref.rope_ref(qf.view(b, heads, d), cos, sin).reshape(b, -1)) \
+    assert ref.rel_err(q, ref.rope_ref(qf.view(b, heads, d), cos[pos], sin[pos]).reshape(b, -1)) \
         < TOLERANCE[dtype]
-    assert ref.rel_err(kc[rows, :, pos], ref.rope_ref(kf.view(b, kv, d), cos, sin)) \
+    assert ref.rel_err(kc[rows, :, pos], ref.rope_ref(kf.view(b, kv, d), cos[pos], sin[pos])) \
         < TOLERANCE[dtype]
     assert torch.equal(vc[rows, :, pos], qkv[:, (heads + kv) * d:].view(b, kv, d))
     inplace = qkv.clone()  # q_out=None: q and k rotated inside qkv, caches as above
@@ -165,7 +165,7 @@ def test_rope_kv_head_tiles_match_one_head_a_program(dtype, hb) -> None:
     from hybridgraph.kernels import glue
     b, heads, kv, d, seq = 300, 32, 4, 64, 320
     qkv = _rnd(b, (heads + 2 * kv) * d, dtype=dtype)
-    ang = torch.rand(b, d // 2, device="cuda") * 6
+    ang = torch.rand(seq, d // 2, device="cuda") * 6  # RoPE tables
     cos, sin = ang.cos().repeat(1, 2).to(dtype), ang.sin().repeat(1, 2).to(dtype)
     pos, crow = torch.arange(b, device="cuda"), torch.tensor([1], device="cuda").expand(b)
     outs = []
@@ -202,7 +202,7 @@ def test_early_kv_attention_reads_this_steps_key_after_the_wait(pdl, b, kv, pos)
     wqkv = _rnd((heads + 2 * kv) * d, k, dtype=dtype, scale=k ** -0.5)
     kc, vc = _rnd(b, kv, seq, d, dtype=dtype), _rnd(b, kv, seq, d, dtype=dtype)
     p = torch.tensor(pos, device="cuda")
-    ang = torch.rand(b, d // 2, device="cuda") * 6
+    ang = torch.rand(seq, d // 2, device="cuda") * 6  # RoPE tables
     cos, sin = ang.cos().repeat(1, 2).to(dtype), ang.sin().repeat(1, 2).to(dtype)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     cfg = g.default_config(wqkv.shape[0], k, sms, g.EPI_ROPE, norm=True, d_half=d // 2)
@@ -341,11 +341,11 @@ def test_gemv_one_row_register_path(dtype, split, programs, half) -> None:
     wqkv = _rnd((heads + 2 * kv) * d, k, dtype=dtype, scale=k ** -0.5)
     kc, vc = _rnd(1, kv, seq, d, dtype=dtype), _rnd(1, kv, seq, d, dtype=dtype)
     pos = torch.tensor([seq - 1], device="cuda")
-    ang = torch.rand(1, d // 2, device="cuda") * 6
+    ang = torch.rand(seq, d // 2, device="cuda") * 6  # RoPE tables
     cos, sin = ang.cos().repeat(1, 2).to(dtype), ang.sin().repeat(1, 2).to(dtype)
     q = g.gemv(x, wqkv, _nan(1, heads * d, dtype=dtype), ws, cfg, epi=g.EPI_ROPE, norm_w=nw,
                rope=g.RopeArgs(cos, sin, pos, kc, vc, heads, kv))
-    q_ref, k_ref, v_ref = ref.qkv_rope_ref(x, wqkv, cos, sin, heads, kv, nw)
+    q_ref, k_ref, v_ref = ref.qkv_rope_ref(x, wqkv, cos[pos], sin[pos], heads, kv, nw)
     assert ref.rel_err(q, q_ref) < TOLERANCE[dtype]
     assert ref.rel_err(kc[:, :, seq - 1], k_ref) < TOLERANCE[dtype]
     assert ref.rel_err(vc[:, :, seq - 1], v_ref) < TOLERANCE[dtype]
@@ -368,13 +368,13 @@ def test_gemv_rope_writes_the_named_cache_row(dtype, b, split, dot) -> None:
     kc, vc = _rnd(3, kv, seq, d, dtype=dtype), _rnd(3, kv, seq, d, dtype=dtype)
     kc0, vc0 = kc.clone(), vc.clone()
     pos, crow = torch.arange(b, device="cuda"), torch.tensor([2], device="cuda").expand(b)
-    ang = torch.rand(b, d // 2, device="cuda") * 6
+    ang = torch.rand(seq, d // 2, device="cuda") * 6  # RoPE tables
     cos, sin = ang.cos().repeat(1, 2).to(dtype), ang.sin().repeat(1, 2).to(dtype)
     q = g.gemv(x, w, _nan(b, heads * d, dtype=dtype), ws,
                g.GemvConfig(half=16 if not dot else 32, block_k=128, split_k=split, dot=dot),
                epi=g.EPI_ROPE, norm_w=nw,
                rope=g.RopeArgs(cos, sin, pos, kc, vc, heads, kv, crow))
-    q_ref, k_ref, v_ref = ref.qkv_rope_ref(x, w, cos, sin, heads, kv, nw)
+    q_ref, k_ref, v_ref = ref.qkv_rope_ref(x, w, cos[pos], sin[pos], heads, kv, nw)
     assert ref.rel_err(q, q_ref) < TOLERANCE[dtype]
     assert ref.rel_err(kc[2, :, :b].transpose(0, 1), k_ref) < TOLERANCE[dtype]
     assert ref.rel_err(vc[2, :, :b].transpose(0, 1), v_ref) < TOLERANCE[dtype]

@@ -96,7 +96,7 @@ class Engine:
             # Both samplers on the kernels: faster than Inductor's, and no Dynamo frame.
             fast = self.steps.fast
             self.ops = replace(self.ops, greedy=fast.greedy, sample=fast.sample)
-        self.reader = TokenReader(self.max_batch, self.device)
+        self.reader = TokenReader(self.bufs)
         self._all_rows = [1] * self.max_batch
         self.batch_buckets = pow2_buckets(1, self.max_batch)
         self.runner = GraphRunner(
@@ -260,9 +260,10 @@ class Engine:
         self.bufs.set_prefill_rows(0)
         self.bufs.set_active(self._all_rows)
         self._load_sampling(sampling, b)
-        self._prefill(prompts, lengths, b, kind)
-        self.reader.push(0, self.bufs.ids[:n])
+        first = self._prefill(prompts, lengths, b, kind)[:n]  # token 0's position per row
+        self.reader.push(0)
         max_pos = max(lengths) - 1
+        rows = range(n)
 
         results = [GenerationResult([], lengths[r], 0.0) for r in range(n)]
         live = list(range(n))
@@ -272,7 +273,7 @@ class Engine:
 
         def launch(step: int) -> None:  # decode step `step` produces token `step`
             self._decode(b, max_pos + step, kind)
-            self.reader.push(step, self.bufs.ids[:n])
+            self.reader.push(step)
 
         t_prev = t_start
         for i in range(max_new):
@@ -280,7 +281,7 @@ class Engine:
             ahead = pipelined and i >= 1 and i + 1 < max_new
             if ahead:
                 launch(i + 1)
-            tokens = self.reader.read(i, n)
+            tokens = self.reader.read(i, rows, [p + i for p in first])
             now = time.perf_counter()
             for r in list(live):
                 res = results[r]
@@ -321,14 +322,15 @@ class Engine:
 
     # ---------------------------------------------------- rows chosen at run time
 
-    def prefill_row(self, row: int, prompt: Sequence[int], sampling: SamplingParams) -> None:
+    def prefill_row(self, row: int, prompt: Sequence[int], sampling: SamplingParams) -> int:
         """Prefill one validated prompt into cache row `row` (the others untouched) and
         sample its token 0 into that row's slot of the step buffers; nothing is read back.
-        For the batching scheduler, which keeps other rows decoding around it."""
+        Returns token 0's position. For the batching scheduler, which keeps other rows
+        decoding around it."""
         self._load_sampling([sampling], 1, first=row)
         self.bufs.set_prefill_rows(row)
-        self._prefill([prompt], [len(prompt)], 1, "greedy" if sampling.temperature == 0
-                      else "sample")
+        return self._prefill([prompt], [len(prompt)], 1, "greedy" if sampling.temperature == 0
+                             else "sample")[0]
 
     def decode_rows(self, b: int, active: list[int], max_pos: int, kind: str) -> None:
         """One decode step over batch bucket b: rows with active[r] == 1 advance, the
@@ -339,15 +341,16 @@ class Engine:
     # ---------------------------------------------------------------- step dispatch
 
     def _prefill(self, prompts: Sequence[Sequence[int]], lengths: list[int], b: int,
-                 kind: str) -> None:
+                 kind: str) -> list[int]:
         """Fit prompts to the planned shape, run the forward (replayed or eager), sample
-        token 0."""
+        token 0. Returns each row's token-0 position (where the step publishes it)."""
         plan = self.runner.plan("prefill", b, max(lengths), kind)
         t, cuda = plan.length, self.device.type == "cuda"
         ids, last = fit_to_bucket(prompts, b, t, PAD_ID, pin=cuda)
         self.bufs.prompt_ids[:b, :t].copy_(ids, non_blocking=cuda)
         self.bufs.last_idx[:b].copy_(last, non_blocking=cuda)
         self.runner.run(plan)
+        return [i + 1 for i in last.tolist()]
 
     def _decode(self, b: int, max_pos: int, kind: str) -> None:
         """One decode step for rows [:b]; the newest token of any row sits at <= max_pos."""

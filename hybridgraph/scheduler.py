@@ -91,8 +91,9 @@ class Ticket:
 
 @dataclass
 class _Launch:
-    slot: int                      # TokenReader slot holding its tokens
-    members: list[tuple[int, Ticket]] = field(default_factory=list)  # (column, ticket)
+    slot: int                      # its launch number (TokenReader.push / read)
+    # (row, ticket, position of the row's token this launch produces)
+    members: list[tuple[int, Ticket, int]] = field(default_factory=list)
     decode: bool = False
 
 
@@ -124,7 +125,7 @@ class Scheduler:
         # One step ahead only where launches are asynchronous (see Engine._generate).
         self.pipelined = engine.device.type == "cuda"
         # In flight at once: the previous decode, this boundary's prefills, this decode.
-        self.reader = TokenReader(engine.max_batch, engine.device, slots=prefills_per_step + 2)
+        self.reader = TokenReader(engine.bufs, slots=prefills_per_step + 2)
         self.launches = 0
         self.boundaries = 0
         self.steps_by_bucket: dict[int, int] = {}
@@ -224,10 +225,9 @@ class Scheduler:
         row = heapq.heappop(self.free)
         ticket.row, ticket.admitted_at = row, self.boundaries
         self.live[row] = ticket
-        self.engine.prefill_row(row, ticket.prompt, ticket.sampling)
-        launch = self._push(self.engine.bufs.ids[row:row + 1], decode=False)
-        launch.members.append((0, ticket))
-        ticket.pos, ticket.launched = len(ticket.prompt), 1
+        ticket.pos = self.engine.prefill_row(row, ticket.prompt, ticket.sampling)
+        ticket.launched = 1
+        self._push(decode=False).members.append((row, ticket, ticket.pos))
         return True
 
     def _launch_decode(self) -> bool:
@@ -243,29 +243,29 @@ class Scheduler:
         tickets = [self.live[r] for r in rows]
         kind = "greedy" if all(t.sampling.temperature == 0 for t in tickets) else "sample"
         self.engine.decode_rows(b, active, max(t.pos for t in tickets), kind)
-        launch = self._push(self.engine.bufs.ids[:b], decode=True)
+        launch = self._push(decode=True)
         for r, t in zip(rows, tickets, strict=True):
-            launch.members.append((r, t))
             t.pos += 1
             t.launched += 1
+            launch.members.append((r, t, t.pos))
         self.steps_by_bucket[b] = self.steps_by_bucket.get(b, 0) + 1
         return True
 
-    def _push(self, ids: torch.Tensor, decode: bool) -> _Launch:
+    def _push(self, decode: bool) -> _Launch:
         launch = _Launch(self.launches, decode=decode)
-        self.reader.push(self.launches, ids)
+        self.reader.push(self.launches)
         self.launches += 1
         self.inflight.append(launch)
         return launch
 
     def _deliver(self, launch: _Launch) -> None:
-        width = max(col for col, _ in launch.members) + 1
-        tokens = self.reader.read(launch.slot, width)
+        tokens = self.reader.read(launch.slot, [r for r, _, _ in launch.members],
+                                  [p for _, _, p in launch.members])
         now = time.perf_counter()
-        for col, t in launch.members:
+        for (_, t, _), token in zip(launch.members, tokens, strict=True):
             if t.done:  # finished while this step was in flight: its token is void
                 continue
-            token, res = tokens[col], t.result
+            res = t.result
             res.tokens.append(token)
             if len(res.tokens) == 1:
                 res.ttft_ms = (now - t.t_submit) * 1e3

@@ -65,9 +65,12 @@ def probe(name: str, dtype: torch.dtype, window: int, forwards: int, plan: Kerne
                 if e.device_type == DeviceType.CUDA and "memcpy" not in e.name.lower())
     layers = model.config.num_layers
     per_fwd = len(ev) // (3 * forwards)
-    per_layer = (per_fwd - 5) // layers  # 3 gathers (rope cos, sin, embedding); head, copy
+    # Kernels before the first layer (the embedding gather) and after the last (the head).
+    lead = next(i for i, e in enumerate(ev) if e[2] == "gemv_kernel")
+    per_layer = (per_fwd - lead - 1) // layers
+    tail = per_fwd - lead - per_layer * layers
     print(f"{name}: {len(ev)} kernels, {per_fwd} a forward, {per_layer} a layer", flush=True)
-    if per_fwd * 3 * forwards != len(ev) or 5 + per_layer * layers != per_fwd:
+    if per_fwd * 3 * forwards != len(ev) or tail < 1:
         print("  unexpected kernel sequence:", [k for _, _, k in ev[:per_fwd + 4]])
         return
     print(f"  {(ev[-1][1] - ev[0][0]) / (3 * forwards):.1f} us a forward (span / forwards)")
@@ -76,10 +79,10 @@ def probe(name: str, dtype: torch.dtype, window: int, forwards: int, plan: Kerne
     for i in range(1, len(ev)):
         start, end, kname = ev[i]
         f = i % per_fwd
-        if f < 3 or f >= per_fwd - 2:
+        if f < lead or f >= per_fwd - tail:
             label, mid = f"{kname} (kernel {f} of a forward)", True
         else:
-            layer, j = divmod(f - 3, per_layer)
+            layer, j = divmod(f - lead, per_layer)
             label, mid = f"{kname} (kernel {j} of a layer)", 0 < layer < layers - 1
         if mid:
             rows.setdefault(label, []).append(
@@ -98,13 +101,11 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--forwards", type=int, default=4)
     ap.add_argument("--ffn", type=int, default=1)
-    ap.add_argument("--preload", default="", help="projections that preload, e.g. wo+qkv")
     a = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for name in a.models.split(","):
         dtype = torch.float16 if name == "llama-2-7b" else torch.bfloat16
-        probe(name, dtype, a.window, a.forwards, KernelPlan(
-            fuse_ffn=bool(a.ffn), preload=tuple(p for p in a.preload.split("+") if p)))
+        probe(name, dtype, a.window, a.forwards, KernelPlan(fuse_ffn=bool(a.ffn)))
 
 
 if __name__ == "__main__":

@@ -208,11 +208,11 @@ def test_no_row_reused_while_live(engine: Engine, monkeypatch: pytest.MonkeyPatc
     sched = Scheduler(engine, max_batch=4)
     real = engine.prefill_row
 
-    def spy(row: int, prompt: list[int], sampling: SamplingParams) -> None:
+    def spy(row: int, prompt: list[int], sampling: SamplingParams) -> int:
         prev = holders.get(row)
         assert prev is None or prev.done, f"row {row} handed out while its request is live"
         holders[row] = sched.live[row]
-        real(row, prompt, sampling)
+        return real(row, prompt, sampling)
 
     monkeypatch.setattr(engine, "prefill_row", spy)
     reqs = _requests(12, seed=9)

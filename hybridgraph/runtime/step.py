@@ -22,6 +22,7 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch import Tensor
 
+from hybridgraph.kernels import triton_import_error
 from hybridgraph.model.llama import Block, Transformer
 from hybridgraph.runtime.dynamic import Sampler, lazy_compile
 
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 KERNELS = ("inductor", "triton")
 SamplingRow = tuple[float, int, float, int]   # temperature, top_k, top_p, seed
 GREEDY: SamplingRow = (0.0, 0, 1.0, 0)        # argmax: the other three are never read
+# The token ring: the token at position p of row r lands in slot p % TOKEN_SLOTS. A row's
+# tokens launched but not yet read by the host must stay fewer than this (the engine and
+# the scheduler keep one or two).
+TOKEN_SLOTS = 8
 
 
 class StepBuffers:
@@ -53,6 +58,29 @@ class StepBuffers:
         self.max_batch, self.device = max_batch, device
         self.first_row, self._active = 0, [1] * max_batch  # host mirrors of the two above
         self._sampling = [GREEDY] * max_batch              # ... and of the four above those
+        # Each step's tokens for the host (`publish`). On CUDA: page-locked host memory the
+        # step's own kernel writes from inside its graph (kernels/publish.py: no copy after
+        # the graph); where Triton cannot run, a device ring the reader copies after each
+        # step; on the CPU the host ring itself.
+        self._kernel = device.type == "cuda" and triton_import_error() is None
+        self.ring = torch.zeros(TOKEN_SLOTS, max_batch, dtype=torch.int64,
+                                device="cpu" if self._kernel else device,
+                                pin_memory=self._kernel)
+
+    def publish(self, ids: Tensor, pos: Tensor, first: int, active: Tensor | None = None,
+                ) -> None:
+        """Row first + j's new token ids[j], at position pos[j], into the token ring (only
+        rows with active[j] != 0 where active is given: a masked row's slot still holds its
+        last token, unread). Part of the step: inside its graph where it has one."""
+        if self._kernel:
+            from hybridgraph.kernels.publish import publish
+            publish(ids, pos, self.ring, first, active)
+            return
+        slot = pos % TOKEN_SLOTS
+        cols = torch.arange(first, first + ids.shape[0], device=ids.device)
+        if active is not None:
+            ids = torch.where(active != 0, ids, self.ring[slot, cols])
+        self.ring[slot, cols] = ids
 
     def set_sampling(self, first: int, params: Sequence[SamplingRow]) -> None:
         """(temperature, top_k, top_p, seed) of rows first.. (a greedy row: GREEDY). Copied
@@ -206,8 +234,9 @@ class Steps:
         s = self.bufs
         rows = slice(s.first_row, s.first_row + b)
         new_pos = torch.add(s.last_idx[:b], 1, out=s.pos[rows])
-        sampler(logits, s.temperature[rows], s.top_k[rows], s.top_p[rows], s.seed[rows],
-                new_pos, out=s.ids[rows])
+        tok = sampler(logits, s.temperature[rows], s.top_k[rows], s.top_p[rows], s.seed[rows],
+                      new_pos, out=s.ids[rows])
+        s.publish(tok, new_pos, s.first_row)
 
     def finish_decode(self, logits: Tensor, b: int, sampler: Sampler) -> None:
         # `pos + active` rather than `pos + 1`: the same one kernel, and a masked row's
@@ -217,26 +246,37 @@ class Steps:
         # seed and where it is, never on which mode or graph computed them).
         s = self.bufs
         new_pos = s.pos[:b].add_(s.active[:b])
-        sampler(logits, s.temperature[:b], s.top_k[:b], s.top_p[:b], s.seed[:b], new_pos,
-                out=s.ids[:b])
+        tok = sampler(logits, s.temperature[:b], s.top_k[:b], s.top_p[:b], s.seed[:b],
+                      new_pos, out=s.ids[:b])
+        s.publish(tok, new_pos, 0, s.active[:b])
 
 
 class TokenReader:
-    """Copies a step's tokens to the host without blocking, to be read one step later."""
+    """Reads the tokens a launch published (StepBuffers.publish) once the launch is done:
+    `push` marks launch i as enqueued, `read` waits for it and picks each row's token by
+    its position. Launch numbers index a ring of `slots` events, so at most `slots`
+    launches may be in flight unread."""
 
-    def __init__(self, max_batch: int, device: torch.device, slots: int = 4) -> None:
-        self.cuda = device.type == "cuda"
-        self.host = torch.zeros(slots, max_batch, dtype=torch.int64, pin_memory=self.cuda)
+    def __init__(self, bufs: StepBuffers, slots: int = 4) -> None:
+        self.bufs, self.slots = bufs, slots
+        self.cuda = bufs.device.type == "cuda"
         self.events = [torch.cuda.Event() for _ in range(slots)] if self.cuda else []
+        ring = bufs.ring
+        # Where the ring is on the GPU (no Triton), a page-locked copy of it, refreshed
+        # after each launch.
+        self.host = ring if ring.device.type == "cpu" else torch.zeros(
+            ring.shape, dtype=ring.dtype, pin_memory=True)
+        self._np = self.host.numpy()  # reads of single tokens without tensor indexing
 
-    def push(self, i: int, ids: torch.Tensor) -> None:
-        slot = i % self.host.shape[0]
-        self.host[slot, :ids.shape[0]].copy_(ids, non_blocking=True)
+    def push(self, i: int) -> None:
+        """Launch i (a prefill or decode step) has been enqueued."""
+        if self.host is not self.bufs.ring:
+            self.host.copy_(self.bufs.ring, non_blocking=True)
         if self.cuda:
-            self.events[slot].record()
+            self.events[i % self.slots].record()
 
-    def read(self, i: int, n: int) -> list[int]:
-        slot = i % self.host.shape[0]
+    def read(self, i: int, rows: Sequence[int], positions: Sequence[int]) -> list[int]:
+        """The tokens launch i produced for `rows`, at `positions` (one each)."""
         if self.cuda:
-            self.events[slot].synchronize()
-        return self.host[slot, :n].tolist()
+            self.events[i % self.slots].synchronize()
+        return [int(self._np[p % TOKEN_SLOTS, r]) for r, p in zip(rows, positions, strict=True)]

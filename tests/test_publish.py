@@ -1,0 +1,47 @@
+"""kernels/publish.py on the CPU through Triton's interpreter, and the step's token ring
+around it (runtime/step.py StepBuffers.publish, TokenReader): each token lands in the slot
+of its position, masked rows keep their slot, and the reader finds each row's token by its
+position. Compiled, from inside a CUDA graph into page-locked memory: tests/gpu/test_publish.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.triton_interpreter import needs_interpreter
+
+
+@needs_interpreter
+@pytest.mark.parametrize("first", [0, 3])
+def test_publish_writes_each_token_at_its_positions_slot(first: int) -> None:
+    from hybridgraph.kernels.publish import publish
+    ring = torch.full((8, 8), -1, dtype=torch.int64)
+    ids, pos = torch.tensor([11, 12, 13, 14]), torch.tensor([5, 8, 13, 100])
+    publish(ids[:3], pos[:3], ring, first)
+    expect = torch.full((8, 8), -1, dtype=torch.int64)
+    for j in range(3):
+        expect[int(pos[j]) % 8, first + j] = int(ids[j])
+    assert torch.equal(ring, expect)
+    publish(ids + 10, pos + 1, ring, first, active=torch.tensor([1, 0, 1, 1]))
+    for j in (0, 2, 3):  # row 1 is masked: its slot and every other stay as they were
+        expect[int(pos[j] + 1) % 8, first + j] = int(ids[j] + 10)
+    assert torch.equal(ring, expect)
+    with pytest.raises(ValueError, match="outside the ring"):
+        publish(ids, pos, ring, 5)
+
+
+def test_step_buffers_publish_and_the_reader_find_tokens_by_position() -> None:
+    """On the CPU the ring is host memory written by torch (no kernel): what the reader
+    returns for (row, position) is what the step published there, masked rows untouched."""
+    from hybridgraph.runtime.step import TOKEN_SLOTS, StepBuffers, TokenReader
+    bufs = StepBuffers(4, 64, torch.device("cpu"))
+    reader = TokenReader(bufs)
+    bufs.publish(torch.tensor([7, 8]), torch.tensor([10, 3]), first=2)
+    reader.push(0)
+    assert reader.read(0, [2, 3], [10, 3]) == [7, 8]
+    bufs.publish(torch.tensor([1, 2, 3, 4]), torch.tensor([11, 11, 11, 3]), first=0,
+                 active=torch.tensor([1, 1, 1, 0]))
+    reader.push(1)
+    assert reader.read(1, [0, 1, 2, 3], [11, 11, 11, 3]) == [1, 2, 3, 8]
+    assert reader.read(0, [2], [10 + TOKEN_SLOTS]) == [7]  # slots repeat every TOKEN_SLOTS

@@ -48,10 +48,10 @@ def probe(name: str, dtype: str, tokens: int, copies: bool) -> None:
     for a, b in zip(firsts[3:], firsts[4:], strict=False):  # past the prefill's
         step = ev[a:b]
         kernels = [e for e in step if "memcpy" not in e[2].lower()]
-        copies = [e for e in step if "memcpy" in e[2].lower()]
+        memcpys = [e for e in step if "memcpy" in e[2].lower()]
         last_end = max(e[1] for e in kernels)
         steps.append((ev[b][0] - ev[a][0], last_end - ev[a][0], ev[b][0] - last_end,
-                      sum(e[1] - e[0] for e in copies), len(kernels)))
+                      sum(e[1] - e[0] for e in memcpys), len(kernels)))
     print(f"{name} ({dtype}, {torch.cuda.get_device_name()}, "
           f"{'engine.generate' if copies else 'graphs alone'}): {len(steps)} steps, "
           f"{median(s[4] for s in steps)} kernels a step")

@@ -331,15 +331,3 @@ def test_gemv_and_attention_compile_for_hopper() -> None:
     err, _ = compile_for_hopper("hybridgraph.kernels.attention", "decode_attention_kernel",
                                 variants)
     assert err == "", err
-
-
-@needs_interpreter
-def test_embed_gathers_the_rows_of_the_ids() -> None:
-    """glue.embed is nn.Embedding's lookup, bit for bit, over more than one program a row;
-    mismatched shapes are refused."""
-    from hybridgraph.kernels import glue
-    table, ids = rnd(50, 1500), torch.tensor([3, 0, 49, 3])
-    out = glue.embed(ids, table, nan(4, 1500))
-    assert torch.equal(out, torch.nn.functional.embedding(ids, table))
-    with pytest.raises(ValueError, match="embed: ids"):
-        glue.embed(ids, table, nan(4, 1499))

@@ -5,7 +5,6 @@ prologue/epilogue): each replaces a chain of PyTorch kernels by one launch.
   add_rmsnorm   x + residual and RMSNorm of the sum, both written (one read of each row)
   rope_kv       split q/k/v, RoPE on q and k, k and v written into the cache at pos[b]
   silu_mul      silu(gate) * up of the fused gate/up output
-  embed         the embedding rows of a step's tokens, letting the first GEMV launch at once
 Roundings follow the model's PyTorch code, as in gemv.py. PDL here is just Triton's two
 builtins (let the next kernel launch, wait for the previous one) at the top of each kernel;
 gemv.py's preamble adds the L2 weight prefetch and the late trigger, so it shares nothing
@@ -174,33 +173,3 @@ def silu_mul(gate_up: Tensor, out: Tensor, pdl: bool = False) -> Tensor:
     launch(_silu_mul_kernel, (b, triton.cdiv(n, block)), gate_up, out, n, BLOCK=block,
            USE_PDL=pdl, num_warps=4, **extra)
     return out
-
-
-@triton.jit
-def _embed_kernel(ids_ptr, table_ptr, out_ptr, N, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    b = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    if USE_PDL:  # the first GEMV may launch now and prefetch its weights meanwhile
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    row = tl.load(ids_ptr + b).to(tl.int64)
-    mask = offs < N
-    tl.store(out_ptr + b * N + offs, tl.load(table_ptr + row * N + offs, mask=mask), mask=mask)
-
-
-def embed(ids: Tensor, table: Tensor, out: Tensor, pdl: bool = False) -> Tensor:
-    """out[b] = table[ids[b]] (an nn.Embedding lookup) for ids [B], table [V, N], out [B, N].
-    The step's first launch: torch's gather lets the QKV GEMV launch only once it has
-    finished (1.3 us between them on an H100, scripts/step_probe.py); with PDL this one lets
-    it launch at once. ids are not range-checked (as a graph's inputs never are): the
-    engine validates every token id before it reaches a step."""
-    b, n = out.shape
-    if table.dim() != 2 or table.shape[1] != n or not table.is_contiguous() \
-            or not out.is_contiguous() or ids.shape != (b,):
-        raise ValueError(f"embed: ids {tuple(ids.shape)}, table {tuple(table.shape)} and out "
-                         f"{tuple(out.shape)} do not match")
-    block = 1024
-    launch(_embed_kernel, (b, triton.cdiv(n, block)), ids, table, out, n, BLOCK=block,
-           USE_PDL=pdl, num_warps=4)
-    return out
-

@@ -43,11 +43,11 @@ class TritonDecode:
 
     def __init__(self, model: Transformer, max_batch: int, plan: KernelPlan | None = None,
                  ) -> None:
-        from hybridgraph.kernels import argmax, attention, ffn, gemv, glue, sampling
+        from hybridgraph.kernels import argmax, attention, ffn, gemv, sampling
         from hybridgraph.kernels.workspace import Workspace
 
         self._gemv, self._attn, self._argmax, self._sampling = gemv, attention, argmax, sampling
-        self._ffn, self._glue = ffn, glue
+        self._ffn = ffn
         plan = plan_on(model.tok_embeddings.weight.device, plan)
         self.model, self.plan = model, plan
         self._pdl = (2 if self.plan.pdl_late else 1) if self.plan.pdl else 0
@@ -125,7 +125,7 @@ class TritonDecode:
         if ids.shape[0] > self.rows:
             raise ValueError(f"TritonDecode serves {self.rows} rows, got {ids.shape[0]}")
         m = self.model
-        x = self.embed(ids)[:, None]
+        x = m.tok_embeddings(ids)[:, None]
         for layer, cache in zip(m.layers, m.caches, strict=True):
             x = self.block(layer, x, m.rope_cos, m.rope_sin, cache, pos, window)
         if "head" not in self.plan.uses(ids.shape[0]):
@@ -184,7 +184,7 @@ class TritonDecode:
         window = prefill_window(t, max_seq)
         pos = self.positions[:t]
         rows = cache_row.reshape(1).expand(t)  # stride 0: every row names the one cache row
-        x = self.embed(ids)[:, None]
+        x = m.tok_embeddings(ids)[:, None]
         for layer, cache in zip(m.layers, m.caches, strict=True):
             x = self.block(layer, x, m.rope_cos, m.rope_sin, cache, pos, window,
                            cache_rows=rows)
@@ -220,13 +220,6 @@ class TritonDecode:
         from hybridgraph.kernels.selfcheck import check_kernels
         w = self.model.tok_embeddings.weight
         return check_kernels(w.device, w.dtype, self.plan.pdl)
-
-    def embed(self, ids: Tensor) -> Tensor:
-        """The embedding rows of ids [B] as the step's first launch (kernels/glue.py: with
-        PDL the first GEMV launches while it runs). Returns [B, hidden]."""
-        w = self.model.tok_embeddings.weight
-        return self._glue.embed(ids, w, w.new_empty(ids.shape[0], w.shape[1]),
-                                pdl=self._pdl != 0)
 
     def head_logits(self, x: Tensor) -> Tensor:
         """The final norm and the LM head as one GEMV (norm prologue). x: [B, hidden];

@@ -493,29 +493,3 @@ def test_glue_prefill_matches_the_model_in_graphs(b, t, pdl) -> None:
             assert ref.rel_err(now[:b, :, :t], was[:b, :, :t]) < TOLERANCE[torch.float16]
             assert torch.isnan(now[:b, :, t:]).all()
             assert torch.equal(now[b:], was[b:])
-
-
-@pytest.mark.parametrize("pdl", [False, True])
-def test_embed_then_a_gemv_in_a_graph(pdl: bool) -> None:
-    """glue.embed, the step's first launch, lets a PDL GEMV launch at once; the GEMV still
-    reads the rows it wrote: eager and graph replays equal nn.Embedding + the reference."""
-    from hybridgraph.kernels import gemv as g
-    from hybridgraph.kernels import glue
-    dtype, ws = torch.float16, _ws()
-    table = _rnd(32000, 2048, dtype=dtype)
-    w = _rnd(512, 2048, dtype=dtype, scale=2048 ** -0.5)
-    ids = torch.tensor([7], device="cuda")
-
-    def step() -> torch.Tensor:
-        x = glue.embed(ids, table, _nan(1, 2048, dtype=dtype), pdl=pdl)
-        return g.gemv(x, w, _nan(1, 512, dtype=dtype), ws,
-                      g.default_config(512, 2048), pdl=2 if pdl else 0)
-
-    expect = ref.gemv_ref(torch.nn.functional.embedding(ids, table), w)
-    assert ref.rel_err(step(), expect) < TOLERANCE[dtype]
-    graph, out = capture(step)
-    for token in (5, 31999, 7):
-        ids.fill_(token)
-        graph.replay()
-        expect = ref.gemv_ref(torch.nn.functional.embedding(ids, table), w)
-        assert ref.rel_err(out, expect) < TOLERANCE[dtype]

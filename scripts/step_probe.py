@@ -43,7 +43,7 @@ def probe(name: str, dtype: str, tokens: int, copies: bool) -> None:
                 if e.device_type == DeviceType.CUDA)
     # A decode step's first kernel gathers the embedding (the prefill's gathers come first).
     firsts = [i for i, e in enumerate(ev)
-              if ("embedding" in e[2] or "index" in e[2]) and "memcpy" not in e[2].lower()]
+              if ("embed" in e[2] or "index" in e[2]) and "memcpy" not in e[2].lower()]
     steps = []
     for a, b in zip(firsts[3:], firsts[4:], strict=False):  # past the prefill's
         step = ev[a:b]

@@ -84,7 +84,7 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, iters: int =
                    rounds: int = 5) -> float:
     """Bytes read plus bytes written per second by a large device-to-device copy: the best
     of `rounds` medians, each over buffers of its own. One median of one pair of buffers
-    read 2884-2974 GB/s on one H100 from run to run (KERNELS.md run 28), and the decode
+    read 2884-2977 GB/s on one H100 from run to run (KERNELS.md run 28), and the decode
     floor, hence every floor_frac, moved with it; slowness only ever lowers a reading, so
     the best of several is the ceiling's estimate."""
     if nbytes is None:

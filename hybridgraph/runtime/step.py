@@ -229,8 +229,9 @@ class Steps:
     def finish_prefill(self, logits: Tensor, b: int, sampler: Sampler) -> None:
         """Sample token 0 of prefill rows [:b] into the rows the prefill wrote (from
         `set_prefill_rows`, a host int: plain slices, no gathers), with their parameters.
-        Two launches besides the sampler's: the positions are written first (they are the
-        sampler's counter) and the sampler writes the tokens into the buffer itself."""
+        Besides the sampler's, two launches: the positions, written first (they are the
+        sampler's counter), and the publish for the host; the sampler writes the tokens into
+        the buffer itself."""
         s = self.bufs
         rows = slice(s.first_row, s.first_row + b)
         new_pos = torch.add(s.last_idx[:b], 1, out=s.pos[rows])

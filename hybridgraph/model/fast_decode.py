@@ -35,6 +35,7 @@ from hybridgraph.model.llama import Block, KVCache, Transformer, no_reduce
 
 if TYPE_CHECKING:
     from hybridgraph.kernels.gemv_config import GemvConfig
+    from hybridgraph.kernels.publish import Finish
 
 
 class TritonDecode:
@@ -203,6 +204,12 @@ class TritonDecode:
         if out is None:
             out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
         return self._argmax.argmax(logits, out, self.ws, pdl=self._pdl != 0)
+
+    def greedy_finish(self, logits: Tensor, out: Tensor, finish: Finish) -> Tensor:
+        """`greedy` and the rest of a step's finish in its one launch: out and
+        finish.pos_out are the step's whole buffers, each row's position advances and its
+        token is published for the host (kernels/publish.py Finish; Steps.finish_*)."""
+        return self._argmax.argmax(logits, out, self.ws, pdl=self._pdl != 0, finish=finish)
 
     def sample(self, logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
                seed: Tensor, counter: Tensor, out: Tensor | None = None) -> Tensor:

@@ -62,17 +62,17 @@ class StepBuffers:
         # step's own kernel writes from inside its graph (kernels/publish.py: no copy after
         # the graph); where Triton cannot run, a device ring the reader copies after each
         # step; on the CPU the host ring itself.
-        self._kernel = device.type == "cuda" and triton_import_error() is None
+        self.kernel_ring = device.type == "cuda" and triton_import_error() is None
         self.ring = torch.zeros(TOKEN_SLOTS, max_batch, dtype=torch.int64,
-                                device="cpu" if self._kernel else device,
-                                pin_memory=self._kernel)
+                                device="cpu" if self.kernel_ring else device,
+                                pin_memory=self.kernel_ring)
 
     def publish(self, ids: Tensor, pos: Tensor, first: int, active: Tensor | None = None,
                 ) -> None:
         """Row first + j's new token ids[j], at position pos[j], into the token ring (only
         rows with active[j] != 0 where active is given: a masked row's slot still holds its
         last token, unread). Part of the step: inside its graph where it has one."""
-        if self._kernel:
+        if self.kernel_ring:
             from hybridgraph.kernels.publish import publish
             publish(ids, pos, self.ring, first, active)
             return
@@ -231,8 +231,14 @@ class Steps:
         `set_prefill_rows`, a host int: plain slices, no gathers), with their parameters.
         Besides the sampler's, two launches: the positions, written first (they are the
         sampler's counter), and the publish for the host; the sampler writes the tokens into
-        the buffer itself."""
+        the buffer itself. Greedy on the kernels: all of it in the argmax's one launch."""
         s = self.bufs
+        if self._greedy_kernel(sampler):
+            from hybridgraph.kernels.publish import Finish
+            assert self.fast is not None
+            self.fast.greedy_finish(logits, s.ids, Finish(s.last_idx[:b], s.pos, s.ring,
+                                                          s.first_row))
+            return
         rows = slice(s.first_row, s.first_row + b)
         new_pos = torch.add(s.last_idx[:b], 1, out=s.pos[rows])
         tok = sampler(logits, s.temperature[rows], s.top_k[rows], s.top_p[rows], s.seed[rows],
@@ -246,10 +252,23 @@ class Steps:
         # first: the new position is the sampler's counter (a request's draws depend on its
         # seed and where it is, never on which mode or graph computed them).
         s = self.bufs
+        if self._greedy_kernel(sampler):  # the same three steps in the argmax's launch
+            from hybridgraph.kernels.publish import Finish
+            assert self.fast is not None
+            self.fast.greedy_finish(logits, s.ids, Finish(s.pos[:b], s.pos, s.ring, 0,
+                                                          s.active[:b]))
+            return
         new_pos = s.pos[:b].add_(s.active[:b])
         tok = sampler(logits, s.temperature[:b], s.top_k[:b], s.top_p[:b], s.seed[:b],
                       new_pos, out=s.ids[:b])
         s.publish(tok, new_pos, 0, s.active[:b])
+
+    def _greedy_kernel(self, sampler: Sampler) -> bool:
+        """True where `sampler` is the kernels' argmax (the Engine installs it under the
+        compile backend) and the ring is the kernels' to write: then the finish is the
+        argmax's one launch (`TritonDecode.greedy_finish`), where it is otherwise three."""
+        fast = self.fast
+        return fast is not None and self.bufs.kernel_ring and sampler == fast.greedy
 
 
 class TokenReader:

@@ -59,6 +59,7 @@ from hybridgraph.kernels.gemv_config import (
     rope_half,
     workspace_floats,
 )
+from hybridgraph.kernels.gemv_epilogue import epilogue, tile_rows
 from hybridgraph.kernels.launch import launch
 from hybridgraph.kernels.workspace import Workspace
 
@@ -73,96 +74,6 @@ def _prefetch_l2(ptrs):
     # One prefetch per 128-byte line; the asm's dummy output keeps it from being dropped.
     tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
                               dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b, mask_a, mask_b,
-              w_ptr, out_ptr, stride_out, res_ptr, stride_res, cos_ptr, sin_ptr, pos_ptr,
-              kc_ptr, vc_ptr, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow,
-              EPI: tl.constexpr, HALF: tl.constexpr, HAS_CROW: tl.constexpr):
-    dt = out_ptr.dtype.element_ty
-    ma = mask_bb[:, None] & mask_a[None, :]
-    mb = mask_bb[:, None] & mask_b[None, :]
-    if EPI == 0:
-        # Rounded to the weights' dtype first: float32 logits (the LM head) are the model's
-        # fp16/bf16 logits widened, with no copy launch after the head.
-        wd = w_ptr.dtype.element_ty
-        tl.store(out_ptr + offs_b[:, None] * stride_out + rows_a[None, :],
-                 acc_a.to(wd).to(dt), mask=ma)
-        tl.store(out_ptr + offs_b[:, None] * stride_out + rows_b[None, :],
-                 acc_b.to(wd).to(dt), mask=mb)
-    elif EPI == 1:
-        ra = tl.load(res_ptr + offs_b[:, None] * stride_res + rows_a[None, :], mask=ma)
-        rb = tl.load(res_ptr + offs_b[:, None] * stride_res + rows_b[None, :], mask=mb)
-        tl.store(out_ptr + offs_b[:, None] * stride_out + rows_a[None, :],
-                 ra + acc_a.to(dt), mask=ma)
-        tl.store(out_ptr + offs_b[:, None] * stride_out + rows_b[None, :],
-                 rb + acc_b.to(dt), mask=mb)
-    elif EPI == 2:
-        g = acc_a.to(dt).to(tl.float32)
-        s = (g * tl.sigmoid(g)).to(dt).to(tl.float32)
-        h = (s * acc_b.to(dt).to(tl.float32)).to(dt)
-        tl.store(out_ptr + offs_b[:, None] * stride_out + rows_a[None, :], h, mask=ma)
-    else:
-        chunks = D_HALF // HALF
-        head = tile // chunks
-        col_a = (tile % chunks) * HALF + offs_h
-        a = acc_a.to(dt)
-        b = acc_b.to(dt)
-        d = 2 * D_HALF
-        # The RoPE tables' row at each row's position: no gather launch before the step.
-        pos = tl.load(pos_ptr + offs_b, mask=mask_bb, other=0)
-        if head < HEADS + KV_HEADS:
-            rope_a = pos[:, None] * d + col_a[None, :]
-            ca = tl.load(cos_ptr + rope_a, mask=ma)
-            sa = tl.load(sin_ptr + rope_a, mask=ma)
-            cb = tl.load(cos_ptr + rope_a + D_HALF, mask=ma)
-            sb = tl.load(sin_ptr + rope_a + D_HALF, mask=ma)
-            oa = a * ca + (-b) * sa
-            ob = b * cb + a * sb
-        else:
-            oa = a
-            ob = b
-        if head < HEADS:
-            dst = out_ptr + offs_b[:, None] * stride_out + head * d + col_a[None, :]
-            tl.store(dst, oa, mask=ma)
-            tl.store(dst + D_HALF, ob, mask=ma)
-        else:
-            kvh = (head - HEADS) % KV_HEADS
-            if HAS_CROW:  # rows name their cache row (a prefill's rows share one)
-                crow = tl.load(crow_ptr + offs_b * stride_crow, mask=mask_bb, other=0)
-                crow = crow.to(tl.int64)
-            else:
-                crow = offs_b.to(tl.int64)
-            row = ((crow * KV_HEADS + kvh) * MAX_SEQ + pos) * d
-            if head < HEADS + KV_HEADS:
-                dst = kc_ptr + row[:, None] + col_a[None, :]
-            else:
-                dst = vc_ptr + row[:, None] + col_a[None, :]
-            tl.store(dst, oa, mask=ma)
-            tl.store(dst + D_HALF, ob, mask=ma)
-
-
-@triton.jit
-def _rows(tile, offs_h, N, D_HALF, EPI: tl.constexpr, HALF: tl.constexpr):
-    """The two row sets of a tile, and which of their rows exist."""
-    if EPI == 2:  # gate rows and their up rows, N = I
-        rows_a = tile * HALF + offs_h
-        rows_b = rows_a + N
-        mask_a = rows_a < N
-        mask_b = mask_a
-    elif EPI == 3:  # the two halves of one head's RoPE pairs
-        chunks = D_HALF // HALF
-        rows_a = (tile // chunks) * (2 * D_HALF) + (tile % chunks) * HALF + offs_h
-        rows_b = rows_a + D_HALF
-        mask_a = offs_h < HALF
-        mask_b = mask_a
-    else:
-        rows_a = tile * (2 * HALF) + offs_h
-        rows_b = rows_a + HALF
-        mask_a = rows_a < N
-        mask_b = rows_b < N
-    return rows_a, rows_b, mask_a, mask_b
 
 
 @triton.jit
@@ -183,7 +94,7 @@ def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos
     offs2 = offs_b[:, None] * HALF + offs_h[None, :]
     tile = item % TILES
     split = item // TILES
-    rows_a, rows_b, mask_a, mask_b = _rows(tile, offs_h, N, D_HALF, EPI, HALF)
+    rows_a, rows_b, mask_a, mask_b = tile_rows(tile, offs_h, N, D_HALF, EPI, HALF)
     k_start = split * K_SPLIT
     k_end = tl.minimum(k_start + K_SPLIT, K)
     if DOT:
@@ -228,7 +139,7 @@ def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos
         # two separate loads measured up to 2x slower (the second was issued only after
         # the first one's products, halving the bytes in flight: KERNELS.md run 6).
         offs_i = tl.arange(0, 2 * HALF)
-        ia, ib, ma_i, mb_i = _rows(tile, offs_i // 2, N, D_HALF, EPI, HALF)
+        ia, ib, ma_i, mb_i = tile_rows(tile, offs_i // 2, N, D_HALF, EPI, HALF)
         from_a = (offs_i % 2) == 0
         w_ptrs = w_ptr + tl.where(from_a, ia, ib).to(tl.int64)[:, None] * K + offs_k[None, :]
         m_rows = tl.where(from_a, ma_i, mb_i)
@@ -261,7 +172,7 @@ def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos
             rstd = tl.rsqrt(ss / K + eps)
             acc_a = acc_a * rstd[:, None]
             acc_b = acc_b * rstd[:, None]
-        _epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b, mask_a,
+        epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b, mask_a,
                   mask_b, w_ptr, out_ptr, stride_out, res_ptr, stride_res, cos_ptr, sin_ptr,
                   pos_ptr, kc_ptr, vc_ptr, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr,
                   stride_crow, EPI, HALF, HAS_CROW)
@@ -286,7 +197,7 @@ def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos
                 rstd = tl.rsqrt(ss / K + eps)
                 acc_a = acc_a * rstd[:, None]
                 acc_b = acc_b * rstd[:, None]
-            _epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b,
+            epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b,
                       mask_a, mask_b, w_ptr, out_ptr, stride_out, res_ptr, stride_res, cos_ptr,
                       sin_ptr, pos_ptr, kc_ptr, vc_ptr, HEADS, KV_HEADS, MAX_SEQ, D_HALF,
                       crow_ptr, stride_crow, EPI, HALF, HAS_CROW)
@@ -301,7 +212,7 @@ def _pdl_prologue(item, w_ptr, N, K, K_SPLIT, TILES, SPLIT_K, D_HALF, EPI: tl.co
     if USE_PDL > 0:
         if PREFETCH > 0:
             offs_h = tl.arange(0, HALF)
-            rows_a, rows_b, mask_a, mask_b = _rows(item % TILES, offs_h, N, D_HALF, EPI, HALF)
+            rows_a, rows_b, mask_a, mask_b = tile_rows(item % TILES, offs_h, N, D_HALF, EPI, HALF)
             k0 = (item // TILES) * K_SPLIT
             lines = k0 + tl.arange(0, PREFETCH)[None, :] * 64
             ok = (item < TILES * SPLIT_K) & (lines < K)

@@ -53,31 +53,6 @@ def test_gemv_float32_out_is_the_model_dtype_widened(ws, b, split, path) -> None
 
 
 @needs_interpreter
-@pytest.mark.parametrize("b,split,programs,path", [(1, 1, 0, "reg"), (1, 3, 2, "reg"),
-                                                   (3, 2, 0, "swap"), (5, 1, 3, "dot")])
-def test_gemv_gathers_its_rows_from_a_table(ws, b, split, programs, path) -> None:
-    """A gather (the embedding folded into the first projection): the product of the
-    table's rows ids[b], and those rows written into x for the launches after it, exactly,
-    also split over K and with fewer programs than items (persistent)."""
-    from hybridgraph.kernels import gemv as g
-    from hybridgraph.kernels import reference as ref
-    table, w, nw = rnd(50, 96), rnd(100, 96, scale=0.1), 1 + rnd(96, scale=0.2)
-    ids = torch.tensor([7, 49, 0, 7, 13][:b])
-    cfg = g.GemvConfig(half=16, block_k=32, split_k=split, programs=programs,
-                       dot=path != "reg", swap=path == "swap")
-    x = nan(b, 96)
-    out = g.gemv(x, w, nan(b, 100), ws, cfg, norm_w=nw, gather=g.Gather(table, ids))
-    assert torch.equal(x, table[ids])
-    assert ref.rel_err(out, ref.gemv_ref(table[ids], w, nw)) < TOL
-    assert int(ws.counters.abs().sum()) == 0
-    with pytest.raises(ValueError, match="cannot feed EPI_RESID"):
-        g.gemv(x, w, nan(b, 100), ws, cfg, epi=g.EPI_RESID, residual=x,
-               gather=g.Gather(table, ids))
-    with pytest.raises(ValueError, match="ids must be"):
-        g.gemv(x, w, nan(b, 100), ws, cfg, gather=g.Gather(table, ids[:1].expand(b + 1)))
-
-
-@needs_interpreter
 @pytest.mark.parametrize("b,split,path", [(3, 1, "dot"), (3, 2, "dot"), (3, 2, "swap"),
                                           (1, 2, "reg")])
 def test_gemv_swiglu_and_rope(ws, b, split, path) -> None:
@@ -305,18 +280,16 @@ _GEMV_ARGS = [("x_ptr", "*fp16"), ("w_ptr", "*fp16"), ("normw_ptr", "*fp16"),
               ("vc_ptr", "*fp16"), ("ws_ptr", "*fp32"), ("cnt_ptr", "*i32")] + \
     [(n, "i32") for n in ("B", "N", "K", "K_SPLIT", "TILES")] + [("eps", "fp32")] + \
     [(n, "i32") for n in ("stride_x", "stride_out", "stride_res", "HEADS", "KV_HEADS",
-                          "MAX_SEQ", "D_HALF")] + [("crow_ptr", "*i64"), ("stride_crow", "i32"),
-                                                   ("ids_ptr", "*i64")]
+                          "MAX_SEQ", "D_HALF")] + [("crow_ptr", "*i64"), ("stride_crow", "i32")]
 
 
 def _gemv_variant(cfg, rows: int, epi: int, norm: bool, pdl: int = 2, split: int = 1,
-                  persist: bool = False, crow: bool = False, out: str = "*fp16",
-                  gather: bool = False):
+                  persist: bool = False, crow: bool = False, out: str = "*fp16"):
     dot = rows > 1 and cfg.dot
     return (dict(_GEMV_ARGS) | {"out_ptr": out}, dict(
         NORM=norm, EPI=epi, SPLIT_K=split, BLOCK_B=16 if dot else 1, HALF=cfg.half,
         BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, USE_PDL=pdl, DOT=dot, PERSIST=persist,
-        HAS_CROW=crow, SWAP=dot and cfg.swap, GATHER=gather), {"num_stages": cfg.num_stages})
+        HAS_CROW=crow, SWAP=dot and cfg.swap), {"num_stages": cfg.num_stages})
 
 
 @needs_interpreter
@@ -333,11 +306,9 @@ def test_gemv_and_attention_compile_for_hopper() -> None:
     plain = g.default_config(4096, 4096, rows=10)
     variants = [_gemv_variant(one, 1, g.EPI_RESID, False, split=2),
                 _gemv_variant(one, 1, g.EPI_SILU, True, pdl=1, persist=True),
-                _gemv_variant(one._replace(half=16), 1, g.EPI_ROPE, True, crow=True,
-                              gather=True),
+                _gemv_variant(one._replace(half=16), 1, g.EPI_ROPE, True, crow=True),
                 _gemv_variant(normed, 10, g.EPI_PLAIN, True),
-                _gemv_variant(normed._replace(half=64), 10, g.EPI_ROPE, True, crow=True,
-                              gather=True),
+                _gemv_variant(normed._replace(half=64), 10, g.EPI_ROPE, True, crow=True),
                 _gemv_variant(normed, 10, g.EPI_SILU, True, pdl=0),
                 _gemv_variant(plain, 10, g.EPI_RESID, False, split=plain.split_k),
                 _gemv_variant(one, 1, g.EPI_PLAIN, True, split=2, out="*fp32")]  # the head

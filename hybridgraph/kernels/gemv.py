@@ -41,7 +41,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -65,7 +64,7 @@ from hybridgraph.kernels.launch import launch
 from hybridgraph.kernels.workspace import Workspace
 
 # Callers name the epilogues and the config as gemv.X: one module to import for a launch.
-__all__ = ["EPI_PLAIN", "EPI_RESID", "EPI_ROPE", "EPI_SILU", "Gather", "GemvConfig", "RopeArgs",
+__all__ = ["EPI_PLAIN", "EPI_RESID", "EPI_ROPE", "EPI_SILU", "GemvConfig", "RopeArgs",
            "default_config", "ffn_down_config", "gemv", "gemv_kernel", "idle_prefetch",
            "n_tiles", "rope_half", "workspace_floats"]
 
@@ -80,14 +79,12 @@ def _prefetch_l2(ptrs):
 @triton.jit
 def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
           vc_ptr, ws_ptr, cnt_ptr, B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out,
-          stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow, ids_ptr,
+          stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow,
           NORM: tl.constexpr, EPI: tl.constexpr, SPLIT_K: tl.constexpr,
           BLOCK_B: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr,
           USE_PDL: tl.constexpr, DOT: tl.constexpr, HAS_CROW: tl.constexpr,
-          SWAP: tl.constexpr, GATHER: tl.constexpr):
-    """One work item: a tile of rows over one split of K (the whole of K if unsplit).
-    GATHER: x's row b is row ids[b] of the table at x_ptr, and the items of tile 0 store
-    the rows they read into res_ptr (the residual stream for later launches)."""
+          SWAP: tl.constexpr):
+    """One work item: a tile of rows over one split of K (the whole of K if unsplit)."""
     offs_h = tl.arange(0, HALF)
     offs_k = tl.arange(0, BLOCK_K)
     offs_b = tl.arange(0, BLOCK_B)
@@ -100,9 +97,6 @@ def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos
     rows_a, rows_b, mask_a, mask_b = tile_rows(tile, offs_h, N, D_HALF, EPI, HALF)
     k_start = split * K_SPLIT
     k_end = tl.minimum(k_start + K_SPLIT, K)
-    # GATHER: the items of tile 0 store x, a lane vector rather than a scalar test (the
-    # interpreter refuses a scalar & a tensor as a mask; compiled, it is the same).
-    store_x = (offs_k * 0 + tile) == 0
     if DOT:
         wa_ptrs = w_ptr + rows_a.to(tl.int64)[:, None] * K + offs_k[None, :]
         wb_ptrs = w_ptr + rows_b.to(tl.int64)[:, None] * K + offs_k[None, :]
@@ -115,17 +109,10 @@ def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos
         # Squares summed elementwise in the loop, reduced once after it: a cross-warp
         # reduction per step stalled the weight pipeline (57 vs 45 us, KERNELS.md).
         sq = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
-        if GATHER:
-            x_rows = tl.load(ids_ptr + offs_b, mask=mask_bb, other=0) * stride_x
-        else:
-            x_rows = offs_b * stride_x
         for k in range(k_start, k_end, BLOCK_K):
             km = (k + offs_k) < k_end
-            xm = mask_bb[:, None] & km[None, :]
-            xt = tl.load(x_ptr + x_rows[:, None] + (k + offs_k)[None, :], mask=xm, other=0.0)
-            if GATHER:
-                tl.store(res_ptr + offs_b[:, None] * stride_res + (k + offs_k)[None, :], xt,
-                         mask=xm & store_x[None, :])
+            xt = tl.load(x_ptr + offs_b[:, None] * stride_x + (k + offs_k)[None, :],
+                         mask=mask_bb[:, None] & km[None, :], other=0.0)
             if NORM:
                 # RMSNorm folded in: y = rstd * (W @ (norm_w * x)), rstd from the sum of
                 # squares gathered here, so no extra pass over x.
@@ -163,14 +150,9 @@ def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos
         # registers go to weights in flight instead (KERNELS.md run 25).
         p = tl.zeros([2 * HALF, BLOCK_K // 8], dtype=tl.float32)
         sq = tl.zeros([1, BLOCK_K], dtype=tl.float32)
-        x_row = x_ptr
-        if GATHER:
-            x_row = x_ptr + tl.load(ids_ptr) * stride_x
         for k in range(k_start, k_end, BLOCK_K):
             km = ((k + offs_k) < k_end)[None, :]
-            xv = tl.load(x_row + k + offs_k[None, :], mask=km, other=0.0)
-            if GATHER:
-                tl.store(res_ptr + k + offs_k[None, :], xv, mask=km & store_x[None, :])
+            xv = tl.load(x_ptr + k + offs_k[None, :], mask=km, other=0.0)
             xf = xv.to(tl.float32)
             if NORM:
                 sq += xf * xf
@@ -247,12 +229,11 @@ def _pdl_prologue(item, w_ptr, N, K, K_SPLIT, TILES, SPLIT_K, D_HALF, EPI: tl.co
 def gemv_kernel(x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
                 cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, ws_ptr, cnt_ptr,
                 B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out, stride_res,
-                HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow, ids_ptr,
+                HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow,
                 NORM: tl.constexpr, EPI: tl.constexpr, SPLIT_K: tl.constexpr,
                 BLOCK_B: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr,
                 PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, DOT: tl.constexpr,
-                PERSIST: tl.constexpr, HAS_CROW: tl.constexpr, SWAP: tl.constexpr,
-                GATHER: tl.constexpr):
+                PERSIST: tl.constexpr, HAS_CROW: tl.constexpr, SWAP: tl.constexpr):
     pid = tl.program_id(0)
     _pdl_prologue(pid, w_ptr, N, K, K_SPLIT, TILES, SPLIT_K, D_HALF, EPI, HALF, PREFETCH,
                   USE_PDL)
@@ -265,15 +246,13 @@ def gemv_kernel(x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
         for item in range(pid, TILES * SPLIT_K, tl.num_programs(0)):
             _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
                   vc_ptr, ws_ptr, cnt_ptr, B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out,
-                  stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow, ids_ptr,
-                  NORM, EPI, SPLIT_K, BLOCK_B, HALF, BLOCK_K, USE_PDL, DOT, HAS_CROW, SWAP,
-                  GATHER)
+                  stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow, NORM,
+                  EPI, SPLIT_K, BLOCK_B, HALF, BLOCK_K, USE_PDL, DOT, HAS_CROW, SWAP)
     else:
         _item(pid, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
                   vc_ptr, ws_ptr, cnt_ptr, B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out,
-                  stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow, ids_ptr,
-                  NORM, EPI, SPLIT_K, BLOCK_B, HALF, BLOCK_K, USE_PDL, DOT, HAS_CROW, SWAP,
-                  GATHER)
+                  stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow, NORM,
+                  EPI, SPLIT_K, BLOCK_B, HALF, BLOCK_K, USE_PDL, DOT, HAS_CROW, SWAP)
 
 
 # ------------------------------------------------------------------------------ launch
@@ -281,14 +260,13 @@ def gemv_kernel(x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
 def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
          epi: int = EPI_PLAIN, norm_w: Tensor | None = None, eps: float = 1e-5,
          residual: Tensor | None = None, rope: RopeArgs | None = None,
-         gather: Gather | None = None, pdl: int = 0) -> Tensor:
+         pdl: int = 0) -> Tensor:
     """out = epilogue((norm(x) if norm_w else x) @ w.T). x: [B, K] (B <= 16), w: [N, K].
 
     EPI_SILU: w is the fused gate/up weight [2I, K] and out [B, I]. EPI_ROPE: w is wqkv,
-    out receives q [B, H*D] and rope's caches receive k and v at rope.pos. gather: x's rows
-    are gathered from a table (the embedding) and written into x by this launch, not read
-    from it. pdl: 0 off, 1 (or True) programmatic dependent launch letting the next kernel
-    launch at once, 2 letting it launch only after this kernel's main loop.
+    out receives q [B, H*D] and rope's caches receive k and v at rope.pos. pdl: 0 off,
+    1 (or True) programmatic dependent launch letting the next kernel launch at once,
+    2 letting it launch only after this kernel's main loop.
     """
     b, k = x.shape
     n = w.shape[0] // 2 if epi == EPI_SILU else w.shape[0]
@@ -296,8 +274,6 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
         raise ValueError(f"gemv serves at most 16 rows, got {b}")
     if w.shape[1] != k or x.stride(1) != 1 or not w.is_contiguous():
         raise ValueError(f"gemv: x {tuple(x.shape)} and w {tuple(w.shape)} do not match")
-    if gather is not None:
-        check_gather(gather, b, k, epi)
     half = cfg.half
     d_half = heads = kv_heads = max_seq = 1
     if epi == EPI_ROPE:
@@ -325,18 +301,14 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
     dummy = out
     r = rope
     crow = r.cache_rows if r is not None else None
-    # A gather reads the table where x was read, and writes x where a residual is read.
-    x_in = gather.table if gather is not None else x
-    res = x if gather is not None else residual
-    args = (x_in, w, norm_w if norm_w is not None else w, out,
-            res if res is not None else dummy,
+    args = (x, w, norm_w if norm_w is not None else w, out,
+            residual if residual is not None else dummy,
             r.cos if r else dummy, r.sin if r else dummy, r.pos if r else ws.counters,
             r.k_cache if r else dummy, r.v_cache if r else dummy, ws.partials, ws.counters,
-            b, n, k, k_split, tiles, eps, x_in.stride(0), out.stride(0),
-            res.stride(0) if res is not None else 0,
+            b, n, k, k_split, tiles, eps, x.stride(0), out.stride(0),
+            residual.stride(0) if residual is not None else 0,
             heads, kv_heads, max_seq, d_half,
-            crow if crow is not None else ws.counters, crow.stride(0) if crow is not None else 0,
-            gather.ids if gather is not None else ws.counters)
+            crow if crow is not None else ws.counters, crow.stride(0) if crow is not None else 0)
     extra = {"launch_pdl": True} if pdl else {}
     items = tiles * split
     grid = min(items, cfg.programs) if cfg.programs > 0 else items
@@ -345,7 +317,7 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
         *args, NORM=norm_w is not None, EPI=epi, SPLIT_K=split, BLOCK_B=block_b, HALF=half,
         BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, USE_PDL=int(pdl), DOT=dot,
         PERSIST=grid < items, HAS_CROW=crow is not None, SWAP=dot and cfg.swap,
-        GATHER=gather is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
     return out
 
 
@@ -360,22 +332,3 @@ class RopeArgs(NamedTuple):
     cache_rows: Tensor | None = None  # [B] int64: the cache row row b writes (any stride,
     #                                   0 too: a prefill's rows share one); None: row b
 
-
-class Gather(NamedTuple):
-    """x[b] = table[ids[b]]: the first projection of a step reads its rows straight from
-    the embedding, and its tile-0 programs write them into x for the launches after it (the
-    residual stream), so no gather launch comes first: a graph's second kernel starts
-    ~3 µs after its first began, whatever the first is (KERNELS.md run 28/29)."""
-    table: Tensor      # [V, K], rows contiguous
-    ids: Tensor        # [B] int64, each < V
-
-
-def check_gather(gather: Gather, rows: int, k: int, epi: int) -> None:
-    t, ids = gather
-    if t.dim() != 2 or t.shape[1] != k or t.stride(1) != 1:
-        raise ValueError(f"gemv: gather table {tuple(t.shape)} does not give rows of {k}")
-    if ids.shape != (rows,) or ids.dtype != torch.int64:
-        raise ValueError(f"gemv: gather ids must be [{rows}] int64, got {ids.dtype} "
-                         f"{tuple(ids.shape)}")
-    if epi == EPI_RESID:  # the gathered rows go where a residual would be read
-        raise ValueError("gemv: a gather cannot feed EPI_RESID")

@@ -1,8 +1,7 @@
 """The decode block on the Triton kernels: a drop-in for `Block.decode`, ~5 launches a layer.
 
 With every projection on the Triton GEMV, one layer is five launches:
-  1. QKV GEMV: RMSNorm in; RoPE out, k and v written into the cache at pos (the first
-     layer's gathers its rows from the embedding itself: no launch before it)
+  1. QKV GEMV: RMSNorm in; RoPE out, k and v written into the cache at pos
   2. flash-decoding attention (split over keys, combined in the same launch)
   3. O GEMV: + residual out
   4. gate/up GEMV: RMSNorm in; silu(gate) * up out
@@ -35,7 +34,6 @@ from hybridgraph.model.kernel_plan import MAX_ROWS, PROJECTIONS, KernelPlan, pla
 from hybridgraph.model.llama import Block, KVCache, Transformer, no_reduce
 
 if TYPE_CHECKING:
-    from hybridgraph.kernels.gemv import Gather
     from hybridgraph.kernels.gemv_config import GemvConfig
     from hybridgraph.kernels.publish import Finish
 
@@ -128,23 +126,12 @@ class TritonDecode:
         if ids.shape[0] > self.rows:
             raise ValueError(f"TritonDecode serves {self.rows} rows, got {ids.shape[0]}")
         m = self.model
-        x, gather = self.embed(ids)
-        for i, (layer, cache) in enumerate(zip(m.layers, m.caches, strict=True)):
-            x = self.block(layer, x, m.rope_cos, m.rope_sin, cache, pos, window,
-                           gather=gather if i == 0 else None)
+        x = m.tok_embeddings(ids)[:, None]
+        for layer, cache in zip(m.layers, m.caches, strict=True):
+            x = self.block(layer, x, m.rope_cos, m.rope_sin, cache, pos, window)
         if "head" not in self.plan.uses(ids.shape[0]):
             return m.output(m.norm(x[:, 0])).float()
         return self.head_logits(x[:, 0])
-
-    def embed(self, ids: Tensor) -> tuple[Tensor, Gather | None]:
-        """x [B, 1, hidden] for ids [B], and how the first layer gets it: where its QKV runs
-        on the GEMV, x is left empty for that launch to fill from the embedding (a Gather:
-        no gather launch before it, kernels/gemv.py); else torch's embedding, now."""
-        table = self.model.tok_embeddings.weight
-        if "qkv" in self.plan.uses(ids.shape[0]):
-            return table.new_empty(ids.shape[0], 1, table.shape[1]), \
-                self._gemv.Gather(table, ids)
-        return self.model.tok_embeddings(ids)[:, None], None
 
     def _fuses_ffn(self, down: GemvConfig) -> bool:
         """Whether one-row steps run gate/up and down (with config `down`) as one launch
@@ -198,10 +185,10 @@ class TritonDecode:
         window = prefill_window(t, max_seq)
         pos = self.positions[:t]
         rows = cache_row.reshape(1).expand(t)  # stride 0: every row names the one cache row
-        x, gather = self.embed(ids)
-        for i, (layer, cache) in enumerate(zip(m.layers, m.caches, strict=True)):
+        x = m.tok_embeddings(ids)[:, None]
+        for layer, cache in zip(m.layers, m.caches, strict=True):
             x = self.block(layer, x, m.rope_cos, m.rope_sin, cache, pos, window,
-                           cache_rows=rows, gather=gather if i == 0 else None)
+                           cache_rows=rows)
         x = x[:, 0].index_select(0, last_idx.reshape(1))
         if "head" not in self.plan.uses(1):
             return m.output(m.norm(x)).float()
@@ -252,13 +239,11 @@ class TritonDecode:
                                norm_w=m.norm.weight, eps=self.eps, pdl=self._pdl)
 
     def block(self, layer: Block, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache,
-              pos: Tensor, window: int, cache_rows: Tensor | None = None,
-              gather: Gather | None = None) -> Tensor:
+              pos: Tensor, window: int, cache_rows: Tensor | None = None) -> Tensor:
         """Block.decode on the kernels. x: [B, 1, hidden]; cos, sin: the model's RoPE
         tables [P, D] (Block.decode takes each row's [B, 1, D]): the QKV launch reads row
         pos[b] itself, so a step launches no gather. cache_rows: [B], the cache row each row
-        writes and reads (None: row b; `prefill` passes one row for all). gather: the
-        first layer's, from `embed` (x is then filled by the QKV launch)."""
+        writes and reads (None: row b; `prefill` passes one row for all)."""
         g, pdl = self._gemv, self._pdl
         b, hidden = x.shape[0], x.shape[-1]
         on_gemv = self.plan.uses(b)
@@ -270,9 +255,7 @@ class TritonDecode:
             g.gemv(x2, att.wqkv.weight, q, self.ws, self.configs["qkv"], epi=g.EPI_ROPE,
                    norm_w=layer.attention_norm.weight, eps=self.eps, pdl=pdl,
                    rope=g.RopeArgs(cos, sin, pos, cache.k, cache.v, self.heads, self.kv,
-                                   cache_rows), gather=gather)
-        elif gather is not None:
-            raise ValueError("TritonDecode.block: a gather needs the QKV on the GEMV")
+                                   cache_rows))
         else:
             from hybridgraph.kernels import glue
             xn = glue.add_rmsnorm(x2, layer.attention_norm.weight, self.eps, new(b, hidden),

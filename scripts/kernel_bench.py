@@ -261,7 +261,7 @@ def plan_options(opts: list[str]) -> dict:
     """KernelPlan keywords from a plan name's options: pdl | pdl-late (else PDL off), pfN
     (every GEMV prefetches N lines a row), wopfN (the O GEMV prefetches N), attn0 | attn1
     (attention keys per tile), aspN (attention splits), ffn0 | ffn1 (gate/up and down
-    as one launch or two), ao0 | ao1 (attention and O as one launch or two), ekv0 | ekv1 (attention reads earlier keys before its PDL wait,
+    as one launch or two), ekv0 | ekv1 (attention reads earlier keys before its PDL wait,
     one tile a split, or not), cfg-PROJ-HALF-SPLIT-WARPS-STAGES-BLOCKK (PROJ's one-row
     register config: e.g. cfg-wo-8-2-4-1-512)."""
     from hybridgraph.kernels.gemv_config import GemvConfig
@@ -287,8 +287,6 @@ def plan_options(opts: list[str]) -> dict:
             kw["early_kv"] = o == "ekv1"
         elif o in ("ffn0", "ffn1"):
             kw["fuse_ffn"] = o == "ffn1"
-        elif o in ("ao0", "ao1"):
-            kw["fuse_attn_o"] = o == "ao1"
     return kw
 
 

@@ -83,5 +83,4 @@ def test_projection_bytes_are_one_launch_of_each_weight() -> None:
     got = projection_bytes(Transformer(cfg))                  # float32: 4 bytes a weight
     assert got == {"qkv": 4 * 32 * (32 + 2 * 16), "wo": 4 * 32 * 32, "w13": 4 * 2 * 48 * 32,
                    "w2": 4 * 48 * 32, "head": 4 * 64 * 32,
-                   "w13+w2": 4 * 3 * 48 * 32,   # the fused feed-forward's one launch
-                   "attn+wo": 4 * 32 * 32}      # attention and O: O's weights
+                   "w13+w2": 4 * 3 * 48 * 32}  # the fused feed-forward's one launch

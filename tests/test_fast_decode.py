@@ -170,7 +170,7 @@ def test_gemv_launches_name_each_launch_of_a_forward(gemvs, b) -> None:
     gemv_launches gives must be the order the forward launches them in."""
     from types import SimpleNamespace
 
-    from hybridgraph.kernels import attn_o, ffn, gemv
+    from hybridgraph.kernels import ffn, gemv
     from hybridgraph.model.fast_decode import TritonDecode
     from hybridgraph.model.kernel_plan import KernelPlan
     model = _peaked_model(64)
@@ -192,12 +192,7 @@ def test_gemv_launches_name_each_launch_of_a_forward(gemvs, b) -> None:
 
     fast._gemv = SimpleNamespace(**{**{n: getattr(gemv, n) for n in gemv.__all__},
                                     "gemv": traced})
-    def traced_attn_o(*args, **kwargs):  # attention and O, one launch
-        seen.append("attn+wo")
-        return attn_o.attention_o(*args, **kwargs)
-
     fast._ffn = SimpleNamespace(ffn=traced_ffn, fusable=ffn.fusable)
-    fast._attn_o = SimpleNamespace(attention_o=traced_attn_o)
     fast.forward(torch.tensor([1, 2, 3])[:b], torch.tensor([4, 5, 6])[:b], 64)
     assert seen == fast.gemv_launches(b) and len(seen) > 0
 
@@ -227,30 +222,7 @@ def test_fused_feed_forward_gives_the_two_launches_logits() -> None:
                                                                    expect.argmax(-1))
         assert all(torch.equal(c.k, k) for c, k in zip(model.caches, written, strict=True))
         restore_caches(model, snap)
-    assert fused.gemv_launches(1) == ["qkv", "attn+wo", "w13+w2"] * 2 + ["head"]
-    assert fused.gemv_launches(3) == plain.gemv_launches(3)
-
-
-def test_fused_attention_o_gives_the_two_launches_logits() -> None:
-    """KernelPlan.fuse_attn_o (the default): one-row steps run attention and O as one
-    launch (kernels/attn_o.py), the same arithmetic as the two launches: the same logits,
-    bit for bit; batches keep two launches; a tensor-parallel rank never fuses (its O
-    output is summed over the ranks first)."""
-    from hybridgraph.model.fast_decode import TritonDecode
-    from hybridgraph.model.kernel_plan import KernelPlan
-    model = _peaked_model(512)
-    model.prefill(torch.randint(0, 97, (3, 12)))
-    plain = TritonDecode(model, 3, KernelPlan(fuse_attn_o=False))
-    fused = TritonDecode(model, 3, KernelPlan())  # the default
-    assert fused.fused_attn_o and not plain.fused_attn_o
-    snap = snapshot_caches(model)
-    for ids, pos, window in ((torch.tensor([1]), torch.tensor([12]), 512),
-                             (torch.tensor([7]), torch.tensor([300]), 512),
-                             (torch.tensor([1, 2, 3]), torch.tensor([12, 5, 300]), 512)):
-        expect = plain.forward(ids, pos, window)
-        restore_caches(model, snap)
-        assert torch.equal(fused.forward(ids, pos, window), expect)
-        restore_caches(model, snap)
+    assert fused.gemv_launches(1) == ["qkv", "wo", "w13+w2"] * 2 + ["head"]
     assert fused.gemv_launches(3) == plain.gemv_launches(3)
 
 

@@ -33,7 +33,7 @@ from hybridgraph.model.llama import Transformer
 
 # (family, substrings of a lower-cased kernel name), first match wins.
 FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("triton gemv", ("gemv_kernel", "ffn_kernel", "attn_o_kernel")),
+    ("triton gemv", ("gemv_kernel", "ffn_kernel")),
     ("triton attention", ("decode_attention", "attention_kernel", "attn_kernel")),
     ("flash attention", ("flash", "fmha", "efficient_attention", "cudnn")),
     ("triton glue", ("add_rmsnorm", "rope_kv", "silu_mul")),
@@ -141,9 +141,7 @@ def projection_bytes(model: Transformer) -> dict[str, int]:
     mods = {"qkv": layer.attention.wqkv, "wo": layer.attention.wo,
             "w13": layer.feed_forward.w13, "w2": layer.feed_forward.w2, "head": model.output}
     nbytes = {n: m.weight.numel() * m.weight.element_size() for n, m in mods.items()}
-    # The fused launches: the feed-forward; attention and O (O's weights its only bytes
-    # streamed: the keys a decode step reads are a rounding error beside them).
-    return {**nbytes, "w13+w2": nbytes["w13"] + nbytes["w2"], "attn+wo": nbytes["wo"]}
+    return {**nbytes, "w13+w2": nbytes["w13"] + nbytes["w2"]}  # the fused feed-forward
 
 
 def by_projection(order: list[str], launches_us: list[float], tokens: int,

@@ -16,7 +16,6 @@ are read after it.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import triton
@@ -49,22 +48,8 @@ def decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, ws_ptr, cnt
                             BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
                             SPLITS: tl.constexpr, USE_PDL: tl.constexpr,
                             HAS_CROW: tl.constexpr, EARLY_KV: tl.constexpr):
-    attend_item(tl.program_id(0), tl.program_id(1), q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr,
-                ws_ptr, cnt_ptr, crow_ptr, stride_crow, scale, WINDOW, KV_HEADS, MAX_SEQ,
-                CHUNK, REP, D, D_PAD, BLOCK_R, BLOCK_T, SPLITS, USE_PDL, HAS_CROW, EARLY_KV,
-                cnt_ptr, False)
-
-
-@triton.jit
-def attend_item(bk, split, q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, ws_ptr, cnt_ptr,
-                crow_ptr, stride_crow, scale, WINDOW, KV_HEADS, MAX_SEQ, CHUNK,
-                REP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, SPLITS: tl.constexpr,
-                USE_PDL: tl.constexpr, HAS_CROW: tl.constexpr, EARLY_KV: tl.constexpr,
-                ready_ptr, READY: tl.constexpr):
-    """Program (bk, split) of the kernel above. READY: once this (row, kv head)'s output is
-    stored, count it in ready_ptr (release), for a consumer in the same grid
-    (kernels/attn_o.py)."""
+    bk = tl.program_id(0)
+    split = tl.program_id(1)
     b = bk // KV_HEADS
     kvh = bk % KV_HEADS
     if USE_PDL == 1:
@@ -129,9 +114,6 @@ def attend_item(bk, split, q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, ws_ptr, cnt_
     out_mask = mask_r[:, None] & mask_d[None, :]
     if SPLITS == 1:
         tl.store(out_rows, (acc / l_i[:, None]).to(dt), mask=out_mask)
-        if READY:
-            tl.debug_barrier()  # every thread's rows are stored before the count moves
-            tl.atomic_add(ready_ptr, 1, sem="release")
     else:
         size = BLOCK_R * (D_PAD + 2)
         offs_acc = offs_r[:, None] * D_PAD + offs_d[None, :]
@@ -158,9 +140,6 @@ def attend_item(bk, split, q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, ws_ptr, cnt_
                 m_all = m_new
             tl.store(cnt_ptr + bk, 0)
             tl.store(out_rows, (o_all / l_all[:, None]).to(dt), mask=out_mask)
-            if READY:
-                tl.debug_barrier()
-                tl.atomic_add(ready_ptr, 1, sem="release")
 
 
 MIN_SPLIT_TILES = 2  # key tiles a split covers at least (1 where the first is read early)
@@ -210,21 +189,16 @@ def check_rope_tables(cos: Tensor, sin: Tensor, d: int, what: str) -> None:
                              f"tables, got {tuple(t.shape)} strides {t.stride()}")
 
 
-class AttentionLaunch(NamedTuple):
-    """One decode attention launch worked out: its grid (rows x kv heads, splits), the
-    kernel's arguments and its compile-time constants (`decode_attention`, and
-    kernels/attn_o.py, which runs the same programs inside a larger grid)."""
-    grid: tuple[int, int]
-    args: tuple
-    meta: dict
-
-
-def attention_launch(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, window: int,
-                     out: Tensor, ws: Workspace, *, block_t: int = 64,
-                     splits: int | None = None, pdl: int = 0,
-                     cache_rows: Tensor | None = None, early_kv: bool = False,
-                     ) -> AttentionLaunch:
-    """`decode_attention`'s launch, checked and planned, not launched."""
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, window: int,
+                     out: Tensor, ws: Workspace, *, block_t: int = 64, splits: int | None = None,
+                     num_warps: int = 4, pdl: int = 0,
+                     cache_rows: Tensor | None = None, early_kv: bool = False) -> Tensor:
+    """q, out: [B, H*D] (model dtype); caches [max_batch, KV, max_seq, D]; pos: [B].
+    cache_rows: [B], the cache row each row reads (None: row b reads row b).
+    pdl: 0 off, 1 the next kernel may launch at once, 2 after the key loop.
+    early_kv: each split reads its first tile of earlier steps' keys before the PDL wait,
+    and the rule splits down to one tile a split (rows that each write only their own key:
+    not with cache_rows, where a prefill's rows write every key they read)."""
     b = q.shape[0]
     if cache_rows is not None:
         check_cache_rows(cache_rows, b, "decode_attention")
@@ -246,28 +220,14 @@ def attention_launch(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, w
     d_pad = max(16, triton.next_power_of_2(d))
     if splits > 1:
         ws.check(b * kv * splits * block_r * (d_pad + 2), b * kv, "decode_attention")
-    args = (q, k_cache, v_cache, pos, out, ws.partials, ws.counters,
-            cache_rows if cache_rows is not None else pos,
-            cache_rows.stride(0) if cache_rows is not None else 0,
-            1.0 / math.sqrt(d), window, kv, max_seq, chunk)
-    meta = dict(REP=rep, D=d, D_PAD=d_pad, BLOCK_R=block_r, BLOCK_T=block_t, SPLITS=splits,
-                USE_PDL=int(pdl), HAS_CROW=cache_rows is not None, EARLY_KV=early_kv)
-    return AttentionLaunch((b * kv, splits), args, meta)
-
-
-def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, window: int,
-                     out: Tensor, ws: Workspace, *, block_t: int = 64, splits: int | None = None,
-                     num_warps: int = 4, pdl: int = 0,
-                     cache_rows: Tensor | None = None, early_kv: bool = False) -> Tensor:
-    """q, out: [B, H*D] (model dtype); caches [max_batch, KV, max_seq, D]; pos: [B].
-    cache_rows: [B], the cache row each row reads (None: row b reads row b).
-    pdl: 0 off, 1 the next kernel may launch at once, 2 after the key loop.
-    early_kv: each split reads its first tile of earlier steps' keys before the PDL wait,
-    and the rule splits down to one tile a split (rows that each write only their own key:
-    not with cache_rows, where a prefill's rows write every key they read)."""
-    grid, args, meta = attention_launch(q, k_cache, v_cache, pos, window, out, ws,
-                                        block_t=block_t, splits=splits, pdl=pdl,
-                                        cache_rows=cache_rows, early_kv=early_kv)
     extra = {"launch_pdl": True} if pdl else {}
-    launch(decode_attention_kernel, grid, *args, **meta, num_warps=num_warps, **extra)
+    launch(
+        decode_attention_kernel, (b * kv, splits),
+        q, k_cache, v_cache, pos, out, ws.partials, ws.counters,
+        cache_rows if cache_rows is not None else pos,
+        cache_rows.stride(0) if cache_rows is not None else 0,
+        1.0 / math.sqrt(d), window, kv, max_seq, chunk,
+        REP=rep, D=d, D_PAD=d_pad, BLOCK_R=block_r, BLOCK_T=block_t, SPLITS=splits,
+        USE_PDL=int(pdl), HAS_CROW=cache_rows is not None,
+        EARLY_KV=early_kv, num_warps=num_warps, **extra)
     return out

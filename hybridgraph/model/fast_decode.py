@@ -44,11 +44,11 @@ class TritonDecode:
 
     def __init__(self, model: Transformer, max_batch: int, plan: KernelPlan | None = None,
                  ) -> None:
-        from hybridgraph.kernels import argmax, attention, attn_o, ffn, gemv, sampling
+        from hybridgraph.kernels import argmax, attention, ffn, gemv, sampling
         from hybridgraph.kernels.workspace import Workspace
 
         self._gemv, self._attn, self._argmax, self._sampling = gemv, attention, argmax, sampling
-        self._ffn, self._attn_o = ffn, attn_o
+        self._ffn = ffn
         plan = plan_on(model.tok_embeddings.weight.device, plan)
         self.model, self.plan = model, plan
         self._pdl = (2 if self.plan.pdl_late else 1) if self.plan.pdl else 0
@@ -108,13 +108,6 @@ class TritonDecode:
             f, c = ffn.workspace_need(cfg.hidden_size, self.configs["w2"],
                                       cfg.intermediate_size)
             floats, counters = max(floats, f), max(counters, c)
-        self.fused_attn_o = (self.plan.fuse_attn_o and "wo" in self.plan.gemv
-                             and attn_o.fusable(self.configs["wo"])
-                             and all(layer.all_reduce is no_reduce for layer in model.layers))
-        if self.fused_attn_o:
-            f, c = attn_o.workspace_need(cfg.hidden_size, self.heads * self.d, self.kv,
-                                         self.configs["wo"])
-            floats, counters = max(floats, f), max(counters, c)
         d_pad = max(16, 1 << (self.d - 1).bit_length())
         rep_pad = max(16, 1 << (self.heads // self.kv - 1).bit_length())
         # attention_splits keeps batch * kv * splits under 4 * SMs whenever it splits.
@@ -154,11 +147,9 @@ class TritonDecode:
     def gemv_launches(self, rows: int) -> list[str]:
         """The projection of each GEMV launch one `rows`-row `forward` makes, in launch
         order (`bench profile` names each traced launch by its place; "w13+w2" is the
-        fused feed-forward, "attn+wo" attention and O in one launch)."""
+        fused feed-forward)."""
         uses = self.plan.uses(rows)
         layer = [p for p in PROJECTIONS if p != "head" and p in uses]
-        if rows == 1 and self.fused_attn_o:
-            layer = [p if p != "wo" else "attn+wo" for p in layer]
         if rows == 1 and self.fused_ffn:
             layer = [p for p in layer if p not in ("w13", "w2")] + ["w13+w2"]
         return layer * len(self.model.layers) + (["head"] if "head" in uses else [])
@@ -271,32 +262,23 @@ class TritonDecode:
                                   pdl=pdl)
             glue.rope_kv(F.linear(xn, att.wqkv.weight), cos, sin, pos, cache.k, cache.v, q,
                          self.heads, self.kv, pdl=pdl, cache_rows=cache_rows)
-        x1: Tensor | None = None  # the residual stream after attention and O
-        if b == 1 and self.fused_attn_o:  # attention and O in one launch (kernels/attn_o.py)
-            x1 = self._attn_o.attention_o(q, cache.k, cache.v, pos, window, new(q.shape),
-                                          att.wo.weight, x2, new(b, hidden), self.ws,
-                                          self.configs["wo"], block_t=self.plan.block_t,
-                                          splits=self.plan.attn_splits, pdl=pdl,
-                                          cache_rows=cache_rows, early_kv=self.early_kv)
-        else:
-            # One row: the O GEMV may launch at once and prefetch its weights while
-            # attention runs (HBM is idle then); with more rows that cost more than it gave
-            # (run 10).
-            early = self.plan.attn_early and pdl and b == 1 and "wo" in on_gemv
-            o = self._attn.decode_attention(q, cache.k, cache.v, pos, window, new(q.shape),
-                                            self.ws, block_t=self.plan.block_t,
-                                            splits=self.plan.attn_splits,
-                                            pdl=1 if early else pdl, cache_rows=cache_rows,
-                                            early_kv=self.early_kv)
-            if layer.all_reduce is not no_reduce:  # a tensor-parallel rank
-                return self._reduced_tail(layer, x2, o, on_gemv).view(b, 1, hidden)
+        # One row: the O GEMV may launch at once and prefetch its weights while attention
+        # runs (HBM is idle then); with more rows that cost more than it gave (run 10).
+        early = self.plan.attn_early and pdl and b == 1 and "wo" in on_gemv
+        o = self._attn.decode_attention(q, cache.k, cache.v, pos, window, new(q.shape),
+                                        self.ws, block_t=self.plan.block_t,
+                                        splits=self.plan.attn_splits,
+                                        pdl=1 if early else pdl, cache_rows=cache_rows,
+                                        early_kv=self.early_kv)
+        if layer.all_reduce is not no_reduce:  # a tensor-parallel rank
+            return self._reduced_tail(layer, x2, o, on_gemv).view(b, 1, hidden)
         inter = ff.w2.weight.shape[1]
         h = new(b, inter)
         if "w13" in on_gemv:
-            if x1 is None and "wo" in on_gemv:
+            if "wo" in on_gemv:
                 x1 = g.gemv(o, att.wo.weight, new(b, hidden), self.ws, self.configs["wo"],
                             epi=g.EPI_RESID, residual=x2, pdl=pdl)
-            elif x1 is None:
+            else:
                 x1 = x2 + F.linear(o, att.wo.weight)
             if b == 1 and self.fused_ffn:  # gate/up and down in one launch
                 out = self._ffn.ffn(x1, ff.w13.weight, layer.ffn_norm.weight, ff.w2.weight,
@@ -308,10 +290,9 @@ class TritonDecode:
         else:
             from hybridgraph.kernels import glue
             xn = new(b, hidden)
-            if x1 is not None or "wo" in on_gemv:
-                if x1 is None:
-                    x1 = g.gemv(o, att.wo.weight, new(b, hidden), self.ws,
-                                self.configs["wo"], epi=g.EPI_RESID, residual=x2, pdl=pdl)
+            if "wo" in on_gemv:
+                x1 = g.gemv(o, att.wo.weight, new(b, hidden), self.ws, self.configs["wo"],
+                            epi=g.EPI_RESID, residual=x2, pdl=pdl)
                 glue.add_rmsnorm(x1, layer.ffn_norm.weight, self.eps, xn, pdl=pdl)
             else:  # the residual add rides in the norm kernel
                 x1 = new(b, hidden)

@@ -54,8 +54,6 @@ class KernelPlan:
     #                                         run on the kernels (`prefill`); 0: none do
     fuse_ffn: bool = True                   # one row: gate/up and down as one launch
     #                                         (kernels/ffn.py), where their configs allow
-    fuse_attn_o: bool = True                # one row: attention and O as one launch
-    #                                         (kernels/attn_o.py), where O's config allows
     glue_prefill: bool = True               # every other prefill on cuBLAS + glue + SDPA
     #                                         (model/fast_prefill.py), not Inductor's block
     configs: dict[str, object] = field(default_factory=dict)  # projection -> GemvConfig

@@ -9,6 +9,7 @@ from torch._dynamo.utils import counters
 from hybridgraph.model.config import preset
 from hybridgraph.model.llama import Transformer
 from hybridgraph.runtime.step import GREEDY, StepBuffers, compiled_blocks
+from tests.triton_interpreter import needs_interpreter
 
 
 def test_set_sampling_writes_the_rows_it_names() -> None:
@@ -60,3 +61,42 @@ def test_compiled_blocks_compile_once_per_batch_class() -> None:
             torch.testing.assert_close(model.decode(*args, block=decode), model.decode(*args),
                                        rtol=1e-4, atol=1e-4)
     assert counters["stats"]["unique_graphs"] == 4, dict(counters["stats"])
+
+
+@needs_interpreter
+def test_greedy_on_the_kernels_finishes_as_the_three_launches_do() -> None:
+    """Steps' one-launch greedy finish (the argmax's Finish: the position advanced, the
+    token published; on a GPU inside the step's graph) leaves the step buffers and the
+    token ring exactly as the sampler, `pos + active` and the publish do: a decode with a
+    masked row, then a prefill of two prompts landing on rows 1 and 2. On the CPU the
+    ring is host memory the interpreter's kernels write."""
+    from hybridgraph.model.fast_decode import TritonDecode
+    from hybridgraph.model.kernel_plan import KernelPlan
+    from hybridgraph.model.loader import random_model
+    from hybridgraph.runtime.dynamic import greedy
+    from hybridgraph.runtime.step import Steps
+    from tests.triton_interpreter import F16, SMALL
+    model = random_model(SMALL, torch.device("cpu"), F16, seed=1)
+    model.setup_caches(4, 64)
+    fast = TritonDecode(model, 4, KernelPlan(pdl=False))
+    logits = torch.randn(4, SMALL.vocab_size, generator=torch.Generator().manual_seed(3))
+    logits[2, 5] = logits[2].max()  # a tie: the first index wins on both paths
+    after = []
+    for sampler in (fast.greedy, greedy):
+        bufs = StepBuffers(4, 64, torch.device("cpu"))
+        bufs.kernel_ring = True  # the ring is the kernels' to write
+        bufs.pos.copy_(torch.tensor([5, 9, 13, 7]))
+        bufs.set_active([1, 0, 1, 1])
+        steps = Steps(model, bufs)
+        steps.fast = fast
+        assert steps._greedy_kernel(sampler) == (sampler == fast.greedy)
+        steps.finish_decode(logits, 4, sampler)
+        bufs.set_prefill_rows(1)
+        bufs.last_idx[:2] = torch.tensor([3, 10])
+        steps.finish_prefill(logits[2:], 2, sampler)
+        after.append((bufs.ids.clone(), bufs.pos.clone(), bufs.ring.clone()))
+    (ids, pos, ring), expect = after
+    assert torch.equal(ids, expect[0]) and torch.equal(pos, expect[1])
+    assert torch.equal(ring, expect[2])
+    assert pos.tolist() == [6, 4, 11, 8]  # row 0 decoded, rows 1-2 prefilled, row 3 decoded
+    assert int(fast.ws.counters.abs().sum()) == 0

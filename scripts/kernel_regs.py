@@ -1,14 +1,15 @@
-"""Registers, spills and shared memory of a one-row decode step's kernels, for sm_90, on the CPU.
+"""Registers, spills and shared memory of a decode step's kernels, for sm_90, on the CPU.
 
     python scripts/kernel_regs.py [--models tinyllama-1.1b,llama-3.2-1b,llama-2-7b]
                                   [--dtype bfloat16] [--window 512] [--block-t 64,32]
-                                  [--attn-warps 4,8]
+                                  [--attn-warps 4,8] [--rows 1]
 
 A launch's registers a thread bound how many of its programs an SM holds, and a kernel
 that runs out of them spills to local memory (the "stack" column: bytes a thread). Both
 have decided plans before (KERNELS.md runs 24, 25 and 29) and were read off a GPU. Here
-each launch of a preset's one-row step is made as TritonDecode makes it (the default
-plan's configs, late PDL), on CPU tensors of the real shapes, with `launch` swapped for a
+each launch of a preset's step of --rows rows (16: what a short prefill runs) is made as
+TritonDecode makes it (the default plan's configs, late PDL), on CPU tensors of the real
+shapes, with `launch` swapped for a
 recorder; each recorded launch is specialized as Triton's JIT would specialize it on a
 GPU (pointers 16-byte aligned, integers divisible by 16 or equal to 1, `do_not_specialize`
 honoured), compiled for sm_90, and the cuobjdump that ships with Triton reads the cubin's
@@ -92,10 +93,10 @@ def resources(kernel: Any, args: tuple, kwargs: dict) -> dict[str, int]:
 
 
 def step_launches(model: str, dtype: torch.dtype, window: int, block_ts: list[int],
-                  warps: list[int]) -> list[tuple[str, Launch]]:
-    """(label, launch) of one layer and the head of `model`'s one-row step on the default
-    plan: TritonDecode's configs (built on the meta device: shapes only), its launches
-    made on empty CPU tensors."""
+                  warps: list[int], rows: int = 1) -> list[tuple[str, Launch]]:
+    """(label, launch) of one layer and the head of `model`'s step of `rows` rows on the
+    default plan: TritonDecode's configs (built on the meta device: shapes only; gemv
+    takes its batched rule for 2+ rows itself), its launches made on empty CPU tensors."""
     cfg = preset(model)
     with torch.device("meta"):
         fast = TritonDecode(Transformer(cfg), 1, KernelPlan())
@@ -107,9 +108,10 @@ def step_launches(model: str, dtype: torch.dtype, window: int, block_ts: list[in
         return torch.empty(*shape, dtype=dt)
 
     ws = Workspace(1 << 22, 1 << 14, "cpu")
-    x, q, o = new(1, h), new(1, heads * d), new(1, heads * d)
-    pos = torch.zeros(1, dtype=torch.int64)
-    k_cache, v_cache = new(1, kv, window, d), new(1, kv, window, d)
+    b = rows
+    x, q, o = new(b, h), new(b, heads * d), new(b, heads * d)
+    pos = torch.zeros(b, dtype=torch.int64)
+    k_cache, v_cache = new(b, kv, window, d), new(b, kv, window, d)
     rope = gemv.RopeArgs(new(window, d), new(window, d), pos, k_cache, v_cache, heads, kv)
     out: list[tuple[str, Launch]] = []
 
@@ -124,21 +126,21 @@ def step_launches(model: str, dtype: torch.dtype, window: int, block_ts: list[in
                 lambda bt=bt, w=w: attention.decode_attention(
                     q, k_cache, v_cache, pos, window, o, ws, block_t=bt, num_warps=w, pdl=2,
                     early_kv=fast.early_kv))
-    add("gemv wo", lambda: gemv.gemv(o, new(h, heads * d), new(1, h), ws, c["wo"],
+    add("gemv wo", lambda: gemv.gemv(o, new(h, heads * d), new(b, h), ws, c["wo"],
                                      epi=gemv.EPI_RESID, residual=x, pdl=2))
     w13, w2 = new(2 * inter, h), new(h, inter)
-    if fast.fused_ffn:
+    if fast.fused_ffn and b == 1:
         add("ffn (gate/up + down)", lambda: ffn.ffn(x, w13, new(h), w2, x, new(1, inter),
                                                     new(1, h), ws, c["w13"], c["w2"], pdl=2))
     else:
-        add("gemv w13", lambda: gemv.gemv(x, w13, new(1, inter), ws, c["w13"],
+        add("gemv w13", lambda: gemv.gemv(x, w13, new(b, inter), ws, c["w13"],
                                           epi=gemv.EPI_SILU, norm_w=new(h), pdl=2))
-        add("gemv w2", lambda: gemv.gemv(new(1, inter), w2, new(1, h), ws, c["w2"],
+        add("gemv w2", lambda: gemv.gemv(new(b, inter), w2, new(b, h), ws, c["w2"],
                                          epi=gemv.EPI_RESID, residual=x, pdl=2))
-    logits = new(1, vocab, dt=torch.float32)
+    logits = new(b, vocab, dt=torch.float32)
     add("gemv head", lambda: gemv.gemv(x, new(vocab, h), logits, ws, c["head"],
                                        norm_w=new(h), pdl=2))
-    add("argmax", lambda: argmax.argmax(logits, torch.empty(1, dtype=torch.int64), ws,
+    add("argmax", lambda: argmax.argmax(logits, torch.empty(b, dtype=torch.int64), ws,
                                         pdl=True))
     return out
 
@@ -150,14 +152,15 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--block-t", default="64,32")
     ap.add_argument("--attn-warps", default="4,8")
+    ap.add_argument("--rows", type=int, default=1)
     a = ap.parse_args()
     block_ts = [int(v) for v in a.block_t.split(",")]
     warps = [int(v) for v in a.attn_warps.split(",")]
-    print(f"# sm_90, {a.dtype}, one row, window {a.window}, Triton {triton.__version__}: "
+    print(f"# sm_90, {a.dtype}, {a.rows} row(s), window {a.window}, Triton {triton.__version__}: "
           "registers a thread, stack (spill) bytes a thread, shared memory bytes")
     for model in a.models.split(","):
         for label, (kernel, args, kwargs) in step_launches(model, DTYPES[a.dtype], a.window,
-                                                           block_ts, warps):
+                                                           block_ts, warps, a.rows):
             r = resources(kernel, args, kwargs)
             print(f"{model:15} {label:40} regs {r['regs']:4}  stack {r['stack']:4}  "
                   f"shared {r['shared']:6}", flush=True)

@@ -45,3 +45,33 @@ def test_step_buffers_publish_and_the_reader_find_tokens_by_position() -> None:
     reader.push(1)
     assert reader.read(1, [0, 1, 2, 3], [11, 11, 11, 3]) == [1, 2, 3, 8]
     assert reader.read(0, [2], [10 + TOKEN_SLOTS]) == [7]  # slots repeat every TOKEN_SLOTS
+
+
+def test_a_finish_on_any_row_compiles_nothing_new() -> None:
+    """A prefill's finish passes row slices of the step buffers, starting at its first row:
+    an int64 slice at an odd row is 8-byte aligned, which Triton would specialize (one more
+    compile, mid-serving, for the first request landing there). The kernels a finish
+    launches take those pointers unspecialized; checked against Triton's own specializer."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    from hybridgraph.kernels.argmax import _argmax_kernel
+    from hybridgraph.kernels.publish import _publish_kernel
+    from hybridgraph.kernels.sampling import _chunk_mass_kernel, _draw_kernel
+    rows = torch.zeros(8, dtype=torch.int64)
+    keys = {native_specialize_impl(BaseBackend, rows[r:], False, True, True)[1]
+            for r in (0, 1)}
+    assert len(keys) == 2  # the premise: specialized, rows 0 and 1 are two kernels
+    sliced = {_argmax_kernel: ["out_ptr", "first"],
+              _publish_kernel: ["ids_ptr", "pos_ptr", "act_ptr", "first"],
+              _chunk_mass_kernel: ["temp_ptr", "topk_ptr"],
+              _draw_kernel: ["temp_ptr", "topk_ptr", "topp_ptr", "seed_ptr", "cnt_ptr",
+                             "out_ptr"]}
+    for kernel, names in sliced.items():
+        # A JITFunction keeps the list; the interpreter's InterpretedFunction its kwargs.
+        off = getattr(kernel, "do_not_specialize", None)
+        off = set(off if off is not None else kernel.kwargs.get("do_not_specialize") or ())
+        for name in names:
+            keys = {native_specialize_impl(BaseBackend, rows[r:], False, name not in off,
+                                           True)[1] for r in (0, 1)}
+            assert len(keys) == 1, (kernel, name)

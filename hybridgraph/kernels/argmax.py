@@ -59,7 +59,9 @@ def _settle(row, i, out_ptr, first, pos_in_ptr, pos_out_ptr, act_ptr, ring_ptr, 
                    HAS_ACTIVE)
 
 
-@triton.jit(do_not_specialize=["first"])
+# out_ptr may be a row slice of the step's token buffer (a sampled prefill's rows start
+# anywhere): not specialized on its alignment, so no row compiles a kernel of its own.
+@triton.jit(do_not_specialize=["first", "out_ptr"])
 def _argmax_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, V, stride_x, CHUNK, first,
                    pos_in_ptr, pos_out_ptr, act_ptr, ring_ptr, slots, width,
                    SPLITS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,

@@ -66,7 +66,9 @@ def finish_row(row, tok, first, pos_in_ptr, pos_out_ptr, act_ptr, ring_ptr, slot
         tl.store(ring_ptr + (p % slots) * width + first + row, tok)
 
 
-@triton.jit(do_not_specialize=["first"])
+# ids, pos and active are a prefill's rows of the step buffers, starting anywhere: not
+# specialized on their alignment (nor `first` on its value), so no row compiles anew.
+@triton.jit(do_not_specialize=["first", "ids_ptr", "pos_ptr", "act_ptr"])
 def _publish_kernel(ids_ptr, pos_ptr, act_ptr, ring_ptr, b, first, slots, width,
                     HAS_ACTIVE: tl.constexpr, BLOCK: tl.constexpr):
     r = tl.arange(0, BLOCK)

@@ -50,7 +50,9 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-@triton.jit
+# The per-row parameters are the step buffers' rows first.. (a prefill's rows start
+# anywhere): not specialized on their alignment, so no row compiles a kernel of its own.
+@triton.jit(do_not_specialize=["temp_ptr", "topk_ptr"])
 def _chunk_mass_kernel(sorted_ptr, temp_ptr, topk_ptr, mass_ptr, V, stride_s, CHUNK,
                        SPLITS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     """Pass 1, program (row, j): sum of exp(x - max) over chunk j of the sorted row, up to
@@ -74,7 +76,8 @@ def _chunk_mass_kernel(sorted_ptr, temp_ptr, topk_ptr, mass_ptr, V, stride_s, CH
         tl.store(mass_ptr + row * SPLITS + j, acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["temp_ptr", "topk_ptr", "topp_ptr", "seed_ptr", "cnt_ptr",
+                               "out_ptr"])
 def _draw_kernel(sorted_ptr, idx_ptr, temp_ptr, topk_ptr, topp_ptr, seed_ptr, cnt_ptr,
                  mass_ptr, best_ptr, count_ptr, out_ptr, V, stride_s, stride_i, CHUNK,
                  SPLITS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):

@@ -260,7 +260,7 @@ def attention_section(name: str, dtype: torch.dtype) -> None:
 def plan_options(opts: list[str]) -> dict:
     """KernelPlan keywords from a plan name's options: pdl | pdl-late (else PDL off), pfN
     (every GEMV prefetches N lines a row), wopfN (the O GEMV prefetches N), attn0 | attn1
-    (attention keys per tile), aspN (attention splits), ffn0 | ffn1 (gate/up and down
+    (attention keys per tile), awN (warps an attention program), aspN (attention splits), ffn0 | ffn1 (gate/up and down
     as one launch or two), ekv0 | ekv1 (attention reads earlier keys before its PDL wait,
     one tile a split, or not), cfg-PROJ-HALF-SPLIT-WARPS-STAGES-BLOCKK (PROJ's one-row
     register config: e.g. cfg-wo-8-2-4-1-512)."""
@@ -279,6 +279,8 @@ def plan_options(opts: list[str]) -> dict:
             kw["wo_prefetch"] = int(o[4:])
         elif o in ("attn0", "attn1"):
             kw["attn_early"] = o == "attn1"
+        elif o.startswith("aw"):
+            kw["attn_warps"] = int(o[2:])
         elif o.startswith("bt"):
             kw["block_t"] = int(o[2:])
         elif o.startswith("asp"):

@@ -267,6 +267,7 @@ class TritonDecode:
         early = self.plan.attn_early and pdl and b == 1 and "wo" in on_gemv
         o = self._attn.decode_attention(q, cache.k, cache.v, pos, window, new(q.shape),
                                         self.ws, block_t=self.plan.block_t,
+                                        num_warps=self.plan.attn_warps,
                                         splits=self.plan.attn_splits,
                                         pdl=1 if early else pdl, cache_rows=cache_rows,
                                         early_kv=self.early_kv)

@@ -37,6 +37,7 @@ class KernelPlan:
     pdl_late: bool = True                   # GEMV/attention let the next kernel launch only
     #                                         after their main loop, not at once
     block_t: int = 64                       # keys per attention tile
+    attn_warps: int = 4                     # warps per attention program
     attn_splits: int | None = None          # attention splits over keys (None: the rule
     #                                         of kernels/attention.attention_splits)
     prefetch: int | None = None             # L2 lines per weight row each GEMV program

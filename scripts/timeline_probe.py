@@ -9,6 +9,10 @@ feed-forward, ...) as the median over the middle layers, with the kernel's own m
 duration and its start relative to the previous kernel's end (negative: it launched early).
 
   python3 scripts/timeline_probe.py --models tinyllama-1.1b,llama-3.2-1b --window 512
+
+With --prefill T the forward is a T-token kernel prefill (TritonDecode.prefill: T rows a
+launch, the head on the last row only) instead of a one-row step, so the two can be set
+side by side per launch; --pdl 0 takes PDL off, where durations no longer overlap.
 """
 
 from __future__ import annotations
@@ -38,22 +42,30 @@ def short(name: str) -> str:
     return name[:30]
 
 
-def probe(name: str, dtype: torch.dtype, window: int, forwards: int, plan: KernelPlan) -> None:
+def probe(name: str, dtype: torch.dtype, window: int, forwards: int, plan: KernelPlan,
+          prefill: int = 0) -> None:
     model = random_model(preset(name), torch.device("cuda"), dtype)
     model.setup_caches(1, 2048)
-    ids = torch.full((1,), 5, device="cuda")
-    pos = torch.full((1,), window // 2, device="cuda")
     fast = TritonDecode(model, 1, plan)
+    if prefill:  # one prompt of `prefill` tokens into cache row 0, logits of its last
+        prompt = torch.full((prefill,), 5, device="cuda")
+        row0 = torch.zeros(1, dtype=torch.int64, device="cuda")
+        last = torch.tensor([prefill - 1], device="cuda")
+        step = lambda: fast.prefill(prompt, row0, last)  # noqa: E731
+    else:
+        ids = torch.full((1,), 5, device="cuda")
+        pos = torch.full((1,), window // 2, device="cuda")
+        step = lambda: fast.forward(ids, pos, window)  # noqa: E731
     with torch.no_grad():
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            fast.forward(ids, pos, window)
+            step()
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             for _ in range(forwards):
-                fast.forward(ids, pos, window)
+                step()
         for _ in range(5):
             g.replay()
         torch.cuda.synchronize()
@@ -69,7 +81,8 @@ def probe(name: str, dtype: torch.dtype, window: int, forwards: int, plan: Kerne
     lead = next(i for i, e in enumerate(ev) if e[2] == "gemv_kernel")
     per_layer = (per_fwd - lead - 1) // layers
     tail = per_fwd - lead - per_layer * layers
-    print(f"{name}: {len(ev)} kernels, {per_fwd} a forward, {per_layer} a layer", flush=True)
+    what = f"{prefill}-token prefill" if prefill else "one-row step"
+    print(f"{name} ({what}, pdl {int(plan.pdl)}): {len(ev)} kernels, {per_fwd} a forward, {per_layer} a layer", flush=True)
     if per_fwd * 3 * forwards != len(ev) or tail < 1:
         print("  unexpected kernel sequence:", [k for _, _, k in ev[:per_fwd + 4]])
         return
@@ -101,11 +114,14 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--forwards", type=int, default=4)
     ap.add_argument("--ffn", type=int, default=1)
+    ap.add_argument("--pdl", type=int, default=1)
+    ap.add_argument("--prefill", type=int, default=0, help="T: a T-token prefill's forward")
     a = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for name in a.models.split(","):
         dtype = torch.float16 if name == "llama-2-7b" else torch.bfloat16
-        probe(name, dtype, a.window, a.forwards, KernelPlan(fuse_ffn=bool(a.ffn)))
+        plan = KernelPlan(fuse_ffn=bool(a.ffn), pdl=bool(a.pdl))
+        probe(name, dtype, a.window, a.forwards, plan, a.prefill)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ recorder; each recorded launch is specialized as Triton's JIT would specialize i
 GPU (pointers 16-byte aligned, integers divisible by 16 or equal to 1, `do_not_specialize`
 honoured), compiled for sm_90, and the cuobjdump that ships with Triton reads the cubin's
 resource usage. Attention is listed for each --block-t and --attn-warps asked
-(KernelPlan.block_t; decode_attention's num_warps). No GPU needed.
+(KernelPlan.block_t; decode_attention's num_warps), and how many places each kernel's
+code waits for a warpgroup (wgmma) product. No GPU needed. It compiles with the Triton it
+imports: to see what the GPUs' Triton makes, put that version's wheel, unpacked, first on
+PYTHONPATH (its bundled ptxas and cuobjdump made executable).
 """
 
 from __future__ import annotations
@@ -60,8 +63,8 @@ def record(make: Callable[[], Any]) -> list[Launch]:
 
 
 def resources(kernel: Any, args: tuple, kwargs: dict) -> dict[str, int]:
-    """{'regs', 'stack', 'shared'} of the kernel Triton's JIT would compile for these
-    arguments on an sm_90 GPU."""
+    """{'regs', 'stack', 'shared', 'mma_waits'} of the kernel Triton's JIT would compile
+    for these arguments on an sm_90 GPU."""
     sig, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(kernel.params):
         value = args[i] if i < len(args) else kwargs[p.name]
@@ -89,7 +92,11 @@ def resources(kernel: Any, args: tuple, kwargs: dict) -> dict[str, int]:
     regs, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
     if regs is None or stack is None:
         raise RuntimeError(f"no resource usage in cuobjdump's output: {usage[-400:]}")
-    return {"regs": int(regs[1]), "stack": int(stack[1]), "shared": compiled.metadata.shared}
+    # Places the code waits for Hopper's asynchronous warpgroup products (the count in the
+    # code, not per step): a loop that waits after each of its products serializes them.
+    waits = compiled.asm["ptx"].count("wgmma.wait_group")
+    return {"regs": int(regs[1]), "stack": int(stack[1]), "shared": compiled.metadata.shared,
+            "mma_waits": waits}
 
 
 def step_launches(model: str, dtype: torch.dtype, window: int, block_ts: list[int],
@@ -163,7 +170,7 @@ def main() -> None:
                                                            block_ts, warps, a.rows):
             r = resources(kernel, args, kwargs)
             print(f"{model:15} {label:40} regs {r['regs']:4}  stack {r['stack']:4}  "
-                  f"shared {r['shared']:6}", flush=True)
+                  f"shared {r['shared']:6}  mma_waits {r['mma_waits']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,14 @@ def test_kernel_regs_reports_each_launch_of_a_step() -> None:
                         "llama-3.2-1b", "--block-t", "64", "--attn-warps", "4"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = re.findall(r"^llama-3.2-1b\s+(.+?)\s+regs\s+(\d+)\s+stack\s+(\d+)\s+shared\s+(\d+)$",
-                      r.stdout, re.MULTILINE)
+    rows = re.findall(r"^llama-3.2-1b\s+(.+?)\s+regs\s+(\d+)\s+stack\s+(\d+)\s+shared\s+(\d+)"
+                      r"\s+mma_waits\s+(\d+)$", r.stdout, re.MULTILINE)
     labels = [label for label, *_ in rows]
+    # One row runs on the register path: no warpgroup products anywhere.
+    assert all(w == "0" for *_, w in rows), r.stdout
     assert labels == ["gemv qkv", "attention block_t 64 warps 4 early_kv", "gemv wo",
                       "ffn (gate/up + down)", "gemv head", "argmax"], r.stdout
-    regs = {label: int(n) for label, n, _, _ in rows}
+    regs = {label: int(n) for label, n, *_ in rows}
     assert all(0 < n <= 255 for n in regs.values())
     # Specialized as on a GPU (16-byte loads), the one-row O GEMV needs no more than the
     # fused feed-forward, whose one launch holds both of its GEMVs' registers.

@@ -263,10 +263,12 @@ def test_kernel_plan_picks_projections_by_rows() -> None:
 
 def test_o_projection_prefetches_while_attention_runs() -> None:
     """The one-row O GEMV follows attention, which leaves HBM idle: it takes the deeper
-    idle_prefetch rule (or the plan's wo_prefetch); the other projections keep theirs.
+    idle_prefetch rule (or the plan's wo_prefetch); the other projections keep theirs, and a
+    kernel prefill's O the batched tiles with that prefetch.
     Hidden 4096 as llama-2-7b: O splits K in 2, so half a slice is 16 lines, not 4."""
     from dataclasses import replace
 
+    from hybridgraph.kernels.gemv_config import EPI_RESID, default_config
     from hybridgraph.model.fast_decode import TritonDecode
     from hybridgraph.model.kernel_plan import KernelPlan
     wide = replace(SMALL, hidden_size=4096, num_heads=32, num_kv_heads=32, num_layers=1)
@@ -276,6 +278,9 @@ def test_o_projection_prefetches_while_attention_runs() -> None:
     assert fast.configs["wo"].prefetch == 16
     assert fast.configs["w2"].prefetch == fast.configs["qkv"].prefetch == 4
     assert TritonDecode(model, 1, KernelPlan(wo_prefetch=8)).configs["wo"].prefetch == 8
+    # A kernel prefill's O launches early too: the batched rule's tiles, the same prefetch.
+    batched = default_config(4096, 4096, 132, EPI_RESID, rows=2)
+    assert fast.prefill_wo == batched._replace(prefetch=16) and batched.prefetch == 4
 
 
 @needs_interpreter

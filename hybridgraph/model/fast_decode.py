@@ -103,6 +103,11 @@ class TritonDecode:
                 tiles = gemv.n_tiles(epi, n, half, self.d // 2)
                 floats = max(floats, gemv.workspace_floats(tiles, cc.split_k, half))
                 counters = max(counters, tiles)
+        # A kernel prefill's O (2-16 rows) launches early as a one-row step's does, on the
+        # batched tiles with the one-row config's idle prefetch (KERNELS.md run 30).
+        wo = self.configs.get("wo")
+        self.prefill_wo = wo if wo is None or wo.dot else gemv.default_config(
+            *shapes["wo"][:2], self.sms, shapes["wo"][2], rows=2)._replace(prefetch=wo.prefetch)
         self.fused_ffn = "w2" in self.configs and self._fuses_ffn(self.configs["w2"])
         if self.fused_ffn:
             f, c = ffn.workspace_need(cfg.hidden_size, self.configs["w2"],
@@ -262,9 +267,12 @@ class TritonDecode:
                                   pdl=pdl)
             glue.rope_kv(F.linear(xn, att.wqkv.weight), cos, sin, pos, cache.k, cache.v, q,
                          self.heads, self.kv, pdl=pdl, cache_rows=cache_rows)
-        # One row: the O GEMV may launch at once and prefetch its weights while attention
-        # runs (HBM is idle then); with more rows that cost more than it gave (run 10).
-        early = self.plan.attn_early and pdl and b == 1 and "wo" in on_gemv
+        # One row, or a prompt's rows in a kernel prefill: the O GEMV may launch at once and
+        # prefetch its weights while attention runs (HBM is idle then). In a batch of decode
+        # rows that cost more than it gave (run 10); a 10-token prefill gained 1-2% (run 30).
+        prefill = cache_rows is not None and b > 1
+        early = self.plan.attn_early and pdl and (b == 1 or prefill) and "wo" in on_gemv
+        wo_cfg = self.prefill_wo if prefill else self.configs.get("wo")
         o = self._attn.decode_attention(q, cache.k, cache.v, pos, window, new(q.shape),
                                         self.ws, block_t=self.plan.block_t,
                                         num_warps=self.plan.attn_warps,
@@ -272,12 +280,12 @@ class TritonDecode:
                                         pdl=1 if early else pdl, cache_rows=cache_rows,
                                         early_kv=self.early_kv)
         if layer.all_reduce is not no_reduce:  # a tensor-parallel rank
-            return self._reduced_tail(layer, x2, o, on_gemv).view(b, 1, hidden)
+            return self._reduced_tail(layer, x2, o, on_gemv, wo_cfg).view(b, 1, hidden)
         inter = ff.w2.weight.shape[1]
         h = new(b, inter)
         if "w13" in on_gemv:
             if "wo" in on_gemv:
-                x1 = g.gemv(o, att.wo.weight, new(b, hidden), self.ws, self.configs["wo"],
+                x1 = g.gemv(o, att.wo.weight, new(b, hidden), self.ws, wo_cfg,
                             epi=g.EPI_RESID, residual=x2, pdl=pdl)
             else:
                 x1 = x2 + F.linear(o, att.wo.weight)
@@ -292,7 +300,7 @@ class TritonDecode:
             from hybridgraph.kernels import glue
             xn = new(b, hidden)
             if "wo" in on_gemv:
-                x1 = g.gemv(o, att.wo.weight, new(b, hidden), self.ws, self.configs["wo"],
+                x1 = g.gemv(o, att.wo.weight, new(b, hidden), self.ws, wo_cfg,
                             epi=g.EPI_RESID, residual=x2, pdl=pdl)
                 glue.add_rmsnorm(x1, layer.ffn_norm.weight, self.eps, xn, pdl=pdl)
             else:  # the residual add rides in the norm kernel
@@ -308,21 +316,22 @@ class TritonDecode:
         return out.view(b, 1, hidden)
 
     def _reduced_tail(self, layer: Block, x2: Tensor, o: Tensor, on_gemv: tuple[str, ...],
-                      ) -> Tensor:
+                      wo_cfg: GemvConfig | None) -> Tensor:
         """The block after attention on a tensor-parallel rank: O and down return this
         rank's partial sum, which is summed over the ranks before the residual add, so
         neither GEMV may fuse the add (EPI_PLAIN) as the one-rank path does. Both adds go
         through `layer.reduce_add`: the one-shot kernel sums and adds in one launch, other
         all-reduces (and Block's default) reduce and then add, which rounds the same. Where
         gate/up is on cuBLAS the first add rides in its norm kernel instead. Kept apart so the
-        one-rank path (tuned) stays as it is. x2: [B, hidden]; o: [B, heads * D]."""
+        one-rank path (tuned) stays as it is. x2: [B, hidden]; o: [B, heads * D]; wo_cfg:
+        O's config (a prefill's or the one-row one; None where O is not on the GEMV)."""
         g, pdl = self._gemv, self._pdl
         reduce, reduce_add = layer.all_reduce, layer.reduce_add
         att, ff = layer.attention, layer.feed_forward
         b, hidden = x2.shape
         new = x2.new_empty
         if "wo" in on_gemv:
-            attn = g.gemv(o, att.wo.weight, new(b, hidden), self.ws, self.configs["wo"],
+            attn = g.gemv(o, att.wo.weight, new(b, hidden), self.ws, wo_cfg,
                           epi=g.EPI_PLAIN, pdl=pdl)
         else:
             attn = F.linear(o, att.wo.weight)

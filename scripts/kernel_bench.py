@@ -337,20 +337,28 @@ def decode_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: list
             t0 = time.time()
             us = graph_time(fn, 4)
         row(section="decode", model=name, plan=plan, rows=rows, window=window,
-            ms=round(us / 1e3, 4), floor_ms=round(floor_us / 1e3, 4), floor_frac=round(floor_us / us, 3),
-            setup_s=round(time.time() - t0, 1))
+            ms=round(us / 1e3, 4), **floor_fields(floor_us, us), setup_s=round(time.time() - t0, 1))
     model.caches = torch.nn.ModuleList()
     torch.cuda.empty_cache()
 
 
-def weight_floor_us(model, floor_tbps: float) -> float:
+def weight_floor_us(model, floor_tbps: float | None) -> float | None:
     """µs to stream the weights a step reads once at floor_tbps (one embedding row unless
-    the head is tied to the embedding)."""
+    the head is tied to the embedding); None when this run measured no floor."""
+    if not floor_tbps:
+        return None
     wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if not model.config.tie_word_embeddings:
         w = model.tok_embeddings.weight
         wbytes -= w.numel() * w.element_size()
     return wbytes / floor_tbps / 1e6
+
+
+def floor_fields(floor_us: float | None, us: float) -> dict:
+    """A row's floor_ms and floor_frac, or nothing when this run measured no floor."""
+    if floor_us is None:
+        return {}
+    return {"floor_ms": round(floor_us / 1e3, 4), "floor_frac": round(floor_us / us, 3)}
 
 
 def prefill_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: list[str],
@@ -393,8 +401,7 @@ def prefill_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: lis
                 t0 = time.time()
                 us = graph_time(fn, 4)
             row(section="prefill", model=name, plan=plan, tokens=t, ms=round(us / 1e3, 4),
-                floor_ms=round(floor_us / 1e3, 4), floor_frac=round(floor_us / us, 3),
-                setup_s=round(time.time() - t0, 1))
+                **floor_fields(floor_us, us), setup_s=round(time.time() - t0, 1))
     model.caches = torch.nn.ModuleList()
     torch.cuda.empty_cache()
 
@@ -427,8 +434,8 @@ def main() -> None:
     a = ap.parse_args()
     sections = a.sections.split(",")
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    # No floor section, no floor: rows then carry no floor fields (none is assumed).
     tbps = guarded(floor_section) if "floor" in sections else None
-    tbps = tbps or 3.0
     from hybridgraph.kernels.selfcheck import check_kernels
     for dtype in (torch.float16, torch.bfloat16):
         t0 = time.time()
@@ -467,16 +474,18 @@ def main() -> None:
     print_table()
 
 
+def floor_text(r: dict) -> str:
+    return f"floor {r['floor_ms']:.4f} ({r['floor_frac']:.0%})" if "floor_ms" in r else ""
+
+
 def print_table() -> None:
     print("\n== summary (" + torch.cuda.get_device_name() + ") ==")
     for r in ROWS:
         if r["section"] == "decode":
-            print(f"decode {r['model']:14s} {r['plan']:26s} x{r.get('rows', 1):<2d} {r['ms']:8.4f} ms  "
-                  f"floor {r['floor_ms']:.4f} ({r['floor_frac']:.0%})")
+            print(f"decode {r['model']:14s} {r['plan']:26s} x{r.get('rows', 1):<2d} {r['ms']:8.4f} ms  " + floor_text(r))
     for r in ROWS:
         if r["section"] == "prefill":
-            print(f"prefill {r['model']:13s} {r['plan']:26s} T={r['tokens']:<3d} {r['ms']:8.4f} ms  "
-                  f"floor {r['floor_ms']:.4f} ({r['floor_frac']:.0%})")
+            print(f"prefill {r['model']:13s} {r['plan']:26s} T={r['tokens']:<3d} {r['ms']:8.4f} ms  " + floor_text(r))
     for r in ROWS:
         if r["section"] == "selfcheck":
             print(f"selfcheck {r['dtype']} {r['result']} {r['seconds']} s")

@@ -98,12 +98,19 @@ def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos
     k_start = split * K_SPLIT
     k_end = tl.minimum(k_start + K_SPLIT, K)
     if DOT:
-        wa_ptrs = w_ptr + rows_a.to(tl.int64)[:, None] * K + offs_k[None, :]
-        wb_ptrs = w_ptr + rows_b.to(tl.int64)[:, None] * K + offs_k[None, :]
         if SWAP:
-            acc_a = tl.zeros([HALF, BLOCK_B], dtype=tl.float32)
-            acc_b = tl.zeros([HALF, BLOCK_B], dtype=tl.float32)
+            # Both row sets as ONE [2 * HALF, BLOCK_K] weight tile (set A's rows, then
+            # B's) and one warpgroup product a step: with one a set, the compiled loop
+            # waited for each product before issuing the next (two waits a step).
+            offs_w = tl.arange(0, 2 * HALF)
+            ia, ib, ma_w, mb_w = tile_rows(tile, offs_w % HALF, N, D_HALF, EPI, HALF)
+            w_ptrs = w_ptr + tl.where(offs_w < HALF, ia, ib).to(tl.int64)[:, None] * K \
+                + offs_k[None, :]
+            m_w = tl.where(offs_w < HALF, ma_w, mb_w)
+            acc = tl.zeros([2 * HALF, BLOCK_B], dtype=tl.float32)
         else:
+            wa_ptrs = w_ptr + rows_a.to(tl.int64)[:, None] * K + offs_k[None, :]
+            wb_ptrs = w_ptr + rows_b.to(tl.int64)[:, None] * K + offs_k[None, :]
             acc_a = tl.zeros([BLOCK_B, HALF], dtype=tl.float32)
             acc_b = tl.zeros([BLOCK_B, HALF], dtype=tl.float32)
         # Squares summed elementwise in the loop, reduced once after it: a cross-warp
@@ -120,17 +127,16 @@ def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos
                 sq += xf * xf
                 nw = tl.load(normw_ptr + k + offs_k, mask=km, other=0.0)
                 xt = (xf * nw.to(tl.float32)[None, :]).to(xt.dtype)
-            wa = tl.load(wa_ptrs + k, mask=mask_a[:, None] & km[None, :], other=0.0)
-            wb = tl.load(wb_ptrs + k, mask=mask_b[:, None] & km[None, :], other=0.0)
             if SWAP:
-                acc_a = tl.dot(wa, tl.trans(xt), acc_a)
-                acc_b = tl.dot(wb, tl.trans(xt), acc_b)
+                w = tl.load(w_ptrs + k, mask=m_w[:, None] & km[None, :], other=0.0)
+                acc = tl.dot(w, tl.trans(xt), acc)
             else:
+                wa = tl.load(wa_ptrs + k, mask=mask_a[:, None] & km[None, :], other=0.0)
+                wb = tl.load(wb_ptrs + k, mask=mask_b[:, None] & km[None, :], other=0.0)
                 acc_a = tl.dot(xt, tl.trans(wa), acc_a)
                 acc_b = tl.dot(xt, tl.trans(wb), acc_b)
-        if SWAP:
-            acc_a = tl.trans(acc_a)
-            acc_b = tl.trans(acc_b)
+        if SWAP:  # [2 * HALF, B] -> set A's and set B's [B, HALF]
+            acc_a, acc_b = tl.split(tl.permute(tl.reshape(acc, [2, HALF, BLOCK_B]), (2, 1, 0)))
         ss = tl.sum(sq, axis=1)
     else:
         # One row (BLOCK_B == 1): products summed in registers (below), no

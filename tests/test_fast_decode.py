@@ -452,3 +452,53 @@ def test_head_dim_under_32_takes_qkv_off_the_batched_gemv() -> None:
     got = fast.prefill(ids, torch.tensor([0]), torch.tensor([6]))
     expect = model.prefill(ids[None], torch.tensor([6]))
     assert ref.rel_err(got, expect) < 4 * TOL
+
+
+@needs_interpreter
+@pytest.mark.parametrize("gemvs", [ALL, ("qkv", "wo", "w13", "w2")])
+def test_xw_chain_changes_no_number(gemvs, monkeypatch) -> None:
+    """2+ rows: O and down hand the next normed GEMV its operand made (KernelPlan.xw). A
+    batched step and a prefill give the logits and keys of the plan without it, bit for
+    bit; one row, a partial plan or xw=False runs no chain."""
+    from hybridgraph.kernels import gemv as g
+    from hybridgraph.model.fast_decode import TritonDecode
+    from hybridgraph.model.kernel_plan import KernelPlan
+    model = _peaked_model(512)
+    model.prefill(torch.randint(0, 97, (3, 12)))
+    on = TritonDecode(model, 3, KernelPlan(gemv=gemvs, gemv_batched=gemvs, pdl=False))
+    off = TritonDecode(model, 3, KernelPlan(gemv=gemvs, gemv_batched=gemvs, pdl=False,
+                                            xw=False))
+    assert on.xw_chain(3) and not on.xw_chain(1) and not off.xw_chain(3)
+    partial = TritonDecode(model, 3, KernelPlan(gemv=("qkv", "w13", "w2"),
+                                                gemv_batched=("qkv", "w13", "w2")))
+    assert not partial.xw_chain(3)
+    ids, pos = torch.tensor([1, 2, 3]), torch.tensor([12, 5, 300])
+    snap = snapshot_caches(model)
+    calls: list[tuple[bool, bool]] = []  # (reads xw, writes xw) of each GEMV launch
+    gemv = g.gemv
+
+    def spy(*args, xw=None, xw_out=None, **kw):
+        calls.append((xw is not None, xw_out is not None))
+        return gemv(*args, xw=xw, xw_out=xw_out, **kw)
+    monkeypatch.setattr(g, "gemv", spy)
+    results = []
+    for fast in (on, off):
+        restore_caches(model, snap)
+        with torch.no_grad():
+            logits = fast.forward(ids, pos, 512)
+            first = fast.prefill(torch.randint(0, 97, (5,), generator=torch.Generator()
+                                               .manual_seed(3)), torch.tensor([1]),
+                                 torch.tensor([4]))
+        results.append((logits, first, snapshot_caches(model)))
+    # A step of 2 layers: QKV reads in layer 1 only, O and down write in both (down of
+    # the last layer for the head only where it is on the GEMV), gate/up reads in both;
+    # the prefill likewise, with its one-row head reading nothing.
+    head = "head" in gemvs
+    step = [(False, False), (False, True), (True, False), (False, True),
+            (True, False), (False, True), (True, False), (False, head)] + [(head, False)] * head
+    pre = step[:7] + [(False, False)] + [(False, False)] * head
+    assert calls == step + pre + [(False, False)] * len(step + pre), calls  # on, then off
+    (a, pa, ca), (b, pb, cb) = results
+    assert torch.equal(a, b) and torch.equal(pa, pb)
+    for (k1, v1), (k2, v2) in zip(ca, cb, strict=True):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)

@@ -127,8 +127,8 @@ def step_launches(model: str, dtype: torch.dtype, window: int, block_ts: list[in
 
     # 2-16 rows: as TritonDecode's batched block, O and down write the next norm's operand
     # and the normed GEMVs read it (gemv's xw).
-    xin = {"xw": gemv.Normed.empty(x)} if b > 1 else {}
-    xout = {"xw_out": (gemv.Normed.empty(x), new(h))} if b > 1 else {}
+    xin = {"xw": new(b, h)} if b > 1 else {}
+    xout = {"xw_out": (new(b, h), new(h))} if b > 1 else {}
 
     add("gemv qkv", lambda: gemv.gemv(x, new((heads + 2 * kv) * d, h), q, ws, c["qkv"],
                                       epi=gemv.EPI_ROPE, norm_w=new(h), rope=rope, pdl=2,

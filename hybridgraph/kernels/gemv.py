@@ -44,7 +44,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -68,7 +67,7 @@ from hybridgraph.kernels.launch import launch
 from hybridgraph.kernels.workspace import Workspace
 
 # Callers name the epilogues and the config as gemv.X: one module to import for a launch.
-__all__ = ["EPI_PLAIN", "EPI_RESID", "EPI_ROPE", "EPI_SILU", "GemvConfig", "Normed", "RopeArgs",
+__all__ = ["EPI_PLAIN", "EPI_RESID", "EPI_ROPE", "EPI_SILU", "GemvConfig", "RopeArgs",
            "default_config", "ffn_down_config", "gemv", "gemv_kernel", "idle_prefetch",
            "n_tiles", "rope_half", "workspace_floats"]
 
@@ -81,13 +80,13 @@ def _prefetch_l2(ptrs):
 
 
 @triton.jit
-def _item(item, x_ptr, xg_ptr, sq_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
+def _item(item, x_ptr, xg_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
           vc_ptr, ws_ptr, cnt_ptr, B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out,
           stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow,
           NORM: tl.constexpr, EPI: tl.constexpr, SPLIT_K: tl.constexpr,
           BLOCK_B: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr,
           USE_PDL: tl.constexpr, DOT: tl.constexpr, HAS_CROW: tl.constexpr,
-          SWAP: tl.constexpr, XG: tl.constexpr, KG: tl.constexpr):
+          SWAP: tl.constexpr, XG: tl.constexpr):
     """One work item: a tile of rows over one split of K (the whole of K if unsplit)."""
     offs_h = tl.arange(0, HALF)
     offs_k = tl.arange(0, BLOCK_K)
@@ -122,19 +121,19 @@ def _item(item, x_ptr, xg_ptr, sq_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_p
         sq = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
         for k in range(k_start, k_end, BLOCK_K):
             km = (k + offs_k) < k_end
-            if XG == 1:  # norm_w * x as the previous launch wrote it: x itself is not read
-                xt = tl.load(xg_ptr + offs_b[:, None] * stride_x + (k + offs_k)[None, :],
-                             mask=mask_bb[:, None] & km[None, :], other=0.0)
-            else:
-                xt = tl.load(x_ptr + offs_b[:, None] * stride_x + (k + offs_k)[None, :],
-                             mask=mask_bb[:, None] & km[None, :], other=0.0)
-            if NORM and XG != 1:
+            xt = tl.load(x_ptr + offs_b[:, None] * stride_x + (k + offs_k)[None, :],
+                         mask=mask_bb[:, None] & km[None, :], other=0.0)
+            if NORM:
                 # RMSNorm folded in: y = rstd * (W @ (norm_w * x)), rstd from the sum of
                 # squares gathered here, so no extra pass over x.
                 xf = xt.to(tl.float32)
                 sq += xf * xf
-                nw = tl.load(normw_ptr + k + offs_k, mask=km, other=0.0)
-                xt = (xf * nw.to(tl.float32)[None, :]).to(xt.dtype)
+                if XG == 1:  # norm_w * x written by the previous launch: loaded, not made
+                    xt = tl.load(xg_ptr + offs_b[:, None] * stride_x + (k + offs_k)[None, :],
+                                 mask=mask_bb[:, None] & km[None, :], other=0.0)
+                else:
+                    nw = tl.load(normw_ptr + k + offs_k, mask=km, other=0.0)
+                    xt = (xf * nw.to(tl.float32)[None, :]).to(xt.dtype)
             if SWAP:
                 w = tl.load(w_ptrs + k, mask=m_w[:, None] & km[None, :], other=0.0)
                 acc = tl.dot(w, tl.trans(xt), acc)
@@ -146,12 +145,6 @@ def _item(item, x_ptr, xg_ptr, sq_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_p
         if SWAP:  # [2 * HALF, B] -> set A's and set B's [B, HALF]
             acc_a, acc_b = tl.split(tl.permute(tl.reshape(acc, [2, HALF, BLOCK_B]), (2, 1, 0)))
         ss = tl.sum(sq, axis=1)
-        if XG == 1:  # x's squares as the previous launch summed them, 16 columns a group:
-            # counted once, by split 0 (the split-K reduce adds every split's ss)
-            offs_g = tl.arange(0, KG)
-            parts = tl.load(sq_ptr + offs_g[:, None] * 16 + offs_b[None, :],
-                            mask=(offs_g < K // 16)[:, None] & mask_bb[None, :], other=0.0)
-            ss = tl.where(split == 0, tl.sum(parts, axis=0), 0.0)
     else:
         # One row (BLOCK_B == 1): products summed in registers (below), no
         # shared memory and no per-step reduction; one reduction after the loop. The
@@ -195,7 +188,7 @@ def _item(item, x_ptr, xg_ptr, sq_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_p
         epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b, mask_a,
                   mask_b, w_ptr, out_ptr, stride_out, res_ptr, stride_res, cos_ptr, sin_ptr,
                   pos_ptr, kc_ptr, vc_ptr, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr,
-                  stride_crow, xg_ptr, sq_ptr, normw_ptr, EPI, HALF, HAS_CROW, XG, BLOCK_B)
+                  stride_crow, xg_ptr, normw_ptr, EPI, HALF, HAS_CROW, XG)
     else:
         mine = ws_ptr + (tile * SPLIT_K + split) * item_floats
         tl.store(mine + offs2, acc_a)
@@ -220,7 +213,7 @@ def _item(item, x_ptr, xg_ptr, sq_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_p
             epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b,
                       mask_a, mask_b, w_ptr, out_ptr, stride_out, res_ptr, stride_res, cos_ptr,
                       sin_ptr, pos_ptr, kc_ptr, vc_ptr, HEADS, KV_HEADS, MAX_SEQ, D_HALF,
-                      crow_ptr, stride_crow, xg_ptr, sq_ptr, normw_ptr, EPI, HALF, HAS_CROW, XG, BLOCK_B)
+                      crow_ptr, stride_crow, xg_ptr, normw_ptr, EPI, HALF, HAS_CROW, XG)
 
 
 @triton.jit
@@ -246,7 +239,7 @@ def _pdl_prologue(item, w_ptr, N, K, K_SPLIT, TILES, SPLIT_K, D_HALF, EPI: tl.co
 
 
 @triton.jit
-def gemv_kernel(x_ptr, xg_ptr, sq_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
+def gemv_kernel(x_ptr, xg_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
                 cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, ws_ptr, cnt_ptr,
                 B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out, stride_res,
                 HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow,
@@ -254,7 +247,7 @@ def gemv_kernel(x_ptr, xg_ptr, sq_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
                 BLOCK_B: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr,
                 PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, DOT: tl.constexpr,
                 PERSIST: tl.constexpr, HAS_CROW: tl.constexpr, SWAP: tl.constexpr,
-                XG: tl.constexpr, KG: tl.constexpr):
+                XG: tl.constexpr):
     pid = tl.program_id(0)
     _pdl_prologue(pid, w_ptr, N, K, K_SPLIT, TILES, SPLIT_K, D_HALF, EPI, HALF, PREFETCH,
                   USE_PDL)
@@ -265,15 +258,15 @@ def gemv_kernel(x_ptr, xg_ptr, sq_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
     # (the loop cost registers, hence occupancy: KERNELS.md run 6).
     if PERSIST:
         for item in range(pid, TILES * SPLIT_K, tl.num_programs(0)):
-            _item(item, x_ptr, xg_ptr, sq_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
+            _item(item, x_ptr, xg_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
                   vc_ptr, ws_ptr, cnt_ptr, B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out,
                   stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow, NORM,
-                  EPI, SPLIT_K, BLOCK_B, HALF, BLOCK_K, USE_PDL, DOT, HAS_CROW, SWAP, XG, KG)
+                  EPI, SPLIT_K, BLOCK_B, HALF, BLOCK_K, USE_PDL, DOT, HAS_CROW, SWAP, XG)
     else:
-        _item(pid, x_ptr, xg_ptr, sq_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
+        _item(pid, x_ptr, xg_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
                   vc_ptr, ws_ptr, cnt_ptr, B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out,
                   stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow, NORM,
-                  EPI, SPLIT_K, BLOCK_B, HALF, BLOCK_K, USE_PDL, DOT, HAS_CROW, SWAP, XG, KG)
+                  EPI, SPLIT_K, BLOCK_B, HALF, BLOCK_K, USE_PDL, DOT, HAS_CROW, SWAP, XG)
 
 
 # ------------------------------------------------------------------------------ launch
@@ -281,8 +274,8 @@ def gemv_kernel(x_ptr, xg_ptr, sq_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
 def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
          epi: int = EPI_PLAIN, norm_w: Tensor | None = None, eps: float = 1e-5,
          residual: Tensor | None = None, rope: RopeArgs | None = None,
-         pdl: int = 0, xw: Normed | None = None,
-         xw_out: tuple[Normed, Tensor] | None = None) -> Tensor:
+         pdl: int = 0, xw: Tensor | None = None,
+         xw_out: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """out = epilogue((norm(x) if norm_w else x) @ w.T). x: [B, K] (B <= 16), w: [N, K].
 
     EPI_SILU: w is the fused gate/up weight [2I, K] and out [B, I]. EPI_ROPE: w is wqkv,
@@ -290,12 +283,12 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
     1 (or True) programmatic dependent launch letting the next kernel launch at once,
     2 letting it launch only after this kernel's main loop.
 
-    xw (with norm_w): norm_w * x and x's sums of squares as an earlier launch wrote them
-    (xw_out): the tensor-core loop loads the operand instead of making it, so it is never
-    stored from registers (which made the compiled loop wait for each product), and reads
-    no x (KERNELS.md run 31). The numbers differ only in the order of the squares' sum; the
-    one-row path ignores it. xw_out = (Normed buffers, next_norm_w), EPI_RESID only: they
-    also receive next_norm_w * out and out's squares: the next normed GEMV's xw.
+    xw (with norm_w): norm_w * x rounded to x's dtype, as an earlier launch wrote it
+    (xw_out): the tensor-core loop loads it instead of making it, so the operand it feeds
+    the warpgroup product is never stored from registers, which made the compiled loop wait
+    for each product (KERNELS.md run 31). Same numbers either way; the one-row path ignores
+    it. xw_out = (buf, next_norm_w), EPI_RESID only: buf [B, N] also receives
+    next_norm_w * out, rounded: the next normed GEMV's xw.
     """
     b, k = x.shape
     n = w.shape[0] // 2 if epi == EPI_SILU else w.shape[0]
@@ -319,17 +312,18 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
         cfg = default_config(n, k, epi=epi, norm=norm_w is not None, d_half=d_half, rows=b)
         half = rope_half(d_half, cfg.half) if epi == EPI_ROPE else cfg.half
     dot = cfg.dot
-    xg, xg_arg, sq_arg = 0, x, ws.partials
+    xg, xg_arg = 0, x
     if xw is not None and norm_w is not None and dot:
-        xw.check(x, "xw")
-        xg, xg_arg, sq_arg = 1, xw.xw, xw.sq
+        if xw.shape != x.shape or xw.stride() != x.stride():
+            raise ValueError(f"gemv: xw {tuple(xw.shape)} must match x {tuple(x.shape)}")
+        xg, xg_arg = 1, xw
     if xw_out is not None:
-        bufs, next_w = xw_out
-        bufs.check(out, "xw_out")
-        if epi != EPI_RESID or next_w.shape != (n,) or not dot or half % 16:
-            raise ValueError("gemv: xw_out is (buffers, the next norm's weight), for "
-                             "EPI_RESID on the tensor-core path only")
-        xg, xg_arg, sq_arg = 2, bufs.xw, bufs.sq
+        buf, next_w = xw_out
+        if epi != EPI_RESID or buf.shape != out.shape or buf.stride() != out.stride() \
+                or next_w.shape != (n,):
+            raise ValueError("gemv: xw_out is (a buffer shaped as out, the next norm's "
+                             f"[{n}] weight), for EPI_RESID only")
+        xg, xg_arg = 2, buf
     if half < (16 if dot else 1):
         raise ValueError(f"gemv: row sets of {half} rows are too small for tl.dot (>= 16)")
     tiles = n_tiles(epi, n, half, d_half)
@@ -343,7 +337,7 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
     crow = r.cache_rows if r is not None else None
     # normw_ptr is the next norm's weight where the epilogue writes xw (O and down: no norm).
     normw = xw_out[1] if xg == 2 else norm_w if norm_w is not None else w
-    args = (x, xg_arg, sq_arg, w, normw, out,
+    args = (x, xg_arg, w, normw, out,
             residual if residual is not None else dummy,
             r.cos if r else dummy, r.sin if r else dummy, r.pos if r else ws.counters,
             r.k_cache if r else dummy, r.v_cache if r else dummy, ws.partials, ws.counters,
@@ -359,30 +353,8 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
         *args, NORM=norm_w is not None, EPI=epi, SPLIT_K=split, BLOCK_B=block_b, HALF=half,
         BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, USE_PDL=int(pdl), DOT=dot,
         PERSIST=grid < items, HAS_CROW=crow is not None, SWAP=dot and cfg.swap, XG=xg,
-        KG=triton.next_power_of_2(max(1, k // 16)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
     return out
-
-
-class Normed(NamedTuple):
-    """A residual stream's next norm operand as O or down wrote it (gemv's xw_out), for
-    the normed GEMV after it to read (xw)."""
-    xw: Tensor   # [B, K] norm_w * x, rounded to x's dtype (as the loop rounds it)
-    sq: Tensor   # [K // 16, 16] float32: x's squares summed over each 16 columns, a
-    #              column per row of x (16: the most rows a launch serves)
-
-    @staticmethod
-    def empty(x: Tensor) -> Normed:
-        """Buffers for the operand of x [B, K] (K % 16 == 0)."""
-        b, k = x.shape
-        return Normed(x.new_empty(b, k), x.new_empty(k // 16, 16, dtype=torch.float32))
-
-    def check(self, x: Tensor, what: str) -> None:
-        b, k = x.shape
-        if self.xw.shape != x.shape or self.xw.stride() != x.stride() or k % 16 \
-                or self.sq.shape != (k // 16, 16) or not self.sq.is_contiguous():
-            raise ValueError(f"gemv: {what} buffers {tuple(self.xw.shape)} / "
-                             f"{tuple(self.sq.shape)} do not match {tuple(x.shape)}")
 
 
 class RopeArgs(NamedTuple):

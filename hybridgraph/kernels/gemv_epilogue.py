@@ -16,8 +16,8 @@ import triton.language as tl
 def epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b, mask_a, mask_b,
              w_ptr, out_ptr, stride_out, res_ptr, stride_res, cos_ptr, sin_ptr, pos_ptr,
              kc_ptr, vc_ptr, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow,
-             xg_ptr, sq_ptr, gnw_ptr, EPI: tl.constexpr, HALF: tl.constexpr, HAS_CROW: tl.constexpr,
-             XG: tl.constexpr, BLOCK_B: tl.constexpr):
+             xg_ptr, gnw_ptr, EPI: tl.constexpr, HALF: tl.constexpr, HAS_CROW: tl.constexpr,
+             XG: tl.constexpr):
     dt = out_ptr.dtype.element_ty
     ma = mask_bb[:, None] & mask_a[None, :]
     mb = mask_bb[:, None] & mask_b[None, :]
@@ -43,20 +43,6 @@ def epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b, mask_a
                      (oa.to(tl.float32) * ga[None, :]).to(dt), mask=ma)
             tl.store(xg_ptr + offs_b[:, None] * stride_out + rows_b[None, :],
                      (ob.to(tl.float32) * gb[None, :]).to(dt), mask=mb)
-            # and out's squares summed by 16 columns, [N // 16, 16 rows] (HALF % 16 == 0: a
-            # group lies in one set; N % 16 == 0: a group's columns all exist or none do)
-            fa = tl.where(ma, oa.to(tl.float32), 0.0)
-            fb = tl.where(mb, ob.to(tl.float32), 0.0)
-            groups = tl.arange(0, HALF // 16)
-            grp = tile * (HALF // 8) + groups  # set A's groups, then set B's
-            mga = tl.max(tl.reshape(mask_a.to(tl.int32), [HALF // 16, 16]), axis=1) > 0
-            mgb = tl.max(tl.reshape(mask_b.to(tl.int32), [HALF // 16, 16]), axis=1) > 0
-            tl.store(sq_ptr + grp[None, :] * 16 + offs_b[:, None],
-                     tl.sum(tl.reshape(fa * fa, [BLOCK_B, HALF // 16, 16]), axis=2),
-                     mask=mask_bb[:, None] & mga[None, :])
-            tl.store(sq_ptr + (grp + HALF // 16)[None, :] * 16 + offs_b[:, None],
-                     tl.sum(tl.reshape(fb * fb, [BLOCK_B, HALF // 16, 16]), axis=2),
-                     mask=mask_bb[:, None] & mgb[None, :])
     elif EPI == 2:
         g = acc_a.to(dt).to(tl.float32)
         s = (g * tl.sigmoid(g)).to(dt).to(tl.float32)

@@ -34,7 +34,6 @@ from hybridgraph.model.kernel_plan import MAX_ROWS, PROJECTIONS, KernelPlan, pla
 from hybridgraph.model.llama import Block, KVCache, Transformer, no_reduce
 
 if TYPE_CHECKING:
-    from hybridgraph.kernels.gemv import Normed
     from hybridgraph.kernels.gemv_config import GemvConfig
     from hybridgraph.kernels.publish import Finish
 
@@ -137,7 +136,7 @@ class TritonDecode:
         head = "head" in self.plan.uses(b)
         xw = None
         for layer, cache, nxt in self._next_norms(b, head):
-            xw_next = None if nxt is None else (self._gemv.Normed.empty(x[:, 0]), nxt)
+            xw_next = None if nxt is None else (x.new_empty(b, x.shape[-1]), nxt)
             x = self.block(layer, x, m.rope_cos, m.rope_sin, cache, pos, window, xw=xw,
                            xw_next=xw_next)
             xw = None if xw_next is None else xw_next[0]
@@ -150,7 +149,7 @@ class TritonDecode:
         2-16 rows (the tensor-core loop, which waited for each product when it made the
         operand itself: KERNELS.md run 31), every projection of the block on the GEMV, one
         rank (a tensor-parallel rank's O and down add the residual after the all-reduce)."""
-        return (self.plan.xw and rows > 1 and self.model.config.hidden_size % 16 == 0
+        return (self.plan.xw and rows > 1
                 and all(p in self.plan.uses(rows) for p in ("qkv", "wo", "w13", "w2"))
                 and all(layer.all_reduce is no_reduce for layer in self.model.layers))
 
@@ -221,7 +220,7 @@ class TritonDecode:
         x = m.tok_embeddings(ids)[:, None]
         xw = None  # the head runs on one row (the register path): no operand for it
         for layer, cache, nxt in self._next_norms(t, head=False):
-            xw_next = None if nxt is None else (self._gemv.Normed.empty(x[:, 0]), nxt)
+            xw_next = None if nxt is None else (x.new_empty(t, x.shape[-1]), nxt)
             x = self.block(layer, x, m.rope_cos, m.rope_sin, cache, pos, window,
                            cache_rows=rows, xw=xw, xw_next=xw_next)
             xw = None if xw_next is None else xw_next[0]
@@ -264,7 +263,7 @@ class TritonDecode:
         w = self.model.tok_embeddings.weight
         return check_kernels(w.device, w.dtype, self.plan.pdl)
 
-    def head_logits(self, x: Tensor, xw: Normed | None = None) -> Tensor:
+    def head_logits(self, x: Tensor, xw: Tensor | None = None) -> Tensor:
         """The final norm and the LM head as one GEMV (norm prologue). x: [B, hidden];
         returns [B, V] float32 logits, written by the GEMV itself (rounded to the model
         dtype first, as `m.output(...).float()` rounds them): no copy launch after it.
@@ -277,7 +276,7 @@ class TritonDecode:
 
     def block(self, layer: Block, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache,
               pos: Tensor, window: int, cache_rows: Tensor | None = None,
-              xw: Normed | None = None, xw_next: tuple[Normed, Tensor] | None = None,
+              xw: Tensor | None = None, xw_next: tuple[Tensor, Tensor] | None = None,
               ) -> Tensor:
         """Block.decode on the kernels. x: [B, 1, hidden]; cos, sin: the model's RoPE
         tables [P, D] (Block.decode takes each row's [B, 1, D]): the QKV launch reads row
@@ -320,7 +319,7 @@ class TritonDecode:
             return self._reduced_tail(layer, x2, o, on_gemv, wo_cfg).view(b, 1, hidden)
         inter = ff.w2.weight.shape[1]
         h = new(b, inter)
-        x1w = g.Normed.empty(x2) if self.xw_chain(b) else None
+        x1w = new(b, hidden) if self.xw_chain(b) else None
         if "w13" in on_gemv:
             if "wo" in on_gemv:
                 x1 = g.gemv(o, att.wo.weight, new(b, hidden), self.ws, wo_cfg,

@@ -262,8 +262,7 @@ def plan_options(opts: list[str]) -> dict:
     (every GEMV prefetches N lines a row), wopfN (the O GEMV prefetches N), attn0 | attn1
     (attention keys per tile), awN (warps an attention program), aspN (attention splits), ffn0 | ffn1 (gate/up and down
     as one launch or two), ekv0 | ekv1 (attention reads earlier keys before its PDL wait,
-    one tile a split, or not), xw0 | xw1 (2-16 rows: O and down write the next norm's
-    operand, or the normed GEMVs make it), cfg-PROJ-HALF-SPLIT-WARPS-STAGES-BLOCKK (PROJ's one-row
+    one tile a split, or not), cfg-PROJ-HALF-SPLIT-WARPS-STAGES-BLOCKK (PROJ's one-row
     register config: e.g. cfg-wo-8-2-4-1-512)."""
     from hybridgraph.kernels.gemv_config import GemvConfig
     pdl = next((o for o in opts if o.startswith("pdl")), "")
@@ -290,8 +289,6 @@ def plan_options(opts: list[str]) -> dict:
             kw["early_kv"] = o == "ekv1"
         elif o in ("ffn0", "ffn1"):
             kw["fuse_ffn"] = o == "ffn1"
-        elif o in ("xw0", "xw1"):
-            kw["xw"] = o == "xw1"
     return kw
 
 

@@ -125,14 +125,8 @@ def step_launches(model: str, dtype: torch.dtype, window: int, block_ts: list[in
     def add(label: str, make: Callable[[], Any]) -> None:
         out.extend((label, launch) for launch in record(make))
 
-    # 2-16 rows: as TritonDecode's batched block, O and down write the next norm's operand
-    # and the normed GEMVs read it (gemv's xw).
-    xin = {"xw": new(b, h)} if b > 1 else {}
-    xout = {"xw_out": (new(b, h), new(h))} if b > 1 else {}
-
     add("gemv qkv", lambda: gemv.gemv(x, new((heads + 2 * kv) * d, h), q, ws, c["qkv"],
-                                      epi=gemv.EPI_ROPE, norm_w=new(h), rope=rope, pdl=2,
-                                      **xin))
+                                      epi=gemv.EPI_ROPE, norm_w=new(h), rope=rope, pdl=2))
     for bt in block_ts:
         for w in warps:
             add(f"attention block_t {bt} warps {w}" + (" early_kv" if fast.early_kv else ""),
@@ -140,19 +134,19 @@ def step_launches(model: str, dtype: torch.dtype, window: int, block_ts: list[in
                     q, k_cache, v_cache, pos, window, o, ws, block_t=bt, num_warps=w, pdl=2,
                     early_kv=fast.early_kv))
     add("gemv wo", lambda: gemv.gemv(o, new(h, heads * d), new(b, h), ws, c["wo"],
-                                     epi=gemv.EPI_RESID, residual=x, pdl=2, **xout))
+                                     epi=gemv.EPI_RESID, residual=x, pdl=2))
     w13, w2 = new(2 * inter, h), new(h, inter)
     if fast.fused_ffn and b == 1:
         add("ffn (gate/up + down)", lambda: ffn.ffn(x, w13, new(h), w2, x, new(1, inter),
                                                     new(1, h), ws, c["w13"], c["w2"], pdl=2))
     else:
         add("gemv w13", lambda: gemv.gemv(x, w13, new(b, inter), ws, c["w13"],
-                                          epi=gemv.EPI_SILU, norm_w=new(h), pdl=2, **xin))
+                                          epi=gemv.EPI_SILU, norm_w=new(h), pdl=2))
         add("gemv w2", lambda: gemv.gemv(new(b, inter), w2, new(b, h), ws, c["w2"],
-                                         epi=gemv.EPI_RESID, residual=x, pdl=2, **xout))
+                                         epi=gemv.EPI_RESID, residual=x, pdl=2))
     logits = new(b, vocab, dt=torch.float32)
     add("gemv head", lambda: gemv.gemv(x, new(vocab, h), logits, ws, c["head"],
-                                       norm_w=new(h), pdl=2, **xin))
+                                       norm_w=new(h), pdl=2))
     add("argmax", lambda: argmax.argmax(logits, torch.empty(b, dtype=torch.int64), ws,
                                         pdl=True))
     return out

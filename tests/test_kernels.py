@@ -39,38 +39,6 @@ def test_gemv_norm_and_residual(ws, b, n, k, split, programs, path) -> None:
 
 
 @needs_interpreter
-@pytest.mark.parametrize("b,split,path", [(3, 1, "swap"), (5, 2, "swap"), (3, 2, "dot"),
-                                          (1, 2, "reg")])
-def test_gemv_xw_chain_is_bit_exact(ws, b, split, path) -> None:
-    """O/down's epilogue writes the next norm's operand (xw_out) and the next normed GEMV
-    reads it (xw): the same numbers, bit for bit, as making it in the loop; the residual
-    output itself is unchanged. The one-row path ignores xw."""
-    from hybridgraph.kernels import gemv as g
-    k, n = 96, 80
-    o, wo, res = rnd(b, 64), rnd(k, 64, scale=0.1), rnd(b, k)
-    nw, w = 1 + rnd(k, scale=0.2), rnd(n, k, scale=0.1)
-    cfg = g.GemvConfig(half=16, block_k=32, split_k=split, dot=path != "reg",
-                       swap=path == "swap")
-    x1 = g.gemv(o, wo, nan(b, k), ws, cfg, epi=g.EPI_RESID, residual=res)
-    xw = nan(b, k)
-    x1w = g.gemv(o, wo, nan(b, k), ws, cfg, epi=g.EPI_RESID, residual=res, xw_out=(xw, nw))
-    assert torch.equal(x1, x1w)
-    assert torch.equal(xw, (x1.float() * nw.float()).to(x1.dtype))
-    for epi, width in ((g.EPI_PLAIN, n), (g.EPI_SILU, n // 2)):
-        made = g.gemv(x1, w, nan(b, width), ws, cfg, epi=epi, norm_w=nw)
-        read = g.gemv(x1, w, nan(b, width), ws, cfg, epi=epi, norm_w=nw, xw=xw)
-        assert torch.equal(made, read)
-        other = g.gemv(x1, w, nan(b, width), ws, cfg, epi=epi, norm_w=nw, xw=2 * xw)
-        assert torch.equal(other, made) == (path == "reg")  # read where it is meant to be
-    with pytest.raises(ValueError, match="xw_out"):
-        g.gemv(o, wo, nan(b, k), ws, cfg, epi=g.EPI_PLAIN, xw_out=(xw, nw))
-    with pytest.raises(ValueError, match="xw"):
-        g.gemv(x1, w, nan(b, n), ws, cfg, norm_w=nw, xw=xw[:, :32]) if path != "reg" \
-            else g.gemv(o, wo, nan(b, k), ws, cfg, epi=g.EPI_RESID, residual=res,
-                        xw_out=(xw[:, :32], nw))
-
-
-@needs_interpreter
 @pytest.mark.parametrize("b,split,path", [(1, 1, "reg"), (1, 3, "reg"), (3, 2, "swap")])
 def test_gemv_float32_out_is_the_model_dtype_widened(ws, b, split, path) -> None:
     """The LM head writes float32 logits itself: each is the fp16 value the same GEMV
@@ -306,7 +274,7 @@ def test_cache_rows_must_be_an_index_vector() -> None:
             check_cache_rows(bad, 4, "x")
 
 
-_GEMV_ARGS = [("x_ptr", "*fp16"), ("xg_ptr", "*fp16"), ("w_ptr", "*fp16"), ("normw_ptr", "*fp16"),
+_GEMV_ARGS = [("x_ptr", "*fp16"), ("w_ptr", "*fp16"), ("normw_ptr", "*fp16"),
               ("out_ptr", "*fp16"), ("res_ptr", "*fp16"), ("cos_ptr", "*fp16"),
               ("sin_ptr", "*fp16"), ("pos_ptr", "*i64"), ("kc_ptr", "*fp16"),
               ("vc_ptr", "*fp16"), ("ws_ptr", "*fp32"), ("cnt_ptr", "*i32")] + \
@@ -316,12 +284,12 @@ _GEMV_ARGS = [("x_ptr", "*fp16"), ("xg_ptr", "*fp16"), ("w_ptr", "*fp16"), ("nor
 
 
 def _gemv_variant(cfg, rows: int, epi: int, norm: bool, pdl: int = 2, split: int = 1,
-                  persist: bool = False, crow: bool = False, out: str = "*fp16", xg: int = 0):
+                  persist: bool = False, crow: bool = False, out: str = "*fp16"):
     dot = rows > 1 and cfg.dot
     return (dict(_GEMV_ARGS) | {"out_ptr": out}, dict(
         NORM=norm, EPI=epi, SPLIT_K=split, BLOCK_B=16 if dot else 1, HALF=cfg.half,
         BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, USE_PDL=pdl, DOT=dot, PERSIST=persist,
-        HAS_CROW=crow, SWAP=dot and cfg.swap, XG=xg), {"num_stages": cfg.num_stages})
+        HAS_CROW=crow, SWAP=dot and cfg.swap), {"num_stages": cfg.num_stages})
 
 
 @needs_interpreter

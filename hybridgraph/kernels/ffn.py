@@ -57,9 +57,9 @@ def ffn_kernel(x_ptr, w13_ptr, normw_ptr, h_ptr, w2_ptr, res_ptr, out_ptr, ws_pt
     if pid < TILES1:  # gate/up tile pid: h[pid * HALF1 : (pid + 1) * HALF1]
         _pdl_prologue(pid, w13_ptr, INTER, H, H, TILES1, 1, 1, _SILU, HALF1, PREFETCH1,
                       USE_PDL)
-        _item(pid, x_ptr, x_ptr, w13_ptr, normw_ptr, h_ptr, h_ptr, h_ptr, h_ptr, cnt_ptr, h_ptr,
+        _item(pid, x_ptr, w13_ptr, normw_ptr, h_ptr, h_ptr, h_ptr, h_ptr, cnt_ptr, h_ptr,
               h_ptr, ws_ptr, cnt_ptr, 1, INTER, H, H, TILES1, eps, H, INTER, 0, 1, 1, 1, 1, cnt_ptr,
-              0, True, _SILU, 1, 1, HALF1, BLOCK_K1, USE_PDL, False, False, False, 0)
+              0, True, _SILU, 1, 1, HALF1, BLOCK_K1, USE_PDL, False, False, False)
         tl.debug_barrier()  # every thread's rows of h are stored before ready[] moves
         tl.atomic_add(ready + (pid * HALF1) // K_SPLIT2, 1, sem="release")
     else:
@@ -71,10 +71,10 @@ def ffn_kernel(x_ptr, w13_ptr, normw_ptr, h_ptr, w2_ptr, res_ptr, out_ptr, ws_pt
         need = tl.minimum(tl.cdiv((s + 1) * K_SPLIT2, HALF1), TILES1) - s * K_SPLIT2 // HALF1
         while tl.atomic_add(ready + s, 0, sem="acquire") < need:
             pass
-        _item(item, h_ptr, h_ptr, w2_ptr, w2_ptr, out_ptr, res_ptr, out_ptr, out_ptr, cnt_ptr,
+        _item(item, h_ptr, w2_ptr, w2_ptr, out_ptr, res_ptr, out_ptr, out_ptr, cnt_ptr,
               out_ptr, out_ptr, ws_ptr, cnt_ptr, 1, H, INTER, K_SPLIT2, TILES2, eps, INTER, H, H,
               1, 1, 1, 1, cnt_ptr, 0, False, _RESID, SPLIT2, 1, HALF2, BLOCK_K2, USE_PDL,
-              False, False, False, 0)
+              False, False, False)
         tl.debug_barrier()
         if tl.atomic_add(done, 1, sem="acq_rel") == TILES2 * SPLIT2 - 1:
             for j in tl.static_range(SPLIT2):  # every down item has passed its wait

@@ -19,9 +19,6 @@ Prologue NORM: RMSNorm folded into the product, y = rstd * (W @ (norm_w * x)): t
 squares is gathered in the main loop (and across splits by the reduce), so x is read once.
 (The rounding differs from the model's — x * norm_w is rounded, not x * rstd — by well
 under the dtype's tolerance; only a residual stream near the fp16 limit would overflow.)
-On 2-16 rows norm_w * x may come made (`xw`): the O or down launch before it writes it
-beside its output (XG: 1 reads it, 2 writes it), so the loop's MMA operand is loaded
-straight to shared memory instead of being stored there from registers each step.
 Epilogues:
   EPI_PLAIN  out = y, rounded to W's dtype          (out width N; float32 out: the
                                                    LM head's logits need no copy)
@@ -80,13 +77,13 @@ def _prefetch_l2(ptrs):
 
 
 @triton.jit
-def _item(item, x_ptr, xg_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
+def _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
           vc_ptr, ws_ptr, cnt_ptr, B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out,
           stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow,
           NORM: tl.constexpr, EPI: tl.constexpr, SPLIT_K: tl.constexpr,
           BLOCK_B: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr,
           USE_PDL: tl.constexpr, DOT: tl.constexpr, HAS_CROW: tl.constexpr,
-          SWAP: tl.constexpr, XG: tl.constexpr):
+          SWAP: tl.constexpr):
     """One work item: a tile of rows over one split of K (the whole of K if unsplit)."""
     offs_h = tl.arange(0, HALF)
     offs_k = tl.arange(0, BLOCK_K)
@@ -128,12 +125,8 @@ def _item(item, x_ptr, xg_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_
                 # squares gathered here, so no extra pass over x.
                 xf = xt.to(tl.float32)
                 sq += xf * xf
-                if XG == 1:  # norm_w * x written by the previous launch: loaded, not made
-                    xt = tl.load(xg_ptr + offs_b[:, None] * stride_x + (k + offs_k)[None, :],
-                                 mask=mask_bb[:, None] & km[None, :], other=0.0)
-                else:
-                    nw = tl.load(normw_ptr + k + offs_k, mask=km, other=0.0)
-                    xt = (xf * nw.to(tl.float32)[None, :]).to(xt.dtype)
+                nw = tl.load(normw_ptr + k + offs_k, mask=km, other=0.0)
+                xt = (xf * nw.to(tl.float32)[None, :]).to(xt.dtype)
             if SWAP:
                 w = tl.load(w_ptrs + k, mask=m_w[:, None] & km[None, :], other=0.0)
                 acc = tl.dot(w, tl.trans(xt), acc)
@@ -188,7 +181,7 @@ def _item(item, x_ptr, xg_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_
         epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b, mask_a,
                   mask_b, w_ptr, out_ptr, stride_out, res_ptr, stride_res, cos_ptr, sin_ptr,
                   pos_ptr, kc_ptr, vc_ptr, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr,
-                  stride_crow, xg_ptr, normw_ptr, EPI, HALF, HAS_CROW, XG)
+                  stride_crow, EPI, HALF, HAS_CROW)
     else:
         mine = ws_ptr + (tile * SPLIT_K + split) * item_floats
         tl.store(mine + offs2, acc_a)
@@ -213,7 +206,7 @@ def _item(item, x_ptr, xg_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_
             epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b,
                       mask_a, mask_b, w_ptr, out_ptr, stride_out, res_ptr, stride_res, cos_ptr,
                       sin_ptr, pos_ptr, kc_ptr, vc_ptr, HEADS, KV_HEADS, MAX_SEQ, D_HALF,
-                      crow_ptr, stride_crow, xg_ptr, normw_ptr, EPI, HALF, HAS_CROW, XG)
+                      crow_ptr, stride_crow, EPI, HALF, HAS_CROW)
 
 
 @triton.jit
@@ -239,15 +232,14 @@ def _pdl_prologue(item, w_ptr, N, K, K_SPLIT, TILES, SPLIT_K, D_HALF, EPI: tl.co
 
 
 @triton.jit
-def gemv_kernel(x_ptr, xg_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
+def gemv_kernel(x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
                 cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, ws_ptr, cnt_ptr,
                 B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out, stride_res,
                 HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow,
                 NORM: tl.constexpr, EPI: tl.constexpr, SPLIT_K: tl.constexpr,
                 BLOCK_B: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr,
                 PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, DOT: tl.constexpr,
-                PERSIST: tl.constexpr, HAS_CROW: tl.constexpr, SWAP: tl.constexpr,
-                XG: tl.constexpr):
+                PERSIST: tl.constexpr, HAS_CROW: tl.constexpr, SWAP: tl.constexpr):
     pid = tl.program_id(0)
     _pdl_prologue(pid, w_ptr, N, K, K_SPLIT, TILES, SPLIT_K, D_HALF, EPI, HALF, PREFETCH,
                   USE_PDL)
@@ -258,15 +250,15 @@ def gemv_kernel(x_ptr, xg_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
     # (the loop cost registers, hence occupancy: KERNELS.md run 6).
     if PERSIST:
         for item in range(pid, TILES * SPLIT_K, tl.num_programs(0)):
-            _item(item, x_ptr, xg_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
+            _item(item, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
                   vc_ptr, ws_ptr, cnt_ptr, B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out,
                   stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow, NORM,
-                  EPI, SPLIT_K, BLOCK_B, HALF, BLOCK_K, USE_PDL, DOT, HAS_CROW, SWAP, XG)
+                  EPI, SPLIT_K, BLOCK_B, HALF, BLOCK_K, USE_PDL, DOT, HAS_CROW, SWAP)
     else:
-        _item(pid, x_ptr, xg_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
+        _item(pid, x_ptr, w_ptr, normw_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
                   vc_ptr, ws_ptr, cnt_ptr, B, N, K, K_SPLIT, TILES, eps, stride_x, stride_out,
                   stride_res, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow, NORM,
-                  EPI, SPLIT_K, BLOCK_B, HALF, BLOCK_K, USE_PDL, DOT, HAS_CROW, SWAP, XG)
+                  EPI, SPLIT_K, BLOCK_B, HALF, BLOCK_K, USE_PDL, DOT, HAS_CROW, SWAP)
 
 
 # ------------------------------------------------------------------------------ launch
@@ -274,21 +266,13 @@ def gemv_kernel(x_ptr, xg_ptr, w_ptr, normw_ptr, out_ptr, res_ptr,
 def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
          epi: int = EPI_PLAIN, norm_w: Tensor | None = None, eps: float = 1e-5,
          residual: Tensor | None = None, rope: RopeArgs | None = None,
-         pdl: int = 0, xw: Tensor | None = None,
-         xw_out: tuple[Tensor, Tensor] | None = None) -> Tensor:
+         pdl: int = 0) -> Tensor:
     """out = epilogue((norm(x) if norm_w else x) @ w.T). x: [B, K] (B <= 16), w: [N, K].
 
     EPI_SILU: w is the fused gate/up weight [2I, K] and out [B, I]. EPI_ROPE: w is wqkv,
     out receives q [B, H*D] and rope's caches receive k and v at rope.pos. pdl: 0 off,
     1 (or True) programmatic dependent launch letting the next kernel launch at once,
     2 letting it launch only after this kernel's main loop.
-
-    xw (with norm_w): norm_w * x rounded to x's dtype, as an earlier launch wrote it
-    (xw_out): the tensor-core loop loads it instead of making it, so the operand it feeds
-    the warpgroup product is never stored from registers, which made the compiled loop wait
-    for each product (KERNELS.md run 31). Same numbers either way; the one-row path ignores
-    it. xw_out = (buf, next_norm_w), EPI_RESID only: buf [B, N] also receives
-    next_norm_w * out, rounded: the next normed GEMV's xw.
     """
     b, k = x.shape
     n = w.shape[0] // 2 if epi == EPI_SILU else w.shape[0]
@@ -312,18 +296,6 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
         cfg = default_config(n, k, epi=epi, norm=norm_w is not None, d_half=d_half, rows=b)
         half = rope_half(d_half, cfg.half) if epi == EPI_ROPE else cfg.half
     dot = cfg.dot
-    xg, xg_arg = 0, x
-    if xw is not None and norm_w is not None and dot:
-        if xw.shape != x.shape or xw.stride() != x.stride():
-            raise ValueError(f"gemv: xw {tuple(xw.shape)} must match x {tuple(x.shape)}")
-        xg, xg_arg = 1, xw
-    if xw_out is not None:
-        buf, next_w = xw_out
-        if epi != EPI_RESID or buf.shape != out.shape or buf.stride() != out.stride() \
-                or next_w.shape != (n,):
-            raise ValueError("gemv: xw_out is (a buffer shaped as out, the next norm's "
-                             f"[{n}] weight), for EPI_RESID only")
-        xg, xg_arg = 2, buf
     if half < (16 if dot else 1):
         raise ValueError(f"gemv: row sets of {half} rows are too small for tl.dot (>= 16)")
     tiles = n_tiles(epi, n, half, d_half)
@@ -335,9 +307,7 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
     dummy = out
     r = rope
     crow = r.cache_rows if r is not None else None
-    # normw_ptr is the next norm's weight where the epilogue writes xw (O and down: no norm).
-    normw = xw_out[1] if xg == 2 else norm_w if norm_w is not None else w
-    args = (x, xg_arg, w, normw, out,
+    args = (x, w, norm_w if norm_w is not None else w, out,
             residual if residual is not None else dummy,
             r.cos if r else dummy, r.sin if r else dummy, r.pos if r else ws.counters,
             r.k_cache if r else dummy, r.v_cache if r else dummy, ws.partials, ws.counters,
@@ -352,7 +322,7 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
         gemv_kernel, (grid,),
         *args, NORM=norm_w is not None, EPI=epi, SPLIT_K=split, BLOCK_B=block_b, HALF=half,
         BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, USE_PDL=int(pdl), DOT=dot,
-        PERSIST=grid < items, HAS_CROW=crow is not None, SWAP=dot and cfg.swap, XG=xg,
+        PERSIST=grid < items, HAS_CROW=crow is not None, SWAP=dot and cfg.swap,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
     return out
 

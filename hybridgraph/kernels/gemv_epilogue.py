@@ -16,8 +16,7 @@ import triton.language as tl
 def epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b, mask_a, mask_b,
              w_ptr, out_ptr, stride_out, res_ptr, stride_res, cos_ptr, sin_ptr, pos_ptr,
              kc_ptr, vc_ptr, HEADS, KV_HEADS, MAX_SEQ, D_HALF, crow_ptr, stride_crow,
-             xg_ptr, gnw_ptr, EPI: tl.constexpr, HALF: tl.constexpr, HAS_CROW: tl.constexpr,
-             XG: tl.constexpr):
+             EPI: tl.constexpr, HALF: tl.constexpr, HAS_CROW: tl.constexpr):
     dt = out_ptr.dtype.element_ty
     ma = mask_bb[:, None] & mask_a[None, :]
     mb = mask_bb[:, None] & mask_b[None, :]
@@ -32,17 +31,10 @@ def epilogue(acc_a, acc_b, tile, offs_b, mask_bb, offs_h, rows_a, rows_b, mask_a
     elif EPI == 1:
         ra = tl.load(res_ptr + offs_b[:, None] * stride_res + rows_a[None, :], mask=ma)
         rb = tl.load(res_ptr + offs_b[:, None] * stride_res + rows_b[None, :], mask=mb)
-        oa = ra + acc_a.to(dt)
-        ob = rb + acc_b.to(dt)
-        tl.store(out_ptr + offs_b[:, None] * stride_out + rows_a[None, :], oa, mask=ma)
-        tl.store(out_ptr + offs_b[:, None] * stride_out + rows_b[None, :], ob, mask=mb)
-        if XG == 2:  # also the next norm's operand, gnw * out, rounded as its loop rounds it
-            ga = tl.load(gnw_ptr + rows_a, mask=mask_a, other=0.0).to(tl.float32)
-            gb = tl.load(gnw_ptr + rows_b, mask=mask_b, other=0.0).to(tl.float32)
-            tl.store(xg_ptr + offs_b[:, None] * stride_out + rows_a[None, :],
-                     (oa.to(tl.float32) * ga[None, :]).to(dt), mask=ma)
-            tl.store(xg_ptr + offs_b[:, None] * stride_out + rows_b[None, :],
-                     (ob.to(tl.float32) * gb[None, :]).to(dt), mask=mb)
+        tl.store(out_ptr + offs_b[:, None] * stride_out + rows_a[None, :],
+                 ra + acc_a.to(dt), mask=ma)
+        tl.store(out_ptr + offs_b[:, None] * stride_out + rows_b[None, :],
+                 rb + acc_b.to(dt), mask=mb)
     elif EPI == 2:
         g = acc_a.to(dt).to(tl.float32)
         s = (g * tl.sigmoid(g)).to(dt).to(tl.float32)

@@ -131,39 +131,12 @@ class TritonDecode:
         if ids.shape[0] > self.rows:
             raise ValueError(f"TritonDecode serves {self.rows} rows, got {ids.shape[0]}")
         m = self.model
-        b = ids.shape[0]
         x = m.tok_embeddings(ids)[:, None]
-        head = "head" in self.plan.uses(b)
-        xw = None
-        for layer, cache, nxt in self._next_norms(b, head):
-            xw_next = None if nxt is None else (x.new_empty(b, x.shape[-1]), nxt)
-            x = self.block(layer, x, m.rope_cos, m.rope_sin, cache, pos, window, xw=xw,
-                           xw_next=xw_next)
-            xw = None if xw_next is None else xw_next[0]
-        if not head:
+        for layer, cache in zip(m.layers, m.caches, strict=True):
+            x = self.block(layer, x, m.rope_cos, m.rope_sin, cache, pos, window)
+        if "head" not in self.plan.uses(ids.shape[0]):
             return m.output(m.norm(x[:, 0])).float()
-        return self.head_logits(x[:, 0], xw)
-
-    def xw_chain(self, rows: int) -> bool:
-        """Whether a `rows`-row block hands each normed GEMV its operand made (gemv's xw):
-        2-16 rows (the tensor-core loop, which waited for each product when it made the
-        operand itself: KERNELS.md run 31), every projection of the block on the GEMV, one
-        rank (a tensor-parallel rank's O and down add the residual after the all-reduce)."""
-        return (self.plan.xw and rows > 1
-                and all(p in self.plan.uses(rows) for p in ("qkv", "wo", "w13", "w2"))
-                and all(layer.all_reduce is no_reduce for layer in self.model.layers))
-
-    def _next_norms(self, rows: int, head: bool) -> list[tuple[Block, KVCache, Tensor | None]]:
-        """(layer, cache, the norm weight after it whose operand its down GEMV writes, or
-        None) of each layer: the next layer's attention norm; the last layer's is the final
-        norm, if `head` runs the LM head on these rows."""
-        m = self.model
-        if not self.xw_chain(rows):
-            return [(layer, cache, None) for layer, cache in zip(m.layers, m.caches,
-                                                                  strict=True)]
-        nxt = [layer.attention_norm.weight for layer in m.layers[1:]]
-        nxt.append(m.norm.weight if head else None)
-        return list(zip(m.layers, m.caches, nxt, strict=True))
+        return self.head_logits(x[:, 0])
 
     def _fuses_ffn(self, down: GemvConfig) -> bool:
         """Whether one-row steps run gate/up and down (with config `down`) as one launch
@@ -218,12 +191,9 @@ class TritonDecode:
         pos = self.positions[:t]
         rows = cache_row.reshape(1).expand(t)  # stride 0: every row names the one cache row
         x = m.tok_embeddings(ids)[:, None]
-        xw = None  # the head runs on one row (the register path): no operand for it
-        for layer, cache, nxt in self._next_norms(t, head=False):
-            xw_next = None if nxt is None else (x.new_empty(t, x.shape[-1]), nxt)
+        for layer, cache in zip(m.layers, m.caches, strict=True):
             x = self.block(layer, x, m.rope_cos, m.rope_sin, cache, pos, window,
-                           cache_rows=rows, xw=xw, xw_next=xw_next)
-            xw = None if xw_next is None else xw_next[0]
+                           cache_rows=rows)
         x = x[:, 0].index_select(0, last_idx.reshape(1))
         if "head" not in self.plan.uses(1):
             return m.output(m.norm(x)).float()
@@ -263,28 +233,22 @@ class TritonDecode:
         w = self.model.tok_embeddings.weight
         return check_kernels(w.device, w.dtype, self.plan.pdl)
 
-    def head_logits(self, x: Tensor, xw: Tensor | None = None) -> Tensor:
+    def head_logits(self, x: Tensor) -> Tensor:
         """The final norm and the LM head as one GEMV (norm prologue). x: [B, hidden];
         returns [B, V] float32 logits, written by the GEMV itself (rounded to the model
-        dtype first, as `m.output(...).float()` rounds them): no copy launch after it.
-        xw: the final norm's operand as the last down GEMV wrote it (`xw_chain`), or None."""
+        dtype first, as `m.output(...).float()` rounds them): no copy launch after it."""
         m = self.model
         logits = torch.empty(x.shape[0], m.output.weight.shape[0], dtype=torch.float32,
                              device=x.device)
         return self._gemv.gemv(x, m.output.weight, logits, self.ws, self.configs["head"],
-                               norm_w=m.norm.weight, eps=self.eps, pdl=self._pdl, xw=xw)
+                               norm_w=m.norm.weight, eps=self.eps, pdl=self._pdl)
 
     def block(self, layer: Block, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache,
-              pos: Tensor, window: int, cache_rows: Tensor | None = None,
-              xw: Tensor | None = None, xw_next: tuple[Tensor, Tensor] | None = None,
-              ) -> Tensor:
+              pos: Tensor, window: int, cache_rows: Tensor | None = None) -> Tensor:
         """Block.decode on the kernels. x: [B, 1, hidden]; cos, sin: the model's RoPE
         tables [P, D] (Block.decode takes each row's [B, 1, D]): the QKV launch reads row
         pos[b] itself, so a step launches no gather. cache_rows: [B], the cache row each row
-        writes and reads (None: row b; `prefill` passes one row for all). Where
-        `xw_chain(B)`: xw is this layer's attention-norm operand as the previous down GEMV
-        wrote it (None: QKV makes it), and xw_next (buffer, next norm weight) the one the
-        down GEMV writes for the next normed GEMV (None: none); O hands gate/up its own."""
+        writes and reads (None: row b; `prefill` passes one row for all)."""
         g, pdl = self._gemv, self._pdl
         b, hidden = x.shape[0], x.shape[-1]
         on_gemv = self.plan.uses(b)
@@ -294,7 +258,7 @@ class TritonDecode:
         q = new(b, self.heads * self.d)
         if "qkv" in on_gemv:
             g.gemv(x2, att.wqkv.weight, q, self.ws, self.configs["qkv"], epi=g.EPI_ROPE,
-                   norm_w=layer.attention_norm.weight, eps=self.eps, pdl=pdl, xw=xw,
+                   norm_w=layer.attention_norm.weight, eps=self.eps, pdl=pdl,
                    rope=g.RopeArgs(cos, sin, pos, cache.k, cache.v, self.heads, self.kv,
                                    cache_rows))
         else:
@@ -319,12 +283,10 @@ class TritonDecode:
             return self._reduced_tail(layer, x2, o, on_gemv, wo_cfg).view(b, 1, hidden)
         inter = ff.w2.weight.shape[1]
         h = new(b, inter)
-        x1w = new(b, hidden) if self.xw_chain(b) else None
         if "w13" in on_gemv:
             if "wo" in on_gemv:
                 x1 = g.gemv(o, att.wo.weight, new(b, hidden), self.ws, wo_cfg,
-                            epi=g.EPI_RESID, residual=x2, pdl=pdl,
-                            xw_out=None if x1w is None else (x1w, layer.ffn_norm.weight))
+                            epi=g.EPI_RESID, residual=x2, pdl=pdl)
             else:
                 x1 = x2 + F.linear(o, att.wo.weight)
             if b == 1 and self.fused_ffn:  # gate/up and down in one launch
@@ -333,7 +295,7 @@ class TritonDecode:
                                     self.configs["w2"], eps=self.eps, pdl=pdl)
                 return out.view(b, 1, hidden)
             g.gemv(x1, ff.w13.weight, h, self.ws, self.configs["w13"], epi=g.EPI_SILU,
-                   norm_w=layer.ffn_norm.weight, eps=self.eps, pdl=pdl, xw=x1w)
+                   norm_w=layer.ffn_norm.weight, eps=self.eps, pdl=pdl)
         else:
             from hybridgraph.kernels import glue
             xn = new(b, hidden)
@@ -348,7 +310,7 @@ class TritonDecode:
             glue.silu_mul(F.linear(xn, ff.w13.weight), h, pdl=pdl)
         if "w2" in on_gemv:
             out = g.gemv(h, ff.w2.weight, new(b, hidden), self.ws, self.configs["w2"],
-                         epi=g.EPI_RESID, residual=x1, pdl=pdl, xw_out=xw_next)
+                         epi=g.EPI_RESID, residual=x1, pdl=pdl)
         else:
             out = x1 + F.linear(h, ff.w2.weight)
         return out.view(b, 1, hidden)

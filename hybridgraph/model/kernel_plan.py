@@ -55,9 +55,6 @@ class KernelPlan:
     #                                         run on the kernels (`prefill`); 0: none do
     fuse_ffn: bool = True                   # one row: gate/up and down as one launch
     #                                         (kernels/ffn.py), where their configs allow
-    xw: bool = True                         # 2-16 rows: O and down also write the next
-    #                                         norm's operand (norm_w * x) for QKV, gate/up
-    #                                         and the head to load (kernels/gemv.py's xw)
     glue_prefill: bool = True               # every other prefill on cuBLAS + glue + SDPA
     #                                         (model/fast_prefill.py), not Inductor's block
     configs: dict[str, object] = field(default_factory=dict)  # projection -> GemvConfig

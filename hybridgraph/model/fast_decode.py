@@ -77,6 +77,7 @@ class TritonDecode:
                   "head": (cfg.vocab_size, cfg.hidden_size, gemv.EPI_PLAIN)}
         # A tensor-parallel rank runs O and down with EPI_PLAIN: the same config and tiles.
         self.configs: dict[str, gemv.GemvConfig] = {}
+        batched: dict[str, gemv.GemvConfig] = {}  # each projection's 2-16-row rule
         floats, counters = 0, 0
         for name in dict.fromkeys(self.plan.gemv + (self.plan.gemv_batched or ())):
             n, k, epi = shapes[name]
@@ -96,9 +97,9 @@ class TritonDecode:
             self.configs[name] = c
             # Sized for the config and for its multi-row rule (gemv swaps a one-row
             # register config for the batched tensor-core config when more rows come).
-            batched = gemv.default_config(n, k, self.sms, epi, norm=norm, d_half=self.d // 2,
-                                          rows=2)
-            for cc in (c, batched):
+            batched[name] = gemv.default_config(n, k, self.sms, epi, norm=norm,
+                                                d_half=self.d // 2, rows=2)
+            for cc in (c, batched[name]):
                 half = gemv.rope_half(self.d // 2, cc.half) if rope else cc.half
                 tiles = gemv.n_tiles(epi, n, half, self.d // 2)
                 floats = max(floats, gemv.workspace_floats(tiles, cc.split_k, half))
@@ -106,8 +107,8 @@ class TritonDecode:
         # A kernel prefill's O (2-16 rows) launches early as a one-row step's does, on the
         # batched tiles with the one-row config's idle prefetch (KERNELS.md run 30).
         wo = self.configs.get("wo")
-        self.prefill_wo = wo if wo is None or wo.dot else gemv.default_config(
-            *shapes["wo"][:2], self.sms, shapes["wo"][2], rows=2)._replace(prefetch=wo.prefetch)
+        self.prefill_wo = wo if wo is None or wo.dot else \
+            batched["wo"]._replace(prefetch=wo.prefetch)
         self.fused_ffn = "w2" in self.configs and self._fuses_ffn(self.configs["w2"])
         if self.fused_ffn:
             f, c = ffn.workspace_need(cfg.hidden_size, self.configs["w2"],

@@ -196,6 +196,33 @@ def test_decode_attention_reads_the_named_cache_rows(ws, splits) -> None:
 
 
 @needs_interpreter
+@pytest.mark.parametrize("heads,kv", [(4, 4), (6, 2), (9, 3)])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_attention_takes_a_prompts_rows_a_group_a_program(ws, heads, kv, splits) -> None:
+    """A prompt's rows (cache_rows of stride 0) several to a program: each row still counts
+    only the keys up to its own position, also in tiles and splits where an early row of
+    the group counts none; a partial last group (padding rows) writes nothing past B."""
+    from hybridgraph.kernels import reference as ref
+    from hybridgraph.kernels.attention import decode_attention, prompt_rows
+    d, seq, window, b = 32, 256, 128, 12
+    q, kc, vc = rnd(b, heads * d), rnd(3, kv, seq, d), rnd(3, kv, seq, d)
+    pos = torch.arange(b) * 10 + torch.tensor([0] * 11 + [7])  # 0, 10, .., 100, 117
+    crow = torch.tensor([1]).expand(b)
+    expect = ref.decode_attention_ref(q, kc[crow], vc[crow], pos, window)
+    for rows in (None, 1, 5, b):
+        out = nan(b + 1, heads * d)
+        decode_attention(q, kc, vc, pos, window, out[:b], ws, block_t=32, splits=splits,
+                         cache_rows=crow, rows_per_program=rows)
+        assert ref.rel_err(out[:b], expect) < TOL, rows
+        assert out[b].isnan().all()
+        assert int(ws.counters.abs().sum()) == 0
+    assert prompt_rows(heads // kv, b) == min(b, 16 // (heads // kv))
+    with pytest.raises(ValueError, match="stride 0"):
+        decode_attention(q, kc, vc, pos, window, nan(b, heads * d), ws,
+                         cache_rows=torch.ones(b, dtype=torch.int64), rows_per_program=2)
+
+
+@needs_interpreter
 @pytest.mark.parametrize("hb", [None, 4, 16])  # one head a program; a partial last; all
 def test_rope_kv_writes_the_named_cache_row(hb: int | None) -> None:
     from hybridgraph.kernels import glue
@@ -321,13 +348,14 @@ def test_gemv_and_attention_compile_for_hopper() -> None:
     att = {"q_ptr": "*fp16", "kc_ptr": "*fp16", "vc_ptr": "*fp16", "pos_ptr": "*i64",
            "out_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "crow_ptr": "*i64",
            "stride_crow": "i32", "scale": "fp32", "WINDOW": "i32", "KV_HEADS": "i32",
-           "MAX_SEQ": "i32", "CHUNK": "i32"}
+           "MAX_SEQ": "i32", "CHUNK": "i32", "N_ROWS": "i32"}
     variants = [(att, dict(REP=rep, D=d, D_PAD=d, BLOCK_R=16, BLOCK_T=64, SPLITS=splits,
-                           USE_PDL=pdl, HAS_CROW=crow, EARLY_KV=early), {})
-                for rep, d, splits, pdl, crow, early in (
-                    (4, 128, 1, 1, False, False), (1, 128, 4, 2, True, False),
-                    (3, 64, 8, 0, False, False), (8, 64, 2, 1, False, True),
-                    (1, 128, 1, 2, False, True))]
+                           USE_PDL=pdl, HAS_CROW=crow, EARLY_KV=early, ROWS=rows), {})
+                for rep, d, splits, pdl, crow, early, rows in (
+                    (4, 128, 1, 1, False, False, 1), (1, 128, 4, 2, True, False, 1),
+                    (3, 64, 8, 0, False, False, 1), (8, 64, 2, 1, False, True, 1),
+                    (1, 128, 1, 2, False, True, 1), (1, 128, 1, 1, True, False, 16),
+                    (4, 64, 2, 1, True, False, 4))]
     err, _ = compile_for_hopper("hybridgraph.kernels.attention", "decode_attention_kernel",
                                 variants)
     assert err == "", err

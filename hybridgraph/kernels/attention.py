@@ -5,7 +5,10 @@ split's keys (so each key and value is read once, not REP times), with an online
 in float32. Keys past pos[b] are neither read nor counted: a short sequence in a large
 window bucket reads only its own keys. Row b reads cache row b, or cache_rows[b] where
 given: a short prefill runs as T rows of one sequence, row t at position t attending to
-keys 0..t of the one cache row (causal by construction). The split that finishes a (b, kv head) last
+keys 0..t of the one cache row (causal by construction); there a program takes ROWS of
+the prompt's rows at once (rows x REP query heads on the MMA's M side: prompt_rows), so
+the keys are read once a group instead of once a row, and each row masks the keys past its
+own position. The split that finishes a (b, kv head) last
 combines the splits' partial (max, sum, output) in split order and writes the result
 (workspace.py), so there is no second launch. With early_kv (models whose keys per
 position are narrow: early_kv_pays) each split reads its first tile of earlier steps' keys
@@ -27,14 +30,20 @@ from hybridgraph.kernels.workspace import Workspace
 
 
 @triton.jit
-def _attend(q, k, v, tm, m_i, l_i, acc, scale, dt: tl.constexpr):
-    """One tile of keys into the online softmax: (m, l, acc) updated."""
+def _attend(q, k, v, seen, m_i, l_i, acc, scale, dt: tl.constexpr, SAFE: tl.constexpr):
+    """One tile of keys into the online softmax: (m, l, acc) updated. seen: which keys
+    each row counts ([1, BLOCK_T] where all rows count the same). SAFE: a row may count
+    none of this tile's keys (a prompt's early rows); it then stays as it was."""
     # Scores rounded to the model dtype first, as the model's fp16 matmul does.
     s = tl.dot(q, tl.trans(k)).to(dt).to(tl.float32) * scale
-    s = tl.where(tm[None, :], s, float("-inf"))
+    s = tl.where(seen, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp(m_i - m_new)
-    p = tl.exp(s - m_new[:, None])
+    if SAFE:  # exp(-inf - -inf) is NaN: a row with no key so far subtracts 0 instead
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    alpha = tl.exp(m_i - m_use)
+    p = tl.exp(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
     return m_new, l_i, acc
@@ -43,14 +52,15 @@ def _attend(q, k, v, tm, m_i, l_i, acc, scale, dt: tl.constexpr):
 @triton.jit
 def decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, ws_ptr, cnt_ptr,
                             crow_ptr, stride_crow,
-                            scale, WINDOW, KV_HEADS, MAX_SEQ, CHUNK,
+                            scale, WINDOW, KV_HEADS, MAX_SEQ, CHUNK, N_ROWS,
                             REP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                             BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
                             SPLITS: tl.constexpr, USE_PDL: tl.constexpr,
-                            HAS_CROW: tl.constexpr, EARLY_KV: tl.constexpr):
+                            HAS_CROW: tl.constexpr, EARLY_KV: tl.constexpr,
+                            ROWS: tl.constexpr):
     bk = tl.program_id(0)
     split = tl.program_id(1)
-    b = bk // KV_HEADS
+    b = bk // KV_HEADS  # the row (ROWS == 1), else the group of rows b*ROWS..
     kvh = bk % KV_HEADS
     if USE_PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
@@ -58,13 +68,19 @@ def decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, ws_ptr, cnt
     offs_r = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, D_PAD)
     offs_t = tl.arange(0, BLOCK_T)
-    mask_r = offs_r < REP
     mask_d = offs_d < D
     heads_d = KV_HEADS * REP * D
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, D_PAD], dtype=tl.float32)
-    q_rows = q_ptr + b * heads_d + (kvh * REP + offs_r)[:, None] * D + offs_d[None, :]
+    if ROWS == 1:  # MMA row r: query head kvh * REP + r of row b
+        mask_r = offs_r < REP
+        qo = b * heads_d + (kvh * REP + offs_r)[:, None] * D + offs_d[None, :]
+    else:          # MMA row r: query head kvh * REP + r % REP of row b * ROWS + r // REP
+        row = b * ROWS + offs_r // REP
+        mask_r = (offs_r < ROWS * REP) & (row < N_ROWS)
+        qo = row[:, None] * heads_d + (kvh * REP + offs_r % REP)[:, None] * D + offs_d[None, :]
+    q_rows = q_ptr + qo
     if EARLY_KV:
         # Row b writes only its own key (at pos) this step; the keys before it are earlier
         # steps'. So the split's first tile of those is read before the PDL wait, while the
@@ -85,17 +101,22 @@ def decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, ws_ptr, cnt
             new = (te == pos)[:, None] & mask_d[None, :]
             k_e = tl.where(new, tl.load(kc_ptr + off_e, mask=new, other=0.0), k_e)
             v_e = tl.where(new, tl.load(vc_ptr + off_e, mask=new, other=0.0), v_e)
-            m_i, l_i, acc = _attend(q, k_e, v_e, te < end, m_i, l_i, acc, scale, dt)
+            m_i, l_i, acc = _attend(q, k_e, v_e, (te < end)[None, :], m_i, l_i, acc, scale,
+                                    dt, False)
         first = start + BLOCK_T
     else:
         if USE_PDL > 0:
             tl.extra.cuda.gdc_wait()
         q = tl.load(q_rows, mask=mask_r[:, None] & mask_d[None, :], other=0.0)
-        pos = tl.load(pos_ptr + b)
+        if ROWS == 1:
+            pos = tl.load(pos_ptr + b)
+        else:  # each row's own position (padding rows: 0); keys run to the group's last
+            row_pos = tl.load(pos_ptr + row, mask=mask_r, other=0)
+            pos = tl.max(row_pos, axis=0)
         start = split * CHUNK
         end = tl.minimum(tl.minimum(start + CHUNK, pos + 1), WINDOW)
-        if HAS_CROW:
-            crow = tl.load(crow_ptr + b * stride_crow).to(tl.int64)
+        if HAS_CROW:  # a group's rows share one cache row (stride 0: the host checks)
+            crow = tl.load(crow_ptr + b * ROWS * stride_crow).to(tl.int64)
         else:
             crow = b.to(tl.int64)
         base = (crow * KV_HEADS + kvh) * MAX_SEQ * D
@@ -107,10 +128,14 @@ def decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, ws_ptr, cnt
         kv_mask = tm[:, None] & mask_d[None, :]
         k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0)
-        m_i, l_i, acc = _attend(q, k, v, tm, m_i, l_i, acc, scale, dt)
+        if ROWS == 1:
+            m_i, l_i, acc = _attend(q, k, v, tm[None, :], m_i, l_i, acc, scale, dt, False)
+        else:
+            seen = tm[None, :] & (t[None, :] <= row_pos[:, None])
+            m_i, l_i, acc = _attend(q, k, v, seen, m_i, l_i, acc, scale, dt, True)
     if USE_PDL == 2:
         tl.extra.cuda.gdc_launch_dependents()
-    out_rows = out_ptr + b * heads_d + (kvh * REP + offs_r)[:, None] * D + offs_d[None, :]
+    out_rows = out_ptr + qo
     out_mask = mask_r[:, None] & mask_d[None, :]
     if SPLITS == 1:
         tl.store(out_rows, (acc / l_i[:, None]).to(dt), mask=out_mask)
@@ -170,6 +195,14 @@ def attention_splits(batch: int, kv_heads: int, window: int, block_t: int,
     return splits
 
 
+def prompt_rows(rep: int, b: int) -> int:
+    """Rows of one prompt a program takes (cache_rows of stride 0): as many as fill the
+    MMA's 16 rows with their REP query heads each, at most the B there are. At one a row,
+    llama-2-7b's (REP 1) 16-token prefill spent 9.0 us a layer in attention, 512 programs
+    each using one of their 16 MMA rows, against 6.1 at 10 tokens (KERNELS.md run 32)."""
+    return max(1, min(b, 16 // rep))
+
+
 def check_cache_rows(cache_rows: Tensor, b: int, what: str) -> None:
     """A per-row cache-row index: a 1-D int32/int64 tensor of >= b entries, any stride
     (stride 0: every row reads one cache row). Its values are not checked here (that would
@@ -192,9 +225,12 @@ def check_rope_tables(cos: Tensor, sin: Tensor, d: int, what: str) -> None:
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, window: int,
                      out: Tensor, ws: Workspace, *, block_t: int = 64, splits: int | None = None,
                      num_warps: int = 4, pdl: int = 0,
-                     cache_rows: Tensor | None = None, early_kv: bool = False) -> Tensor:
+                     cache_rows: Tensor | None = None, early_kv: bool = False,
+                     rows_per_program: int | None = None) -> Tensor:
     """q, out: [B, H*D] (model dtype); caches [max_batch, KV, max_seq, D]; pos: [B].
-    cache_rows: [B], the cache row each row reads (None: row b reads row b).
+    cache_rows: [B], the cache row each row reads (None: row b reads row b); of stride 0
+    (a prompt's rows, one cache row), a program takes rows_per_program rows at once (None:
+    prompt_rows; elsewhere it must be None or 1).
     pdl: 0 off, 1 the next kernel may launch at once, 2 after the key loop.
     early_kv: each split reads its first tile of earlier steps' keys before the PDL wait,
     and the rule splits down to one tile a split (rows that each write only their own key:
@@ -210,24 +246,31 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, w
     if window > max_seq:
         raise ValueError(f"decode_attention: window {window} exceeds the cache ({max_seq})")
     early_kv = early_kv and cache_rows is None
+    one_row = cache_rows is None or cache_rows.stride(0) != 0
+    rows = rows_per_program or (1 if one_row else prompt_rows(rep, b))
+    if rows != 1 and one_row:
+        raise ValueError("decode_attention: rows_per_program > 1 needs the rows of one "
+                         "prompt (cache_rows of stride 0)")
+    groups = triton.cdiv(b, rows)
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count \
         if q.is_cuda else 132
-    splits = splits or attention_splits(b, kv, window, block_t, sms,
+    splits = splits or attention_splits(groups, kv, window, block_t, sms,
                                         min_tiles=1 if early_kv else MIN_SPLIT_TILES)
     chunk = triton.cdiv(triton.cdiv(window, splits), block_t) * block_t
     splits = triton.cdiv(window, chunk)
-    block_r = max(16, triton.next_power_of_2(rep))
+    block_r = max(16, triton.next_power_of_2(rows * rep))
     d_pad = max(16, triton.next_power_of_2(d))
     if splits > 1:
-        ws.check(b * kv * splits * block_r * (d_pad + 2), b * kv, "decode_attention")
+        ws.check(groups * kv * splits * block_r * (d_pad + 2), groups * kv,
+                 "decode_attention")
     extra = {"launch_pdl": True} if pdl else {}
     launch(
-        decode_attention_kernel, (b * kv, splits),
+        decode_attention_kernel, (groups * kv, splits),
         q, k_cache, v_cache, pos, out, ws.partials, ws.counters,
         cache_rows if cache_rows is not None else pos,
         cache_rows.stride(0) if cache_rows is not None else 0,
-        1.0 / math.sqrt(d), window, kv, max_seq, chunk,
+        1.0 / math.sqrt(d), window, kv, max_seq, chunk, b,
         REP=rep, D=d, D_PAD=d_pad, BLOCK_R=block_r, BLOCK_T=block_t, SPLITS=splits,
         USE_PDL=int(pdl), HAS_CROW=cache_rows is not None,
-        EARLY_KV=early_kv, num_warps=num_warps, **extra)
+        EARLY_KV=early_kv, ROWS=rows, num_warps=num_warps, **extra)
     return out

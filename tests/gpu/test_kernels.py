@@ -8,6 +8,8 @@ accumulation). Every output is poisoned with NaN first, so an unwritten element 
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -389,7 +391,8 @@ def test_gemv_rope_writes_the_named_cache_row(dtype, b, split, dot) -> None:
 @pytest.mark.parametrize("b", [1, 10, 16])
 def test_decode_attention_reads_the_named_cache_row(dtype, heads, kv, d, b) -> None:
     """A prefill's rows (positions 0..b-1, one cache row, window the next power of two):
-    row t attends to keys 0..t of that row."""
+    row t attends to keys 0..t of that row, with the rows grouped a program (the rule:
+    prompt_rows) and one a program."""
     from hybridgraph.kernels.attention import decode_attention
     from hybridgraph.model.fast_decode import prefill_window
     ws, seq = _ws(), 1024
@@ -397,10 +400,10 @@ def test_decode_attention_reads_the_named_cache_row(dtype, heads, kv, d, b) -> N
     kc, vc = _rnd(3, kv, seq, d, dtype=dtype), _rnd(3, kv, seq, d, dtype=dtype)
     pos, crow = torch.arange(b, device="cuda"), torch.tensor([1], device="cuda").expand(b)
     window = prefill_window(b, seq)
-    for pdl in _pdl_options():
+    expect = ref.decode_attention_ref(q, kc[crow], vc[crow], pos, window)
+    for pdl, rows in itertools.product(_pdl_options(), (None, 1)):
         out = decode_attention(q, kc, vc, pos, window, _nan(b, heads * d, dtype=dtype), ws,
-                               pdl=pdl, cache_rows=crow)
-        expect = ref.decode_attention_ref(q, kc[crow], vc[crow], pos, window)
+                               pdl=pdl, cache_rows=crow, rows_per_program=rows)
         assert ref.rel_err(out, expect) < TOLERANCE[dtype]
     torch.cuda.synchronize()
     assert int(ws.counters.abs().sum()) == 0

@@ -5,6 +5,9 @@
 For each prompt length: which graph serves it, the TTFT the engine gives (host ids in,
 token id out), the served graph's replay alone (CUDA events) and the rest of the
 prefill step pieces timed on the host, so a gap between TTFT and the kernels is placed.
+With --trace, one request is profiled: the host's runtime calls and the GPU's work on one
+clock, so the GPU's wait for the host before the graph and the tail after it are placed;
+and the graph's replay from an idle GPU against queued behind other work (launch_cost).
 With --gaps, one replay of each served graph is profiled: GPU busy against the replay's
 span, and the largest idle gaps between consecutive kernels with their neighbours.
 """
@@ -105,6 +108,68 @@ def host_split(engine, prompt: list[int], runs: int) -> dict[str, float]:
     return out
 
 
+def trace(engine, prompt: list[int], calls: int = 5) -> list[str]:
+    """One request's timeline from torch.profiler (host runtime calls and GPU work on one
+    clock), relative to the request's start: where the GPU waits on the host before the
+    graph, and what runs between the graph's last kernel and the token on the host. The
+    last of `calls` profiled requests; GPU kernels in a row are shown first 2, last 4."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            torch.cuda.synchronize()
+            with record_function("request"):
+                engine.generate(prompt, 1, stop_ids=[])
+    evs = prof.events()
+    req = [e for e in evs if e.name == "request"][-1]
+    t0, t1 = req.time_range.start, req.time_range.end
+    rows = sorted((e.time_range.start, e.time_range.end, e.name,
+                   "gpu" if e.device_type == DeviceType.CUDA else "cpu") for e in evs
+                  if (e.device_type == DeviceType.CUDA or e.name.startswith(("cuda", "cu")))
+                  and t0 <= e.time_range.start <= t1 + 2000)
+    out, run = [f"request: {t1 - t0:.1f} us"], []
+
+    def flush() -> None:
+        skipped = [f"    ... {len(run) - 6} kernels"]
+        out.extend(run if len(run) <= 6 else run[:2] + skipped + run[-4:])
+        run.clear()
+    for a, b, name, where in rows:
+        line = f"  {where} {a - t0:8.1f} -> {b - t0:8.1f}  {name[:60]}"
+        if where == "gpu" and "memcpy" not in name.lower():
+            run.append(line)
+            continue
+        flush()
+        out.append(line)
+    flush()
+    return out
+
+
+def launch_cost(graph: torch.cuda.CUDAGraph, runs: int) -> dict[str, float]:
+    """The graph's replay timed from an idle GPU, and queued behind ~1 ms of GPU work (a
+    sleep kernel), so the host's launch is done before the GPU reaches it: the difference
+    is what launching the graph costs a request that finds the GPU idle. Also the host's
+    own time in replay() (µs)."""
+    idle, queued, call = [], [], []
+    for _ in range(runs):
+        for busy in (False, True):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            if busy:
+                torch.cuda._sleep(2_000_000)
+            a.record()
+            t0 = time.perf_counter()
+            graph.replay()
+            dt = time.perf_counter() - t0
+            b.record()
+            b.synchronize()
+            (queued if busy else idle).append(a.elapsed_time(b))
+            if not busy:
+                call.append(dt * 1e6)
+    return {"replay_idle_ms": med(idle), "replay_queued_ms": med(queued),
+            "replay_call_us": med(call)}
+
+
 def replay_ms(graph: torch.cuda.CUDAGraph, rest_s: float = 0.0) -> float:
     """One replay of `graph` timed with CUDA events, after rest_s of idle."""
     time.sleep(rest_s)
@@ -120,6 +185,7 @@ def main() -> None:
     ap = probe_parser(lengths="10,256,300,500", runs=20)
     ap.add_argument("--gaps", action="store_true", help="profile one replay per graph")
     ap.add_argument("--host", action="store_true", help="host µs per prefill piece")
+    ap.add_argument("--trace", action="store_true", help="one request's timeline")
     ap.add_argument("--coverage", default=None, help="EngineConfig.coverage (default: its)")
     args = ap.parse_args()
     engine = probe_engine(args.model, **({"coverage": args.coverage} if args.coverage else {}))
@@ -159,6 +225,11 @@ def main() -> None:
               flush=True)
         if args.host and plan.served is not None:
             print({"len": n, "host_us": host_split(engine, prompt, args.runs)}, flush=True)
+        if args.trace and plan.served is not None:
+            # Before the profiler: once it has run, launches in this process cost more.
+            graph = runner.cache.graphs[plan.served].graph
+            print({"len": n, "launch": launch_cost(graph, args.runs)}, flush=True)
+            print("\n".join([f"len {n}, traced:"] + trace(engine, prompt)), flush=True)
         if args.gaps and plan.served is not None:
             print({"len": n, "gaps": gaps(runner.cache.graphs[plan.served].graph)}, flush=True)
     print(engine.stats().get("graphs"))

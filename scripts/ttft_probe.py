@@ -150,29 +150,26 @@ def launch_cost(graph: torch.cuda.CUDAGraph, runs: int) -> dict[str, float]:
     sleep kernel), so the host's launch is done before the GPU reaches it: the difference
     is what launching the graph costs a request that finds the GPU idle. Also the host's
     own time in replay() (µs)."""
-    idle, queued, call = [], [], []
+    idle = [replay_ms(graph) for _ in range(runs)]
+    queued = [replay_ms(graph, queued=True) for _ in range(runs)]
+    call = []
     for _ in range(runs):
-        for busy in (False, True):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            if busy:
-                torch.cuda._sleep(2_000_000)
-            a.record()
-            t0 = time.perf_counter()
-            graph.replay()
-            dt = time.perf_counter() - t0
-            b.record()
-            b.synchronize()
-            (queued if busy else idle).append(a.elapsed_time(b))
-            if not busy:
-                call.append(dt * 1e6)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        graph.replay()
+        call.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
     return {"replay_idle_ms": med(idle), "replay_queued_ms": med(queued),
             "replay_call_us": med(call)}
 
 
-def replay_ms(graph: torch.cuda.CUDAGraph, rest_s: float = 0.0) -> float:
-    """One replay of `graph` timed with CUDA events, after rest_s of idle."""
+def replay_ms(graph: torch.cuda.CUDAGraph, rest_s: float = 0.0, queued: bool = False,
+              ) -> float:
+    """One replay of `graph` timed with CUDA events, after rest_s of idle; queued: behind
+    ~1 ms of GPU work, so the launch is done before the GPU reaches the graph."""
     time.sleep(rest_s)
+    if queued:
+        torch.cuda._sleep(2_000_000)
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()
     graph.replay()

@@ -8,7 +8,9 @@ prefill step pieces timed on the host, so a gap between TTFT and the kernels is 
 With --trace, one request is profiled: the host's runtime calls and the GPU's work on one
 clock, so the GPU's wait for the host before the graph and the tail after it are placed;
 and the graph's replay from an idle GPU against queued behind other work (launch_cost).
-With --gaps, one replay of each served graph is profiled: GPU busy against the replay's
+With --events, requests are timed on the GPU's clock (events at the request's start, around
+the graph's replay and after the finish, and once the host holds the token), so the
+TTFT the host sees is split into GPU-side pieces. With --gaps, one replay of each served graph is profiled: GPU busy against the replay's
 span, and the largest idle gaps between consecutive kernels with their neighbours.
 """
 
@@ -108,6 +110,134 @@ def host_split(engine, prompt: list[int], runs: int) -> dict[str, float]:
     return out
 
 
+def gpu_clock(engine, prompt: list[int], runs: int) -> dict[str, float]:
+    """Median ms of generate(prompt, 1)'s pieces on the GPU's clock: request start (an event
+    on the idle GPU) -> graph start -> graph end -> finish end -> an event the host records
+    once it holds the token. Beside them the engine's TTFT and the host's wall time."""
+    plan = engine.runner.plan("prefill", 1, len(prompt), "greedy")
+    graph = engine.runner.cache.graphs[plan.served].graph
+    steps = engine.steps
+    marks: list[torch.cuda.Event] = []
+    stamps: list[float] = []  # the host's clock at each mark
+
+    def mark() -> None:
+        e = torch.cuda.Event(enable_timing=True)
+        stamps.append(time.perf_counter())
+        e.record()
+        marks.append(e)
+    replay, finish = graph.replay, steps.finish_prefill
+
+    def timed_replay() -> None:
+        mark()
+        replay()
+        mark()
+
+    def timed_finish(*a, **k):
+        out = finish(*a, **k)
+        mark()
+        return out
+    graph.replay = timed_replay
+    object.__setattr__(steps, "finish_prefill", timed_finish)
+    cols: dict[str, list[float]] = {}
+    try:
+        for _ in range(runs):
+            cols.setdefault("cpu_canary_us", []).append(canary_us())
+            cols.setdefault("wake_us", []).append(wake_us())
+            torch.cuda.synchronize()
+            marks.clear()
+            stamps.clear()
+            t0 = time.perf_counter()
+            mark()
+            res = engine.generate(prompt, 1, stop_ids=[])
+            mark()
+            wall = (time.perf_counter() - t0) * 1e3
+            torch.cuda.synchronize()
+            start, g0, g1, fin, held = marks
+            for k, v in (("to_graph", start.elapsed_time(g0)), ("graph", g0.elapsed_time(g1)),
+                         ("finish", g1.elapsed_time(fin)), ("to_host", fin.elapsed_time(held)),
+                         ("gpu_span", start.elapsed_time(held)), ("ttft", res.ttft_ms),
+                         ("host_wall", wall),
+                         ("host_to_graph", (stamps[1] - stamps[0]) * 1e3),
+                         ("host_graph_to_held", (stamps[4] - stamps[1]) * 1e3)):
+                cols.setdefault(k, []).append(v)
+    finally:
+        del graph.replay
+        object.__setattr__(steps, "finish_prefill", finish)
+    return {k: med(v) for k, v in cols.items()}
+
+
+def stamps(engine, prompt: list[int], runs: int) -> dict[str, float]:
+    """Median host µs between points of generate(prompt, 1) before the graph launches:
+    the call, _generate's entry, _prefill's entry, the runner's run, the graph's replay;
+    beside them the prefill's own pieces timed alone (fitting and copying the prompt)."""
+    plan = engine.runner.plan("prefill", 1, len(prompt), "greedy")
+    graph = engine.runner.cache.graphs[plan.served].graph
+    marks: list[float] = []
+    undo = []
+
+    def stamp(obj, name: str) -> None:
+        fn = getattr(obj, name)
+        undo.append((obj, name, fn))
+
+        def stamped(*a, **k):
+            marks.append(time.perf_counter())
+            return fn(*a, **k)
+        object.__setattr__(obj, name, stamped)
+    for obj, name in ((engine, "_generate"), (engine, "_prefill"), (engine.runner, "run"),
+                      (graph, "replay")):
+        stamp(obj, name)
+    names = ("call_to_generate", "generate_to_prefill", "prefill_to_run", "run_to_replay")
+    cols: dict[str, list[float]] = {}
+    try:
+        for _ in range(runs):
+            torch.cuda.synchronize()
+            marks.clear()
+            marks.append(time.perf_counter())
+            engine.generate(prompt, 1, stop_ids=[])
+            for k, a, b in zip(names, marks[:4], marks[1:5], strict=True):
+                cols.setdefault(k, []).append((b - a) * 1e6)
+    finally:
+        for obj, name, _ in reversed(undo):  # the class's method again
+            object.__delattr__(obj, name)
+    bufs, t = engine.bufs, plan.length
+    alone = {"load_prompts": lambda: bufs.load_prompts([prompt], 1, t, 0),
+             "copy_ids": lambda: bufs.prompt_ids[:1, :t].copy_(bufs._stage_ids[:t].view(1, t),
+                                                             non_blocking=True),
+             "event_record": lambda: torch.cuda.Event().record(),
+             "plan": lambda: engine.runner.plan("prefill", 1, len(prompt), "greedy")}
+    for k, fn in alone.items():
+        if k in ("load_prompts", "copy_ids") and not hasattr(bufs, "load_prompts"):
+            continue
+        for _ in range(runs):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            cols.setdefault(k + "_alone", []).append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    return {k: round(statistics.median(v), 1) for k, v in cols.items()}
+
+
+def canary_us() -> float:
+    """Host µs of a fixed piece of pure Python: the CPU's own speed at this moment."""
+    t0 = time.perf_counter()
+    x = 0
+    for i in range(2000):
+        x += i
+    return (time.perf_counter() - t0) * 1e6
+
+
+def wake_us() -> float:
+    """GPU µs from an event the host waits for (behind ~0.5 ms of sleep) to the next event
+    the host records on waking: how long the host takes to see the GPU done and act."""
+    torch.cuda._sleep(500_000)
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    a.synchronize()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) * 1e3
+
+
 def trace(engine, prompt: list[int], calls: int = 5) -> list[str]:
     """One request's timeline from torch.profiler (host runtime calls and GPU work on one
     clock), relative to the request's start: where the GPU waits on the host before the
@@ -183,6 +313,8 @@ def main() -> None:
     ap.add_argument("--gaps", action="store_true", help="profile one replay per graph")
     ap.add_argument("--host", action="store_true", help="host µs per prefill piece")
     ap.add_argument("--trace", action="store_true", help="one request's timeline")
+    ap.add_argument("--events", action="store_true", help="a request on the GPU's clock")
+    ap.add_argument("--stamps", action="store_true", help="host µs before the graph")
     ap.add_argument("--coverage", default=None, help="EngineConfig.coverage (default: its)")
     args = ap.parse_args()
     engine = probe_engine(args.model, **({"coverage": args.coverage} if args.coverage else {}))
@@ -222,6 +354,10 @@ def main() -> None:
               flush=True)
         if args.host and plan.served is not None:
             print({"len": n, "host_us": host_split(engine, prompt, args.runs)}, flush=True)
+        if args.stamps and plan.served is not None:
+            print({"len": n, "stamps_us": stamps(engine, prompt, args.runs)}, flush=True)
+        if args.events and plan.served is not None:
+            print({"len": n, "gpu_clock_ms": gpu_clock(engine, prompt, args.runs)}, flush=True)
         if args.trace and plan.served is not None:
             # Before the profiler: once it has run, launches in this process cost more.
             graph = runner.cache.graphs[plan.served].graph

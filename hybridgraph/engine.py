@@ -33,7 +33,7 @@ from hybridgraph.request import (
     TokenCallback,
     check_stop_ids,
 )
-from hybridgraph.runtime.dynamic import choose_bucket, dynamic_ops, fit_to_bucket, pow2_buckets
+from hybridgraph.runtime.dynamic import choose_bucket, dynamic_ops, pow2_buckets
 from hybridgraph.runtime.graphs import GraphCache, GraphKey, parse_coverage
 from hybridgraph.runtime.modes import MODES, auto_mode, capture_policy, mode_spec
 from hybridgraph.runtime.runner import GraphRunner, decode_windows
@@ -188,9 +188,15 @@ class Engine:
         if not isinstance(prompt_ids, list | tuple) or len(prompt_ids) == 0:
             raise RequestError("prompt", "must be a non-empty list of token ids")
         vocab = self.config.vocab_size
-        for t in prompt_ids:
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-                raise RequestError("prompt", f"token id {t!r} is outside the vocabulary [0, {vocab})")
+        # The common case in builtins, ~40% of the per-token loop's host time (a 500-token
+        # prompt spent ~0.1 ms in it before its prefill launched, on an H100 machine's
+        # CPU); the loop names the first bad id.
+        if not (set(map(type, prompt_ids)) == {int}
+                and 0 <= min(prompt_ids) and max(prompt_ids) < vocab):
+            for t in prompt_ids:
+                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                    raise RequestError("prompt", f"token id {t!r} is outside the vocabulary "
+                                                 f"[0, {vocab})")
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) \
                 or max_new_tokens < 1:
             raise RequestError("max_new_tokens", f"must be an integer >= 1, got {max_new_tokens!r}")
@@ -345,12 +351,9 @@ class Engine:
         """Fit prompts to the planned shape, run the forward (replayed or eager), sample
         token 0. Returns each row's token-0 position (where the step publishes it)."""
         plan = self.runner.plan("prefill", b, max(lengths), kind)
-        t, cuda = plan.length, self.device.type == "cuda"
-        ids, last = fit_to_bucket(prompts, b, t, PAD_ID, pin=cuda)
-        self.bufs.prompt_ids[:b, :t].copy_(ids, non_blocking=cuda)
-        self.bufs.last_idx[:b].copy_(last, non_blocking=cuda)
+        last = self.bufs.load_prompts(prompts, b, plan.length, PAD_ID)
         self.runner.run(plan)
-        return [i + 1 for i in last.tolist()]
+        return [i + 1 for i in last]
 
     def _decode(self, b: int, max_pos: int, kind: str) -> None:
         """One decode step for rows [:b]; the newest token of any row sits at <= max_pos."""

@@ -7,6 +7,7 @@ it passes or fails the same way on every run.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -233,35 +234,42 @@ def test_choose_bucket() -> None:
         choose_bucket(11, buckets)
 
 
+def fit(prompts: list, rows: int, cols: int, pad_id: int) -> tuple[list, list[int]]:
+    """fit_to_bucket into fresh arrays (stale values in them, as staging reused holds)."""
+    ids, last = np.full((rows, cols), 77, dtype=np.int64), np.full(rows + 2, 77, np.int64)
+    got = fit_to_bucket(prompts, ids, last, pad_id)
+    assert got == last[:rows].tolist() and last[rows:].tolist() == [77, 77]
+    return ids.tolist(), got
+
+
 def test_fit_to_bucket_pads_right_and_adds_dummy_rows() -> None:
-    out, last = fit_to_bucket([[5, 6, 7, 8], [9, 10]], 4, 6, 0)
-    assert out.tolist() == [[5, 6, 7, 8, 0, 0], [9, 10, 0, 0, 0, 0],
-                            [0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]]
-    assert last.tolist() == [3, 1, 0, 0]
-    assert out.dtype == last.dtype == torch.int64
+    out, last = fit([[5, 6, 7, 8], [9, 10]], 4, 6, 0)
+    assert out == [[5, 6, 7, 8, 0, 0], [9, 10, 0, 0, 0, 0],
+                   [0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]]
+    assert last == [3, 1, 0, 0]
 
 
 def test_fit_to_bucket_pads_with_pad_id() -> None:
-    out, last = fit_to_bucket([[5]], 1, 3, 2)
-    assert out.tolist() == [[5, 2, 2]] and last.tolist() == [0]
+    out, last = fit([[5]], 1, 3, 2)
+    assert out == [[5, 2, 2]] and last == [0]
 
 
 def test_fit_to_bucket_truncates_from_the_left() -> None:
-    out, last = fit_to_bucket([[1, 2, 3, 4, 5, 6, 7], (11, 12, 13)], 2, 4, 0)
-    assert out.tolist() == [[4, 5, 6, 7], [11, 12, 13, 0]]
-    assert last.tolist() == [3, 2]
+    out, last = fit([[1, 2, 3, 4, 5, 6, 7], (11, 12, 13)], 2, 4, 0)
+    assert out == [[4, 5, 6, 7], [11, 12, 13, 0]]
+    assert last == [3, 2]
 
 
 def test_fit_to_bucket_exact_fit() -> None:
-    out, last = fit_to_bucket([[3, 4, 5, 6]], 1, 4, 0)
-    assert out.tolist() == [[3, 4, 5, 6]] and last.tolist() == [3]
+    out, last = fit([[3, 4, 5, 6]], 1, 4, 0)
+    assert out == [[3, 4, 5, 6]] and last == [3]
 
 
 def test_fit_to_bucket_refuses_empty_prompts_and_overflow() -> None:
     with pytest.raises(ValueError, match="prompt 1 is empty"):
-        fit_to_bucket([[1], []], 2, 4, 0)
+        fit([[1], []], 2, 4, 0)
     with pytest.raises(ValueError, match="3 prompts do not fit 2 rows"):
-        fit_to_bucket([[1], [2], [3]], 2, 4, 0)
+        fit([[1], [2], [3]], 2, 4, 0)
 
 
 def test_compiled_samplers_and_blocks_import_dynamo_only_when_first_called() -> None:

@@ -1,8 +1,10 @@
-"""StepBuffers' host mirrors: sampling parameters are copied in only when they change.
+"""StepBuffers' host mirrors: sampling parameters are copied in only when they change;
+prompts go through the host staging.
 The compiled blocks: how often they compile."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
@@ -32,6 +34,29 @@ def test_set_sampling_skips_rows_that_already_hold_the_params() -> None:
     bufs.seed.fill_(7)
     bufs.set_sampling(1, [(1.0, 0, 1.0, 5)])        # row 1 holds these already
     assert bufs.seed.tolist() == [7, 7]
+
+
+def test_load_prompts_fills_the_rows_and_leaves_nothing_of_an_earlier_prompt() -> None:
+    bufs = StepBuffers(3, 8, torch.device("cpu"))
+    assert bufs.load_prompts([[5, 6, 7, 8, 9], [4]], 3, 6, 0) == [4, 0, 0]
+    assert bufs.prompt_ids[:3, :6].tolist() == [[5, 6, 7, 8, 9, 0], [4, 0, 0, 0, 0, 0],
+                                                [0] * 6]
+    assert bufs.last_idx.tolist() == [4, 0, 0]
+    # A shorter request after it: the staging is refilled, padding included.
+    assert bufs.load_prompts([[1, 2, 3]], 1, 4, 2) == [2]
+    assert bufs.prompt_ids[0, :4].tolist() == [1, 2, 3, 2]
+    assert bufs.last_idx[0].item() == 2
+    # Longer than the bucket: the last cols tokens, as fit_to_bucket keeps them.
+    assert bufs.load_prompts([list(range(10, 20))], 1, 8, 0) == [7]
+    assert bufs.prompt_ids[0].tolist() == list(range(12, 20))
+
+
+def test_load_prompts_refuses_shapes_past_the_buffers() -> None:
+    bufs = StepBuffers(2, 8, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"\[3, 4\] prompts exceed the buffers' \[2, 8\]"):
+        bufs.load_prompts([[1]], 3, 4, 0)
+    with pytest.raises(ValueError, match="exceed"):
+        bufs.load_prompts([[1]], 1, 9, 0)
 
 
 def test_compiled_blocks_compile_once_per_batch_class() -> None:

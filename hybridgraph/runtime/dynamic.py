@@ -1,6 +1,6 @@
 """The dynamic part of a step: fitting inputs to a captured shape, and sampling.
 
-Prompts are fitted on the host (`fit_to_bucket`: plain Python, one copy in). The samplers
+Prompts are fitted on the host (`fit_to_bucket`: numpy, one copy in). The samplers
 are pure tensor functions with sampling parameters held as tensors, so the same code runs
 eager, under torch.compile, under TorchScript, or captured inside a CUDA graph. Randomness is counter-based (a hash of seed, position and token id), not a
 generator's state: the same seed gives the same tokens in every mode and backend, and a
@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -44,30 +45,32 @@ def choose_bucket(n: int, buckets: Sequence[int]) -> int:
 
 # ------------------------------------------------------------------------ preprocessing
 
-def fit_to_bucket(prompts: Sequence[Sequence[int]], rows: int, cols: int, pad_id: int,
-                  pin: bool = False) -> tuple[Tensor, Tensor]:
-    """Right-pad (or left-truncate) prompts to [rows, cols] int64 ids, on the host.
+def fit_to_bucket(prompts: Sequence[Sequence[int]], ids: np.ndarray, last: np.ndarray,
+                  pad_id: int) -> list[int]:
+    """Right-pad (or left-truncate) prompts into ids [rows, cols] (int64) and each row's
+    last real index into last [rows], in place; returns the last indices.
 
     Rows beyond the prompts are one-token dummy prompts. A prompt longer than cols keeps
-    its last cols tokens. Returns the padded ids and each row's last real index [rows].
-    pin: page-locked tensors, so their copy to the GPU is asynchronous.
+    its last cols tokens. The arrays are host memory the caller copies to the GPU once
+    (StepBuffers.load_prompts: page-locked staging that outlives the request).
 
-    On the host on purpose: a prompt arrives as a Python list, and padding it here costs a
-    few µs and one copy. The compiled device version this replaced spent ~370 µs of host
+    On the host on purpose: a prompt arrives as a Python list, and padding it here with
+    numpy costs a few µs. The compiled device version this replaced spent ~370 µs of host
     time per prefill (Dynamo's guards, three launches) on an H100 machine while the GPU
     sat idle waiting for the prefill graph (scripts/ttft_probe.py --host).
     """
+    rows, cols = ids.shape
     if len(prompts) > rows:
         raise ValueError(f"{len(prompts)} prompts do not fit {rows} rows")
-    out = torch.full((rows, cols), pad_id, dtype=torch.int64, pin_memory=pin)
-    last = [0] * rows
+    ids.fill(pad_id)
+    last[:rows] = 0
     for r, p in enumerate(prompts):
         if not len(p):
             raise ValueError(f"prompt {r} is empty")
         kept = p[-cols:]
-        out[r, :len(kept)] = torch.as_tensor(kept, dtype=torch.int64)
+        ids[r, :len(kept)] = kept
         last[r] = len(kept) - 1
-    return out, torch.tensor(last, dtype=torch.int64, pin_memory=pin)
+    return last[:rows].tolist()
 
 
 # ----------------------------------------------------------------------------- sampling

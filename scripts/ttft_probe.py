@@ -10,7 +10,9 @@ clock, so the GPU's wait for the host before the graph and the tail after it are
 and the graph's replay from an idle GPU against queued behind other work (launch_cost).
 With --events, requests are timed on the GPU's clock (events at the request's start, around
 the graph's replay and after the finish, and once the host holds the token), so the
-TTFT the host sees is split into GPU-side pieces. With --gaps, one replay of each served graph is profiled: GPU busy against the replay's
+TTFT the host sees is split into GPU-side pieces; with --stamps, the host's µs between
+the points before the graph's launch, and the prefill's pieces timed alone. With --gaps,
+one replay of each served graph is profiled: GPU busy against the replay's
 span, and the largest idle gaps between consecutive kernels with their neighbours.
 """
 

@@ -89,6 +89,8 @@ def test_triton_decode_honours_the_all_reduce_hook(gemvs, b, in_place) -> None:
         layer.all_reduce = hook
     model.prefill(torch.randint(0, 97, (3, 12)))
     fast = TritonDecode(model, 3, KernelPlan(gemv=gemvs, gemv_batched=gemvs, pdl=False))
+    # One row fuses gate/up and down on a rank too (down plain, the add after the sum).
+    assert fast.fused_ffn == ("w13" in gemvs and "w2" in gemvs)
     ids, pos = torch.tensor([1, 2, 3])[:b], torch.tensor([12, 5, 300])[:b]
     snap = snapshot_caches(model)
     for hook in hooks:

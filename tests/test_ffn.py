@@ -48,6 +48,24 @@ def test_ffn_equals_gate_up_then_down(ws, hidden, inter, cfgs) -> None:
     assert torch.equal(again, out)  # a second launch (a graph replay) starts clean
 
 
+@needs_interpreter
+def test_ffn_without_residual_gives_down_plain(ws) -> None:
+    """A tensor-parallel rank's feed-forward (residual None): down's output is its partial
+    sum as gemv(EPI_PLAIN) gives it, summed over the ranks before the add; the counters
+    reset as with the add."""
+    from hybridgraph.kernels import ffn, gemv
+    cfg13, cfg2 = _configs(8, 64, 8, 32, 2)
+    x, nw = rnd(1, 128), 1 + rnd(128, scale=0.2)
+    w13, w2 = rnd(2 * 96, 128, scale=0.1), rnd(128, 96, scale=0.1)
+    h = nan(1, 96)
+    out = ffn.ffn(x, w13, nw, w2, None, h, nan(1, 128), ws, cfg13, cfg2)
+    plain = gemv.gemv(h, w2, nan(1, 128), ws, cfg2, epi=gemv.EPI_PLAIN)
+    assert torch.equal(out, plain)
+    assert int(ws.counters.abs().sum()) == 0
+    with_res = ffn.ffn(x, w13, nw, w2, rnd(1, 128), nan(1, 96), nan(1, 128), ws, cfg13, cfg2)
+    assert not torch.equal(with_res, out)  # the residual path still adds
+
+
 def test_fusable_says_which_configs_share_a_launch() -> None:
     from hybridgraph.kernels.ffn import fusable
     from hybridgraph.kernels.gemv_config import GemvConfig
@@ -76,15 +94,18 @@ def test_ffn_refuses_what_it_cannot_serve(ws) -> None:
 @needs_interpreter
 def test_ffn_compiles_for_hopper() -> None:
     """The real compiler, for sm_90 (the interpreter accepts what it refuses): the spin
-    wait, the release and acquire atomics, both halves' register paths, PDL both ways."""
+    wait, the release and acquire atomics, both halves' register paths, PDL both ways,
+    down with the residual add and plain."""
     from tests.triton_interpreter import compile_for_hopper
     sig = {n: "*fp16" for n in ("x_ptr", "w13_ptr", "normw_ptr", "h_ptr", "w2_ptr",
                                 "res_ptr", "out_ptr")}
     sig.update({"ws_ptr": "*fp32", "cnt_ptr": "*i32", "INTER": "i32", "H": "i32",
                 "eps": "fp32", "TILES1": "i32", "TILES2": "i32", "K_SPLIT2": "i32"})
     variants = [(sig, dict(HALF1=8, BLOCK_K1=512, PREFETCH1=4, HALF2=8, BLOCK_K2=256,
-                           PREFETCH2=pf, SPLIT2=split, USE_PDL=pdl), {"num_stages": 1})
-                for split, pdl, pf in ((2, 2, 4), (4, 1, 16), (1, 0, 0))]
+                           PREFETCH2=pf, SPLIT2=split, USE_PDL=pdl, EPI2=epi2),
+                 {"num_stages": 1})
+                for split, pdl, pf, epi2 in ((2, 2, 4, 1), (4, 1, 16, 1), (1, 0, 0, 1),
+                                             (4, 2, 16, 0))]
     err, mmas = compile_for_hopper("hybridgraph.kernels.ffn", "ffn_kernel", variants)
     assert err == "", err
     assert all(m == (0, 0) for m in mmas)  # registers, no tensor cores

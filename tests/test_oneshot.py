@@ -224,7 +224,8 @@ def test_every_variant_compiles_for_hopper() -> None:
         sig = {"x_ptr": f"*{dtype}", "res_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
                "buf_ptrs": "*i64", "state_ptr": "*i32", "n": "i32", "chunk": "i32",
                "slot": "i32", "rank": "i32", "programs": "i32"}
-        variants += [(sig, {"WORLD": world, "BLOCK": 1024, "HAS_RES": res, "WIDE": wide}, {})
-                     for world in (2, 4) for res in (False, True)]
+        variants += [(sig, {"WORLD": world, "BLOCK": 1024, "HAS_RES": res, "WIDE": wide,
+                            "USE_PDL": pdl}, {})
+                     for world in (2, 4) for res in (False, True) for pdl in (False, True)]
     err, _ = compile_for_hopper("hybridgraph.kernels.oneshot", "_oneshot_kernel", variants)
     assert err == "", err

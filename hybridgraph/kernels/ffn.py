@@ -1,7 +1,8 @@
 """A decode layer's feed-forward in one launch: down's splits start as their inputs land.
 
 The feed-forward of one row is two GEMVs (kernels/gemv.py): gate/up (RMSNorm in,
-h = silu(gate) * up out, width I) and down (h in, + residual out). Launched one after the
+h = silu(gate) * up out, width I) and down (h in, + residual out; on a tensor-parallel
+rank, whose partial sum is all-reduced before the add, plain out). Launched one after the
 other, down may start only when the whole of gate/up has finished (PDL's wait is
 grid-wide), so gate/up's last wave, the release and down's ramp run with HBM part idle.
 
@@ -32,6 +33,7 @@ from torch import Tensor
 
 from hybridgraph.kernels.gemv import _item, _pdl_prologue
 from hybridgraph.kernels.gemv_config import (
+    EPI_PLAIN,
     EPI_RESID,
     EPI_SILU,
     GemvConfig,
@@ -42,7 +44,6 @@ from hybridgraph.kernels.launch import launch
 from hybridgraph.kernels.workspace import Workspace
 
 _SILU: tl.constexpr = tl.constexpr(EPI_SILU)
-_RESID: tl.constexpr = tl.constexpr(EPI_RESID)
 
 
 @triton.jit
@@ -50,7 +51,7 @@ def ffn_kernel(x_ptr, w13_ptr, normw_ptr, h_ptr, w2_ptr, res_ptr, out_ptr, ws_pt
                INTER, H, eps, TILES1, TILES2, K_SPLIT2,
                HALF1: tl.constexpr, BLOCK_K1: tl.constexpr, PREFETCH1: tl.constexpr,
                HALF2: tl.constexpr, BLOCK_K2: tl.constexpr, PREFETCH2: tl.constexpr,
-               SPLIT2: tl.constexpr, USE_PDL: tl.constexpr):
+               SPLIT2: tl.constexpr, USE_PDL: tl.constexpr, EPI2: tl.constexpr):
     pid = tl.program_id(0)
     ready = cnt_ptr + TILES2  # down's split-K tile counters come first, then ready[SPLIT2]
     done = ready + SPLIT2     # then the count of down items finished
@@ -65,7 +66,7 @@ def ffn_kernel(x_ptr, w13_ptr, normw_ptr, h_ptr, w2_ptr, res_ptr, out_ptr, ws_pt
     else:
         item = pid - TILES1
         s = item // TILES2
-        _pdl_prologue(item, w2_ptr, H, INTER, K_SPLIT2, TILES2, SPLIT2, 1, _RESID, HALF2,
+        _pdl_prologue(item, w2_ptr, H, INTER, K_SPLIT2, TILES2, SPLIT2, 1, EPI2, HALF2,
                       PREFETCH2, USE_PDL)
         # The gate/up tiles writing this split's slice of h (K_SPLIT2 % HALF1 == 0).
         need = tl.minimum(tl.cdiv((s + 1) * K_SPLIT2, HALF1), TILES1) - s * K_SPLIT2 // HALF1
@@ -73,7 +74,7 @@ def ffn_kernel(x_ptr, w13_ptr, normw_ptr, h_ptr, w2_ptr, res_ptr, out_ptr, ws_pt
             pass
         _item(item, h_ptr, w2_ptr, w2_ptr, out_ptr, res_ptr, out_ptr, out_ptr, cnt_ptr,
               out_ptr, out_ptr, ws_ptr, cnt_ptr, 1, H, INTER, K_SPLIT2, TILES2, eps, INTER, H, H,
-              1, 1, 1, 1, cnt_ptr, 0, False, _RESID, SPLIT2, 1, HALF2, BLOCK_K2, USE_PDL,
+              1, 1, 1, 1, cnt_ptr, 0, False, EPI2, SPLIT2, 1, HALF2, BLOCK_K2, USE_PDL,
               False, False, False)
         tl.debug_barrier()
         if tl.atomic_add(done, 1, sem="acq_rel") == TILES2 * SPLIT2 - 1:
@@ -104,13 +105,13 @@ def workspace_need(hidden: int, cfg2: GemvConfig, inter: int) -> tuple[int, int]
     return workspace_floats(tiles2, split2, cfg2.half, 1), tiles2 + split2 + 1
 
 
-def ffn(x: Tensor, w13: Tensor, norm_w: Tensor, w2: Tensor, residual: Tensor, h: Tensor,
-        out: Tensor, ws: Workspace, cfg13: GemvConfig, cfg2: GemvConfig, *,
+def ffn(x: Tensor, w13: Tensor, norm_w: Tensor, w2: Tensor, residual: Tensor | None,
+        h: Tensor, out: Tensor, ws: Workspace, cfg13: GemvConfig, cfg2: GemvConfig, *,
         eps: float = 1e-5, pdl: int = 0) -> Tensor:
     """out = residual + w2 @ (silu(g) * u), [g; u] = w13 @ rmsnorm(x) (norm_w, eps), for
     ONE row: x, residual, out [1, H]; w13 [2I, H]; w2 [H, I]; h [1, I] receives
-    silu(g) * u. Computes what gemv(EPI_SILU) then gemv(EPI_RESID) compute, in one launch.
-    pdl as gemv's."""
+    silu(g) * u. Computes what gemv(EPI_SILU) then gemv(EPI_RESID) compute, in one launch;
+    residual None: out = w2 @ h, as gemv(EPI_PLAIN). pdl as gemv's."""
     hidden, inter = x.shape[1], w2.shape[1]
     if x.shape[0] != 1 or w13.shape != (2 * inter, hidden) or w2.shape[0] != hidden:
         raise ValueError(f"ffn: one row of x {tuple(x.shape)} against w13 "
@@ -118,7 +119,7 @@ def ffn(x: Tensor, w13: Tensor, norm_w: Tensor, w2: Tensor, residual: Tensor, h:
     if not fusable(hidden, inter, cfg13, cfg2):
         raise ValueError(f"ffn: configs {cfg13} / {cfg2} cannot share a launch")
     for t in (x, w13, w2, residual, h, out):
-        if not t.is_contiguous():
+        if t is not None and not t.is_contiguous():
             raise ValueError("ffn: every tensor must be contiguous")
     k_split2, split2 = _splits(inter, cfg2)
     tiles1 = n_tiles(EPI_SILU, inter, cfg13.half, 1)
@@ -127,10 +128,12 @@ def ffn(x: Tensor, w13: Tensor, norm_w: Tensor, w2: Tensor, residual: Tensor, h:
     ws.check(floats, counters, "ffn")
     extra = {"launch_pdl": True} if pdl else {}
     launch(ffn_kernel, (tiles1 + tiles2 * split2,),
-           x, w13, norm_w, h, w2, residual, out, ws.partials, ws.counters,
+           x, w13, norm_w, h, w2, out if residual is None else residual, out, ws.partials,
+           ws.counters,
            inter, hidden, eps, tiles1, tiles2, k_split2,
            HALF1=cfg13.half, BLOCK_K1=cfg13.block_k, PREFETCH1=cfg13.prefetch,
            HALF2=cfg2.half, BLOCK_K2=cfg2.block_k, PREFETCH2=cfg2.prefetch,
-           SPLIT2=split2, USE_PDL=int(pdl), num_warps=cfg13.num_warps,
+           SPLIT2=split2, USE_PDL=int(pdl), EPI2=EPI_RESID if residual is not None else EPI_PLAIN,
+           num_warps=cfg13.num_warps,
            num_stages=cfg13.num_stages, **extra)
     return out

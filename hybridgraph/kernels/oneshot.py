@@ -23,9 +23,16 @@ peer's data read across NVLink) the only remote traffic is one-way stores.
 Why a slot is EMPTY when a peer pushes into it: the phases alternate call by call (the
 `state` below), so a peer pushes into this phase again two calls later; it can get there
 only after it has read this rank's push of the call in between, which this rank makes only
-after this call, its EMPTY writes included, is over (kernels on one stream run in order;
-this kernel is never launched early). Why a rank never reads another call's data: a peer
-can be at most one call ahead, and that call uses the other phase.
+after this call, its EMPTY writes included, is over (kernels on one stream run in order).
+Why a rank never reads another call's data: a peer can be at most one call ahead, and that
+call uses the other phase.
+
+PDL (`pdl`, Hopper): the kernel may launch while the kernel before it still runs, but it
+touches nothing (not even `state`) before `gdc_wait`, which returns once that kernel has
+finished; that kernel finished only after its own wait, and so on back, so every earlier
+call is over too and the ordering above holds. Right after the wait it lets the next
+kernel launch: a decode's next GEMV then asks the L2 for its weights while this kernel
+waits on NVLink, when HBM is otherwise idle (docs/KERNELS.md run 34).
 
 `state`, int32 [2] on this rank's device (not symmetric), holds the phase and a count of
 finished programs; the last program of a call resets the count and flips the phase, so
@@ -99,7 +106,10 @@ def _arrived(src, mask, WIDE: tl.constexpr):
 @triton.jit
 def _oneshot_kernel(x_ptr, res_ptr, out_ptr, buf_ptrs, state_ptr, n, chunk, slot, rank,
                     programs, WORLD: tl.constexpr, BLOCK: tl.constexpr,
-                    HAS_RES: tl.constexpr, WIDE: tl.constexpr):
+                    HAS_RES: tl.constexpr, WIDE: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:  # nothing read or written before the kernel before this one has finished
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     start = pid * chunk
     end = tl.minimum(start + chunk, n)
@@ -223,7 +233,8 @@ def check_args(x: Tensor, out: Tensor, buffer: Tensor, buffer_ptrs: Tensor, rank
 
 
 def all_reduce(x: Tensor, out: Tensor, buffer: Tensor, buffer_ptrs: Tensor, rank: int,
-               world: int, state: Tensor, residual: Tensor | None = None) -> Tensor:
+               world: int, state: Tensor, residual: Tensor | None = None,
+               pdl: bool = False) -> Tensor:
     """out = (residual +) the sum of x over `world` ranks; returns out. Collective: every
     rank calls it with the same shape and dtype, in the same order as its other calls.
 
@@ -231,7 +242,8 @@ def all_reduce(x: Tensor, out: Tensor, buffer: Tensor, buffer_ptrs: Tensor, rank
     `clear`ed before the first call, each slot >= x's bytes: `buffer_bytes_for`);
     buffer_ptrs: int64 [world], every rank's buffer address on this device
     (buffer_ptrs[rank] is `buffer`); state: this rank's `new_state`, kept for every call on
-    this buffer.
+    this buffer. pdl: launch with programmatic dependent launch (sm_90+ only; see the
+    module docstring).
     """
     check_args(x, out, buffer, buffer_ptrs, rank, world, residual, state)
     n = x.numel()
@@ -243,7 +255,8 @@ def all_reduce(x: Tensor, out: Tensor, buffer: Tensor, buffer_ptrs: Tensor, rank
         x, residual if residual is not None else x, out, buffer_ptrs, state, n, chunk,
         slot_bytes(buffer.numel(), world) // x.element_size(), rank, programs,
         WORLD=world, BLOCK=block, HAS_RES=residual is not None,
-        WIDE=x.element_size() == 4, num_warps=NUM_WARPS)
+        WIDE=x.element_size() == 4, USE_PDL=pdl, num_warps=NUM_WARPS,
+        **({"launch_pdl": True} if pdl else {}))
     return out
 
 

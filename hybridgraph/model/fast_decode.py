@@ -141,12 +141,11 @@ class TritonDecode:
 
     def _fuses_ffn(self, down: GemvConfig) -> bool:
         """Whether one-row steps run gate/up and down (with config `down`) as one launch
-        (kernels/ffn.py): planned, both on the GEMV, their configs allow it, and not on a
-        tensor-parallel rank (its down output is summed over the ranks first)."""
+        (kernels/ffn.py): planned, both on the GEMV and their configs allow it. On a
+        tensor-parallel rank down's output is plain, summed over the ranks after it."""
         cfg, gemvs = self.model.config, self.plan.gemv
         return (self.plan.fuse_ffn and "w13" in gemvs and "w2" in gemvs
                 and "w13" in self.configs
-                and all(layer.all_reduce is no_reduce for layer in self.model.layers)
                 and self._ffn.fusable(cfg.hidden_size, cfg.intermediate_size,
                                       self.configs["w13"], down))
 
@@ -323,7 +322,8 @@ class TritonDecode:
         neither GEMV may fuse the add (EPI_PLAIN) as the one-rank path does. Both adds go
         through `layer.reduce_add`: the one-shot kernel sums and adds in one launch, other
         all-reduces (and Block's default) reduce and then add, which rounds the same. Where
-        gate/up is on cuBLAS the first add rides in its norm kernel instead. Kept apart so the
+        gate/up is on cuBLAS the first add rides in its norm kernel instead. One row with the
+        feed-forward fused runs it as one launch here too, down plain. Kept apart so the
         one-rank path (tuned) stays as it is. x2: [B, hidden]; o: [B, heads * D]; wo_cfg:
         O's config (a prefill's or the one-row one; None where O is not on the GEMV)."""
         g, pdl = self._gemv, self._pdl
@@ -339,6 +339,11 @@ class TritonDecode:
         h = new(b, ff.w2.weight.shape[1])
         if "w13" in on_gemv:  # the norm rides in the GEMV's prologue, the add in the reduce
             x1 = reduce_add(attn, x2)
+            if b == 1 and self.fused_ffn:  # gate/up and down in one launch, down plain
+                down = self._ffn.ffn(x1, ff.w13.weight, layer.ffn_norm.weight, ff.w2.weight,
+                                     None, h, new(b, hidden), self.ws, self.configs["w13"],
+                                     self.configs["w2"], eps=self.eps, pdl=pdl)
+                return reduce_add(down, x1)
             g.gemv(x1, ff.w13.weight, h, self.ws, self.configs["w13"], epi=g.EPI_SILU,
                    norm_w=layer.ffn_norm.weight, eps=self.eps, pdl=pdl)
         else:  # the residual add rides in the norm kernel

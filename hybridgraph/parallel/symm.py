@@ -20,7 +20,9 @@ it past the block's start; torch's own `*_ptrs_dev` tables hold the block starts
 ops: opaque to Dynamo (a compiled block calls each as one node, with a fake implementation
 for shapes), replayable inside CUDA graphs. A message the buffer refuses (too big, another
 dtype or device) goes to NCCL, per call. NVLink multicast stays off (group.SAFE_ENV): the
-kernel reads peers through plain peer mappings, never multicast.
+kernel reads peers through plain peer mappings, never multicast. On sm_90+ the kernel
+launches with programmatic dependent launch wherever it runs (kernels/oneshot.py says why
+that is safe): after a kernel that never lets it start early it simply starts in order.
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ class Staging:
     handle: object = None      # the rendezvous handle, kept alive with the buffer
     state: Tensor | None = None  # the kernel's phase and program count (int32 [2], this
     #                              rank's device; oneshot.new_state), made if not given
+    pdl: bool = False          # launch with programmatic dependent launch (create: sm_90+)
 
     def __post_init__(self) -> None:
         if self.state is None:
@@ -136,7 +139,8 @@ class Staging:
             return out
         return oneshot.all_reduce(x.contiguous(), out, self.buffer, self.buffer_ptrs,
                                   self.rank, self.world, self.state,
-                                  None if residual is None else residual.contiguous())
+                                  None if residual is None else residual.contiguous(),
+                                  pdl=self.pdl)
 
 
 def buffer_bytes(numel: int, dtypes: Sequence[torch.dtype]) -> int:
@@ -191,6 +195,7 @@ def create(group: dist.ProcessGroup, device: torch.device, numel: int,
     import torch.distributed._symmetric_memory as symm_mem
 
     from hybridgraph.kernels import oneshot
+    from hybridgraph.kernels.selfcheck import pdl_supported
 
     name = group.group_name
     enable(name)
@@ -200,7 +205,7 @@ def create(group: dist.ProcessGroup, device: torch.device, numel: int,
     handle = symm_mem.rendezvous(buf, name)
     ptrs, offset = tables(handle, buf)
     staging = Staging(group, name, buf, ptrs, int(handle.rank), int(handle.world_size),
-                      offset, handle)
+                      offset, handle, pdl=pdl_supported(buf.device))
     register(staging)
     return staging
 

@@ -45,12 +45,24 @@ def test_batched_rows_take_the_tensor_core_rule(proj, rows):
     assert (c.swap, c.half, c.block_k, c.split_k, c.num_stages) == want
 
 
-def test_batched_norm_rule_splits_only_narrow_projections():
+def test_batched_norm_rule_splits_narrow_projections_then_fills_one_wave():
     # llama-3.2-1b's QKV (48 tiles of 64 rows, 32-row RoPE sets) is under 0.4 programs per
-    # SM unsplit: split in two. Its gate/up (64 tiles) and 7B's QKV (96) stay whole.
+    # SM unsplit: split in two. Its gate/up (64 tiles, 1024 of K a split) and 7B's QKV (96)
+    # and gate/up (86) stay whole.
     assert default_config(3072, 2048, 132, EPI_ROPE, norm=True, d_half=32, rows=10).split_k == 2
     assert default_config(8192, 2048, 132, EPI_SILU, norm=True, d_half=32, rows=10).split_k == 1
     assert default_config(12288, 4096, 132, EPI_ROPE, norm=True, d_half=64, rows=10).split_k == 1
+    assert default_config(11008, 4096, 132, EPI_SILU, norm=True, d_half=64, rows=10).split_k == 1
+    # llama-2-7b at TP=2: QKV 48 tiles (2: a third split would need a second wave),
+    # gate/up 43 tiles (3: 129 programs, 1408 of K a split)
+    assert default_config(6144, 4096, 132, EPI_ROPE, norm=True, d_half=64, rows=10).split_k == 2
+    assert default_config(5504, 4096, 132, EPI_SILU, norm=True, d_half=64, rows=10).split_k == 3
+    # llama-2-70b at TP=4 (per rank: 20 heads of 128 rows, gate/up 7168 wide): 6 and 2
+    assert default_config(2560, 8192, 132, EPI_ROPE, norm=True, d_half=64, rows=10).split_k == 6
+    assert default_config(7168, 8192, 132, EPI_SILU, norm=True, d_half=64, rows=10).split_k == 2
+    # no second wave: 67 tiles stay whole on 132 SMs, 66 split in two
+    assert default_config(67 * 128, 4096, 132, EPI_SILU, norm=True, rows=10).split_k == 1
+    assert default_config(66 * 128, 4096, 132, EPI_SILU, norm=True, rows=10).split_k == 2
     # a split never leaves a program under 512 of K
     assert default_config(256, 1024, 132, EPI_PLAIN, norm=True, rows=4).split_k == 2
     assert default_config(256, 1000, 132, EPI_PLAIN, norm=True, rows=4).split_k == 1

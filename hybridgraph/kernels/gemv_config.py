@@ -44,17 +44,16 @@ def default_config(n: int, k: int, sms: int = 132, epi: int = EPI_PLAIN,
     2-16 rows run on the tensor cores (KERNELS.md runs 7 and 13, sweeps at 10 rows).
     Projections with the RMSNorm prologue (QKV, gate/up, LM head) swap the product's sides
     (W @ x^T: the weight tile is the MMA's M side, so Hopper's warpgroup MMA takes it):
-    128 rows a set, 64 of K a step, pipelined 4 deep, split over K only while the
-    projection has under 0.4 programs per SM (llama-3.2-1b's QKV: 48 tiles, 20.8 -> 12.6 us
-    at 10 rows split in two; llama-2-7b's never split). Those without (O and down)
+    128 rows a set, 64 of K a step, pipelined 4 deep, split over K (`batched_split`:
+    llama-3.2-1b's QKV, 48 tiles, 20.8 -> 12.6 us at 10 rows split in two; llama-2-7b's,
+    96 tiles, never split; a tensor-parallel rank's narrower ones as far as one wave
+    allows). Those without (O and down)
     keep x @ W^T on 32-row sets, 128 of K a step, 3 deep, split 4 over K (keeping >= 512
     of K a split): swapped they tied.
     """
     if rows > 1:
         if norm:
-            tiles, split = config_tiles(epi, n, 128, d_half), 1
-            while tiles * split < 0.4 * sms and k // (2 * split) >= 512:
-                split *= 2
+            split = batched_split(config_tiles(epi, n, 128, d_half), k, sms)
             return GemvConfig(half=128, block_k=64, split_k=split, num_warps=4,
                               num_stages=4, swap=True)
         split = 4
@@ -69,6 +68,27 @@ def default_config(n: int, k: int, sms: int = 132, epi: int = EPI_PLAIN,
         split *= 2
     return GemvConfig(half=half, block_k=1024 if epi == EPI_SILU else 256, split_k=split,
                       num_warps=4, num_stages=1, dot=False)
+
+
+def batched_split(tiles: int, k: int, sms: int, max_split: int = 8) -> int:
+    """The batched swapped GEMV's split over K. One program fits an SM (128 KB of shared
+    memory), so:
+    - a narrow projection (under 0.4 programs per SM) splits in two, and again while still
+      under, each split keeping >= 512 of K (llama-3.2-1b's and tinyllama's QKV and
+      gate/up: KERNELS.md runs 14 and 30);
+    - a projection split that way or not splits further while the programs still run in
+      ONE wave and each split keeps >= 1280 of K. Only tensor-parallel ranks' shapes take
+      this: llama-2-7b's gate/up at TP=2 (43 tiles) 2 -> 3 splits, its 10-token TTFT 3.94 /
+      3.71 -> 3.74 / 3.53 ms on 2x H200; splitting 1B's 64 gate/up tiles in two (1024 of K
+      a split) lost 3% (run 34).
+    """
+    split = 1
+    while tiles * split < 0.4 * sms and k // (2 * split) >= 512:
+        split *= 2
+    while (split < max_split and tiles * (split + 1) <= sms
+           and k // (split + 1) >= 1280):
+        split += 1
+    return split
 
 
 def ffn_down_config(n: int, k: int, sms: int = 132) -> GemvConfig:

@@ -79,8 +79,9 @@ def batched_split(tiles: int, k: int, sms: int, max_split: int = 8) -> int:
     - a projection split that way or not splits further while the programs still run in
       ONE wave and each split keeps >= 1280 of K. Only tensor-parallel ranks' shapes take
       this: llama-2-7b's gate/up at TP=2 (43 tiles) 2 -> 3 splits, its 10-token TTFT 3.94 /
-      3.71 -> 3.74 / 3.53 ms on 2x H200; splitting 1B's 64 gate/up tiles in two (1024 of K
-      a split) lost 3% (run 34).
+      3.71 -> 3.74 / 3.53 ms on 2x H200 (alternating processes; the spread between
+      processes is as large, so a lead, not a settled gain); splitting 1B's 64 gate/up
+      tiles in two (1024 of K a split) lost 3% (run 34).
     """
     split = 1
     while tiles * split < 0.4 * sms and k // (2 * split) >= 512:

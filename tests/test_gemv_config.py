@@ -111,3 +111,12 @@ def test_fused_down_takes_32_row_programs_split_to_3_5_items_an_sm(hidden, inter
     assert n_tiles(EPI_RESID, hidden, 16, 1) * split >= 3.5 * 132
     up = default_config(inter, hidden, 132, EPI_SILU, norm=True)
     assert fusable(hidden, inter, up, c)
+
+
+def test_k_splits_are_whole_steps_with_a_shorter_last() -> None:
+    """One owner for a launch's split arithmetic (gemv, ffn and idle_prefetch take it)."""
+    from hybridgraph.kernels.gemv_config import GemvConfig, k_splits
+    assert k_splits(2048, GemvConfig(block_k=256, split_k=4)) == (512, 4)
+    assert k_splits(160, GemvConfig(block_k=32, split_k=3)) == (64, 3)   # 64 + 64 + 32
+    assert k_splits(100, GemvConfig(block_k=64, split_k=4)) == (64, 2)   # asked 4, 2 fit
+    assert k_splits(4096, GemvConfig(block_k=256)) == (4096, 1)

@@ -37,6 +37,7 @@ from hybridgraph.kernels.gemv_config import (
     EPI_RESID,
     EPI_SILU,
     GemvConfig,
+    k_splits,
     n_tiles,
     workspace_floats,
 )
@@ -83,24 +84,18 @@ def ffn_kernel(x_ptr, w13_ptr, normw_ptr, h_ptr, w2_ptr, res_ptr, out_ptr, ws_pt
             tl.store(done, 0)
 
 
-def _splits(k: int, cfg: GemvConfig) -> tuple[int, int]:
-    """(K per split, splits) of a config over K, as gemv() computes them."""
-    k_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
-    return k_split, triton.cdiv(k, k_split)
-
-
 def fusable(hidden: int, inter: int, cfg13: GemvConfig, cfg2: GemvConfig) -> bool:
     """Whether `ffn` serves these configs: both on the register path (one row), gate/up
     unsplit over K, and down's splits holding whole gate/up tiles."""
-    k_split2, _ = _splits(inter, cfg2)
-    return (not cfg13.dot and not cfg2.dot and _splits(hidden, cfg13)[1] == 1
+    k_split2, _ = k_splits(inter, cfg2)
+    return (not cfg13.dot and not cfg2.dot and k_splits(hidden, cfg13)[1] == 1
             and k_split2 % cfg13.half == 0 and cfg13.programs == 0 and cfg2.programs == 0
             and cfg13.num_warps == cfg2.num_warps)
 
 
 def workspace_need(hidden: int, cfg2: GemvConfig, inter: int) -> tuple[int, int]:
     """(partial floats, counters) one `ffn` launch uses."""
-    _, split2 = _splits(inter, cfg2)
+    _, split2 = k_splits(inter, cfg2)
     tiles2 = n_tiles(EPI_RESID, hidden, cfg2.half, 1)
     return workspace_floats(tiles2, split2, cfg2.half, 1), tiles2 + split2 + 1
 
@@ -121,7 +116,7 @@ def ffn(x: Tensor, w13: Tensor, norm_w: Tensor, w2: Tensor, residual: Tensor | N
     for t in (x, w13, w2, residual, h, out):
         if t is not None and not t.is_contiguous():
             raise ValueError("ffn: every tensor must be contiguous")
-    k_split2, split2 = _splits(inter, cfg2)
+    k_split2, split2 = k_splits(inter, cfg2)
     tiles1 = n_tiles(EPI_SILU, inter, cfg13.half, 1)
     tiles2 = n_tiles(EPI_RESID, hidden, cfg2.half, 1)
     floats, counters = workspace_need(hidden, cfg2, inter)

@@ -55,6 +55,7 @@ from hybridgraph.kernels.gemv_config import (
     default_config,
     ffn_down_config,
     idle_prefetch,
+    k_splits,
     n_tiles,
     rope_half,
     workspace_floats,
@@ -299,8 +300,7 @@ def gemv(x: Tensor, w: Tensor, out: Tensor, ws: Workspace, cfg: GemvConfig, *,
     if half < (16 if dot else 1):
         raise ValueError(f"gemv: row sets of {half} rows are too small for tl.dot (>= 16)")
     tiles = n_tiles(epi, n, half, d_half)
-    k_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
-    split = triton.cdiv(k, k_split)
+    k_split, split = k_splits(k, cfg)
     block_b = 16 if dot else 1
     if split > 1:
         ws.check(workspace_floats(tiles, split, half, block_b), tiles, "gemv")

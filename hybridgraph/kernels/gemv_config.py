@@ -108,14 +108,20 @@ def ffn_down_config(n: int, k: int, sms: int = 132) -> GemvConfig:
                       dot=False)
 
 
+def k_splits(k: int, cfg: GemvConfig) -> tuple[int, int]:
+    """(K per split, splits) of a config over K, as a launch takes them: each split a
+    whole number of BLOCK_K steps, the last one possibly shorter."""
+    k_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    return k_split, triton.cdiv(k, k_split)
+
+
 def idle_prefetch(k: int, cfg: GemvConfig, itemsize: int = 2) -> int:
     """L2 lines per weight row for a one-row GEMV that follows a kernel which barely uses
     HBM (the O projection after attention): half of each program's K slice, at least the
     config's own. Launched early (PDL), it fetches that much while attention runs. Half
     measured best on llama-2-7b (16 of 32 lines) and llama-3.2-1b (4 of 8); the whole slice
     and more were slower (KERNELS.md run 10)."""
-    k_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
-    lines = max(1, k_split * itemsize // 128 // 2)
+    lines = max(1, k_splits(k, cfg)[0] * itemsize // 128 // 2)
     return max(cfg.prefetch, 1 << (lines.bit_length() - 1))  # a power of two (tl.arange)
 
 

@@ -18,8 +18,8 @@ from hybridgraph.bench.report import read_csv, slower_than_peers
 from hybridgraph.bench.table import Results, Table, make_prompt, summarize
 
 REPO = Path(__file__).resolve().parents[1]
-CPU_TABLES = ("cost", "peers_ttft", "peers_decode", "ipc", "ttft", "decode", "decode_tokens",
-              "p99", "ablation_ttft", "ablation_decode", "batch", "headline")
+CPU_TABLES = ("cost", "peers_ttft", "peers_decode", "ipc", "ttft", "ttft_spaced", "decode",
+              "decode_tokens", "p99", "ablation_ttft", "ablation_decode", "batch", "headline")
 PLOTS = ("ttft.png", "decode.png", "ablation.png", "batch.png")
 META = ("device", "driver", "torch", "triton", "dtype", "model_shape", "copy_bandwidth_gbs",
         "matmul_tflops", "decode_floor_ms")
@@ -75,6 +75,9 @@ def test_tables_cover_what_was_asked(quick_run: tuple[Path, str, float]) -> None
     out, _, _ = quick_run
     _, ttft = read_csv(out / "ttft.csv")
     assert [int(r["prompt_len"]) for r in ttft] == [10, 50, 100]
+    _, spaced = read_csv(out / "ttft_spaced.csv")
+    assert [int(r["prompt_len"]) for r in spaced] == [10, 100]
+    assert {r["sm_mhz"] for r in ttft + spaced} == {"n/a (no GPU)"}  # a CPU run says so
     _, dec = read_csv(out / "decode.csv")
     assert [r["context"] for r in dec] == ["10-50", "51-100", "101-200", "201-300", "301-400",
                                            "401-407", "all"]

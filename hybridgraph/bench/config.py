@@ -24,6 +24,8 @@ class BenchConfig:
     max_seq_len: int = 512                 # room for a 500-token prompt and 10 + 397 decode
     ttft_lengths: list[int] = field(default_factory=lambda: [10] + list(range(50, 501, 50)))
     ttft_runs: int = 20
+    ttft_spaced_lengths: list[int] = field(default_factory=lambda: [10, 500])
+    ttft_gap_s: float = 0.2                # GPU idle before each spaced prompt
     warmup: int = 3
     decode_prompt: int = 10
     decode_new: int = 397
@@ -87,6 +89,7 @@ def from_args(args: argparse.Namespace) -> BenchConfig:
         # Tiny model, CPU, float32, few runs: a smoke run of every suite in ~1-2 minutes.
         cfg = BenchConfig(model="tiny", device="cpu", dtype="float32", quick=True,
                           ttft_lengths=[10, 50, 100], ttft_runs=5, warmup=1, decode_runs=2,
+                          ttft_spaced_lengths=[10, 100], ttft_gap_s=0.05,
                           p99_lengths=[10, 100], p99_runs=100, ablation_lengths=[10, 100],
                           ablation_decode_runs=2,
                           coverage_strategies=["every:10", "pow2"], coverage_max_len=64,

@@ -7,11 +7,13 @@ Generation ignores stop tokens (stop_ids=[]) so every run produces the same coun
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from hybridgraph.bench.clocks import ClockLog
 from hybridgraph.bench.config import BenchConfig
 from hybridgraph.bench.engines import Engines
 from hybridgraph.bench.hw import floor_frac
@@ -52,16 +54,40 @@ def decode_samples(engine: Engine, prompt: list[int], new: int, runs: int,
 
 
 def ttft_suite(cfg: BenchConfig, engines: Engines) -> list[Table]:
+    """TTFT by prompt length with the prompts back to back (`ttft`), and for a few lengths
+    with the GPU idle `ttft_gap_s` before each prompt (`ttft_spaced`, as a person's
+    request finds an idle server). Each row carries the SM clock it ran at."""
     engine = engines.get(cfg.default_mode)
+    cols = ["system", "prompt_len", "runs", "median_ms", "mean_ms", "std_ms", "p99_ms",
+            "min_ms", "sm_mhz", "clock_capped_by"]
     t = Table("ttft", f"TTFT by prompt length (hybridgraph {engine.mode}, {cfg.ttft_runs} runs "
-                      f"each after {cfg.warmup} warm-up)",
-              ["system", "prompt_len", "runs", "median_ms", "mean_ms", "std_ms", "p99_ms",
-               "min_ms"])
-    for n, s in ttft_by_length(engine, cfg.ttft_lengths, cfg.ttft_runs, cfg.warmup, "ttft"):
-        t.add(f"hybridgraph-{engine.mode}", n, s["n"], s["median"], s["mean"], s["std"],
-              s["p99"], s["min"])
+                      f"each after {cfg.warmup} warm-up, back to back)", cols)
+    spaced = Table("ttft_spaced", f"TTFT with the GPU idle {cfg.ttft_gap_s} s before each "
+                                  f"prompt (hybridgraph {engine.mode}, {cfg.ttft_runs} runs "
+                                  "each)", cols)
+    vocab, system = engine.config.vocab_size, f"hybridgraph-{engine.mode}"
+    runs = [(t, n, 0.0) for n in cfg.ttft_lengths] + \
+        [(spaced, n, cfg.ttft_gap_s) for n in cfg.ttft_spaced_lengths]
+    with ClockLog(engines.device) as clocks, \
+            tqdm(total=len(runs) * cfg.ttft_runs, desc="ttft", unit="run") as bar:
+        for table, n, gap in runs:
+            prompt = make_prompt(n, vocab)
+            ttft_samples(engine, prompt, 0, cfg.warmup)  # warm-up only
+            t0, samples = clocks.now(), []
+            for _ in range(cfg.ttft_runs):
+                time.sleep(gap)
+                samples.append(engine.generate(prompt, 1, stop_ids=[]).ttft_ms)
+                bar.update(1)
+            mhz, capped = clocks.between(t0, clocks.now())
+            s = summarize(samples)
+            table.add(system, n, s["n"], s["median"], s["mean"], s["std"], s["p99"], s["min"],
+                      mhz, capped)
     t.notes.append("TTFT: prompt ids on the host -> first token id on the host.")
-    return [t]
+    spaced.notes.append("sm_mhz: the median SM clock nvidia-smi read during the row's runs; "
+                        "clock_capped_by: what its throttle reasons named. Long prompts back "
+                        "to back can hold the card at its power limit, which lowers the clock "
+                        "(docs/KERNELS.md run 35): compare a length's two rows.")
+    return [t, spaced]
 
 
 def decode_suite(cfg: BenchConfig, engines: Engines, floor_ms: float) -> list[Table]:

@@ -22,9 +22,9 @@ from types import TracebackType
 import torch
 
 # nvidia-smi's clocks_throttle_reasons bits (NVML's nvmlClocksEventReasons).
+# (0x1, idle, is no cap on a run and is left out.)
 REASONS = {0x2: "application clocks", 0x4: "sw power cap", 0x8: "hw slowdown",
            0x20: "sw thermal", 0x40: "hw thermal", 0x80: "hw power brake"}
-IDLE = 0x1  # no work: not a cap on a run
 
 
 def parse(line: str) -> tuple[float, int] | None:
@@ -38,10 +38,14 @@ def parse(line: str) -> tuple[float, int] | None:
         return None
 
 
-def reasons_text(mask: int) -> str:
-    """The caps a reasons mask names, 'none' if none (idle and unknown bits aside)."""
-    names = [name for bit, name in REASONS.items() if mask & bit]
-    return "+".join(names) if names else "none"
+def reasons_text(masks: list[int]) -> str:
+    """The caps named in a row's samples' reasons, each with the share of samples it was
+    active in ('sw power cap 85%'), 'none' if none (idle and unknown bits aside). A cap
+    seen in one sample may be the tail of the row before."""
+    shares = [(name, sum(1 for m in masks if m & bit) / len(masks))
+              for bit, name in REASONS.items()] if masks else []
+    named = [f"{name} {share:.0%}" for name, share in shares if share > 0]
+    return " + ".join(named) if named else "none"
 
 
 class ClockLog:
@@ -86,10 +90,7 @@ class ClockLog:
         got = [(mhz, why) for t, mhz, why in self.samples if t0 <= t <= t1]
         if not got:
             return self.why_none, self.why_none
-        mask = 0
-        for _, why in got:
-            mask |= why & ~IDLE
-        return statistics.median(mhz for mhz, _ in got), reasons_text(mask)
+        return statistics.median(mhz for mhz, _ in got), reasons_text([w for _, w in got])
 
     def close(self) -> None:
         if self._proc is not None:

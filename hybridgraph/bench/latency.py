@@ -84,9 +84,10 @@ def ttft_suite(cfg: BenchConfig, engines: Engines) -> list[Table]:
                       mhz, capped)
     t.notes.append("TTFT: prompt ids on the host -> first token id on the host.")
     spaced.notes.append("sm_mhz: the median SM clock nvidia-smi read during the row's runs; "
-                        "clock_capped_by: the caps its throttle reasons named, each with the share of samples it held. Long prompts back "
-                        "to back can hold the card at its power limit, which lowers the clock "
-                        "(docs/KERNELS.md run 35): compare a length's two rows.")
+                        "clock_capped_by: the caps its throttle reasons named, each with the "
+                        "share of samples it held. Long prompts back to back can hold the "
+                        "card at its power limit, which lowers the clock (docs/KERNELS.md "
+                        "run 35): compare a length's two rows.")
     return [t, spaced]
 
 

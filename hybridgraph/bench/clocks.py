@@ -6,9 +6,9 @@ llama-2-7b prefills one after another ran at ~1480 MHz ("sw power cap") against 
 with 0.2 s idle between them, and took 12.4 against 11.0 ms (docs/KERNELS.md run 35).
 The TTFT tables carry the clock each row ran at, so such a row says what held it.
 
-One `nvidia-smi --query-gpu ... --loop-ms=N` process streams samples for the whole suite (one
-process, not one per sample: spawning from a process holding a model costs host time the
-TTFT would feel); a thread stamps each line as it arrives.
+One `nvidia-smi --query-gpu ... --loop-ms=N` process streams the samples for the whole
+suite, so the host spawns nothing between prompts; a thread stamps each line as it
+arrives.
 """
 
 from __future__ import annotations

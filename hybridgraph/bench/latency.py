@@ -22,11 +22,15 @@ from hybridgraph.engine import Engine
 
 
 def ttft_samples(engine: Engine, prompt: list[int], runs: int, warmup: int,
-                 bar: Any = None) -> list[float]:
+                 bar: Any = None, gap_s: float = 0.0) -> list[float]:
+    """TTFT of `runs` runs after `warmup` untimed ones; gap_s: the GPU left idle that long
+    before each timed run (0: back to back)."""
     for _ in range(warmup):
         engine.generate(prompt, 1, stop_ids=[])
     out = []
     for _ in range(runs):
+        if gap_s:
+            time.sleep(gap_s)
         out.append(engine.generate(prompt, 1, stop_ids=[]).ttft_ms)
         if bar is not None:
             bar.update(1)
@@ -72,12 +76,9 @@ def ttft_suite(cfg: BenchConfig, engines: Engines) -> list[Table]:
             tqdm(total=len(runs) * cfg.ttft_runs, desc="ttft", unit="run") as bar:
         for table, n, gap in runs:
             prompt = make_prompt(n, vocab)
-            ttft_samples(engine, prompt, 0, cfg.warmup)  # warm-up only
-            t0, samples = clocks.now(), []
-            for _ in range(cfg.ttft_runs):
-                time.sleep(gap)
-                samples.append(engine.generate(prompt, 1, stop_ids=[]).ttft_ms)
-                bar.update(1)
+            ttft_samples(engine, prompt, 0, cfg.warmup)  # warm-up, outside the clock window
+            t0 = clocks.now()
+            samples = ttft_samples(engine, prompt, cfg.ttft_runs, 0, bar, gap)
             mhz, capped = clocks.between(t0, clocks.now())
             s = summarize(samples)
             table.add(system, n, s["n"], s["median"], s["mean"], s["std"], s["p99"], s["min"],

@@ -261,7 +261,8 @@ def plan_options(opts: list[str]) -> dict:
     (every GEMV prefetches N lines a row), wopfN (the O GEMV prefetches N), attn0 | attn1
     (attention keys per tile), awN (warps an attention program), aspN (attention splits), ffn0 | ffn1 (gate/up and down
     as one launch or two), ekv0 | ekv1 (attention reads earlier keys before its PDL wait,
-    one tile a split, or not), cfg-PROJ-HALF-SPLIT-WARPS-STAGES-BLOCKK (PROJ's one-row
+    one tile a split, or not), pskN (a long prefill's O and down split over K while each
+    part keeps >= N of K; 0: never), cfg-PROJ-HALF-SPLIT-WARPS-STAGES-BLOCKK (PROJ's one-row
     register config: e.g. cfg-wo-8-2-4-1-512)."""
     from hybridgraph.kernels.gemv_config import GemvConfig
     pdl = next((o for o in opts if o.startswith("pdl")), "")
@@ -288,6 +289,8 @@ def plan_options(opts: list[str]) -> dict:
             kw["early_kv"] = o == "ekv1"
         elif o in ("ffn0", "ffn1"):
             kw["fuse_ffn"] = o == "ffn1"
+        elif o.startswith("psk"):
+            kw["prefill_split_k"] = int(o[3:])
     return kw
 
 
@@ -365,8 +368,10 @@ def prefill_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: lis
     """TTFT's forward: one prompt of t tokens into cache row 0, logits of its last token.
     Plans: "inductor" (Transformer.prefill, compiled block, as Steps runs it today) or
     "<default|all|none|proj+proj...>[:option]..." (plan_options) for TritonDecode.prefill, the
-    projections on the GEMV for every row count (default: KernelPlan's own)."""
+    projections on the GEMV for every row count (default: KernelPlan's own); prompts longer
+    than the plan's prefill_rows run on glue_prefill, as Steps runs them."""
     from hybridgraph.model.fast_decode import TritonDecode
+    from hybridgraph.model.fast_prefill import glue_prefill
     from hybridgraph.model.kernel_plan import PROJECTIONS, KernelPlan
     from hybridgraph.model.loader import random_model
     from hybridgraph.runtime.step import compiled_blocks
@@ -395,6 +400,8 @@ def prefill_section(name: str, dtype: torch.dtype, floor_tbps: float, plans: lis
             def fn(i, fast=fast):
                 if fast is None:  # "inductor"
                     return model.prefill(ids, last, block=compiled_blocks()[0], rows=row0)
+                if ids.shape[1] > fast.prefill_rows:
+                    return glue_prefill(fast, ids, row0, last)
                 return fast.prefill(ids[0], row0, last)
             with torch.no_grad():
                 t0 = time.time()

@@ -7,8 +7,10 @@ TTFT was 13.2 ms against a ~9 ms floor. This times F.linear (cuBLAS, what the In
 prefill block calls) for each projection of one layer at each prompt length, in a CUDA
 graph of many calls (warm-up, median of several replays), and prints the achieved TFLOP/s
 and the number of 128x128 output tiles against the SM count (a tile count just above a
-multiple of the SMs leaves the last wave mostly idle). One JSON row per measurement, all
-of them also in $OUT/prefill_gemm.json when OUT is set.
+multiple of the SMs leaves the last wave mostly idle). With --splits, also the same product
+split over K as one strided-batched GEMM (torch.bmm over views of x and W: no copy), whose
+[s, M, N] partials a following glue kernel would sum: more tiles for a narrow projection.
+One JSON row per measurement, all of them also in $OUT/prefill_gemm.json when OUT is set.
 """
 
 from __future__ import annotations
@@ -54,11 +56,13 @@ def main() -> None:
     ap.add_argument("--model", default="llama-2-7b")
     ap.add_argument("--tokens", default="256,500,512")
     ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--splits", default="1", help="K splits to time, e.g. 1,2,4")
     args = ap.parse_args()
     cfg = preset(args.model)
     dtype = getattr(torch, args.dtype)
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    splits = [int(v) for v in args.splits.split(",")]
     h, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     shapes = {"qkv": (h, (cfg.num_heads + 2 * cfg.num_kv_heads) * hd),
               "o": (cfg.num_heads * hd, h), "w13": (h, 2 * f), "w2": (f, h)}
@@ -68,16 +72,27 @@ def main() -> None:
         for name, (k, n) in shapes.items():
             x = torch.randn(m, k, device=dev, dtype=dtype)
             w = torch.randn(n, k, device=dev, dtype=dtype) / math.sqrt(k)
-            out = torch.empty(m, n, device=dev, dtype=dtype)
-            us = time_us(lambda x=x, w=w, out=out: torch.matmul(x, w.t(), out=out))
             flops = 2.0 * m * n * k
-            total_us += us
-            total_flops += flops
             tiles = math.ceil(m / 128) * math.ceil(n / 128)
-            rows.append({"tokens": m, "proj": name, "k": k, "n": n, "us": round(us, 2),
-                         "tflops": round(flops / us / 1e6, 1), "tiles_128": tiles,
-                         "waves": round(tiles / sms, 2)})
-            print(json.dumps(rows[-1]), flush=True)
+            for s in splits:
+                if k % s:
+                    continue
+                out = torch.empty(s, m, n, device=dev, dtype=dtype)
+                if s == 1:
+                    fn = lambda x=x, w=w, out=out: torch.matmul(x, w.t(), out=out[0])  # noqa: E731
+                else:  # [s, M, K/s] and [s, N, K/s] views: split j reads columns j*K/s..
+                    xs = x.view(m, s, k // s).transpose(0, 1)
+                    ws = w.view(n, s, k // s).transpose(0, 1)
+                    fn = lambda xs=xs, ws=ws, out=out: torch.bmm(xs, ws.transpose(1, 2), out=out)  # noqa: E731
+                us = time_us(fn)
+                if s == 1:
+                    total_us += us
+                    total_flops += flops
+                rows.append({"tokens": m, "proj": name, "k": k, "n": n, "split": s,
+                             "us": round(us, 2), "tflops": round(flops / us / 1e6, 1),
+                             "tiles_128": tiles * s, "waves": round(tiles * s / sms, 2),
+                             "partials_mb": round((s - 1) * m * n * x.element_size() / 1e6, 2)})
+                print(json.dumps(rows[-1]), flush=True)
         layers_ms = total_us * cfg.num_layers / 1e3
         rows.append({"tokens": m, "proj": "layer", "us": round(total_us, 2),
                      "tflops": round(total_flops / total_us / 1e6, 1),

@@ -79,6 +79,43 @@ def test_glue_prefill_matches_model_prefill(cfg, t, last, rows) -> None:
             assert torch.equal(k[r], k0[r]) and torch.equal(v[r], v0[r])
 
 
+def test_gemm_parts_fills_one_wave_of_narrow_products() -> None:
+    """llama-2-7b's down (k 11008, n 4096) on 132 SMs: 4 parts at 128 tokens (32 tiles), 2
+    at 256 (64), none at 384 or 512 (96 and 128 tiles: one wave already); never when
+    min_k is 0, when parts would keep less than min_k of K, or when K does not divide."""
+    from hybridgraph.model.fast_prefill import gemm_parts
+    assert [gemm_parts(m, 4096, 11008, 132, 2048) for m in (128, 256, 384, 512)] == [4, 2, 1, 1]
+    assert gemm_parts(256, 4096, 11008, 132, 0) == 1
+    assert gemm_parts(128, 4096, 4096, 132, 2048) == 2  # 4 parts would keep 1024 of K
+    assert gemm_parts(128, 4096, 4112, 132, 16) == 2  # 4112 / 4 = 1028: rows not 16-byte
+    assert gemm_parts(128, 4096, 4097, 132, 16) == 1
+
+
+@needs_interpreter
+@pytest.mark.parametrize("t", [40, 7])
+def test_glue_prefill_with_products_split_over_k_matches_model_prefill(t) -> None:
+    """With every split allowed (prefill_split_k 16: O and down of the small model in 4
+    parts), the parts summed by add_rmsnorm and by the last row's selection give the
+    model's logits within the unsplit path's tolerance."""
+    from hybridgraph.kernels import reference as ref
+    from hybridgraph.model import fast_prefill
+    model = _model(SMALL)
+    ids, row, last = torch.randint(0, 97, (1, t)), torch.tensor([1]), torch.tensor([t - 1])
+    used = []
+    real = fast_prefill.linear_parts
+    try:
+        fast_prefill.linear_parts = lambda x, w, parts: used.append(parts) or real(x, w, parts)
+        with torch.no_grad():
+            got = fast_prefill.glue_prefill(_fast(model, prefill_split_k=16), ids, row, last)
+    finally:
+        fast_prefill.linear_parts = real
+    with torch.no_grad():
+        expect = model.prefill(ids, last, rows=row)
+    assert used == [4, 4] * SMALL.num_layers
+    assert ref.rel_err(got, expect) < 4 * TOL
+    assert torch.equal(got.argmax(-1), expect.argmax(-1))
+
+
 @needs_interpreter
 def test_glue_prefill_sums_partials_through_the_all_reduce_hook() -> None:
     """A tensor-parallel rank's O and down give partial sums: glue_prefill adds them only

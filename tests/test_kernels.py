@@ -111,6 +111,23 @@ def test_glue_kernels() -> None:
     assert ref.rel_err(h, torch.nn.functional.silu(gu[:, :50].float()) * gu[:, 50:].float()) < TOL
 
 
+@needs_interpreter
+def test_add_rmsnorm_sums_the_parts_of_a_split_product() -> None:
+    """x as [S, B, N] parts over K (model/fast_prefill.py): the sum of the parts, plus the
+    residual, normed; a row stride other than N is refused, not misread."""
+    from hybridgraph.kernels import glue
+    from hybridgraph.kernels import reference as ref
+    b, n = 3, 100
+    parts, res, nw = rnd(4, b, n), rnd(b, n), 1 + rnd(n, scale=0.2)
+    xs, xn = nan(b, n), nan(b, n)
+    glue.add_rmsnorm(parts, nw, 1e-5, xn, residual=res, sum_out=xs)
+    total = parts.float().sum(0) + res.float()
+    assert ref.rel_err(xs, total) < TOL
+    assert ref.rel_err(xn, ref.rmsnorm_ref(total, nw, 1e-5)) < TOL
+    with pytest.raises(ValueError, match="rows must be contiguous"):
+        glue.add_rmsnorm(rnd(b, 2 * n)[:, :n], nw, 1e-5, xn)
+
+
 # ------------------------------------------------ per-row cache rows (short prefills)
 
 def _rope_inputs(positions: int, d: int):

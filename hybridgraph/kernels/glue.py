@@ -2,7 +2,8 @@
 
 Used where a projection stays on cuBLAS (gemv.py fuses the same work into its own
 prologue/epilogue): each replaces a chain of PyTorch kernels by one launch.
-  add_rmsnorm   x + residual and RMSNorm of the sum, both written (one read of each row)
+  add_rmsnorm   x + residual and RMSNorm of the sum, both written (one read of each row);
+                x may be the parts of a product split over K, summed first
   rope_kv       split q/k/v, RoPE on q and k, k and v written into the cache at pos[b]
   silu_mul      silu(gate) * up of the fused gate/up output
 Roundings follow the model's PyTorch code, as in gemv.py. PDL here is just Triton's two
@@ -22,8 +23,9 @@ from hybridgraph.kernels.launch import launch
 
 
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, sum_ptr, out_ptr, N, eps,
-                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, sum_ptr, out_ptr, N, eps, stride_part,
+                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+                        PARTS: tl.constexpr):
     row = tl.program_id(0)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -31,6 +33,13 @@ def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, sum_ptr, out_ptr, N, eps,
     offs = tl.arange(0, BLOCK)
     mask = offs < N
     x = tl.load(x_ptr + row * N + offs, mask=mask, other=0.0)
+    if PARTS > 1:
+        # x is one product split over K: its parts summed in order in float32, the sum
+        # rounded once to the model dtype.
+        acc = x.to(tl.float32)
+        for j in tl.static_range(1, PARTS):
+            acc += tl.load(x_ptr + j * stride_part + row * N + offs, mask=mask, other=0.0)
+        x = acc.to(out_ptr.dtype.element_ty)
     if HAS_RES:
         x = x + tl.load(res_ptr + row * N + offs, mask=mask, other=0.0)
         tl.store(sum_ptr + row * N + offs, x, mask=mask)
@@ -44,16 +53,22 @@ def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, sum_ptr, out_ptr, N, eps,
 def add_rmsnorm(x: Tensor, weight: Tensor, eps: float, out: Tensor,
                 residual: Tensor | None = None, sum_out: Tensor | None = None,
                 pdl: bool = False) -> Tensor:
-    """out = rmsnorm(x + residual); sum_out receives x + residual. Rows: x.shape[0]."""
-    b, n = x.shape
+    """out = rmsnorm(x + residual); sum_out receives x + residual. Rows: x.shape[-2].
+
+    x may be [S, B, N]: S parts of one product split over K (model/fast_prefill.py), summed
+    here in float32 and rounded to out's dtype before the residual add."""
+    b, n = x.shape[-2:]
+    parts = x.shape[0] if x.dim() == 3 else 1
     if residual is not None and sum_out is None:
         raise ValueError("add_rmsnorm: a residual needs sum_out for the sum")
+    if x.stride(-1) != 1 or x.stride(-2) != n:
+        raise ValueError(f"add_rmsnorm: x's rows must be contiguous, strides {x.stride()}")
     extra = {"launch_pdl": True} if pdl else {}
     launch(
         _add_rmsnorm_kernel, (b,), x, residual if residual is not None else x, weight,
-        sum_out if sum_out is not None else out, out, n, eps,
+        sum_out if sum_out is not None else out, out, n, eps, x.stride(0) if parts > 1 else 0,
         HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n), USE_PDL=pdl,
-        num_warps=8 if n >= 4096 else 4, **extra)
+        PARTS=parts, num_warps=8 if n >= 4096 else 4, **extra)
     return out
 
 

@@ -57,6 +57,9 @@ class KernelPlan:
     #                                         (kernels/ffn.py), where their configs allow
     glue_prefill: bool = True               # every other prefill on cuBLAS + glue + SDPA
     #                                         (model/fast_prefill.py), not Inductor's block
+    prefill_split_k: int = 2048             # there, O and down split over K while each part
+    #                                         keeps >= this much of K (fast_prefill.gemm_parts);
+    #                                         0: never
     configs: dict[str, object] = field(default_factory=dict)  # projection -> GemvConfig
 
     def __post_init__(self) -> None:

@@ -261,11 +261,12 @@ def test_self_check_passes(dtype, pdl) -> None:
     assert check_kernels(torch.device("cuda"), dtype, pdl) == (True, "ok")
 
 
-def _kernel_and_model_steps(gemvs, pdl, rows: int):
+def _kernel_and_model_steps(gemvs, pdl, rows: int, split_k: int = 2048):
     """The model the two graph tests compare on: small, float16, with peaked logits (so
     greedy tokens are well separated), caches of `rows` rows of 1024 positions; returns
     (model, bufs, Steps on the kernels, Steps on the model's blocks). gemvs: the
-    projections on the GEMV ("default": KernelPlan's); pdl: False, True or "late"."""
+    projections on the GEMV ("default": KernelPlan's); pdl: False, True or "late";
+    split_k: KernelPlan.prefill_split_k."""
     from hybridgraph.model.kernel_plan import KernelPlan
     from hybridgraph.runtime.step import StepBuffers, Steps
 
@@ -275,8 +276,9 @@ def _kernel_and_model_steps(gemvs, pdl, rows: int):
     max_seq = 1024
     model.setup_caches(rows, max_seq)
     bufs = StepBuffers(rows, max_seq, torch.device("cuda"))
-    plan = (KernelPlan(pdl=bool(pdl), pdl_late=pdl == "late") if gemvs == "default" else
-            KernelPlan(gemv=gemvs, gemv_batched=gemvs, pdl=bool(pdl), pdl_late=pdl == "late"))
+    kw = dict(pdl=bool(pdl), pdl_late=pdl == "late", prefill_split_k=split_k)
+    plan = KernelPlan(**kw) if gemvs == "default" else \
+        KernelPlan(gemv=gemvs, gemv_batched=gemvs, **kw)
     fast = Steps(model, bufs, kernels="triton", plan=plan)
     slow = Steps(model, bufs)
     assert fast.kernels == "triton", fast.kernels_reason
@@ -465,13 +467,16 @@ def test_triton_prefill_matches_the_model_in_graphs(gemvs, pdl, t, last) -> None
 
 @pytest.mark.parametrize("b,t", [(1, 17), (1, 333), (3, 100)])
 @pytest.mark.parametrize("pdl", _pdl_options())
-def test_glue_prefill_matches_the_model_in_graphs(b, t, pdl) -> None:
+@pytest.mark.parametrize("split_k", [2048, 16], ids=["split-rule", "split-all"])
+def test_glue_prefill_matches_the_model_in_graphs(b, t, pdl, split_k) -> None:
     """Steps(kernels="triton").forward_prefill of prompts past the short path (cuBLAS +
     glue + FlashAttention, model/fast_prefill.py), captured in a CUDA graph: logits within
     fp16 tolerance of the model's blocks (eager) and the same greedy tokens, the same keys
-    and values at 0..t-1 of each cache row written, nothing past t, no other row."""
+    and values at 0..t-1 of each cache row written, nothing past t, no other row. With
+    split_k 16 the small model's O and down run split over K (cuBLAS's batched GEMM, the
+    parts summed by the glue), as llama-2-7b's down does at a few hundred tokens."""
     rows = 3
-    model, bufs, fast, slow = _kernel_and_model_steps("default", pdl, rows)
+    model, bufs, fast, slow = _kernel_and_model_steps("default", pdl, rows, split_k)
     gen = torch.Generator(device="cuda").manual_seed(5)
     bufs.prompt_ids[:b, :t] = torch.randint(0, 512, (b, t), device="cuda", generator=gen)
     bufs.last_idx[:b] = torch.tensor([t - 1, t // 2, 3], device="cuda")[:b]

@@ -13,7 +13,10 @@ the graph's replay and after the finish, and once the host holds the token), so 
 TTFT the host sees is split into GPU-side pieces; with --stamps, the host's µs between
 the points before the graph's launch, and the prefill's pieces timed alone. With --gaps,
 one replay of each served graph is profiled: GPU busy against the replay's
-span, and the largest idle gaps between consecutive kernels with their neighbours.
+span, and the largest idle gaps between consecutive kernels with their neighbours. With
+--idle, TTFT after 0.2 s of idle, the host sleeping or spinning, the GPU left idle or fed a
+tiny kernel every 5 ms, and --events' and --stamps' pieces back to back and after 0.2 s
+asleep: which side's wake a spaced request pays.
 """
 
 from __future__ import annotations
@@ -112,10 +115,11 @@ def host_split(engine, prompt: list[int], runs: int) -> dict[str, float]:
     return out
 
 
-def gpu_clock(engine, prompt: list[int], runs: int) -> dict[str, float]:
+def gpu_clock(engine, prompt: list[int], runs: int, gap_s: float = 0.0) -> dict[str, float]:
     """Median ms of generate(prompt, 1)'s pieces on the GPU's clock: request start (an event
     on the idle GPU) -> graph start -> graph end -> finish end -> an event the host records
-    once it holds the token. Beside them the engine's TTFT and the host's wall time."""
+    once it holds the token. Beside them the engine's TTFT and the host's wall time.
+    gap_s: the host sleeps that long before each request (the canaries run before it)."""
     plan = engine.runner.plan("prefill", 1, len(prompt), "greedy")
     graph = engine.runner.cache.graphs[plan.served].graph
     steps = engine.steps
@@ -146,6 +150,7 @@ def gpu_clock(engine, prompt: list[int], runs: int) -> dict[str, float]:
             cols.setdefault("cpu_canary_us", []).append(canary_us())
             cols.setdefault("wake_us", []).append(wake_us())
             torch.cuda.synchronize()
+            rest(gap_s)
             marks.clear()
             stamps.clear()
             t0 = time.perf_counter()
@@ -168,10 +173,22 @@ def gpu_clock(engine, prompt: list[int], runs: int) -> dict[str, float]:
     return {k: med(v) for k, v in cols.items()}
 
 
-def stamps(engine, prompt: list[int], runs: int) -> dict[str, float]:
+def rest(gap_s: float, spin: bool = False) -> None:
+    """gap_s of host idle: asleep, or spinning on the clock (the core kept busy)."""
+    if not spin:
+        time.sleep(gap_s)
+        return
+    end = time.perf_counter() + gap_s
+    while time.perf_counter() < end:
+        pass
+
+
+def stamps(engine, prompt: list[int], runs: int, gap_s: float = 0.0, spin: bool = False,
+           ) -> dict[str, float]:
     """Median host µs between points of generate(prompt, 1) before the graph launches:
     the call, _generate's entry, _prefill's entry, the runner's run, the graph's replay;
-    beside them the prefill's own pieces timed alone (fitting and copying the prompt)."""
+    beside them the prefill's own pieces timed alone (fitting and copying the prompt).
+    gap_s: the host rests that long before each request and each piece (`rest`)."""
     plan = engine.runner.plan("prefill", 1, len(prompt), "greedy")
     graph = engine.runner.cache.graphs[plan.served].graph
     marks: list[float] = []
@@ -193,6 +210,7 @@ def stamps(engine, prompt: list[int], runs: int) -> dict[str, float]:
     try:
         for _ in range(runs):
             torch.cuda.synchronize()
+            rest(gap_s, spin)
             marks.clear()
             marks.append(time.perf_counter())
             engine.generate(prompt, 1, stop_ids=[])
@@ -212,6 +230,7 @@ def stamps(engine, prompt: list[int], runs: int) -> dict[str, float]:
             continue
         for _ in range(runs):
             torch.cuda.synchronize()
+            rest(gap_s, spin)
             t0 = time.perf_counter()
             fn()
             cols.setdefault(k + "_alone", []).append((time.perf_counter() - t0) * 1e6)
@@ -238,6 +257,45 @@ def wake_us() -> float:
     b.record()
     b.synchronize()
     return a.elapsed_time(b) * 1e3
+
+
+def idle_ttft(engine, prompt: list[int], runs: int, gap_s: float = 0.2) -> dict[str, float]:
+    """Median TTFT (ms) back to back and after gap_s of idle, the host asleep (time.sleep)
+    or spinning on its clock, the GPU idle or running a ~10 us kernel every 5 ms; and
+    asleep, then one small copy each way (untimed) just before the request: whether the
+    copies' wake after idle is what the request pays."""
+    host = torch.zeros(8, dtype=torch.int64).pin_memory()
+    dev = torch.zeros(8, dtype=torch.int64, device="cuda")
+
+    def wait(spin: bool, feed: bool, copies: bool = False) -> None:
+        end = time.perf_counter() + gap_s
+        while (now := time.perf_counter()) < end:
+            if feed:
+                torch.cuda._sleep(10_000)  # ~10 us of GPU clock cycles
+            if spin:
+                tick = min(end, now + 0.005)
+                while time.perf_counter() < tick:
+                    pass
+            else:
+                time.sleep(min(0.005, max(0.0, end - now)))
+        if feed:
+            torch.cuda.synchronize()
+        if copies:
+            dev.copy_(host, non_blocking=True)
+            host.copy_(dev, non_blocking=True)
+            torch.cuda.synchronize()
+    modes = {"back_to_back": None, "sleep": (False, False), "spin": (True, False),
+             "sleep_gpu_fed": (False, True), "spin_gpu_fed": (True, True),
+             "sleep_then_copies": (False, False, True)}
+    out = {}
+    for label, how in modes.items():
+        ts = []
+        for _ in range(runs):
+            if how is not None:
+                wait(*how)
+            ts.append(engine.generate(prompt, 1, stop_ids=[]).ttft_ms)
+        out[label] = med(ts)
+    return out
 
 
 def trace(engine, prompt: list[int], calls: int = 5) -> list[str]:
@@ -317,6 +375,7 @@ def main() -> None:
     ap.add_argument("--trace", action="store_true", help="one request's timeline")
     ap.add_argument("--events", action="store_true", help="a request on the GPU's clock")
     ap.add_argument("--stamps", action="store_true", help="host µs before the graph")
+    ap.add_argument("--idle", action="store_true", help="TTFT after idle: host or GPU wake")
     ap.add_argument("--coverage", default=None, help="EngineConfig.coverage (default: its)")
     args = ap.parse_args()
     engine = probe_engine(args.model, **({"coverage": args.coverage} if args.coverage else {}))
@@ -358,6 +417,16 @@ def main() -> None:
             print({"len": n, "host_us": host_split(engine, prompt, args.runs)}, flush=True)
         if args.stamps and plan.served is not None:
             print({"len": n, "stamps_us": stamps(engine, prompt, args.runs)}, flush=True)
+        if args.idle:
+            print({"len": n, "idle_ttft_ms": idle_ttft(engine, prompt, args.runs)}, flush=True)
+            if plan.served is not None:
+                for gap in (0.0, 0.2):
+                    print({"len": n, "gap_s": gap,
+                           "gpu_clock_ms": gpu_clock(engine, prompt, args.runs, gap),
+                           "stamps_us": stamps(engine, prompt, args.runs, gap)}, flush=True)
+                print({"len": n, "gap_s": 0.2, "spin": True,
+                       "stamps_us": stamps(engine, prompt, args.runs, 0.2, spin=True)},
+                      flush=True)
         if args.events and plan.served is not None:
             print({"len": n, "gpu_clock_ms": gpu_clock(engine, prompt, args.runs)}, flush=True)
         if args.trace and plan.served is not None:

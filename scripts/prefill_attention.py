@@ -13,12 +13,10 @@ of them also in $OUT/prefill_attention.json when OUT is set.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 import torch
 import torch.nn.functional as F
-from prefill_gemm import time_us  # scripts/: beside this file
+from prefill_gemm import emit, save, time_us  # scripts/: beside this file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hybridgraph.model.config import preset
@@ -55,18 +53,14 @@ def main() -> None:
                         with sdpa_kernel([backend]):
                             us, out = time_us(fn), fn()
                 except RuntimeError as e:
-                    rows.append({"model": name, "tokens": t, "backend": label,
-                                 "error": str(e).splitlines()[0][:120]})
-                    print(json.dumps(rows[-1]), flush=True)
+                    emit(rows, {"model": name, "tokens": t, "backend": label,
+                                "error": str(e).splitlines()[0][:120]})
                     continue
                 ref = out.float() if ref is None else ref
                 err = float((out.float() - ref).norm() / ref.norm())
-                rows.append({"model": name, "tokens": t, "backend": label, "us": round(us, 2),
-                             "rel_err_vs_default": round(err, 6)})
-                print(json.dumps(rows[-1]), flush=True)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "prefill_attention.json"), "w") as fh:
-            json.dump({"device": torch.cuda.get_device_name(dev), "rows": rows}, fh, indent=1)
+                emit(rows, {"model": name, "tokens": t, "backend": label, "us": round(us, 2),
+                            "rel_err_vs_default": round(err, 6)})
+    save(rows, "prefill_attention.json")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ and the number of 128x128 output tiles against the SM count (a tile count just a
 multiple of the SMs leaves the last wave mostly idle). With --splits, also the same product
 split over K as one strided-batched GEMM (torch.bmm over views of x and W: no copy), whose
 [s, M, N] partials a following glue kernel would sum: more tiles for a narrow projection.
-One JSON row per measurement, all of them also in $OUT/prefill_gemm.json when OUT is set.
+One JSON row per measurement, all of them also in $OUT/prefill_gemm-MODEL.json when OUT is
+set.
 """
 
 from __future__ import annotations
@@ -51,6 +52,19 @@ def time_us(fn, calls: int = 20, reps: int = 7) -> float:
     return statistics.median(times)
 
 
+def emit(rows: list[dict], row: dict) -> None:
+    """Keep a measurement and print it as one JSON line."""
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def save(rows: list[dict], name: str) -> None:
+    """All rows, with the GPU's name, to $OUT/name when OUT is set."""
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], name), "w") as fh:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, fh, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-2-7b")
@@ -88,19 +102,15 @@ def main() -> None:
                 if s == 1:
                     total_us += us
                     total_flops += flops
-                rows.append({"tokens": m, "proj": name, "k": k, "n": n, "split": s,
-                             "us": round(us, 2), "tflops": round(flops / us / 1e6, 1),
-                             "tiles_128": tiles * s, "waves": round(tiles * s / sms, 2),
-                             "partials_mb": round((s - 1) * m * n * x.element_size() / 1e6, 2)})
-                print(json.dumps(rows[-1]), flush=True)
+                emit(rows, {"tokens": m, "proj": name, "k": k, "n": n, "split": s,
+                            "us": round(us, 2), "tflops": round(flops / us / 1e6, 1),
+                            "tiles_128": tiles * s, "waves": round(tiles * s / sms, 2),
+                            "partials_mb": round((s - 1) * m * n * x.element_size() / 1e6, 2)})
         layers_ms = total_us * cfg.num_layers / 1e3
-        rows.append({"tokens": m, "proj": "layer", "us": round(total_us, 2),
-                     "tflops": round(total_flops / total_us / 1e6, 1),
-                     "all_layers_ms": round(layers_ms, 3)})
-        print(json.dumps(rows[-1]), flush=True)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "prefill_gemm.json"), "w") as fh:
-            json.dump({"device": torch.cuda.get_device_name(dev), "rows": rows}, fh, indent=1)
+        emit(rows, {"tokens": m, "proj": "layer", "us": round(total_us, 2),
+                    "tflops": round(total_flops / total_us / 1e6, 1),
+                    "all_layers_ms": round(layers_ms, 3)})
+    save(rows, f"prefill_gemm-{args.model}.json")
 
 
 if __name__ == "__main__":

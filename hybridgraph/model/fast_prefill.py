@@ -61,7 +61,7 @@ def gemm_parts(m: int, n: int, k: int, sms: int, min_k: int) -> int:
     part keeps >= min_k of K (0: never split). On one H200 (docs/KERNELS.md run 36):
     llama-2-7b's down alone at 256 tokens 44.6 -> 37.7 us in two parts, nothing to gain
     at 512 tokens (128 tiles: one wave already), QKV and gate/up (wide) never gained; the
-    whole prefill at 32 / 128 / 256 tokens 4.54 / 4.88 / 6.41 -> 4.34 / 4.73 / 6.20 ms,
+    whole prefill at 32 / 128 / 256 tokens 4.54 / 4.87 / 6.41 -> 4.34 / 4.73 / 6.20 ms,
     llama-3.2-1b at 128 / 512 tokens 1.30 / 2.10 -> 1.23 / 2.00 ms."""
     tiles = -(-m // 128) * -(-n // 128)
     parts = 1

@@ -269,15 +269,10 @@ def idle_ttft(engine, prompt: list[int], runs: int, gap_s: float = 0.2) -> dict[
 
     def wait(spin: bool, feed: bool, copies: bool = False) -> None:
         end = time.perf_counter() + gap_s
-        while (now := time.perf_counter()) < end:
+        while (left := end - time.perf_counter()) > 0:
             if feed:
                 torch.cuda._sleep(10_000)  # ~10 us of GPU clock cycles
-            if spin:
-                tick = min(end, now + 0.005)
-                while time.perf_counter() < tick:
-                    pass
-            else:
-                time.sleep(min(0.005, max(0.0, end - now)))
+            rest(min(0.005, left), spin)
         if feed:
             torch.cuda.synchronize()
         if copies:
